@@ -1,0 +1,172 @@
+"""codi_attn.data: reading GSM8K records, the seed-42 sample, the fingerprint, bad input."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from codi_attn.data import (DatasetError, Problem, dataset_fingerprint, gold_answer, load_records,
+                            resolve_n, sample_problems)
+
+TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+if not TRAIN.exists():  # the repo may sit somewhere else than beside shared/
+    TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
+needs_train = pytest.mark.skipif(not TRAIN.exists(), reason="shared GSM8K train.jsonl not found")
+
+
+@pytest.fixture(scope="module")
+def train_records():
+    return load_records(str(TRAIN), "train")
+
+
+def _write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+REC = {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"}
+
+
+@needs_train
+def test_seed42_sample_matches_design(train_records):
+    assert len(train_records) == 7473
+    problems = sample_problems(train_records, 100, seed=42, split="train")
+    # the design's recipe, computed independently with the global generator
+    random.seed(42)
+    expected = sorted(random.sample(range(7473), 100))
+    assert [p.id for p in problems] == [f"train_{i}" for i in expected]
+    assert [p.id for p in problems[:4]] == ["train_53", "train_204", "train_217", "train_244"]
+    first = train_records[53]
+    assert problems[0] == Problem("train_53", first["question"], first["answer"].split("####")[-1].strip(),
+                                  first["answer"])
+    assert all(p.question and p.answer for p in problems)
+
+
+@needs_train
+def test_sample_leaves_global_random_state_alone(train_records):
+    random.seed(7)
+    before = random.random()
+    random.seed(7)
+    sample_problems(train_records, 10)
+    assert random.random() == before
+
+
+@needs_train
+def test_whole_split_and_fingerprint(train_records):
+    everything = sample_problems(train_records, None)
+    assert len(everything) == 7473 and everything[0].id == "train_0" and everything[-1].id == "train_7472"
+    assert sample_problems(train_records, 0) == everything
+    a = sample_problems(train_records, 8)
+    assert dataset_fingerprint(a) == dataset_fingerprint(sample_problems(train_records, 8))
+    assert len(dataset_fingerprint(a)) == 64
+    assert dataset_fingerprint(a) != dataset_fingerprint(sample_problems(train_records, 8, seed=1))
+    assert dataset_fingerprint(a) != dataset_fingerprint(sample_problems(train_records, 8, split="test"))
+
+
+def test_gold_answer():
+    assert gold_answer("a\n#### 1,234 ") == "1,234"
+    assert gold_answer("no marker") == ""
+    assert gold_answer("x #### 1\n#### 2") == "2"
+
+
+def test_json_list_and_split_in_ids(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps([REC, {**REC, "question": "Q2?"}]))
+    recs = load_records(str(path), "test")
+    problems = sample_problems(recs, None, split="test")
+    assert [p.id for p in problems] == ["test_0", "test_1"]
+    assert problems[0].answer == "7" and problems[0].solution == REC["answer"]
+
+
+def test_resolve_n():
+    assert resolve_n("all", 10) is None and resolve_n("0", 10) is None and resolve_n(0, 10) is None
+    assert resolve_n("7", 10) == 7 and resolve_n(10, 10) == 10
+    with pytest.raises(DatasetError, match="n_problems=11 is larger than the split, which has 10"):
+        resolve_n(11, 10)
+    with pytest.raises(DatasetError, match="n_problems"):
+        resolve_n("many", 10)
+    with pytest.raises(DatasetError, match="n_problems"):
+        resolve_n(-1, 10)
+
+
+def test_n_larger_than_split():
+    with pytest.raises(DatasetError, match="larger than the split"):
+        sample_problems([REC, REC], 3)
+
+
+def test_bad_split():
+    with pytest.raises(DatasetError, match="split"):
+        load_records("whatever.jsonl", "validation")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DatasetError, match=r"dataset file .*nope\.jsonl does not exist"):
+        load_records(str(tmp_path / "nope.jsonl"), "train")
+
+
+def test_directory_and_wrong_suffix(tmp_path):
+    with pytest.raises(DatasetError, match="not a file"):
+        load_records(str(tmp_path), "train")
+    txt = tmp_path / "data.txt"
+    txt.write_text("x")
+    with pytest.raises(DatasetError, match=r"\.jsonl or \.json"):
+        load_records(str(txt), "train")
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "bin.jsonl"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DatasetError, match="cannot be read"):
+        load_records(str(path), "train")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [json.dumps(REC), json.dumps(REC), '{"question": "x", "answer"'])
+    with pytest.raises(DatasetError, match=r"bad\.jsonl, line 3: malformed JSON"):
+        load_records(path, "train")
+
+
+@pytest.mark.parametrize("record, key", [({"answer": "#### 1"}, "question"), ({"question": "q?"}, "answer")])
+def test_record_without_key(tmp_path, record, key):
+    path = _write_jsonl(tmp_path / "missing.jsonl", [json.dumps(REC), json.dumps(record)])
+    with pytest.raises(DatasetError, match=rf"missing\.jsonl, line 2: record has no '{key}' key"):
+        load_records(path, "train")
+
+
+def test_empty_question_and_no_gold(tmp_path):
+    path = _write_jsonl(tmp_path / "e.jsonl", [json.dumps({**REC, "question": "  "})])
+    with pytest.raises(DatasetError, match=r"line 1: 'question' must be a non-empty string"):
+        load_records(path, "train")
+    path = _write_jsonl(tmp_path / "g.jsonl", [json.dumps({**REC, "answer": "7"})])
+    with pytest.raises(DatasetError, match=r"line 1: 'answer' has no gold answer after '####'"):
+        load_records(path, "train")
+
+
+def test_not_an_object_and_empty_file(tmp_path):
+    path = _write_jsonl(tmp_path / "list.jsonl", ["[1, 2]"])
+    with pytest.raises(DatasetError, match="line 1: expected a JSON object"):
+        load_records(path, "train")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DatasetError, match="holds no records"):
+        load_records(str(empty), "train")
+
+
+def test_hub_offline_tells_user_to_pass_a_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached copy to fall back on
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    import datasets.config
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets", raising=False)
+    with pytest.raises(DatasetError, match=r"--dataset path/to/train\.jsonl"):
+        load_records("gsm8k", "train")
+
+
+def test_synthetic_dataset():
+    synthetic = pytest.importorskip("codi_attn.synthetic")
+    recs = load_records("synthetic", "train")
+    assert recs and all(gold_answer(r["answer"]) for r in recs)
+    assert hasattr(synthetic, "synthetic_records")
