@@ -1,0 +1,258 @@
+"""Load a CODI model strictly, in the release layout (codi-spec sections 1-2), as a plain HF model + projection.
+
+Only the base model's config and tokenizer are read from `base`; every weight comes from the checkpoint,
+checked key by key and shape by shape. LoRA (when the checkpoint has it) is merged once at load time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from codi_attn.presets import DEMO_DIR, FAMILIES, PRESETS, get_preset
+
+CKPT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CODILoadError(ValueError):
+    """A model source that cannot be found, reached or loaded strictly."""
+
+
+def make_projection(d_model: int, d_proj: int) -> nn.Sequential:
+    """CODI's projection: Dropout(0), Linear(d, p), GELU, Linear(p, d), then LayerNorm (keys prj.1, prj.3, prj.ln)."""
+    prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d_model, d_proj), nn.GELU(), nn.Linear(d_proj, d_model))
+    prj.add_module("ln", nn.LayerNorm(d_model))
+    return prj
+
+
+class CODIModule(nn.Module):
+    """The official module's parameter layout: `codi` (the causal LM, peft-wrapped when LoRA) and `prj`."""
+
+    def __init__(self, codi: nn.Module, prj: nn.Sequential):
+        super().__init__()
+        self.codi = codi
+        self.prj = prj
+
+
+@dataclass
+class CODIModel:
+    """A loaded CODI model ready for latent inference."""
+
+    lm: nn.Module  # HF causal LM (LoRA merged), eval mode
+    prj: nn.Sequential
+    tokenizer: object  # HF tokenizer with [PAD] = pad_id added
+    name: str
+    pad_id: int
+    bot_id: int
+    eot_id: int
+    stop_ids: tuple[int, ...]
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    max_positions: int
+    device: torch.device
+    dtype: torch.dtype
+    is_demo: bool = False
+    source: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.lm.config.model_type
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """auto = CUDA + bf16 when a GPU is present, else CPU + fp32."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
+    return dev, names[dtype]
+
+
+def _is_local(source: str) -> bool:
+    """A source that names a path rather than a hub id."""
+    return os.path.exists(os.path.expanduser(source)) or source.startswith(("/", "~", ".")) or source.count("/") > 1
+
+
+def resolve_sources(model: str, ckpt: str | None = None, base: str | None = None) -> tuple[str, str]:
+    """The (base, ckpt) a run will load; checks local paths exist. Cheap: nothing is loaded."""
+    preset = get_preset(model)
+    base, ckpt = base or preset.base, ckpt or preset.ckpt
+    if model == "demo" and not base and not ckpt and not (DEMO_DIR / "ckpt").exists():
+        raise CODILoadError(f"the demo model is missing from {DEMO_DIR}")
+    for what, src in (("base model", base), ("checkpoint", ckpt)):
+        if _is_local(src) and not Path(src).expanduser().is_dir() and not Path(src).expanduser().is_file():
+            raise CODILoadError(f"{what} directory not found: {src}")
+    return base, ckpt
+
+
+def _hub_hint(what: str, source: str, flag: str, err: Exception) -> CODILoadError:
+    return CODILoadError(
+        f"could not load the {what} {source!r} from the Hugging Face hub ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Without network access, download it elsewhere and "
+        f"pass a local directory instead: {flag} /path/to/dir")
+
+
+def _load_config_and_tokenizer(base: str):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(base))
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(base))
+    except (OSError, ValueError) as err:
+        if _is_local(base):
+            raise CODILoadError(f"base model directory {base} has no readable config/tokenizer: {err}") from err
+        raise _hub_hint("base model", base, "--base", err) from err
+    return config, tokenizer
+
+
+def _checkpoint_file(ckpt: str) -> Path:
+    """The state-dict file of a checkpoint given as a file, a directory or a hub id."""
+    path = Path(ckpt).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in CKPT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise CODILoadError(f"checkpoint directory {ckpt} holds none of {', '.join(CKPT_FILES)}")
+    if _is_local(ckpt):
+        raise CODILoadError(f"checkpoint directory not found: {ckpt}")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    err: Exception | None = None
+    for name in CKPT_FILES:
+        try:
+            return Path(hf_hub_download(ckpt, name))
+        except EntryNotFoundError as e:
+            err = e
+        except Exception as e:  # offline, unknown repo, gated: all mean "pass a local dir"
+            raise _hub_hint("checkpoint", ckpt, "--ckpt", e) from e
+    raise CODILoadError(f"hub repo {ckpt} holds none of {', '.join(CKPT_FILES)}") from err
+
+
+def read_state_dict(ckpt: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (`pytorch_model.bin` or `model.safetensors`), dtypes as stored."""
+    path = _checkpoint_file(ckpt)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _describe(keys: list[str], n: int = 5) -> str:
+    return f"{len(keys)} (first: {', '.join(sorted(keys)[:n])})"
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict check: every key used, none missing, shapes equal; tied tensors must agree in the file.
+
+    Raises CODILoadError naming the first few offending keys and their counts.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if misshaped:
+        problems.append(f"wrong shapes: {_describe(misshaped, 3)}")
+    if problems:
+        hint = ""
+        if missing and unexpected:
+            hint = (f"\nA different key prefix? The model expects e.g. {sorted(missing)[0]!r}, "
+                    f"the file has e.g. {sorted(unexpected)[0]!r}.")
+        raise CODILoadError("checkpoint does not match the CODI model:\n  " + "\n  ".join(problems) + hint)
+    by_storage: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    for names in by_storage.values():
+        first = state[names[0]].float()
+        for other in names[1:]:
+            if not torch.allclose(first, state[other].float(), rtol=1e-2, atol=1e-2):
+                raise CODILoadError(f"tied tensors differ in the checkpoint: {names[0]} vs {other} "
+                                    f"(max |diff| {(first - state[other].float()).abs().max():.3g})")
+
+
+def lora_rank(state: dict[str, torch.Tensor]) -> int | None:
+    """The LoRA rank read from the `lora_A` shapes, or None for a checkpoint trained without LoRA."""
+    ranks = {t.shape[0] for k, t in state.items() if ".lora_A." in k}
+    if len(ranks) > 1:
+        raise CODILoadError(f"checkpoint mixes LoRA ranks {sorted(ranks)}")
+    return ranks.pop() if ranks else None
+
+
+def _stop_ids(tokenizer, names: tuple[str, ...]) -> tuple[int, ...]:
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[n] for n in names if n in vocab]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise CODILoadError("the tokenizer has no eos token and the preset names no stop token")
+    return tuple(dict.fromkeys(ids))
+
+
+def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = None,
+              dtype: str = "auto", device: str = "auto") -> CODIModel:
+    """Load a CODI model by preset name, optionally overriding its checkpoint and base (local dir or hub id)."""
+    from transformers import AutoModelForCausalLM
+
+    preset = get_preset(model)
+    base, ckpt = resolve_sources(model, ckpt, base)
+    dev, dt = resolve_device_dtype(device, dtype)
+    config, tokenizer = _load_config_and_tokenizer(base)
+    if config.model_type not in FAMILIES:
+        raise CODILoadError(f"unsupported model family {config.model_type!r} in {base}; "
+                            f"supported: {', '.join(FAMILIES)}")
+    family = FAMILIES[config.model_type]
+    state = read_state_dict(ckpt)
+
+    vocab = config.vocab_size  # V: pad/bot/eot are V, V+1, V+2
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if tokenizer.pad_token_id != vocab:
+        raise CODILoadError(f"the tokenizer of {base} gives [PAD] id {tokenizer.pad_token_id}, expected "
+                            f"the config's vocab_size {vocab}")
+
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    lm.resize_token_embeddings(vocab + 3, mean_resizing=False)
+    rank = lora_rank(state)
+    if rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=rank, lora_alpha=preset.lora_alpha, lora_dropout=0.0,
+                                           target_modules=list(family.lora_targets),
+                                           fan_in_fan_out=family.fan_in_fan_out))
+    d_model = config.hidden_size
+    prj_w = state.get("prj.1.weight")
+    prj = make_projection(d_model, prj_w.shape[0] if prj_w is not None else d_model)
+    module = CODIModule(lm, prj)
+    check_state_dict(module, state)
+    module.load_state_dict(state, strict=True)
+    if rank is not None:
+        lm = lm.merge_and_unload()
+    lm.tie_weights()
+    lm.to(device=dev, dtype=dt).eval()
+    prj.to(device=dev, dtype=dt).eval()
+
+    return CODIModel(
+        lm=lm, prj=prj, tokenizer=tokenizer, name=model,
+        pad_id=vocab, bot_id=vocab + 1, eot_id=vocab + 2,
+        stop_ids=_stop_ids(tokenizer, preset.stop_tokens),
+        n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        max_positions=getattr(config, "max_position_embeddings", None) or config.n_positions,
+        device=dev, dtype=dt, is_demo=(model == "demo" and base == PRESETS["demo"].base),
+        source={"base": base, "ckpt": ckpt, "lora_rank": rank, "lora_alpha": preset.lora_alpha if rank else None},
+    )
