@@ -1,0 +1,40 @@
+"""Answer and gold parsing as the official evaluation does it (codi-spec trap 5)."""
+from __future__ import annotations
+
+import pytest
+
+from codi_attn.answers import is_correct, normalize_question, parse_answer, parse_gold
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is: 1,234", 1234.0),
+    ("The answer is: -3.5", -3.5),
+    ("-3.5", -3.5),
+    ("5 apples and 7 pears. The answer is: 12", 12.0),
+    ("The answer is: 18.", 18.0),
+    ("no number here", None),
+    ("", None),
+])
+def test_parse_answer(text, expected):
+    assert parse_answer(text) == expected
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", 72.0),
+    ("#### 1,000", 1000.0),
+    ("so #### -4", -4.0),
+    ("18", 18.0),
+])
+def test_parse_gold(answer, expected):
+    assert parse_gold(answer) == expected
+
+
+def test_answer_and_gold_meet():
+    """An over-escaped or '####'-only parser returns None for model text; this one matches."""
+    assert is_correct(parse_answer("The answer is: 72"), parse_gold("...\n#### 72"))
+    assert not is_correct(parse_answer("The answer is: 71"), parse_gold("#### 72"))
+    assert not is_correct(None, 72.0)
+
+
+def test_normalize_question():
+    assert normalize_question("  Tom has  3 pens.  ") == "Tom has 3 pens."

@@ -1,0 +1,151 @@
+"""Extraction against an independent full-sequence computation, invariants, batching and codi-spec traps 1, 2, 8."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codi_attn import extract as extract_mod
+from codi_attn.extract import MASS_PARTS, N_LATENTS, extract, tokenize_questions
+
+QUESTIONS = [
+    "Natalia sold 48 clips in April. How many clips?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber.  How many bolts in total does it take?",
+    "Weng earns $12 an hour.",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+]
+
+
+def full_sequence_reference(model, question: str, latents: np.ndarray):
+    """6x6 block and mass split from ONE eager forward over [question, BOT, z1..z6] (no cache, no batching).
+
+    Independent of the extractor's cache, padding and row bookkeeping: positions are read straight off
+    the codi-spec layout (question 0..Q-1, BOT at Q, z_i at Q+1+i).
+    """
+    ids = tokenize_questions(model, [question])[0]
+    q = len(ids) - 1
+    embed = model.lm.get_input_embeddings()
+    with torch.no_grad():
+        seq = torch.cat([embed(torch.tensor([ids])), torch.tensor(latents[None], dtype=model.dtype)], dim=1)
+        model.lm.set_attn_implementation("eager")
+        try:
+            out = model.lm.base_model(inputs_embeds=seq, output_attentions=True)
+        finally:
+            model.lm.set_attn_implementation("sdpa")
+    full = torch.stack(out.attentions, dim=1)[0].float().numpy()  # [L, H, S, S]
+    rows = full[:, :, q + 1: q + 1 + N_LATENTS, :]  # [L, H, 6, S]
+    block = rows[..., q + 1: q + 1 + N_LATENTS]
+    split = np.stack([rows[..., 0], rows[..., 1:q].sum(-1), rows[..., q], block.sum(-1)], axis=-1)
+    return block, split
+
+
+def test_capture_equals_full_sequence_forward(any_model):
+    ex = extract(any_model, QUESTIONS[:2], batch_size=2, max_new_tokens=2, keep_latents=True)
+    for k, question in enumerate(QUESTIONS[:2]):
+        block, split = full_sequence_reference(any_model, question, ex.latents[k])
+        np.testing.assert_allclose(ex.attention[k], block, atol=1e-5)
+        np.testing.assert_allclose(ex.mass[k], split, atol=1e-5)
+
+
+def test_first_latent_is_projection_of_bot_hidden_state(any_model):
+    """Trap 1: z1 = prj(last hidden state at BOT); BOT is part of the question forward, not a 'step 0'."""
+    ex = extract(any_model, QUESTIONS[:1], max_new_tokens=1, keep_latents=True)
+    ids = tokenize_questions(any_model, QUESTIONS[:1])[0]
+    assert ids[-1] == any_model.bot_id
+    with torch.no_grad():
+        hidden = any_model.lm.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        z1 = any_model.prj(hidden).numpy()
+    np.testing.assert_allclose(ex.latents[0, 0], z1, atol=1e-5)
+    assert ex.latents.shape[1] == N_LATENTS
+
+
+def test_invariants_causal_diagonal_mass(any_model):
+    ex = extract(any_model, QUESTIONS, batch_size=3, max_new_tokens=2)
+    n, layers, heads = len(QUESTIONS), any_model.n_layers, any_model.n_heads
+    assert ex.attention.shape == (n, layers, heads, 6, 6) and ex.attention.dtype == np.float32
+    assert ex.mass.shape == (n, layers, heads, 6, len(MASS_PARTS))
+    upper = np.triu_indices(6, k=1)
+    assert np.all(ex.attention[..., upper[0], upper[1]] == 0.0)  # exactly zero: j > i is never attended
+    diagonal = np.diagonal(ex.attention, axis1=-2, axis2=-1)
+    assert np.all(diagonal > 0), "self-attention of each thought must not be zero (trap 1 signature)"
+    assert np.all(ex.attention[..., 0, 0] > 0), "row 0 (z1 attending itself) must not be empty"
+    np.testing.assert_allclose(ex.mass.sum(-1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(ex.mass[..., 3], ex.attention.sum(-1), atol=1e-6)
+    assert np.all(ex.attention.sum(-1) < 1.0)  # rows of the 6x6 block are fractions of the whole row
+
+
+def test_llama_has_bos_sink_and_32_style_query_heads(llama_model):
+    """LLaMA: BOS is the first token (the sink); attention comes per query head, not per KV head."""
+    ids = tokenize_questions(llama_model, QUESTIONS[:1])[0]
+    assert ids[0] == llama_model.tokenizer.bos_token_id
+    assert llama_model.n_kv_heads < llama_model.n_heads
+    ex = extract(llama_model, QUESTIONS[:1], max_new_tokens=1)
+    assert ex.attention.shape[2] == llama_model.n_heads
+    # heads sharing a KV head still differ (their queries differ)
+    assert not np.allclose(ex.attention[0, :, 0], ex.attention[0, :, 1])
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_batch_equals_batch_of_one(any_model, batch_size):
+    """Trap 8: left padding with masks and positions gives every problem its batch-of-one result."""
+    lengths = {len(t) for t in tokenize_questions(any_model, QUESTIONS)}
+    assert len(lengths) == len(QUESTIONS), "questions must have uneven lengths"
+    batched = extract(any_model, QUESTIONS, batch_size=batch_size, max_new_tokens=6, keep_latents=True)
+    for k, question in enumerate(QUESTIONS):
+        single = extract(any_model, [question], max_new_tokens=6, keep_latents=True)
+        np.testing.assert_allclose(batched.attention[k], single.attention[0], atol=1e-4)
+        np.testing.assert_allclose(batched.mass[k], single.mass[0], atol=1e-4)
+        np.testing.assert_allclose(batched.latents[k], single.latents[0], atol=1e-4)
+        assert batched.text[k] == single.text[0]
+
+
+def test_results_come_back_in_input_order(gpt2_model):
+    forward = extract(gpt2_model, QUESTIONS, batch_size=2, max_new_tokens=2)
+    backward = extract(gpt2_model, QUESTIONS[::-1], batch_size=2, max_new_tokens=2)
+    np.testing.assert_allclose(forward.attention, backward.attention[::-1], atol=1e-5)
+
+
+def test_missing_attention_weights_fail_loudly(gpt2_model, monkeypatch):
+    """Trap 2: under sdpa, transformers 5 returns no weights; the extractor must refuse, not store zeros."""
+    real = extract_mod.attention_implementation
+    monkeypatch.setattr(extract_mod, "attention_implementation", lambda lm, name: real(lm, "sdpa"))
+    with pytest.raises(RuntimeError, match="trap 2"):
+        extract(gpt2_model, QUESTIONS[:1], max_new_tokens=1)
+
+
+def test_progress_reports_every_problem(gpt2_model):
+    seen = []
+    extract(gpt2_model, QUESTIONS, batch_size=3, max_new_tokens=1, progress=seen.append)
+    assert seen == [3, 1]
+
+
+def test_decoding_stops_at_stop_token(gpt2_model, monkeypatch):
+    """Greedy decoding ends at the stop token: making the argmax's first pick a stop token yields no text."""
+    first = extract(gpt2_model, QUESTIONS[:1], max_new_tokens=3)
+    ids = gpt2_model.tokenizer(first.text[0])["input_ids"]
+    assert ids, "random fixture decodes something before the budget runs out"
+    monkeypatch.setattr(gpt2_model, "stop_ids", tuple(range(len(gpt2_model.tokenizer) + 3)))
+    assert extract(gpt2_model, QUESTIONS[:1], max_new_tokens=3).text == [""]
+
+
+def test_correctness_uses_parsed_answers(gpt2_model):
+    ex = extract(gpt2_model, QUESTIONS[:2], golds=["#### 5", "#### 7"], max_new_tokens=4)
+    for text, pred, ok, gold in zip(ex.text, ex.prediction, ex.correct, [5.0, 7.0]):
+        assert ok == (not np.isnan(pred) and pred == gold)
+
+
+@pytest.mark.parametrize("question", ["", "   "])
+def test_empty_question_is_rejected(gpt2_model, question):
+    with pytest.raises(ValueError, match="question 1 is empty"):
+        extract(gpt2_model, ["How many?", question])
+
+
+def test_question_longer_than_context_is_rejected(gpt2_model):
+    long = "one two three " * 400
+    with pytest.raises(ValueError, match=r"question 0 has \d+ tokens.*context of 512"):
+        extract(gpt2_model, [long])
+
+
+def test_bad_batch_size(gpt2_model):
+    with pytest.raises(ValueError, match="batch_size"):
+        extract(gpt2_model, QUESTIONS, batch_size=0)

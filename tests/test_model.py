@@ -1,0 +1,169 @@
+"""Strict loading in the release layout: keys, shapes, LoRA merge, ties, formats, presets, offline errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from codi_attn.fixtures import release_state_dict, save_checkpoint
+from codi_attn.model import CODILoadError, load_codi, read_state_dict
+from codi_attn.presets import PRESETS
+
+
+def write_variant(tmp_path, ckpt_dir, edit) -> str:
+    """A copy of a checkpoint with `edit(state)` applied; returns its directory."""
+    state = read_state_dict(str(ckpt_dir))
+    edit(state)
+    save_checkpoint(state, tmp_path / "ckpt")
+    return str(tmp_path / "ckpt")
+
+
+def test_release_layout_keys_and_dtypes(tiny_gpt2, tiny_llama):
+    gpt2 = read_state_dict(str(tiny_gpt2[1]))
+    assert "codi.base_model.model.transformer.h.0.attn.c_attn.base_layer.weight" in gpt2
+    assert gpt2["codi.base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"].dtype == torch.float32
+    assert gpt2["codi.base_model.model.transformer.h.0.attn.c_attn.base_layer.weight"].dtype == torch.bfloat16
+    assert {"prj.1.weight", "prj.3.bias", "prj.ln.weight"} <= set(gpt2) and "prj.0.weight" not in gpt2
+    llama = read_state_dict(str(tiny_llama[1]))
+    assert "codi.base_model.model.model.layers.1.self_attn.o_proj.lora_B.default.weight" in llama
+    assert "codi.base_model.model.model.layers.0.mlp.gate_proj.base_layer.weight" in llama
+    assert "codi.base_model.model.lm_head.weight" in llama
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_special_ids_and_shapes(family, request):
+    model = request.getfixturevalue(f"{family}_model")
+    vocab = model.lm.config.vocab_size - 3
+    assert (model.pad_id, model.bot_id, model.eot_id) == (vocab, vocab + 1, vocab + 2)
+    assert model.tokenizer.pad_token_id == vocab
+    assert model.lm.get_input_embeddings().weight.shape[0] == vocab + 3
+    assert model.lm.get_output_embeddings().weight.data_ptr() == model.lm.get_input_embeddings().weight.data_ptr()
+    assert model.source["lora_rank"] == 8
+
+
+def test_lora_is_merged_exactly(tiny_gpt2, tiny_llama, gpt2_model, llama_model):
+    """Merged weight = base + alpha/r * B @ A, computed here independently (GPT-2 Conv1D is [in, out])."""
+    state = read_state_dict(str(tiny_gpt2[1]))
+    pre = "codi.base_model.model.transformer.h.0.attn.c_attn."
+    a, b = state[pre + "lora_A.default.weight"], state[pre + "lora_B.default.weight"]
+    expected = state[pre + "base_layer.weight"].float() + (32 / 8) * (b @ a).T
+    torch.testing.assert_close(gpt2_model.lm.transformer.h[0].attn.c_attn.weight, expected, atol=1e-6, rtol=0)
+
+    state = read_state_dict(str(tiny_llama[1]))
+    pre = "codi.base_model.model.model.layers.1.self_attn.v_proj."
+    a, b = state[pre + "lora_A.default.weight"], state[pre + "lora_B.default.weight"]
+    expected = state[pre + "base_layer.weight"].float() + (32 / 8) * (b @ a)
+    torch.testing.assert_close(llama_model.lm.model.layers[1].self_attn.v_proj.weight, expected, atol=1e-6, rtol=0)
+
+
+def test_lora_changes_outputs(tmp_path, tiny_gpt2, gpt2_model):
+    """Zeroing the checkpoint's LoRA B (the official loader's silent failure mode) gives other logits."""
+    zeroed = write_variant(tmp_path, tiny_gpt2[1], lambda s: [t.zero_() for k, t in s.items() if ".lora_B." in k])
+    bare = load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=zeroed, device="cpu", dtype="float32")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(gpt2_model.lm(ids).logits, bare.lm(ids).logits, atol=1e-3)
+
+
+def test_renamed_prefix_is_named(tmp_path, tiny_gpt2):
+    def rename(state):
+        for key in [k for k in state if k.startswith("codi.")]:
+            state["model." + key[len("codi."):]] = state.pop(key)
+
+    ckpt = write_variant(tmp_path, tiny_gpt2[1], rename)
+    with pytest.raises(CODILoadError) as err:
+        load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=ckpt)
+    message = str(err.value)
+    assert "missing keys:" in message and "unexpected keys:" in message
+    assert "codi.base_model.model.lm_head.weight" in message and "model.base_model.model" in message
+    assert "different key prefix" in message
+
+
+def test_missing_prj_ln_is_named(tmp_path, tiny_gpt2):
+    ckpt = write_variant(tmp_path, tiny_gpt2[1], lambda s: (s.pop("prj.ln.weight"), s.pop("prj.ln.bias")))
+    with pytest.raises(CODILoadError, match=r"missing keys: 2 \(first: prj.ln.bias, prj.ln.weight\)"):
+        load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=ckpt)
+
+
+def test_wrong_shape_is_named(tmp_path, tiny_gpt2):
+    ckpt = write_variant(tmp_path, tiny_gpt2[1], lambda s: s.__setitem__("prj.3.bias", torch.zeros(7)))
+    with pytest.raises(CODILoadError, match=r"wrong shapes: 1 \(first: prj.3.bias \(7,\) != \(64,\)\)"):
+        load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=ckpt)
+
+
+def test_untied_lm_head_that_disagrees_is_rejected(tmp_path, tiny_llama):
+    key = "codi.base_model.model.lm_head.weight"
+    ckpt = write_variant(tmp_path, tiny_llama[1], lambda s: s[key].add_(1.0))
+    with pytest.raises(CODILoadError, match="tied tensors differ"):
+        load_codi("llama", base=str(tiny_llama[0]), ckpt=ckpt)
+
+
+def test_checkpoint_without_lora_loads_strictly(tmp_path, tiny_gpt2):
+    """A full-parameter CODI (the demo model's layout: codi. + HF keys, prj.*) takes the same strict path."""
+    from codi_attn.fixtures import codi_module, tiny_config
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_gpt2[0])
+    module = codi_module(config, lora_rank=None, seed=3)
+    state = release_state_dict(module)
+    assert "codi.transformer.h.0.attn.c_attn.weight" in state
+    save_checkpoint(state, tmp_path / "plain", fmt="safetensors")
+    model = load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tmp_path / "plain"), dtype="float32")
+    assert model.source["lora_rank"] is None
+    torch.testing.assert_close(model.lm.transformer.h[0].mlp.c_fc.weight,
+                               state["codi.transformer.h.0.mlp.c_fc.weight"].float())
+    assert tiny_config  # the module builder and config builder are the public fixture API
+
+
+def test_both_file_formats_load_the_same_weights(tmp_path, tiny_gpt2, gpt2_model):
+    state = read_state_dict(str(tiny_gpt2[1]))
+    save_checkpoint(state, tmp_path / "st", fmt="safetensors")
+    other = load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tmp_path / "st"), dtype="float32")
+    for (name, p), (_, q) in zip(gpt2_model.lm.named_parameters(), other.lm.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_dtype_and_device_overrides(tiny_gpt2):
+    model = load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tiny_gpt2[1]), dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16 and next(model.lm.parameters()).dtype == torch.bfloat16
+    assert next(model.prj.parameters()).dtype == torch.bfloat16
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'.*gpt2, llama, demo"):
+        load_codi("gpt3")
+
+
+def test_missing_checkpoint_directory(tiny_gpt2):
+    with pytest.raises(CODILoadError, match="checkpoint directory not found: ~/nope/codi_ckpt"):
+        load_codi("llama", base=str(tiny_gpt2[0]), ckpt="~/nope/codi_ckpt")
+
+
+def test_checkpoint_directory_without_weights(tmp_path, tiny_gpt2):
+    with pytest.raises(CODILoadError, match="holds none of model.safetensors, pytorch_model.bin"):
+        load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tmp_path))
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        load_codi("gpt2", dtype="fp8")
+
+
+def test_presets_carry_release_facts():
+    assert PRESETS["gpt2"].ckpt == "zen-E/CODI-gpt2"
+    assert PRESETS["llama"].base == "meta-llama/Llama-3.2-1B-Instruct"
+    assert PRESETS["llama"].stop_tokens == ("<|eot_id|>", "<|end_of_text|>")
+    assert PRESETS["gpt2"].lora_alpha == PRESETS["llama"].lora_alpha == 32
+
+
+def test_unreachable_hub_id_says_what_to_pass(tmp_path):
+    """Offline, a hub id fails with a message naming the id and the local-path override."""
+    code = "from codi_attn.model import load_codi; load_codi('llama')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    assert "CODILoadError" in run.stderr
+    assert "'meta-llama/Llama-3.2-1B-Instruct'" in run.stderr and "--base /path/to/dir" in run.stderr
