@@ -10,8 +10,9 @@ equal its batch-of-one result (codi-spec trap 8).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,9 @@ class Extraction:
     text: list[str]  # decoded answer text
     prediction: np.ndarray  # [N] float64, nan where the text has no number
     correct: np.ndarray  # [N] bool
-    latents: np.ndarray | None = None  # [N, 6, d] float32, the fed vectors z1..z6 (when requested)
+    latents: np.ndarray | None = None  # [N, 6, d] float32, the fed vectors z1..z6 (keep_latents)
+    thought_hidden: np.ndarray | None = None  # [N, 6, d] float32, final-norm hidden state at z1..z6 (keep_latents)
+    first_logits: np.ndarray | None = None  # [N, V+3] float32, logits of the first token after EOT (keep_logits)
 
 
 def tokenize_questions(model: CODIModel, questions: list[str]) -> list[list[int]]:
@@ -109,17 +112,18 @@ def _thought_rows(attentions: tuple[torch.Tensor, ...], batch: _Batch, step: int
 
 
 @torch.inference_mode()
-def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int, keep_latents: bool):
-    """Latent inference for one batch: (attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents)."""
+def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int,
+               blocked_latents: Sequence[int], latent_context: Callable[[], ContextManager]) -> dict:
+    """Latent inference for one batch: attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents, logits."""
     lm, n_layers = model.lm, model.n_layers
     batch = _Batch(model, token_ids)
     n = len(token_ids)
     attention = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, N_LATENTS, device=model.device)
     mass = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, len(MASS_PARTS), device=model.device)
-    latents = []
+    latents, thought_hidden = [], []
 
     hidden = batch.forward().last_hidden_state[:, -1]
-    with attention_implementation(lm, "eager"):
+    with attention_implementation(lm, "eager"), latent_context():
         for step in range(N_LATENTS):
             z = model.prj(hidden)
             latents.append(z)
@@ -128,6 +132,9 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
             attention[:, :, :, step, : step + 1] = row
             mass[:, :, :, step] = split
             hidden = out.last_hidden_state[:, -1]
+            thought_hidden.append(hidden)
+            if step in blocked_latents:  # later queries get exactly zero weight on this key (trap 3)
+                batch.mask[:, batch.width + step] = 0
 
     embed = lm.get_input_embeddings()
     budget = min(max_new_tokens, model.max_positions - int(batch.lengths.max()) - N_LATENTS - 1)
@@ -135,8 +142,9 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
     generated = torch.full((n, max(budget, 0)), -1, dtype=torch.long, device=model.device)
     done = torch.zeros(n, dtype=torch.bool, device=model.device)
     hidden = batch.forward(embed(torch.full((n,), model.eot_id, device=model.device))).last_hidden_state[:, -1]
+    first_logits = lm.get_output_embeddings()(hidden).float()
     for t in range(budget):
-        logits = lm.get_output_embeddings()(hidden).float()
+        logits = first_logits if t == 0 else lm.get_output_embeddings()(hidden).float()
         logits[:, model.eot_id] = -math.inf  # the original decoder excludes only EOT
         token = logits.argmax(-1)
         generated[:, t] = torch.where(done, -1, token)
@@ -144,8 +152,12 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
         if bool(done.all()) or t == budget - 1:
             break
         hidden = batch.forward(embed(token)).last_hidden_state[:, -1]
-    z = torch.stack(latents, dim=1).float().cpu().numpy() if keep_latents else None
-    return attention.cpu().numpy(), mass.cpu().numpy(), generated.cpu().numpy(), z
+    def host(tensors: list[torch.Tensor]) -> np.ndarray:
+        return torch.stack(tensors, dim=1).float().cpu().numpy()
+
+    return {"attention": attention.cpu().numpy(), "mass": mass.cpu().numpy(), "generated": generated.cpu().numpy(),
+            "latents": host(latents), "thought_hidden": host(thought_hidden),
+            "first_logits": first_logits.cpu().numpy()}
 
 
 def decode_answer(model: CODIModel, ids: np.ndarray) -> str:
@@ -161,28 +173,34 @@ def decode_answer(model: CODIModel, ids: np.ndarray) -> str:
 
 def extract(model: CODIModel, questions: list[str], golds: list[str] | None = None, batch_size: int = 16,
             max_new_tokens: int = 256, progress: Callable[[int], None] | None = None,
-            keep_latents: bool = False) -> Extraction:
+            keep_latents: bool = False, keep_logits: bool = False, blocked_latents: Sequence[int] = (),
+            latent_context: Callable[[], ContextManager] = nullcontext) -> Extraction:
     """Run CODI latent inference on `questions` and capture the six thoughts' attention.
 
     Problems are batched by length (less padding); results come back in input order.
     `golds` are GSM8K answers ('#### N' or the number); `progress(k)` is called after each batch of k.
+    Interventions for causal checks: `blocked_latents` (0-based thoughts whose keys later queries may not
+    attend, through the attention mask) and `latent_context` (a context entered around the six latent steps
+    only, e.g. hooks that ablate heads there).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if any(k not in range(N_LATENTS) for k in blocked_latents):
+        raise ValueError(f"blocked_latents must be thoughts 0..5, got {list(blocked_latents)}")
     token_ids = tokenize_questions(model, questions)
     order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
     n = len(token_ids)
-    attention = np.zeros((n, model.n_layers, model.n_heads, N_LATENTS, N_LATENTS), np.float32)
-    mass = np.zeros((n, model.n_layers, model.n_heads, N_LATENTS, len(MASS_PARTS)), np.float32)
-    latents = np.zeros((n, N_LATENTS, model.lm.config.hidden_size), np.float32) if keep_latents else None
+    parts: dict[str, np.ndarray] = {}
     texts = [""] * n
     for start in range(0, n, batch_size):
         idx = order[start: start + batch_size]
-        att, ms, gen, z = _run_batch(model, [token_ids[k] for k in idx], max_new_tokens, keep_latents)
-        attention[idx], mass[idx] = att, ms
-        if keep_latents:
-            latents[idx] = z
-        for k, ids in zip(idx, gen):
+        out = _run_batch(model, [token_ids[k] for k in idx], max_new_tokens, tuple(blocked_latents), latent_context)
+        wanted = ("attention", "mass") + ("latents", "thought_hidden") * keep_latents + ("first_logits",) * keep_logits
+        for name in wanted:
+            if name not in parts:
+                parts[name] = np.zeros((n, *out[name].shape[1:]), np.float32)
+            parts[name][idx] = out[name]
+        for k, ids in zip(idx, out["generated"]):
             texts[k] = decode_answer(model, ids)
         if progress is not None:
             progress(len(idx))
@@ -190,4 +208,5 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
     prediction = np.array([math.nan if p is None else p for p in parsed], dtype=np.float64)
     gold = [parse_gold(g) for g in golds] if golds is not None else [None] * n
     correct = np.array([is_correct(p, g) for p, g in zip(parsed, gold)], dtype=bool)
-    return Extraction(attention, mass, texts, prediction, correct, latents)
+    return Extraction(parts["attention"], parts["mass"], texts, prediction, correct, latents=parts.get("latents"),
+                      thought_hidden=parts.get("thought_hidden"), first_logits=parts.get("first_logits"))

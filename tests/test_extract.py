@@ -149,3 +149,37 @@ def test_question_longer_than_context_is_rejected(gpt2_model):
 def test_bad_batch_size(gpt2_model):
     with pytest.raises(ValueError, match="batch_size"):
         extract(gpt2_model, QUESTIONS, batch_size=0)
+
+
+def test_blocked_latent_gets_exactly_zero_weight(any_model):
+    """Trap 3: a blocked key receives exactly 0 from every later query; the rest of each row renormalises."""
+    base = extract(any_model, QUESTIONS[:2], batch_size=2, max_new_tokens=2)
+    blocked = extract(any_model, QUESTIONS[:2], batch_size=2, max_new_tokens=2, blocked_latents=[1])
+    assert np.all(blocked.attention[..., 2:, 1] == 0.0)
+    assert np.all(blocked.attention[..., 1, 1] > 0)  # its own step still sees itself
+    np.testing.assert_allclose(blocked.mass.sum(-1), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(blocked.attention[..., :2, :], base.attention[..., :2, :])  # earlier rows untouched
+    assert not np.allclose(blocked.attention[..., 2:, :], base.attention[..., 2:, :])
+
+
+def test_no_op_intervention_reproduces_baseline_bit_for_bit(gpt2_model):
+    """Trap 6: the same code path with nothing blocked must equal the baseline exactly."""
+    base = extract(gpt2_model, QUESTIONS, batch_size=2, max_new_tokens=3, keep_logits=True)
+    noop = extract(gpt2_model, QUESTIONS, batch_size=2, max_new_tokens=3, keep_logits=True, blocked_latents=[])
+    np.testing.assert_array_equal(base.attention, noop.attention)
+    np.testing.assert_array_equal(base.first_logits, noop.first_logits)
+    assert base.text == noop.text
+
+
+def test_blocked_latents_are_validated(gpt2_model):
+    with pytest.raises(ValueError, match="thoughts 0..5"):
+        extract(gpt2_model, QUESTIONS[:1], blocked_latents=[6])
+
+
+def test_logit_lens_inputs(gpt2_model):
+    """thought_hidden is the final-norm hidden state at each thought; prj of thought k is latent k+1."""
+    ex = extract(gpt2_model, QUESTIONS[:1], max_new_tokens=1, keep_latents=True, keep_logits=True)
+    with torch.no_grad():
+        nxt = gpt2_model.prj(torch.tensor(ex.thought_hidden[0, :5])).numpy()
+    np.testing.assert_allclose(nxt, ex.latents[0, 1:], atol=1e-5)
+    assert ex.first_logits.shape == (1, gpt2_model.lm.config.vocab_size)
