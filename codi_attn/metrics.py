@@ -1,0 +1,624 @@
+"""Head metrics for the 6x6 attention between CODI's continuous thoughts, with baselines and intervals.
+
+Inputs (codi-spec section 3)
+    attention  [N, L, H, 6, 6]  A[n, l, h, i, j]: problem n, layer l, query head h, weight from query
+               thought i to key thought j as a fraction of the query's WHOLE row; j > i is 0.
+    mass       [N, L, H, 6, 4]  each thought row split into MASS_PARTS (sum 1), optional.
+Positions are 0-based (i, j = 0..5) in data; figures and text call them z1..z6.
+
+Bases
+    raw     A as captured: row i sums to its latent-block mass m_i < 1.
+    renorm  each problem's row divided by its latent-block sum (rows sum to 1; an all-zero row stays 0).
+Per head, M is the problem-mean matrix of the basis. DEFAULT_BASIS is "renorm": the raw entries are
+dominated by how much of a row reaches the latent block at all (10-15 % in the released models, the
+rest goes to the first token and the question), so raw hub and skip scores mostly rank latent-block
+mass rather than the pattern inside the block; renorm separates the two (the mass is reported on
+its own) and puts every head on the 0-1 scale the design's thresholds assume.
+
+Design scores (the formulas of the original design, the CoT_Exploration attention-flow plan)
+    flow          sum_{j<i} M_ij / sum_{j<=i} M_ij     share of latent-block attention to EARLIER thoughts
+    hub           Var_j(c_j), c_j = sum_i M_ij          population variance of the column sums
+    hub_position  argmax_j c_j
+    skip          mean_{j=0,1,2} M_5j                   last thought -> first three thoughts
+    composite     0.4 flow + 0.4 minmax(hub) + 0.2 minmax(skip), min-max over the heads of one model
+                  (a constant score normalises to 0).
+These are biased by causality (codi-spec trap 7): under causal-uniform attention on the renorm basis
+flow = 0.59, hub = 0.56, hub_position = 0 (column 0 is seen by six rows, column 5 by one), and on the
+trap-1 off-by-one input flow is 1.0 for every head. Hence the baseline and the lifts below.
+
+Causal-uniform baseline U
+    U_ij = m_i / (i + 1) for j <= i: the same latent-block mass per row (m_i = 1 on renorm, the head's
+    observed mean row mass on raw) spread evenly over the keys each query can see. Every metric is
+    reported beside its value on U (`MetricsReport.baseline`, `criteria.baseline`).
+
+Incoming attention, lift and hubs
+    incoming_j = mean_{i >= j+2} M_ij: attention to j from later thoughts that are neither j itself
+    (the self type) nor its successor (the sequential type). lift_j = incoming_j(M) / incoming_j(U).
+    A position is hub-eligible when at least MIN_HUB_ROWS = 3 such rows exist (z1 and z2): with six
+    thoughts a column seen by fewer rows cannot be told apart from sequential or skip patterns
+    (a pure i -> i-3 head gives z3 a lift of 2.7 from one row). A model-level hub is claimed only
+    where the lower end of the bootstrap interval of its lift reaches LIFT_THRESHOLD = 2.
+
+Functional types (always on renorm: a type says where inside the latent block a head looks)
+    seq  = mean_{i=1..5} M_{i,i-1}      self = mean_{i=1..5} M_ii (row 0 is 1 on renorm by construction)
+    long = mean over the six pairs i - j >= 3 of M_ij        hub_lift = max over eligible j of lift_j
+    entropy = mean over problems and rows 1..5 of H(row) / log(i + 1)  (1 = uniform over visible keys)
+    type = "diffuse" if entropy >= DIFFUSE_ENTROPY (0.9); else the largest of the lifts over U of
+    seq ("sequential"), self ("self"), hub_lift ("hub"), long ("skip") if it reaches LIFT_THRESHOLD;
+    else "mixed". Layer band: normalised depth (l + 0.5) / L in thirds (early, middle, late);
+    depth profiles use N_DEPTH_BINS quarters of the same depth, so 12- and 16-layer models compare.
+
+Stability: n_boot resamples of the problems (with replacement, seeded); 95 % percentile intervals for
+every head's scores and every model-level quantity; for each head the fraction of resamples in which
+it is in the top k by composite (k = TOP_K capped at half the heads). mean_std: std across problems
+of M's entries (basis), averaged over the causal entries of rows 1..5 and over heads.
+
+Critical heads: composite > CRITICAL_COMPOSITE (0.7, the design's threshold).
+Success criteria: see CRITERIA; each is shown with its measured value, the value causal-uniform
+attention would give, and pass/fail. Model comparisons bootstrap the two runs independently
+(conservative when they share problems) and call a difference real when its interval excludes 0.
+"""
+from __future__ import annotations
+
+import warnings as _warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+N_THOUGHTS = 6
+MASS_PARTS = ("sink", "question", "bot", "latents")  # as codi_attn.extract.MASS_PARTS
+BASES = ("renorm", "raw")
+DEFAULT_BASIS = "renorm"
+WEIGHTS = {"flow": 0.4, "hub": 0.4, "skip": 0.2}
+LIFT_THRESHOLD = 2.0
+MIN_HUB_ROWS = 3
+DIFFUSE_ENTROPY = 0.9
+CRITICAL_COMPOSITE = 0.7
+STRONG_ENTRY = 0.4
+TOP_K = 10
+BOTTOM_K = 50
+BANDS = ("early", "middle", "late")
+N_DEPTH_BINS = 4
+CI_LEVEL = 0.95
+SPECIFIC_TYPES = ("sequential", "self", "hub", "skip")
+
+_ROW, _COL = np.indices((N_THOUGHTS, N_THOUGHTS))
+_CAUSAL = _ROW >= _COL
+_EARLIER = _ROW > _COL
+_LONG = _ROW - _COL >= 3
+_NON_ADJACENT = _ROW - _COL >= 2  # rows counted as incoming attention to column j
+_INCOMING_ROWS = _NON_ADJACENT.sum(0)  # [6]: 4, 3, 2, 1, 0, 0
+HUB_ELIGIBLE = _INCOMING_ROWS >= MIN_HUB_ROWS  # z1, z2
+_STD_ENTRIES = _CAUSAL & (_ROW >= 1)
+
+# key, phase, criterion text, threshold, comparison
+CRITERIA = (
+    ("strong_heads", "Phase 1", "share of heads with an entry > 0.4 (rows z2..z6)", 0.10, ">="),
+    ("mean_std", "Phase 1", "mean std across problems", 0.2, "<"),
+    ("max_hub", "Phase 1", "max hub variance", 0.2, ">"),
+    ("top_composite", "Phase 2", "top composite", 0.6, ">"),
+    ("top_bottom_ratio", "Phase 2", "top-{top} mean / bottom-{bottom} mean composite", 2.0, ">"),
+    ("top_types", "Phase 2", "functional types (specific) in the top {top}", 1, ">"),
+)
+
+
+def thought(j: int) -> str:
+    """0-based position -> thought name z1..z6."""
+    return f"z{j + 1}"
+
+
+def head_label(layer: int, head: int) -> str:
+    """TransformerLens-style label, e.g. L4H5."""
+    return f"L{layer}H{head}"
+
+
+def top_k(n_heads: int) -> int:
+    """How many heads count as 'top': TOP_K, capped at half the heads (at least 1)."""
+    return min(TOP_K, max(1, n_heads // 2))
+
+
+def layer_band(layer: int, n_layers: int) -> str:
+    """early / middle / late: thirds of the normalised depth (layer + 0.5) / n_layers."""
+    return BANDS[min(int(3 * (layer + 0.5) / n_layers), 2)]
+
+
+def depth_bin(layer: int, n_layers: int, n_bins: int = N_DEPTH_BINS) -> str:
+    """Label of the normalised-depth bin of a layer, e.g. '25-50%'."""
+    b = min(int(n_bins * (layer + 0.5) / n_layers), n_bins - 1)
+    return f"{100 * b // n_bins}-{100 * (b + 1) // n_bins}%"
+
+
+# ---------------------------------------------------------------- matrices [..., 6, 6] -> scores
+
+
+def renormalise(a: np.ndarray) -> np.ndarray:
+    """Rows divided by their latent-block sum [..., 6, 6]; all-zero rows stay zero."""
+    s = a.sum(-1, keepdims=True)
+    return np.divide(a, s, out=np.zeros_like(a), where=s > 0)
+
+
+def causal_uniform(row_mass: np.ndarray) -> np.ndarray:
+    """[..., 6] row masses -> [..., 6, 6] with row i's mass spread evenly over keys 0..i."""
+    return row_mass[..., :, None] * _CAUSAL / (np.arange(N_THOUGHTS) + 1.0)[:, None]
+
+
+def baseline_of(m: np.ndarray, basis: str) -> np.ndarray:
+    """Causal-uniform counterpart U of the matrices m [..., 6, 6] on a basis."""
+    rows = np.ones(m.shape[:-1]) if basis == "renorm" else m.sum(-1)
+    return causal_uniform(rows)
+
+
+def flow_score(m: np.ndarray) -> np.ndarray:
+    """[..., 6, 6] -> [...]: share of latent-block attention that goes to earlier thoughts."""
+    total = (m * _CAUSAL).sum((-2, -1))
+    return np.divide((m * _EARLIER).sum((-2, -1)), total, out=np.zeros_like(total), where=total > 0)
+
+
+def hub_score(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., 6, 6] -> (variance of the column sums, argmax column) each [...]."""
+    c = m.sum(-2)
+    return c.var(-1), c.argmax(-1)
+
+
+def skip_score(m: np.ndarray) -> np.ndarray:
+    """[..., 6, 6] -> [...]: mean attention from z6 to z1..z3."""
+    return m[..., 5, :3].mean(-1)
+
+
+def _minmax(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """x scaled by the min and max of ref over the last two (layer, head) axes; 0 where ref is constant."""
+    lo = ref.min((-2, -1), keepdims=True)
+    span = ref.max((-2, -1), keepdims=True) - lo
+    return np.divide(x - lo, span, out=np.zeros(np.broadcast_shapes(x.shape, span.shape)), where=span > 0)
+
+
+def composite_score(flow: np.ndarray, hub: np.ndarray, skip: np.ndarray,
+                    ref_hub: np.ndarray | None = None, ref_skip: np.ndarray | None = None) -> np.ndarray:
+    """[..., L, H] composite; hub and skip are min-max scaled over the model's heads (ref_*: the heads
+    that set the scale, default the scored heads themselves, e.g. to place a baseline among them)."""
+    ref_hub = hub if ref_hub is None else ref_hub
+    ref_skip = skip if ref_skip is None else ref_skip
+    return (WEIGHTS["flow"] * flow + WEIGHTS["hub"] * _minmax(hub, ref_hub)
+            + WEIGHTS["skip"] * _minmax(skip, ref_skip))
+
+
+def incoming(m: np.ndarray) -> np.ndarray:
+    """[..., 6, 6] -> [..., 6]: mean attention to j from rows i >= j + 2; nan where no such row."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (m * _NON_ADJACENT).sum(-2) / np.where(_INCOMING_ROWS > 0, _INCOMING_ROWS, np.nan)
+
+
+def seq_share(m: np.ndarray) -> np.ndarray:
+    """[..., 6, 6] -> [...]: mean of M[i, i-1] over i = 1..5."""
+    return np.diagonal(m, -1, -2, -1).mean(-1)
+
+
+def self_share(m: np.ndarray) -> np.ndarray:
+    """[..., 6, 6] -> [...]: mean of M[i, i] over i = 1..5."""
+    return np.diagonal(m, 0, -2, -1)[..., 1:].mean(-1)
+
+
+def long_share(m: np.ndarray) -> np.ndarray:
+    """[..., 6, 6] -> [...]: mean of M[i, j] over the six pairs i - j >= 3."""
+    return m[..., _LONG].mean(-1)
+
+
+def row_entropy(r: np.ndarray) -> np.ndarray:
+    """Renormalised rows [..., 6, 6] -> [...]: mean over rows 1..5 with mass of H(row) / log(i + 1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(r > 0, r * np.log(r), 0.0).sum(-1)[..., 1:] / np.log(np.arange(2, N_THOUGHTS + 1))
+    has = r.sum(-1)[..., 1:] > 0
+    return np.divide((h * has).sum(-1), has.sum(-1), out=np.zeros(h.shape[:-1]), where=has.sum(-1) > 0)
+
+
+def max_entry(m: np.ndarray) -> np.ndarray:
+    """[..., 6, 6] -> [...]: largest entry in rows 1..5 (row 0 is 1 on renorm by construction)."""
+    return m[..., 1:, :].max((-2, -1))
+
+
+def _design(m: np.ndarray) -> dict[str, np.ndarray]:
+    """The design scores of matrices [..., L, H, 6, 6], each [..., L, H]."""
+    flow, skip = flow_score(m), skip_score(m)
+    hub, pos = hub_score(m)
+    return {"flow": flow, "hub": hub, "hub_position": pos, "skip": skip,
+            "composite": composite_score(flow, hub, skip)}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _checked(attention: np.ndarray) -> np.ndarray:
+    a = np.asarray(attention)
+    if a.ndim != 5 or a.shape[-2:] != (N_THOUGHTS, N_THOUGHTS) or a.shape[0] < 1:
+        raise ValueError(f"attention must be [N, L, H, 6, 6] with N >= 1, got {a.shape}")
+    a = a.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        raise ValueError("attention contains NaN or inf")
+    return a
+
+
+def on_basis(attention: np.ndarray, basis: str) -> np.ndarray:
+    """Per-problem matrices [N, L, H, 6, 6] of a basis (float32)."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    return renormalise(attention) if basis == "renorm" else attention
+
+
+def _frame_index(n_layers: int, n_heads: int) -> pd.DataFrame:
+    """One row per head in (layer, head) order: layer, head, label, depth, band."""
+    layer, head = (x.ravel() for x in np.indices((n_layers, n_heads)))
+    return pd.DataFrame({
+        "layer": layer, "head": head,
+        "label": [head_label(l, h) for l, h in zip(layer, head)],
+        "depth": (layer + 0.5) / n_layers,
+        "band": [layer_band(l, n_layers) for l in layer],
+    })
+
+
+def _by_composite(df: pd.DataFrame, column: str = "composite") -> pd.DataFrame:
+    out = df.sort_values([column, "layer", "head"], ascending=[False, True, True], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def _scores_frame(m: np.ndarray) -> pd.DataFrame:
+    """Design scores of problem-mean matrices [L, H, 6, 6], sorted by composite."""
+    df = _frame_index(*m.shape[:2])
+    for k, v in _design(m).items():
+        df[k] = v.ravel()
+    return _by_composite(df)
+
+
+def head_scores(attention: np.ndarray, basis: str = DEFAULT_BASIS) -> pd.DataFrame:
+    """[N, L, H, 6, 6] -> one row per head (layer, head, label, depth, band, flow, hub, hub_position,
+    skip, composite), sorted by composite descending: the design's ranked_heads."""
+    return _scores_frame(on_basis(_checked(attention), basis).mean(0, dtype=np.float64))
+
+
+# ---------------------------------------------------------------- sanity checks
+
+
+def input_warnings(attention: np.ndarray, mass: np.ndarray | None = None) -> list[str]:
+    """Plain-language warnings about inputs that look wrong (trap 1 above all); [] when clean."""
+    a = _checked(attention)
+    tol = 2e-3  # float16 storage
+    out = []
+    row0_empty = np.abs(a[..., 0, :]).max() < 1e-6
+    diag_zero = np.abs(np.diagonal(a, 0, -2, -1)[..., 1:]).max() < 1e-6
+    if row0_empty or diag_zero:
+        seen = " and ".join(s for s, bad in (("row 0 (z1's query) is empty", row0_empty),
+                                             ("the diagonal (self-attention) is zero", diag_zero)) if bad)
+        out.append(f"Looks off by one (codi-spec trap 1): {seen} in every head. Softmax attention "
+                   "is never exactly 0 on a visible key; this is the signature of rows labelled one "
+                   "step late (self-attention read as i -> i-1). The flow score is then 1.0 for every "
+                   "head; treat every number below as invalid.")
+    if np.abs(a * ~_CAUSAL).max() > 1e-6:
+        out.append("Entries above the diagonal (j > i) are non-zero: not causal. Is the matrix transposed?")
+    rows = a.sum(-1)
+    if rows.max() > 1 + tol:
+        out.append(f"Latent-block rows sum to up to {rows.max():.3f} > 1: not fractions of a softmax row.")
+    elif np.abs(rows[..., 1:] - 1).max() < tol:
+        out.append("Every latent-block row sums to 1: the input looks renormalised already, so the raw "
+                   "basis equals the renorm basis and the latent-block mass reads as 1.")
+    zero_rows = int((rows[..., 1:] <= 0).sum())
+    if zero_rows and not row0_empty:
+        out.append(f"{zero_rows} thought rows (z2..z6) have no latent-block mass; they stay 0 on renorm.")
+    if mass is not None:
+        m = np.asarray(mass, dtype=np.float32)
+        if m.shape != a.shape[:-1] + (len(MASS_PARTS),):
+            raise ValueError(f"mass must be {a.shape[:-1] + (len(MASS_PARTS),)}, got {m.shape}")
+        if np.abs(m.sum(-1) - 1).max() > tol:
+            out.append(f"Mass parts {MASS_PARTS} do not sum to 1 (max error {np.abs(m.sum(-1) - 1).max():.3g}).")
+        if np.abs(m[..., -1] - rows).max() > tol:
+            out.append("The mass split's latent part disagrees with the 6x6 row sums "
+                       f"(max difference {np.abs(m[..., -1] - rows).max():.3g}).")
+    if a.shape[0] < 2:
+        out.append("Only one problem: no bootstrap intervals, no std across problems.")
+    return out
+
+
+# ---------------------------------------------------------------- criteria
+
+
+def criteria_table(measured: dict[str, float], baseline: dict[str, float] | None = None,
+                   n_heads: int | None = None) -> pd.DataFrame:
+    """The design's success criteria as rows (phase, criterion, measured, threshold, baseline,
+    passed, baseline_passes); `measured`/`baseline` map CRITERIA keys to values (missing or nan:
+    not measurable, not passed). n_heads sets the top/bottom sizes shown in the texts."""
+    top = top_k(n_heads) if n_heads else TOP_K
+    bottom = min(BOTTOM_K, n_heads - top) if n_heads else BOTTOM_K
+    ops = {">": np.greater, ">=": np.greater_equal, "<": np.less}
+    baseline = baseline or {}
+    rows = []
+    for key, phase, text, threshold, op in CRITERIA:
+        value = float(measured.get(key, np.nan))
+        base = float(baseline.get(key, np.nan))
+        rows.append({
+            "phase": phase, "criterion": text.format(top=top, bottom=bottom), "key": key,
+            "measured": value, "threshold": f"{op} {threshold:g}", "baseline": base,
+            "passed": False if np.isnan(value) else bool(ops[op](value, threshold)),
+            "baseline_passes": bool(ops[op](base, threshold)) if np.isfinite(base) else pd.NA,
+        })
+    df = pd.DataFrame(rows)
+    df["baseline_passes"] = df["baseline_passes"].astype("boolean")
+    return df
+
+
+def _top_bottom_ratio(composite_sorted: np.ndarray) -> float:
+    n = len(composite_sorted)
+    top = top_k(n)
+    bottom = min(BOTTOM_K, n - top)
+    if bottom < 1:
+        return np.nan
+    lo = composite_sorted[-bottom:].mean()
+    return float(composite_sorted[:top].mean() / lo) if lo > 0 else np.inf
+
+
+# ---------------------------------------------------------------- report
+
+
+@dataclass
+class MetricsReport:
+    """Everything the metrics step produces for one model (picklable; DataFrames and arrays)."""
+
+    name: str
+    basis: str
+    shape: tuple[int, int, int]  # N problems, L layers, H heads
+    n_boot: int
+    seed: int
+    means: dict[str, np.ndarray]  # basis -> [L, H, 6, 6] problem-mean matrices
+    std: np.ndarray  # [L, H, 6, 6] std across problems on the ranking basis
+    scores: dict[str, pd.DataFrame]  # basis -> head_scores on that basis
+    ranked_heads: pd.DataFrame  # ranking-basis scores + types + intervals + retention, by composite
+    rankings: dict[str, pd.DataFrame]  # heads_ranked_by_{flow,hub,skip,composite}
+    baseline: pd.DataFrame  # metric, observed (mean over heads), baseline (causal-uniform), ratio
+    position_lift: pd.DataFrame  # per key position: incoming vs baseline, lift with interval, is_hub,
+    #                              hub_heads (share of heads typed hub at that position)
+    stability: pd.DataFrame  # per head: score intervals, top-k retention, mean std
+    mean_std: float
+    types: pd.DataFrame  # per head: shares, lifts over U, entropy, hub lift, type, band
+    criteria: pd.DataFrame
+    model_stats: pd.DataFrame  # section, quantity, group, value, lo, hi
+    draws: np.ndarray  # [n_boot, len(model_stats)] bootstrap draws of model_stats.value
+    mass_profile: pd.DataFrame  # per query thought: mean share of the row per MASS_PARTS
+    basis_agreement: pd.DataFrame  # per score: Spearman rho raw vs renorm, top-k overlap
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_heads(self) -> int:
+        return self.shape[1] * self.shape[2]
+
+    @property
+    def critical_heads(self) -> pd.DataFrame:
+        """Heads with composite > CRITICAL_COMPOSITE, best first."""
+        return self.ranked_heads[self.ranked_heads["composite"] > CRITICAL_COMPOSITE]
+
+    @property
+    def hubs(self) -> list[int]:
+        """Claimed hub positions (0-based)."""
+        return [int(p) for p in self.position_lift.loc[self.position_lift["is_hub"], "position"]]
+
+    def matrix(self, label: str, basis: str | None = None) -> np.ndarray:
+        """Problem-mean 6x6 matrix of one head, e.g. matrix('L4H5')."""
+        row = self.ranked_heads.set_index("label").loc[label]
+        return self.means[basis or self.basis][int(row["layer"]), int(row["head"])]
+
+
+def _interval(draws: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over the bootstrap axis; nan when there are no draws."""
+    if draws.shape[axis] == 0:
+        shape = np.delete(np.array(draws.shape), axis)
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    q = 100 * (1 - CI_LEVEL) / 2
+    with _warnings.catch_warnings():  # positions without incoming rows are nan in every draw
+        _warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(draws, [q, 100 - q], axis=axis)
+    return lo, hi
+
+
+def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] multinomial resampling weights that sum to 1 per row."""
+    if n < 2 or n_boot < 1:
+        return np.zeros((0, n), np.float32)
+    rng = np.random.default_rng(seed)
+    return (rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n).astype(np.float32)
+
+
+def _types_frame(r_mean: np.ndarray, entropy: np.ndarray) -> pd.DataFrame:
+    """Functional type of each head from renorm means [L, H, 6, 6] and entropies [L, H]."""
+    u = baseline_of(r_mean[:1, :1], "renorm")[0, 0]
+    df = _frame_index(*r_mean.shape[:2])
+    lifts = {}
+    for name, share in (("sequential", seq_share), ("self", self_share), ("skip", long_share)):
+        df[name] = share(r_mean).ravel()
+        lifts[name] = df[name] / share(u)
+    lift_j = incoming(r_mean)[..., HUB_ELIGIBLE] / incoming(u)[HUB_ELIGIBLE]
+    df["hub_lift_position"] = np.flatnonzero(HUB_ELIGIBLE)[lift_j.argmax(-1)].ravel()
+    lifts["hub"] = pd.Series(lift_j.max(-1).ravel())
+    df["entropy"] = entropy.ravel()
+    for name, lift in lifts.items():
+        df[f"{name}_lift"] = lift
+    lift_df = pd.DataFrame(lifts)
+    best = lift_df.idxmax(axis=1)
+    df["type"] = np.where(df["entropy"] >= DIFFUSE_ENTROPY, "diffuse",
+                          np.where(lift_df.max(axis=1) >= LIFT_THRESHOLD, best, "mixed"))
+    return df
+
+
+def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = DEFAULT_BASIS,
+            n_boot: int = 200, seed: int = 0, name: str = "") -> MetricsReport:
+    """All metrics of one model's attention [N, L, H, 6, 6] (mass [N, L, H, 6, 4] optional):
+    scores on both bases, rankings on `basis`, causal-uniform baselines, hub lifts, bootstrap
+    intervals over problems (n_boot resamples, seeded), types, criteria and warnings."""
+    a = _checked(attention)
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    warnings = input_warnings(a, mass)
+    n, n_layers, n_heads = a.shape[:3]
+    r = renormalise(a)
+    per_basis = {"renorm": r, "raw": a}
+    x = per_basis[basis]
+    means = {b: v.mean(0, dtype=np.float64) for b, v in per_basis.items()}
+    m = means[basis]
+    u = baseline_of(m, basis)
+    std = x.std(0, dtype=np.float64)
+    scores = {b: _scores_frame(v) for b, v in means.items()}
+    entropy_n = row_entropy(r)  # [N, L, H]
+    types = _types_frame(means["renorm"], entropy_n.mean(0))
+
+    # bootstrap over problems
+    w = _resample_weights(n, n_boot, seed)
+    mb = (w @ x.reshape(n, -1)).reshape(len(w), n_layers, n_heads, N_THOUGHTS, N_THOUGHTS).astype(np.float64)
+    db = _design(mb)
+    ub = baseline_of(mb, basis)
+
+    # per-head: scores, intervals, retention
+    k = top_k(n_layers * n_heads)
+    point = _design(m)
+    stability = _frame_index(n_layers, n_heads)
+    for key in ("flow", "hub", "skip", "composite"):
+        stability[key] = point[key].ravel()
+        lo, hi = _interval(db[key].reshape(len(w), n_layers * n_heads))
+        stability[f"{key}_lo"], stability[f"{key}_hi"] = lo, hi
+    cb = db["composite"].reshape(len(w), n_layers * n_heads)
+    if len(w):
+        kth = -np.sort(-cb, axis=1)[:, k - 1:k]
+        stability[f"top{k}_retention"] = (cb >= kth).mean(0)
+    else:
+        stability[f"top{k}_retention"] = np.nan
+    stability["mean_std"] = (std * _STD_ENTRIES).sum((-2, -1)).ravel() / _STD_ENTRIES.sum()
+    stability = _by_composite(stability)
+    mean_std = float(stability["mean_std"].mean())
+
+    keep = ["label", "type", "hub_lift", "hub_lift_position", "entropy"]
+    extra = [c for c in stability.columns if c.endswith(("_lo", "_hi", "_retention"))] + ["mean_std"]
+    ranked = scores[basis].merge(types[keep], on="label").merge(stability[["label"] + extra], on="label")
+    ranked = _by_composite(ranked)
+    rankings = {f"heads_ranked_by_{s}": _by_composite(ranked, s) for s in ("flow", "hub", "skip", "composite")}
+
+    # positions: incoming attention against the baseline
+    obs, base = incoming(m).mean((0, 1)), incoming(u).mean((0, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift_b = incoming(mb).mean((1, 2)) / incoming(ub).mean((1, 2))  # [B, 6]
+        lift = obs / base
+    obs_lo, obs_hi = _interval(incoming(mb).mean((1, 2)))
+    lift_lo, lift_hi = _interval(lift_b)
+    claim = lift_lo if len(w) else lift
+    position_lift = pd.DataFrame({
+        "position": np.arange(N_THOUGHTS), "thought": [thought(j) for j in range(N_THOUGHTS)],
+        "rows": _INCOMING_ROWS, "colsum": m.sum(-2).mean((0, 1)), "colsum_baseline": u.sum(-2).mean((0, 1)),
+        "observed": obs, "observed_lo": obs_lo, "observed_hi": obs_hi, "baseline": base,
+        "lift": lift, "lift_lo": lift_lo, "lift_hi": lift_hi, "eligible": HUB_ELIGIBLE,
+        "is_hub": HUB_ELIGIBLE & (np.nan_to_num(claim) >= LIFT_THRESHOLD),
+        "hub_heads": [float(((types["type"] == "hub") & (types["hub_lift_position"] == j)).mean())
+                      for j in range(N_THOUGHTS)],
+    })
+
+    # baselines of every metric (mean over heads)
+    du = _design(u)
+    u_comp = composite_score(du["flow"], du["hub"], du["skip"], point["hub"], point["skip"])
+    metric_fns = {"flow": flow_score, "hub": lambda v: hub_score(v)[0], "skip": skip_score,
+                  "seq": seq_share, "self": self_share, "long": long_share, "max entry (z2..z6)": max_entry}
+    rows = [(k_, f(m).mean(), f(u).mean()) for k_, f in metric_fns.items()]
+    rows += [("composite", point["composite"].mean(), u_comp.mean()), ("row entropy", entropy_n.mean(), 1.0)]
+    baseline = pd.DataFrame(rows, columns=["metric", "observed", "baseline"])
+    baseline["ratio"] = baseline["observed"] / baseline["baseline"]
+
+    # criteria
+    comp_sorted = ranked["composite"].to_numpy()
+    top_types = ranked["type"].head(k)
+    measured = {
+        "strong_heads": float((max_entry(m) > STRONG_ENTRY).mean()),
+        "mean_std": mean_std if n > 1 else np.nan,
+        "max_hub": float(point["hub"].max()),
+        "top_composite": float(comp_sorted[0]),
+        "top_bottom_ratio": _top_bottom_ratio(comp_sorted),
+        "top_types": float(top_types[top_types.isin(SPECIFIC_TYPES)].nunique()),
+    }
+    base_vals = {"strong_heads": float((max_entry(u) > STRONG_ENTRY).mean()),
+                 "max_hub": float(du["hub"].max()), "top_composite": float(u_comp.max())}
+    criteria = criteria_table(measured, base_vals, n_layers * n_heads)
+
+    # model-level quantities with draws
+    stats: list[tuple[str, str, str, float, np.ndarray]] = []
+    for j in np.flatnonzero(_INCOMING_ROWS > 0):
+        stats.append(("hubs", "incoming lift", thought(j), float(lift[j]), lift_b[:, j]))
+    crit, crit_b = point["composite"] > CRITICAL_COMPOSITE, db["composite"] > CRITICAL_COMPOSITE
+    stats.append(("critical heads", "count", "all", float(crit.sum()), crit_b.sum((1, 2)).astype(float)))
+    stats.append(("critical heads", "fraction", "all", float(crit.mean()), crit_b.mean((1, 2))))
+    per_problem = {("concentration", "row entropy", "all"): entropy_n.mean((1, 2)),
+                   ("mass", "latent-block mass", "all"): a.sum(-1).mean((1, 2, 3))}
+    if mass is not None:
+        parts = np.asarray(mass, np.float64).mean((1, 2, 3))
+        for p, part in enumerate(MASS_PARTS[:-1]):
+            per_problem[("mass", f"{part} mass", "all")] = parts[:, p]
+    bins = np.array([depth_bin(l, n_layers) for l in range(n_layers)])
+    row_mass = a.sum(-1).mean(-1)  # [N, L, H]
+    for label in dict.fromkeys(bins):
+        sel = bins == label
+        per_problem[("depth profile", "row entropy", label)] = entropy_n[:, sel].mean((1, 2))
+        per_problem[("depth profile", "latent-block mass", label)] = row_mass[:, sel].mean((1, 2))
+        for q, fn in (("flow", flow_score), ("seq", seq_share), ("skip", skip_score)):
+            stats.append(("depth profile", q, label, float(fn(m[sel]).mean()), fn(mb[:, sel]).mean((1, 2))))
+        stats.append(("depth profile", "critical fraction", label, float(crit[sel].mean()),
+                      crit_b[:, sel].mean((1, 2))))
+    for key, v in per_problem.items():
+        stats.append((*key, float(v.mean()), w.astype(np.float64) @ v))
+    model_stats = pd.DataFrame([s[:4] for s in stats], columns=["section", "quantity", "group", "value"])
+    draws = np.stack([s[4] for s in stats], axis=1) if stats else np.zeros((len(w), 0))
+    model_stats["lo"], model_stats["hi"] = _interval(draws)
+    order = {"hubs": 0, "critical heads": 1, "concentration": 2, "mass": 3, "depth profile": 4}
+    idx = model_stats.sort_values(["section", "quantity", "group"],
+                                  key=lambda s: s.map(order) if s.name == "section" else s,
+                                  kind="stable").index
+    model_stats, draws = model_stats.loc[idx].reset_index(drop=True), draws[:, idx]
+
+    parts = (np.asarray(mass, np.float64).mean((0, 1, 2)) if mass is not None
+             else np.column_stack([np.full(N_THOUGHTS, np.nan)] * 3 + [a.sum(-1).mean((0, 1, 2))]))
+    mass_profile = pd.DataFrame(parts, columns=list(MASS_PARTS))
+    mass_profile.insert(0, "thought", [thought(i) for i in range(N_THOUGHTS)])
+
+    agree = []
+    for s in ("flow", "hub", "skip", "composite"):
+        x_, y_ = (scores[b].set_index("label")[s] for b in BASES)
+        y_ = y_.loc[x_.index]
+        top_x, top_y = set(x_.nlargest(k).index), set(y_.nlargest(k).index)
+        agree.append({"score": s, "spearman": x_.rank().corr(y_.rank()), f"top{k}_overlap": len(top_x & top_y) / k})
+    return MetricsReport(
+        name=name, basis=basis, shape=(n, n_layers, n_heads), n_boot=len(w), seed=seed, means=means,
+        std=std, scores=scores, ranked_heads=ranked, rankings=rankings, baseline=baseline,
+        position_lift=position_lift, stability=stability, mean_std=mean_std, types=types,
+        criteria=criteria, model_stats=model_stats, draws=draws, mass_profile=mass_profile,
+        basis_agreement=pd.DataFrame(agree), warnings=warnings)
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] = ("a", "b")) -> pd.DataFrame:
+    """Model-level quantities of two runs side by side (any L x H): section, quantity, group, value
+    and interval of each, diff = a - b with its bootstrap interval (independent resamples of each
+    run, paired by draw index), and `real` (the interval excludes 0; NA without draws).
+    Column suffixes are the names; df.attrs holds names and basis."""
+    if a.basis != b.basis:
+        raise ValueError(f"compare reports on one basis, got {a.basis!r} and {b.basis!r}")
+    na, nb = names
+    key = ["section", "quantity", "group"]
+    left = a.model_stats.assign(_ia=np.arange(len(a.model_stats)))
+    right = b.model_stats.assign(_ib=np.arange(len(b.model_stats)))
+    df = left.merge(right, on=key, how="outer", suffixes=(f"_{na}", f"_{nb}"), sort=False)
+    order = {s: i for i, s in enumerate(dict.fromkeys(list(a.model_stats["section"]) + list(b.model_stats["section"])))}
+    df = df.sort_values(key, key=lambda s: s.map(order) if s.name == "section" else s, kind="stable")
+    df["diff"] = df[f"value_{na}"] - df[f"value_{nb}"]
+    n_draws = min(len(a.draws), len(b.draws))
+    lo, hi = np.full(len(df), np.nan), np.full(len(df), np.nan)
+    both = df["_ia"].notna() & df["_ib"].notna()
+    if n_draws:
+        d = (a.draws[:n_draws, df.loc[both, "_ia"].astype(int)] - b.draws[:n_draws, df.loc[both, "_ib"].astype(int)])
+        lo[both.to_numpy()], hi[both.to_numpy()] = _interval(d)
+    df["diff_lo"], df["diff_hi"] = lo, hi
+    real = pd.array([pd.NA if np.isnan(l) else bool(l > 0 or h < 0) for l, h in zip(lo, hi)], dtype="boolean")
+    df["real"] = real
+    df = df.drop(columns=["_ia", "_ib"]).reset_index(drop=True)
+    df.attrs.update(names=tuple(names), basis=a.basis)
+    return df
