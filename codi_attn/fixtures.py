@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from codi_attn.model import CODIModel, CODIModule, make_projection
-from codi_attn.presets import FAMILIES, PRESETS
+from codi_attn.model import CODIModel, CODIModule, make_projection, wrap_lora
+from codi_attn.presets import PRESETS
 
 _CORPUS = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -69,12 +69,7 @@ def codi_module(config, lora_rank: int | None = 8, prj_dim: int | None = None, s
     lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     lm.resize_token_embeddings(config.vocab_size + 3, mean_resizing=False)
     if lora_rank is not None:
-        from peft import LoraConfig, get_peft_model
-
-        family = FAMILIES[config.model_type]
-        lm = get_peft_model(lm, LoraConfig(r=lora_rank, lora_alpha=PRESETS["gpt2"].lora_alpha, lora_dropout=0.0,
-                                           target_modules=list(family.lora_targets),
-                                           fan_in_fan_out=family.fan_in_fan_out))
+        lm = wrap_lora(lm, lora_rank, PRESETS["gpt2"].lora_alpha)
         with torch.no_grad():
             for name, p in lm.named_parameters():
                 if ".lora_B." in name:

@@ -6,6 +6,7 @@ checked key by key and shape by shape. LoRA (when the checkpoint has it) is merg
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,6 +195,18 @@ def lora_rank(state: dict[str, torch.Tensor]) -> int | None:
     return ranks.pop() if ranks else None
 
 
+def wrap_lora(lm: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """Wrap an HF causal LM in peft LoRA exactly as CODI trained it (targets and fan_in_fan_out by family)."""
+    from peft import LoraConfig, get_peft_model
+
+    family = FAMILIES[lm.config.model_type]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(family.lora_targets),
+                        fan_in_fan_out=family.fan_in_fan_out)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(lm, config)
+
+
 def _stop_ids(tokenizer, names: tuple[str, ...]) -> tuple[int, ...]:
     vocab = tokenizer.get_vocab()
     ids = [vocab[n] for n in names if n in vocab]
@@ -208,6 +221,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
               dtype: str = "auto", device: str = "auto") -> CODIModel:
     """Load a CODI model by preset name, optionally overriding its checkpoint and base (local dir or hub id)."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     preset = get_preset(model)
     base, ckpt = resolve_sources(model, ckpt, base)
@@ -216,7 +230,6 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     if config.model_type not in FAMILIES:
         raise CODILoadError(f"unsupported model family {config.model_type!r} in {base}; "
                             f"supported: {', '.join(FAMILIES)}")
-    family = FAMILIES[config.model_type]
     state = read_state_dict(ckpt)
 
     vocab = config.vocab_size  # V: pad/bot/eot are V, V+1, V+2
@@ -225,15 +238,12 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
         raise CODILoadError(f"the tokenizer of {base} gives [PAD] id {tokenizer.pad_token_id}, expected "
                             f"the config's vocab_size {vocab}")
 
-    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    lm.resize_token_embeddings(vocab + 3, mean_resizing=False)
+    with no_init_weights():  # every weight comes from the checkpoint, checked strictly below
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        lm.resize_token_embeddings(vocab + 3, mean_resizing=False)
     rank = lora_rank(state)
     if rank is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lm = get_peft_model(lm, LoraConfig(r=rank, lora_alpha=preset.lora_alpha, lora_dropout=0.0,
-                                           target_modules=list(family.lora_targets),
-                                           fan_in_fan_out=family.fan_in_fan_out))
+        lm = wrap_lora(lm, rank, preset.lora_alpha)
     d_model = config.hidden_size
     prj_w = state.get("prj.1.weight")
     prj = make_projection(d_model, prj_w.shape[0] if prj_w is not None else d_model)
