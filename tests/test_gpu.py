@@ -1,0 +1,40 @@
+"""The CUDA path: same attention as on the CPU, batch == batch-of-one, bf16 sane. Skipped without a GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codi_attn.extract import extract
+from codi_attn.model import load_codi
+
+from test_extract import QUESTIONS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def family_dirs(request):
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+
+
+def test_cuda_fp32_matches_cpu_and_batching(family_dirs):
+    family, (base, ckpt) = family_dirs
+    cpu = load_codi(family, base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32")
+    gpu = load_codi(family, base=str(base), ckpt=str(ckpt), device="cuda", dtype="float32")
+    on_cpu = extract(cpu, QUESTIONS, batch_size=4, max_new_tokens=4)
+    batched = extract(gpu, QUESTIONS, batch_size=4, max_new_tokens=4)
+    np.testing.assert_allclose(batched.attention, on_cpu.attention, atol=1e-3)
+    for k, question in enumerate(QUESTIONS):
+        single = extract(gpu, [question], max_new_tokens=4)
+        np.testing.assert_allclose(batched.attention[k], single.attention[0], atol=1e-4)
+
+
+def test_cuda_bf16_default(family_dirs):
+    family, (base, ckpt) = family_dirs
+    model = load_codi(family, base=str(base), ckpt=str(ckpt))
+    assert model.dtype == torch.bfloat16 and model.device.type == "cuda"
+    ex = extract(model, QUESTIONS, batch_size=4, max_new_tokens=4)
+    assert np.isfinite(ex.attention).all()
+    np.testing.assert_allclose(ex.mass.sum(-1), 1.0, atol=2e-2)
+    assert np.all(ex.attention[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0)
