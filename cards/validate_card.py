@@ -1,0 +1,111 @@
+"""Card of the validate step: do the top-ranked heads and the thought positions matter causally?"""
+from __future__ import annotations
+
+import pandas as pd
+from metaflow.cards import Image, Markdown, Table
+
+from codi_attn.validate import LENS_TOP_N, ValidationResult
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _delta(row: pd.Series) -> str:
+    """'-12.0 points [-20.0, -4.0]'."""
+    return f"{_points(row['delta_accuracy'])} points [{_points(row['delta_ci_low'])}, {_points(row['delta_ci_high'])}]"
+
+
+def verdict(result: ValidationResult) -> list[str]:
+    """Plain-words findings, one sentence per bullet."""
+    s = result.settings
+    base = result.group("baseline").iloc[0]
+    top = result.group("top-k").iloc[0]
+    rand = result.group("random control")
+    singles = result.group("top-k single")
+    blocks = result.group("blocking")
+    k = s["k"]
+    out = []
+    if result.noop_identical:
+        out.append("The no-op control (same code path, nothing ablated or blocked) reproduced the baseline "
+                   "bit for bit.")
+    else:
+        out.append("**WARNING: the no-op control did NOT reproduce the baseline bit for bit**; differences below "
+                   "may be numerical noise of the intervention path, not effects.")
+    if base["accuracy"] < 0.05:
+        out.append(f"Baseline accuracy is only {100 * base['accuracy']:.1f}%: accuracy can hardly fall, so read the "
+                   "answers changed and the first-token KL instead.")
+    r_delta, r_kl = 100 * rand["delta_accuracy"], rand["kl_first_token"]
+    out.append(f"Ablating the top-{k} heads ({s['ablation']} ablation) changed accuracy by {_delta(top)} from "
+               f"{100 * base['accuracy']:.1f}%, vs {r_delta.mean():+.1f} ± {r_delta.std(ddof=0):.1f} points for "
+               f"{k} random heads from the same layers (mean ± sd over {len(rand)} draws, range "
+               f"{r_delta.min():+.1f} to {r_delta.max():+.1f}).")
+    below = int((rand["delta_accuracy"] > top["delta_accuracy"]).sum())
+    kl_above = int((rand["kl_first_token"] < top["kl_first_token"]).sum())
+    significant = top["delta_ci_high"] < 0 or top["delta_ci_low"] > 0
+    out.append(f"The top-{k} change is {'significant' if significant else 'not significant'} (its interval "
+               f"{'excludes' if significant else 'includes'} 0); it is a larger drop than in {below} of {len(rand)} "
+               f"random draws, and its first-token KL ({top['kl_first_token']:.3g}) exceeds that of {kl_above} of "
+               f"{len(rand)} draws (random mean {r_kl.mean():.3g}).")
+    if len(singles):
+        worst = singles.sort_values(["delta_accuracy", "kl_first_token"], ascending=[True, False]).iloc[0]
+        out.append(f"Alone, {worst['condition']} matters most: {_delta(worst)}, KL {worst['kl_first_token']:.3g}.")
+    one = blocks[blocks["blocked"].str.count("z") == 1]
+    worst = one.sort_values(["delta_accuracy", "kl_first_token"], ascending=[True, False]).iloc[0]
+    every = blocks[blocks["blocked"].str.count("z") > 1]
+    out.append(f"Blocking {worst['blocked']} hurts most of the single thoughts: {_delta(worst)}, "
+               f"{100 * worst['answers_changed']:.0f}% of answers changed"
+               + (f"; blocking all six: {_delta(every.iloc[0])}." if len(every) else "."))
+    out += [f"Note: {n}." for n in result.notes]
+    return out
+
+
+def _table(df: pd.DataFrame) -> Table:
+    rows = [[r.condition, r.group, r.heads or r.blocked or "", f"{100 * r.accuracy:.1f}%",
+             f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]", _points(r.delta_accuracy),
+             f"[{_points(r.delta_ci_low)}, {_points(r.delta_ci_high)}]", f"{100 * r.answers_changed:.0f}%",
+             f"{r.kl_first_token:.3g}"] for r in df.itertuples()]
+    return Table(rows, headers=["condition", "group", "heads / blocked", "accuracy", "95% CI", "Δ points",
+                                "Δ 95% CI", "answers changed", "KL first token"])
+
+
+def _lens_table(lens: pd.DataFrame) -> Table:
+    rows = [[r.thought, r.top_tokens, f"{100 * r.number:.0f}%", f"{100 * r.intermediate:.0f}%",
+             f"{100 * r.intermediate_top_n:.0f}%", f"{100 * r.final_answer:.0f}%"] for r in lens.itertuples()]
+    return Table(rows, headers=["thought", "most frequent top-1 tokens", "top-1 is a number",
+                                "top-1 is an intermediate result", f"intermediate in top {LENS_TOP_N}",
+                                "top-1 is the answer"])
+
+
+def _image(fig) -> Image:
+    img = Image.from_matplotlib(fig)
+    fig.clear()
+    return img
+
+
+def validate_card(result: ValidationResult) -> list:
+    """Components of the validate card: verdict, bar charts, the full table and the logit-lens table."""
+    from codi_attn.validate_plots import ablation_figure, blocking_figure, single_heads_figure
+
+    s = result.settings
+    where = "the six latent steps" if s["positions"] == "latent" else "every position"
+    return [
+        Markdown(f"# Validate: do the top heads and the thought positions matter?\n\n"
+                 f"{s['model']} ({s['n_layers']} layers x {s['n_heads']} heads, {s['dtype']} on {s['device']}), "
+                 f"{s['n_problems']} problems, each condition on the same problems as the baseline. Heads: "
+                 f"{s['ablation']} ablation of the head's slice of the attention output projection's input at "
+                 f"{where}; intervals: 95 % bootstrap over problems ({s['n_boot']} resamples, paired for Δ)."),
+        Markdown("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(result))),
+        Markdown(f"## Top-{s['k']} heads vs random controls"),
+        _image(ablation_figure(result)),
+        _image(single_heads_figure(result)),
+        Markdown("## Blocking thoughts"),
+        _image(blocking_figure(result)),
+        Markdown("## All conditions"),
+        _table(result.validation),
+        Markdown("## Logit lens of the thoughts\n\nEach thought's last-layer hidden state (after the final norm) "
+                 "through the LM head; shares over problems. Intermediate results are the `<<...=c>>` values of "
+                 "the gold solution."),
+        _lens_table(result.logit_lens),
+    ]
+

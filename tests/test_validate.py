@@ -1,0 +1,176 @@
+"""Causal validation: controls, measures, logit lens and the card, on the tiny fixtures (codi-spec traps 3-6)."""
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from codi_attn.extract import N_LATENTS, Extraction, extract
+from codi_attn.validate import (COLUMNS, GROUPS, bootstrap_interval, first_token_kl, intermediate_results,
+                                logit_lens, random_controls, resample_indices, run_validation, token_number)
+
+QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
+             "A robe takes 2 bolts of blue fiber and half that much white fiber."]
+GOLDS = ["12*4=<<12*4=48>>48 clips\n48+24=<<48+24=72>>72\n#### 72", "12*6=<<12*6=72>>72\n#### 72", "#### 5"]
+
+
+def ranked(model, seed: int = 0) -> pd.DataFrame:
+    """A ranking of every head by a random composite, best first (as codi_attn.metrics.head_scores gives)."""
+    layer, head = (x.ravel() for x in np.indices((model.n_layers, model.n_heads)))
+    df = pd.DataFrame({"layer": layer, "head": head, "composite": np.random.default_rng(seed).random(layer.size)})
+    return df.sort_values("composite", ascending=False).reset_index(drop=True)
+
+
+@contextmanager
+def forced_answer(model, text: str):
+    """Make greedy decoding spell `text` then stop: a bigram script keyed on the last token fed to the model."""
+    script = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(set(script)) == len(script), "the script needs distinct tokens"
+    after = dict(zip([model.eot_id, *script], [*script, model.stop_ids[0]]))
+    last = {}
+
+    def remember(module, args):
+        last["ids"] = args[0] if args[0].ndim == 1 else args[0][:, -1]
+
+    def push(module, args, logits):
+        nxt = torch.tensor([after.get(int(i), -1) for i in last["ids"]])
+        rows = (nxt >= 0).nonzero().ravel()
+        logits[rows, nxt[rows]] += 1e4
+        return logits
+
+    hooks = [model.lm.get_input_embeddings().register_forward_pre_hook(remember),
+             model.lm.get_output_embeddings().register_forward_hook(push)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_random_controls_match_layers_and_avoid_top():
+    top = [(0, 1), (0, 2), (2, 5)]
+    draws, matched = random_controls(top, n_layers=3, n_heads=8, n_draws=5, rng=np.random.default_rng(0))
+    assert matched and len(draws) == 5
+    for draw in draws:
+        assert Counter(layer for layer, _ in draw) == Counter({0: 2, 2: 1})
+        assert not set(draw) & set(top) and len(set(draw)) == 3
+    assert len({tuple(d) for d in draws}) > 1, "draws must vary"
+    # a layer whose heads are all top heads lends from its nearest layer
+    full = [(1, h) for h in range(4)]
+    draws, matched = random_controls(full, n_layers=3, n_heads=4, n_draws=2, rng=np.random.default_rng(0))
+    assert not matched
+    for draw in draws:
+        assert len(set(draw)) == 4 and not set(draw) & set(full)
+        assert Counter(layer for layer, _ in draw) == Counter({0: 4})  # layer 0 before layer 2 on ties
+
+
+@pytest.mark.parametrize("values", [np.r_[np.ones(3), np.zeros(97)], np.ones(10), np.zeros(10), np.ones(1),
+                                    np.random.default_rng(1).integers(0, 2, 50).astype(float),
+                                    np.random.default_rng(2).integers(-1, 2, 40).astype(float)])
+def test_intervals_contain_the_point_estimate(values):
+    lo, hi = bootstrap_interval(values, resample_indices(len(values), 500, seed=0))
+    assert lo <= values.mean() <= hi
+
+
+def test_first_token_kl():
+    base = np.log([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
+    other = np.log([[0.25, 0.25, 0.5], [0.1, 0.2, 0.7]])
+    base, other = (np.c_[x, np.full(2, -np.inf)] for x in (base, other))  # EOT's -inf column, as in decoding
+    kl = first_token_kl(base, other)
+    np.testing.assert_allclose(kl, [0.5 * np.log(2) + 0.25 * np.log(0.5), 0.0], atol=1e-12)
+    assert np.all(first_token_kl(base, base) == 0.0)
+
+
+def test_intermediate_results_and_number_tokens():
+    assert intermediate_results(GOLDS[0]) == {48.0, 72.0}
+    assert intermediate_results("<<1,200*2=2,400>> and <<5*.25=1.25>> <<x=oops>>\n#### 2400") == {2400.0, 1.25}
+    assert intermediate_results("#### 5") == set()
+    assert token_number(" 72") == 72.0 and token_number("1,200") == 1200.0 and token_number(" clips") is None
+
+
+def test_logit_lens_counts_thoughts_that_decode_to_intermediate_results(gpt2_model):
+    """Thought hidden states aimed at a number token's embedding decode to it; shares count per thought."""
+    numbers = {s: gpt2_model.tokenizer(s, add_special_tokens=False)["input_ids"] for s in ("48", "72", "5")}
+    assert all(len(ids) == 1 for ids in numbers.values()), "fixture tokenizer spells these numbers in one token"
+    embedding = gpt2_model.lm.get_output_embeddings().weight.detach()
+    aim = {s: (8 * embedding[ids[0]] / embedding[ids[0]].norm() ** 2).numpy() for s, ids in numbers.items()}
+    hidden = np.stack([np.stack([aim["48"], aim["72"], aim["5"], aim["48"], aim["72"], aim["5"]])] * 3)
+    ex = Extraction(np.zeros(0), np.zeros(0), [""] * 3, np.zeros(3), np.zeros(3, bool), thought_hidden=hidden)
+    lens = logit_lens(gpt2_model, ex, GOLDS)
+    assert list(lens["thought"]) == [f"z{j + 1}" for j in range(N_LATENTS)]
+    assert lens.loc[0, "top_tokens"] == "'48' 100%"  # the aim really hits the token
+    assert lens["number"].tolist() == [1.0] * N_LATENTS
+    # 48 is a step of problem 0 only; 72 a step and the answer of problems 0 and 1; 5 only problem 2's answer
+    np.testing.assert_allclose(lens["intermediate"], [1 / 3, 2 / 3, 0, 1 / 3, 2 / 3, 0])
+    np.testing.assert_allclose(lens["final_answer"], [0, 2 / 3, 1 / 3, 0, 2 / 3, 1 / 3])
+    assert (lens["intermediate_top_n"] >= lens["intermediate"]).all()
+
+
+def check_result(result, model, k: int, n_random: int) -> None:
+    """Shared checks of a ValidationResult (table shape, controls, intervals, no-op)."""
+    df = result.validation
+    assert list(df.columns) == list(COLUMNS) and set(df["group"]) == set(GROUPS)
+    assert Counter(df["group"]) == Counter({"baseline": 1, "no-op": 1, "top-k": 1, "top-k single": k,
+                                            "random control": n_random, "blocking": N_LATENTS + 1})
+    assert result.noop_identical
+    noop = result.group("no-op").iloc[0]
+    assert noop["delta_accuracy"] == 0 and noop["answers_changed"] == 0 and noop["kl_first_token"] == 0
+    assert (df["ci_low"] <= df["accuracy"]).all() and (df["accuracy"] <= df["ci_high"]).all()
+    assert (df["delta_ci_low"] <= df["delta_accuracy"]).all() and (df["delta_accuracy"] <= df["delta_ci_high"]).all()
+    top = result.group("top-k").iloc[0]["heads"].split()
+    assert top == list(result.group("top-k single")["heads"]) and len(top) == k
+    for heads in result.group("random control")["heads"]:
+        assert not set(heads.split()) & set(top)
+    assert list(result.group("blocking")["blocked"])[:2] == ["z1", "z2"]
+    assert len(result.logit_lens) == N_LATENTS
+    assert pickle.loads(pickle.dumps(result)).validation.equals(df)
+
+
+def test_run_validation_end_to_end_gpt2_mean_latent(gpt2_model):
+    ranking = ranked(gpt2_model)
+    result = run_validation(gpt2_model, QUESTIONS, GOLDS, ranking, k=2, n_random=2, batch_size=3, max_new_tokens=3,
+                            n_boot=200)
+    check_result(result, gpt2_model, k=2, n_random=2)
+    assert result.settings["ablation"] == "mean" and result.settings["positions"] == "latent"
+    top = result.group("top-k").iloc[0]["heads"].split()
+    assert top == [f"L{r.layer}H{r.head}" for r in ranking.head(2).itertuples()]
+    base = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3)
+    assert result.group("baseline").iloc[0]["accuracy"] == base.correct.mean()
+    assert result.group("blocking")["kl_first_token"].gt(0).all(), "blocking a thought must change the first token"
+
+    from cards.validate_card import validate_card, verdict
+
+    assert any("bit for bit" in line for line in verdict(result))
+    rendered = [c.render() for c in validate_card(result)]
+    images = [r for r in rendered if r["type"] == "image"]
+    assert len(images) == 3 and all(r["src"] and r["src"].startswith("data:image/png") for r in images)
+
+
+def test_run_validation_llama_zero_all_positions_on_real_decoded_answers(llama_model):
+    """Trap 5: the fixture's decoded text (forced to 'The answer is: 72') parses, so accuracy is 2/3 (golds 72, 72,
+    5) under every condition instead of 0 by fiat; k above half the heads is capped."""
+    with forced_answer(llama_model, "The answer is: 72"):
+        ex = extract(llama_model, QUESTIONS, GOLDS, max_new_tokens=10)
+        result = run_validation(llama_model, QUESTIONS, GOLDS, ranked(llama_model), k=20, n_random=1,
+                                ablation="zero", positions="all", batch_size=3, max_new_tokens=10, n_boot=100)
+    assert ex.text == ["The answer is: 72"] * 3
+    np.testing.assert_array_equal(ex.prediction, [72.0] * 3)
+    k = llama_model.n_layers * llama_model.n_heads // 2
+    check_result(result, llama_model, k=k, n_random=1)
+    assert result.settings["k"] == k and any("capped" in note for note in result.notes)
+    np.testing.assert_allclose(result.validation["accuracy"], 2 / 3)
+    assert (result.validation["answers_changed"] == 0).all()
+
+
+def test_bad_settings_are_rejected(gpt2_model):
+    with pytest.raises(ValueError, match="ablation"):
+        run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model), ablation="resample")
+    with pytest.raises(ValueError, match="one gold per question"):
+        run_validation(gpt2_model, QUESTIONS, GOLDS[:1], ranked(gpt2_model))
+    with pytest.raises(ValueError, match="lacks columns"):
+        run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model).drop(columns="composite"))
