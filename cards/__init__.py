@@ -1,0 +1,1 @@
+"""Metaflow card layouts for AttentionFlow: each module turns artifacts into a list of card components."""

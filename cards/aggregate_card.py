@@ -1,0 +1,129 @@
+"""Cards of the aggregate and end steps: what was extracted, where the latents' attention goes."""
+from __future__ import annotations
+
+import numpy as np
+from metaflow.cards import Image, Markdown, Table
+
+MASS_LABELS = {"sink": "first token", "question": "rest of question", "bot": "BOT", "latents": "latents"}
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.figure(figsize=(width, height), dpi=110)
+
+
+def _image(plt, fig) -> Image:
+    fig.tight_layout()
+    img = Image.from_matplotlib(fig)
+    plt.close(fig)
+    return img
+
+
+def mean_matrix_figure(attention_avg: np.ndarray, title: str) -> Image:
+    """The 6x6 latent-to-latent matrix averaged over problems, layers and heads, with values."""
+    plt, fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot()
+    m = attention_avg.mean(axis=(0, 1))
+    masked = np.ma.masked_where(np.triu(np.ones_like(m, dtype=bool), 1), m)
+    im = ax.imshow(masked, cmap="viridis", vmin=0)
+    for i in range(6):
+        for j in range(i + 1):
+            ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                    color="white" if m[i, j] < 0.6 * m.max() else "black")
+    ax.set_xticks(range(6), [f"z{j + 1}" for j in range(6)])
+    ax.set_yticks(range(6), [f"z{i + 1}" for i in range(6)])
+    ax.set_xlabel("key (attended thought)")
+    ax.set_ylabel("query (attending thought)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _image(plt, fig)
+
+
+def incoming_figure(stats: dict) -> Image:
+    """Mean attention each thought receives from later thoughts, against the causal-uniform baseline."""
+    plt, fig = _figure(5.2, 3.4)
+    ax = fig.add_subplot()
+    x = np.arange(6)
+    ax.bar(x - 0.2, stats["incoming"], 0.4, label="measured")
+    ax.bar(x + 0.2, stats["incoming_uniform"], 0.4, label="causal-uniform baseline", color="lightgray")
+    ax.set_xticks(x, [f"z{j + 1}" for j in x])
+    ax.set_ylabel("mean weight from rows i >= j")
+    ax.set_title("incoming attention per thought (all layers and heads)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _image(plt, fig)
+
+
+def mass_figure(stats: dict) -> Image:
+    """Where each layer's latent queries put their attention (stacked shares of the row)."""
+    plt, fig = _figure(6.4, 3.4)
+    ax = fig.add_subplot()
+    by_layer = np.asarray(stats["mass_by_layer"])  # [L, parts]
+    bottom = np.zeros(len(by_layer))
+    for k, part in enumerate(stats["mass_parts"]):
+        ax.bar(np.arange(len(by_layer)), by_layer[:, k], bottom=bottom, label=MASS_LABELS.get(part, part))
+        bottom += by_layer[:, k]
+    ax.set_xticks(range(len(by_layer)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of the latent query's row")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("attention mass split of latent queries, by layer", fontsize=10)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    return _image(plt, fig)
+
+
+def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: float, attention_avg: np.ndarray,
+                   failed: list[dict], artifacts: list[tuple[str, str, str]]) -> list:
+    """Totals, the mass split, the mean 6x6 matrix, incoming attention and the artifact table."""
+    n = stats["n_problems"]
+    mass = stats["mass_mean"]
+    parts = [
+        Markdown(f"# Aggregate: {n} of {n_sampled} problems, model {model_info['name']}"),
+        Table([
+            ["problems extracted", f"{n} of {n_sampled}" + (f" ({len(failed)} failed)" if failed else "")],
+            ["accuracy", f"{100 * accuracy:.1f}%" if n else "n/a"],
+            ["layers x heads", f"{model_info['n_layers']} x {model_info['n_heads']}"],
+            ["share of latent queries' attention on the six latents", f"{100 * mass['latents']:.1f}%"],
+            ["... on the first token / rest of question / BOT",
+             f"{100 * mass['sink']:.1f}% / {100 * mass['question']:.1f}% / {100 * mass['bot']:.1f}%"],
+            ["mean self-attention (diagonal)", f"{stats['self_attention']:.4f}"],
+            ["thought with most incoming attention vs baseline", f"z{stats['hub_position'] + 1} "
+             f"({stats['incoming_ratio'][stats['hub_position']]:.2f}x causal-uniform)"],
+        ], headers=["", ""]),
+    ]
+    if n:
+        parts += [mean_matrix_figure(attention_avg, "mean attention between thoughts (all layers, heads)"),
+                  incoming_figure(stats), mass_figure(stats)]
+    if failed:
+        parts += [Markdown("## Failed problems"),
+                  Table([[f["id"], f["error"][:300]] for f in failed], headers=["id", "error"])]
+    parts += [Markdown("## Artifacts of this step"), Table([list(a) for a in artifacts],
+                                                          headers=["name", "shape / type", "meaning"])]
+    return parts
+
+
+def end_card(run_pathspec: str, model_name: str, demo: bool, accuracy: float, n: int,
+             top_heads: list[str], compared: list[str]) -> list:
+    """Where to find the results: Client API snippet, card and export commands."""
+    flow, run_id = run_pathspec.split("/")
+    parts = [Markdown(f"# Done: {run_pathspec}")]
+    if demo:
+        from cards.sample_card import DEMO_BANNER
+
+        parts.append(Markdown(f"> **{DEMO_BANNER}**"))
+    parts += [
+        Table([["model", model_name], ["problems", str(n)], ["accuracy", f"{100 * accuracy:.1f}%"],
+               ["top heads (composite)", ", ".join(top_heads) or "n/a"],
+               ["compared with", ", ".join(compared) or "no other model yet"]], headers=["", ""]),
+        Markdown("## Read the results\n"
+                 f"```python\nfrom metaflow import Run\nrun = Run(\"{run_pathspec}\")\n"
+                 "run.data.attention_raw      # float16 [N, L, H, 6, 6]\n"
+                 "run.data.ranked_heads       # DataFrame, one row per (layer, head)\n```\n"
+                 f"Cards: `python flows/attention_flow.py card view {run_id}/aggregate` (any step name)\n\n"
+                 f"Files: `python -m codi_attn export {run_id} out/` writes results/{model_name}/ and "
+                 f"figures/{model_name}/"),
+    ]
+    return parts

@@ -1,0 +1,355 @@
+"""AttentionFlow end to end: real Metaflow runs (metaflow.Runner) on tiny release-layout CODI fixtures and
+the shared GSM8K train file, each in its own datastore, checked through the Client API.
+
+Runs: one clean gpt2 run (shared by the tests here and in test_export.py), one run whose shard 1 is
+SIGKILLed and its resume, one llama run with a failing problem that compares with the gpt2 run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("USERNAME", "codi-attn-tests")  # Metaflow refuses to run as root without it
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOW_FILE = ROOT / "flows" / "attention_flow.py"
+GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+if not GSM8K_TRAIN.exists():
+    GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
+STEPS = ["start", "sample", "extract", "aggregate", "metrics", "compare", "end"]
+N, SHARD = 6, 4  # two shards: 4 + 2 problems
+
+pytestmark = pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason="shared GSM8K train.jsonl not found")
+
+
+def _flow_module():
+    spec = importlib.util.spec_from_file_location("attention_flow", FLOW_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flow_mod = _flow_module()
+
+
+def run_flow(root: Path, *, resume: bool = False, env: dict | None = None, **params):
+    """Run (or resume) the flow in the datastore under `root`; returns the ExecutingRun."""
+    from metaflow import Runner
+
+    root.mkdir(parents=True, exist_ok=True)
+    full_env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": os.environ["USERNAME"],
+                "CODI_ATTN_FAIL_SHARD": "", "CODI_ATTN_FAIL_PROBLEMS": "", **(env or {})}
+    with Runner(str(FLOW_FILE), show_output=False, env=full_env, cwd=str(root), pylint=False) as runner:
+        result = runner.resume(**params) if resume else runner.run(**params)
+        result.stdout_text, result.stderr_text = result.stdout, result.stderr
+    use_datastore(root)
+    return result
+
+
+def use_datastore(root: Path) -> None:
+    """Point this process's Client API at the datastore under `root`."""
+    from metaflow import metadata, namespace
+
+    metadata(f"local@{root}")
+    namespace(None)
+
+
+def tiny_params(base, ckpt, **extra):
+    return {"model": "gpt2", "base": str(base), "ckpt": str(ckpt), "dataset": str(GSM8K_TRAIN),
+            "n_problems": str(N), "shard_size": SHARD, "batch_size": 3, "max_new_tokens": 4, "device": "cpu",
+            "dtype": "float32", "n_boot": 10, **extra}
+
+
+def card_data(task) -> str:
+    """The JSON text of a task's first card (the HTML embeds it base64-encoded)."""
+    import base64
+    import re
+
+    from metaflow.cards import get_cards
+
+    html = get_cards(task)[0].get()
+    blobs = re.findall(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
+    assert blobs, f"no card data in the card of {task.pathspec}"
+    return "".join(base64.b64decode(b).decode("utf-8") for b in blobs)
+
+
+def seed42_ids(n: int) -> list[str]:
+    random.seed(42)
+    return [f"train_{i}" for i in sorted(random.sample(range(7473), n))]
+
+
+@pytest.fixture(scope="session")
+def clean_run(tiny_gpt2, tmp_path_factory):
+    """One uninterrupted gpt2 run: (Run, datastore root, (base, ckpt))."""
+    root = tmp_path_factory.mktemp("clean_ds")
+    result = run_flow(root, **tiny_params(*tiny_gpt2))
+    assert result.status == "successful", result.stderr_text[-3000:]
+    return result.run, root, tiny_gpt2
+
+
+def test_artifacts_shapes_dtypes_and_sample(clean_run):
+    run, root, _ = clean_run
+    use_datastore(root)
+    d = run.data
+    assert d.problem_ids == seed42_ids(N) == [p["id"] for p in d.problems]
+    assert d.sampled_ids == d.problem_ids and d.failed_problems == []
+    assert d.attention_raw.dtype == np.float16 and d.attention_raw.shape == (N, 2, 4, 6, 6)
+    assert d.attention_mass.dtype == np.float16 and d.attention_mass.shape == (N, 2, 4, 6, 4)
+    assert d.mass_parts == ["sink", "question", "bot", "latents"]
+    for name in ("attention_avg", "attention_std"):
+        assert getattr(d, name).dtype == np.float32 and getattr(d, name).shape == (2, 4, 6, 6)
+    np.testing.assert_allclose(d.attention_avg, d.attention_raw.astype(np.float32).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(d.attention_std, d.attention_raw.astype(np.float32).std(0), rtol=1e-5, atol=1e-7)
+    # causal: no thought attends to a later one; the diagonal (self-attention) is not zero
+    assert not np.triu(d.attention_raw.astype(np.float32), 1).any()
+    assert (np.diagonal(d.attention_raw, axis1=-2, axis2=-1) > 0).all()
+    assert d.predictions.dtype == np.float64 and d.correct.dtype == np.bool_ and len(d.texts) == N
+    assert d.accuracy == float(d.correct.mean())
+    assert len(d.dataset_fingerprint) == 64
+    assert set(run.tags) >= {"model:gpt2", f"dataset:{d.dataset_fingerprint[:12]}"}
+    heads = d.ranked_heads
+    assert len(heads) == 2 * 4
+    assert {"layer", "head", "flow", "hub", "hub_position", "skip", "composite"} <= set(heads.columns)
+    assert heads["composite"].is_monotonic_decreasing
+    assert d.metrics_report.shape == (N, 2, 4) and d.metrics_report.n_boot == 10
+    from codi_attn.metrics import head_scores
+
+    expected = head_scores(d.attention_raw.astype(np.float32))
+    cols = ["layer", "head", "flow", "hub", "hub_position", "skip", "composite"]
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(heads[cols], expected[cols], check_dtype=False)
+    assert d.compared_runs == [] and d.comparison == {}
+
+
+def test_arrays_equal_direct_extraction(clean_run):
+    """The flow's per-problem arrays are exactly what codi_attn.extract gives for those problems, in order."""
+    from codi_attn.data import load_records, sample_problems
+    from codi_attn.extract import extract
+    from codi_attn.model import load_codi
+
+    run, root, (base, ckpt) = clean_run
+    use_datastore(root)
+    problems = sample_problems(load_records(str(GSM8K_TRAIN), "train"), N)
+    model = load_codi("gpt2", base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32")
+    ex = extract(model, [p.question for p in problems], [p.solution for p in problems], batch_size=1,
+                 max_new_tokens=4)
+    d = run.data
+    np.testing.assert_allclose(d.attention_raw.astype(np.float32), ex.attention, rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(d.attention_mass.astype(np.float32), ex.mass, rtol=2e-3, atol=1e-6)
+    assert d.texts == ex.text
+    np.testing.assert_array_equal(d.correct, ex.correct)
+    stats = d.attention_stats
+    assert stats["n_problems"] == N
+    np.testing.assert_allclose(sum(stats["mass_mean"].values()), 1.0, atol=2e-3)  # the four parts cover the row
+    col = ex.attention.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(stats["incoming"], [col[j:, j].mean() for j in range(6)], rtol=2e-3)
+
+
+def test_cards_on_every_step(clean_run):
+    from metaflow.cards import get_cards
+
+    run, root, _ = clean_run
+    use_datastore(root)
+    for name in STEPS:
+        for task in run[name]:
+            cards = get_cards(task)
+            assert len(cards) >= 1, f"no card on {task.pathspec}"
+            html = cards[0].get()
+            assert len(html) > 1000, f"empty card on {task.pathspec}"
+    assert "No other model has a finished run on this sample" in card_data(run["compare"].task)
+    assert "AttentionFlow cannot start" not in card_data(run["start"].task)
+    assert "Aggregate: 6 of 6 problems" in card_data(run["aggregate"].task)
+    assert '"type": "progressBar"' in card_data(run["extract"].task) or "progressBar" in card_data(run["extract"].task)
+    assert "Head metrics: gpt2" in card_data(run["metrics"].task)
+
+
+def test_card_cli_view_and_get(clean_run, tmp_path):
+    import subprocess
+    import sys
+
+    run, root, _ = clean_run
+    env = {**os.environ, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root)}
+    out = tmp_path / "card.html"
+    proc = subprocess.run([sys.executable, str(FLOW_FILE), "card", "get", f"{run.id}/aggregate", str(out)],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(out.read_text()) > 1000
+
+
+def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path):
+    """Shard 1 is SIGKILLed after its first batch; resume reruns only it; arrays equal the clean run's."""
+    from metaflow import Run
+
+    clean, clean_root, (base, ckpt) = clean_run
+    root = tmp_path / "resume_ds"
+    params = tiny_params(base, ckpt)
+    failed = run_flow(root, env={"CODI_ATTN_FAIL_SHARD": "1:kill"}, **params)
+    assert failed.status == "failed"
+    failed_run = failed.run
+    assert not failed_run.successful
+    shard_tasks = {t.data.shard_index: t for t in failed_run["extract"] if t.successful}
+    assert list(shard_tasks) == [0]  # shard 0 finished, shard 1 died
+
+    resumed = run_flow(root, resume=True, origin_run_id=failed_run.id)
+    assert resumed.status == "successful", resumed.stderr_text[-3000:]
+    new = Run(resumed.run.pathspec)
+    assert new.id != failed_run.id
+    by_index = {t.data.shard_index: t for t in new["extract"]}
+    assert by_index[0].origin_pathspec == shard_tasks[0].pathspec  # cloned, not rerun
+    assert by_index[1].origin_pathspec is None  # rerun
+    assert set(new.tags) >= {"model:gpt2", f"dataset:{new.data.dataset_fingerprint[:12]}"}
+
+    use_datastore(clean_root)
+    c = clean.data
+    use_datastore(root)
+    d = new.data
+    assert d.problem_ids == c.problem_ids and d.failed_problems == []
+    for name in ("attention_raw", "attention_mass", "attention_avg", "attention_std", "predictions", "correct"):
+        np.testing.assert_array_equal(getattr(d, name), getattr(c, name), err_msg=name)
+    assert d.texts == c.texts and d.dataset_fingerprint == c.dataset_fingerprint
+    assert d.ranked_heads.equals(c.ranked_heads)
+
+
+def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_llama):
+    """A llama run in the clean run's datastore: one problem raises and is recorded, the rest go on;
+    compare finds the gpt2 run on the same sample."""
+    clean, root, _ = clean_run
+    bad = seed42_ids(N)[1]
+    result = run_flow(root, env={"CODI_ATTN_FAIL_PROBLEMS": bad},
+                      **tiny_params(*tiny_llama, model="llama", max_failed_fraction=0.5))
+    assert result.status == "successful", result.stderr_text[-3000:]
+    d = result.run.data
+    assert [f["id"] for f in d.failed_problems] == [bad]
+    assert "fails on purpose" in d.failed_problems[0]["error"]
+    assert d.problem_ids == [i for i in seed42_ids(N) if i != bad]
+    assert d.attention_raw.shape[0] == N - 1
+    assert d.compared_runs == [clean.pathspec]
+    diff = d.comparison[clean.pathspec]
+    assert {"value_llama", "value_gpt2", "diff"} <= set(diff.columns)
+    assert "Model comparison: llama vs gpt2" in card_data(result.run["compare"].task)
+
+
+def test_bad_input_fails_in_start(tmp_path, tiny_gpt2):
+    result = run_flow(tmp_path / "ds", **tiny_params(*tiny_gpt2, n_problems="8000"))
+    assert result.status == "failed"
+    output = result.stdout_text + result.stderr_text
+    assert "AttentionFlow cannot start" in output
+    assert "n_problems=8000 is larger than the split, which has 7473" in output
+    assert "Traceback" not in output
+    assert [s.id for s in result.run] == ["start"]  # nothing ran after start
+
+
+def _settings(**overrides):
+    p = {"model": "gpt2", "ckpt": "", "base": "", "dataset": str(GSM8K_TRAIN), "split": "train", "n_problems": "6",
+         "seed": 42, "shard_size": 4, "batch_size": 2, "max_new_tokens": 4, "device": "cpu", "dtype": "float32",
+         "max_failed_fraction": 0.1, "n_boot": 10, "compare_with": ""}
+    return {**p, **overrides}
+
+
+def _jsonl(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_problems": "7474"}, r"n_problems=7474 is larger than the split, which has 7473"),
+    ({"shard_size": 0}, r"--shard_size must be a positive integer, got 0"),
+    ({"shard_size": -3}, r"--shard_size must be a positive integer"),
+    ({"batch_size": 0}, r"--batch_size must be a positive integer"),
+    ({"max_failed_fraction": 1.5}, r"--max_failed_fraction must be between 0 and 1"),
+    ({"dataset": "/nonexistent/train.jsonl"}, r"dataset file /nonexistent/train\.jsonl does not exist"),
+    ({"model": "bert"}, r"--model: unknown preset 'bert'"),
+    ({"ckpt": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
+    ({"dtype": "int8"}, r"--dtype: unknown dtype 'int8'"),
+    ({"device": "gpu:x"}, r"--device: "),
+    ({"split": "dev"}, r"--dataset: split must be one of train, test"),
+])
+def test_check_settings_messages(overrides, message, tiny_gpt2):
+    base, ckpt = tiny_gpt2
+    settings = {"base": str(base), "ckpt": str(ckpt), **overrides}
+    with pytest.raises(ValueError, match=message):
+        flow_mod.check_settings(_settings(**settings))
+
+
+def test_check_settings_reports_every_problem(tiny_gpt2):
+    with pytest.raises(ValueError) as err:
+        flow_mod.check_settings(_settings(ckpt="/nonexistent/ckpt", shard_size=0, n_problems="9999"))
+    lines = str(err.value).splitlines()
+    assert lines == ["--shard_size must be a positive integer, got 0",
+                     "--model/--ckpt/--base: checkpoint directory not found: /nonexistent/ckpt",
+                     "--n_problems: n_problems=9999 is larger than the split, which has 7473 problems "
+                     "(use 0 or 'all' for the whole split)"]
+
+
+def test_check_settings_bad_files(tmp_path, tiny_gpt2):
+    base, ckpt = map(str, tiny_gpt2)
+    good = '{"question": "q?", "answer": "x\\n#### 1"}'
+    bad_line = _jsonl(tmp_path, "bad.jsonl", [good, good, '{"question": '])
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: malformed JSON"):
+        flow_mod.check_settings(_settings(base=base, ckpt=ckpt, dataset=bad_line, n_problems="1"))
+    no_answer = _jsonl(tmp_path, "noanswer.jsonl", [good, '{"question": "q?"}'])
+    with pytest.raises(ValueError, match=r"noanswer\.jsonl, line 2: record has no 'answer' key"):
+        flow_mod.check_settings(_settings(base=base, ckpt=ckpt, dataset=no_answer, n_problems="1"))
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"unreadable\.jsonl cannot be read"):
+        flow_mod.check_settings(_settings(base=base, ckpt=ckpt, dataset=str(unreadable)))
+    ok = flow_mod.check_settings(_settings(base=base, ckpt=ckpt, n_problems="all"))
+    assert ok["n"] is None and ok["n_records"] == 7473
+
+
+def test_dataset_auto():
+    assert flow_mod.resolve_dataset("auto", "demo", "", "") == "synthetic"
+    assert flow_mod.resolve_dataset("auto", "demo", "/my/ckpt", "") == "gsm8k"
+    assert flow_mod.resolve_dataset("auto", "llama", "", "") == "gsm8k"
+    assert flow_mod.resolve_dataset("x.jsonl", "demo", "", "") == "x.jsonl"
+
+
+def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
+    """A batch that raises is retried problem by problem: only the bad problem is lost, order is kept,
+    and the rest equal a direct extraction."""
+    from codi_attn.extract import extract
+
+    problems = [{"id": f"train_{k}", "question": q, "solution": "#### 1"} for k, q in enumerate(
+        ["Tom has 3 apples. How many?", "Ann has 5 pens and buys 2. How many?", "What is 4 plus 4?",
+         "Sue has 9 coins. She loses 1. How many?", "A robe takes 2 bolts. How many?"])]
+    monkeypatch.setenv("CODI_ATTN_FAIL_PROBLEMS", "train_1")
+    seen = []
+    out = flow_mod.extract_shard(gpt2_model, problems, batch_size=3, max_new_tokens=3,
+                                 on_batch=lambda done, failed: seen.append((done, failed)))
+    assert seen == [(3, 1), (5, 1)]
+    assert out["ids"] == ["train_0", "train_2", "train_3", "train_4"]
+    assert [f["id"] for f in out["failed"]] == ["train_1"] and "RuntimeError" in out["failed"][0]["error"]
+    keep = [problems[k] for k in (0, 2, 3, 4)]
+    ex = extract(gpt2_model, [p["question"] for p in keep], None, batch_size=4, max_new_tokens=3)
+    assert out["attention"].dtype == np.float16
+    np.testing.assert_array_equal(out["attention"], ex.attention.astype(np.float16))
+    assert out["texts"] == ex.text
+    with pytest.raises(RuntimeError, match="1 of 5 problems failed, more than --max_failed_fraction=0.1"):
+        flow_mod.check_failures(out["failed"], 5, 0.1, 0)
+    flow_mod.check_failures(out["failed"], 5, 0.2, 0)  # exactly at the bound is fine
+
+
+def test_merge_shards_checks_coverage():
+    a = np.zeros((1, 1, 1, 6, 6), np.float16)
+    m = np.zeros((1, 1, 1, 6, 4), np.float16)
+
+    def shard(ids, failed=()):
+        return {"ids": list(ids), "attention": np.repeat(a, len(ids), 0), "mass": np.repeat(m, len(ids), 0),
+                "texts": list(ids), "predictions": np.zeros(len(ids)), "correct": np.zeros(len(ids), bool),
+                "failed": [{"id": f, "error": "x"} for f in failed]}
+
+    merged = flow_mod.merge_shards(["a", "b", "c"], [shard(["c"]), shard(["a"], failed=["b"])])
+    assert merged["ids"] == ["a", "c"] and merged["texts"] == ["a", "c"] and merged["failed"][0]["id"] == "b"
+    with pytest.raises(RuntimeError, match=r"duplicated \['a'\]"):
+        flow_mod.merge_shards(["a", "b"], [shard(["a", "b"]), shard(["a"])])
+    with pytest.raises(RuntimeError, match=r"lost \['b'\]"):
+        flow_mod.merge_shards(["a", "b"], [shard(["a"])])
+    with pytest.raises(RuntimeError, match=r"unknown \['z'\]"):
+        flow_mod.merge_shards(["a"], [shard(["a", "z"])])
