@@ -8,24 +8,20 @@ MASS_LABELS = {"sink": "first token", "question": "rest of question", "bot": "BO
 
 
 def _figure(width: float, height: float):
-    import matplotlib
+    from matplotlib.figure import Figure  # object API: no pyplot state, nothing shown
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, plt.figure(figsize=(width, height), dpi=110)
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def _image(plt, fig) -> Image:
-    fig.tight_layout()
-    img = Image.from_matplotlib(fig)
-    plt.close(fig)
-    return img
+def _image(fig) -> Image:
+    return Image.from_matplotlib(fig)
 
 
-def mean_matrix_figure(attention_avg: np.ndarray, title: str) -> Image:
-    """The 6x6 latent-to-latent matrix averaged over problems, layers and heads, with values."""
-    plt, fig = _figure(4.6, 4.0)
+def mean_matrix_figure(attention_avg: np.ndarray, title: str = "mean attention between thoughts "
+                       "(all problems, layers, heads)"):
+    """The 6x6 thought-to-thought matrix averaged over problems, layers and heads, with values (raw
+    weights: fractions of the query's whole row)."""
+    fig = _figure(4.8, 4.1)
     ax = fig.add_subplot()
     m = attention_avg.mean(axis=(0, 1))
     masked = np.ma.masked_where(np.triu(np.ones_like(m, dtype=bool), 1), m)
@@ -36,30 +32,30 @@ def mean_matrix_figure(attention_avg: np.ndarray, title: str) -> Image:
                     color="white" if m[i, j] < 0.6 * m.max() else "black")
     ax.set_xticks(range(6), [f"z{j + 1}" for j in range(6)])
     ax.set_yticks(range(6), [f"z{i + 1}" for i in range(6)])
-    ax.set_xlabel("key (attended thought)")
-    ax.set_ylabel("query (attending thought)")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    return _image(plt, fig)
+    ax.set_xlabel("key thought j")
+    ax.set_ylabel("query thought i")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the whole row")
+    return fig
 
 
-def incoming_figure(stats: dict) -> Image:
+def incoming_figure(stats: dict):
     """Mean attention each thought receives from later thoughts, against the causal-uniform baseline."""
-    plt, fig = _figure(5.2, 3.4)
+    fig = _figure(5.4, 3.4)
     ax = fig.add_subplot()
     x = np.arange(6)
     ax.bar(x - 0.2, stats["incoming"], 0.4, label="measured")
     ax.bar(x + 0.2, stats["incoming_uniform"], 0.4, label="causal-uniform baseline", color="lightgray")
     ax.set_xticks(x, [f"z{j + 1}" for j in x])
     ax.set_ylabel("mean weight from rows i >= j")
-    ax.set_title("incoming attention per thought (all layers and heads)", fontsize=10)
+    ax.set_title("incoming attention per thought (all layers and heads)", fontsize=9)
     ax.legend(fontsize=8)
-    return _image(plt, fig)
+    return fig
 
 
-def mass_figure(stats: dict) -> Image:
+def mass_figure(stats: dict):
     """Where each layer's latent queries put their attention (stacked shares of the row)."""
-    plt, fig = _figure(6.4, 3.4)
+    fig = _figure(6.4, 3.6)
     ax = fig.add_subplot()
     by_layer = np.asarray(stats["mass_by_layer"])  # [L, parts]
     bottom = np.zeros(len(by_layer))
@@ -70,9 +66,9 @@ def mass_figure(stats: dict) -> Image:
     ax.set_xlabel("layer")
     ax.set_ylabel("share of the latent query's row")
     ax.set_ylim(0, 1.02)
-    ax.set_title("attention mass split of latent queries, by layer", fontsize=10)
-    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
-    return _image(plt, fig)
+    ax.set_title("attention mass split of latent queries, by layer", fontsize=9)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncol=4, loc="outside lower center")
+    return fig
 
 
 def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: float, attention_avg: np.ndarray,
@@ -95,8 +91,8 @@ def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: floa
         ], headers=["", ""]),
     ]
     if n:
-        parts += [mean_matrix_figure(attention_avg, "mean attention between thoughts (all layers, heads)"),
-                  incoming_figure(stats), mass_figure(stats)]
+        parts += [_image(mean_matrix_figure(attention_avg)), _image(incoming_figure(stats)),
+                  _image(mass_figure(stats))]
     if failed:
         parts += [Markdown("## Failed problems"),
                   Table([[f["id"], f["error"][:300]] for f in failed], headers=["id", "error"])]

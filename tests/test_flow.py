@@ -83,13 +83,23 @@ def seed42_ids(n: int) -> list[str]:
     return [f"train_{i}" for i in sorted(random.sample(range(7473), n))]
 
 
+_CLEAN = {}
+
+
+def clean_run_once(tiny_gpt2, tmp_path_factory):
+    """One uninterrupted gpt2 run per test session, shared with test_export.py: (Run, datastore root,
+    (base, ckpt))."""
+    if "run" not in _CLEAN:
+        root = tmp_path_factory.mktemp("clean_ds")
+        result = run_flow(root, **tiny_params(*tiny_gpt2))
+        assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
+        _CLEAN["run"] = (result.run, root, tiny_gpt2)
+    return _CLEAN["run"]
+
+
 @pytest.fixture(scope="session")
 def clean_run(tiny_gpt2, tmp_path_factory):
-    """One uninterrupted gpt2 run: (Run, datastore root, (base, ckpt))."""
-    root = tmp_path_factory.mktemp("clean_ds")
-    result = run_flow(root, **tiny_params(*tiny_gpt2))
-    assert result.status == "successful", result.stderr_text[-3000:]
-    return result.run, root, tiny_gpt2
+    return clean_run_once(tiny_gpt2, tmp_path_factory)
 
 
 def test_artifacts_shapes_dtypes_and_sample(clean_run):

@@ -1,0 +1,86 @@
+"""python -m codi_attn export: a finished AttentionFlow run as results/<model>/ and figures/<model>/ files.
+Uses the clean gpt2 run of test_flow.py (run once per session)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from codi_attn.__main__ import main
+from codi_attn.export import ExportError, export_run
+from test_flow import ROOT, clean_run_once, use_datastore  # the flow run shared with test_flow.py
+
+
+@pytest.fixture(scope="session")
+def clean_run(tiny_gpt2, tmp_path_factory):
+    return clean_run_once(tiny_gpt2, tmp_path_factory)
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_files_equal_artifacts(clean_run, tmp_path):
+    run, root, _ = clean_run
+    use_datastore(root)
+    d = run.data
+    paths = export_run(run, tmp_path)
+    res, figs = tmp_path / "results" / "gpt2", tmp_path / "figures" / "gpt2"
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    for key in ("attention_raw", "attention_mass", "attention_avg", "attention_std"):
+        arr = np.load(res / f"{key}.npy")
+        assert arr.dtype == getattr(d, key).dtype
+        np.testing.assert_array_equal(arr, getattr(d, key))
+    problems = pd.read_csv(res / "problems.csv", dtype={"gold": str})
+    assert list(problems["id"]) == d.problem_ids
+    np.testing.assert_array_equal(problems["correct"].to_numpy(), d.correct)
+    assert list(problems["gold"]) == [p["answer"] for p in d.problems if p["id"] in d.problem_ids]
+    heads = pd.read_csv(res / "ranked_heads.csv")
+    assert list(heads["label"]) == list(d.ranked_heads["label"])
+    np.testing.assert_allclose(heads["composite"], d.ranked_heads["composite"])
+    for key in d.rankings:
+        assert (res / f"{key}.csv").exists()
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["run"] == run.pathspec and summary["dataset_fingerprint"] == d.dataset_fingerprint
+    assert summary["arrays"]["attention_raw"]["shape"] == list(d.attention_raw.shape)
+    assert summary["accuracy"] == d.accuracy and summary["n_failed"] == 0
+    assert json.loads((res / "failed_problems.json").read_text()) == []
+    assert json.loads((res / "attention_stats.json").read_text())["n_problems"] == len(d.problem_ids)
+    pngs = sorted(figs.glob("*.png"))
+    assert len(pngs) == 8 and all(p.read_bytes()[:8] == PNG for p in pngs)
+
+
+def test_cli_export_subprocess(clean_run, tmp_path):
+    run, root, _ = clean_run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "codi_attn", "export", run.id, str(tmp_path / "out"),
+                           "--datastore", str(root), "--name", "tiny", "--no-figures"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"exported {run.pathspec}" in proc.stdout
+    assert (tmp_path / "out" / "results" / "tiny" / "attention_raw.npy").exists()
+    assert not (tmp_path / "out" / "figures").exists()
+
+
+def test_cli_errors_and_help(clean_run, tmp_path, capsys):
+    _, root, _ = clean_run
+    assert main(["export", "424242", str(tmp_path), "--datastore", str(root)]) == 2
+    assert "run '424242' not found" in capsys.readouterr().err
+    assert main(["export", "1", str(tmp_path), "--datastore", str(tmp_path)]) == 2
+    assert "no .metaflow datastore in" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "RUN_ID" in out and "results/<model>/" in out and "--datastore" in out
+
+
+def test_unfinished_run_is_refused():
+    run = SimpleNamespace(successful=False, pathspec="AttentionFlow/7", id="7")
+    with pytest.raises(ExportError, match="resume it first: python flows/attention_flow.py resume --origin-run-id 7"):
+        export_run(run, "/nonexistent")
