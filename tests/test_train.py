@@ -1,0 +1,151 @@
+"""CODI training: tokenizer, objective, latent loop, saved layout, shipped demo model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from codi_attn import synthetic
+from codi_attn import train as T
+
+DEMO = Path(T.__file__).parent / "demo_model"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return T.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    torch.manual_seed(0)
+    return T.new_model(len(tok), d=32, n_layer=2, n_head=2, n_positions=96).eval()
+
+
+def batch(tok, k: int, n: int = 4) -> T.Encoded:
+    stream = synthetic.train_stream(seed=5, steps=(k,))
+    return T.encode(tok, [next(stream) for _ in range(n)])
+
+
+def test_tokenizer(tok):
+    V = len(tok)
+    assert tok.eos_token_id == 0 and tok.bos_token is None
+    ids = tok.encode("Sue has 19 pens. How many pens does Sue have?")
+    assert len(ids) == 12 and max(ids) < V  # one token per word, number and symbol; no BOS
+    answer = tok.encode("The answer is: 7")
+    assert len(answer) == 2
+    assert T.parse_answer(tok.decode(answer + [tok.eos_token_id], skip_special_tokens=True)) == 7.0
+    assert all(len(tok.encode(str(v))) == 1 for v in range(synthetic.MAX_VALUE + 1))
+    assert tok.unk_token_id not in tok.encode(" ".join(r["question"] + " " + r["answer"]
+                                                      for r in synthetic.synthetic_records("test")))
+
+
+def test_parse_answer():
+    assert T.parse_answer("The answer is: 1,234") == 1234.0
+    assert T.parse_answer("<< 3 - 5 = -2 >> The answer is: -2") == -2.0
+    assert T.parse_answer("no number") is None
+
+
+def test_encode_fixed_lengths(tok):
+    for k in (1, 2, 3, 4):
+        b = batch(tok, k)
+        assert b.question.shape == (4, 5 * (k + 1) + 7)  # five tokens a sentence, seven for the question
+        assert b.cot.shape == (4, 7 * k)  # << a op b = c >>
+        assert b.answer.shape == (4, 3) and (b.answer[:, -1] == tok.eos_token_id).all()
+
+
+def test_latent_loop_matches_one_forward(tok, tiny):
+    """think() feeds z_k = prj(h_{k-1}) at positions Q+1..Q+6 after question + BOT at 0..Q:
+    the same as one forward over the whole sequence of embeddings (codi-spec section 3)."""
+    b = batch(tok, 3, n=2)
+    lm, Q = tiny.codi, b.question.shape[1]
+    with torch.no_grad():
+        cache = tiny.think(b.question)
+        assert cache.get_seq_length() == Q + 7
+        eot = torch.full((2, 1), tiny.eot_id)
+        cached = lm(input_ids=eot, cache=cache).logits[:, -1]
+        emb = lm.transformer.wte(torch.cat([b.question, torch.full((2, 1), tiny.bot_id)], 1))
+        for _ in range(6):
+            h = lm.transformer(inputs_embeds=emb).last_hidden_state[:, -1:]
+            emb = torch.cat([emb, tiny.prj(h)], 1)
+        full = lm(inputs_embeds=torch.cat([emb, lm.transformer.wte(eot)], 1)).logits[:, -1]
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_question_pass_is_the_official_loss(tok, tiny):
+    """codi_loss runs the question once; its gradients equal those of separate teacher
+    and student passes."""
+    b = batch(tok, 2)
+    params = list(tiny.parameters())
+    shared = T.codi_loss(tiny, b)
+    g_shared = torch.autograd.grad(shared["loss"], params)
+    t_ce, t_h = T.teacher_forward(tiny, b)
+    s_ce, s_h = T.student_forward(tiny, b)
+    distill = sum(F.smooth_l1_loss(s, t.detach()) / t.detach().std() for s, t in zip(s_h, t_h)) / len(t_h)
+    torch.testing.assert_close(shared["distill"], distill)
+    g_separate = torch.autograd.grad(t_ce + s_ce + distill, params)
+    for a, c in zip(g_shared, g_separate):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
+def test_short_training_reduces_loss(tok):
+    torch.set_num_threads(1)
+    r = T.Recipe(d=32, n_layer=2, n_head=2, steps=30, batch_size=16, lr=3e-3, curriculum="1:codi:1/1/0/0")
+    _, log = T.train(r, tok, log_every=0)
+    losses = log["losses"]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    _, log = T.train(r, tok, baseline=True, log_every=0)
+    assert sum(log["losses"][-5:]) < 0.8 * sum(log["losses"][:5])
+
+
+def test_saved_layout(tok, tiny, tmp_path):
+    T.save_model(tiny, tok, tmp_path)
+    V, d = len(tok), 32
+    state = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert state["codi.transformer.wte.weight"].shape == (V + 3, d)
+    assert torch.equal(state["codi.lm_head.weight"], state["codi.transformer.wte.weight"])
+    assert {k for k in state if k.startswith("prj.")} == {
+        f"prj.{i}.{p}" for i in ("1", "3", "ln") for p in ("weight", "bias")}
+    assert all(k.startswith(("codi.transformer.", "codi.lm_head.", "prj.")) for k in state)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["vocab_size"] == V and config["model_type"] == "gpt2"
+    base_tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    assert base_tok.eos_token == T.EOS and len(base_tok) == V
+    base_tok.add_special_tokens({"pad_token": "[PAD]"})
+    assert base_tok.pad_token_id == V  # pad/bot/eot = V, V+1, V+2 as the loader makes them
+    model, _ = T.load_model(tmp_path)  # strict
+    b = batch(tok, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.codi(input_ids=b.question).logits, tiny.codi(input_ids=b.question).logits)
+
+
+@pytest.mark.skipif(not (DEMO / "metrics.json").exists(), reason="demo model not trained yet")
+class TestShippedDemoModel:
+    @pytest.fixture(scope="class")
+    def shipped(self):
+        model, tok = T.load_model(DEMO)  # strict: every key used, none missing
+        return model, tok, json.loads((DEMO / "metrics.json").read_text())
+
+    def test_small_and_meets_targets(self, shipped):
+        m = shipped[2]
+        assert (DEMO / "ckpt" / "model.safetensors").stat().st_size < 10e6
+        assert m["test"]["prj"] >= 0.6
+        assert m["test"]["zeros"] <= m["test"]["prj"] / 2 and m["test"]["bot"] <= m["test"]["prj"] / 2
+
+    def test_reproduces_recorded_subset_accuracy(self, shipped):
+        model, tok, m = shipped
+        subset = synthetic.synthetic_records("test", m["subset"]["n"])
+        acc = T.accuracy(model, tok, subset, "prj")
+        assert acc == pytest.approx(m["subset"]["prj"], abs=0.011)  # one problem of slack for kernels
+
+    def test_latent_ablation_lowers_accuracy(self, shipped):
+        model, tok, m = shipped
+        subset = synthetic.synthetic_records("test", m["subset"]["n"])
+        zeros = T.accuracy(model, tok, subset, "zeros")
+        assert zeros == pytest.approx(m["subset"]["zeros"], abs=0.011)
+        assert zeros <= T.accuracy(model, tok, subset, "prj") / 2
