@@ -23,7 +23,7 @@ Design scores (the formulas of the original design, the CoT_Exploration attentio
     composite     0.4 flow + 0.4 minmax(hub) + 0.2 minmax(skip), min-max over the heads of one model
                   (a constant score normalises to 0).
 These are biased by causality (codi-spec trap 7): under causal-uniform attention on the renorm basis
-flow = 0.59, hub = 0.56, hub_position = 0 (column 0 is seen by six rows, column 5 by one), and on the
+flow = 0.59, hub = 0.59, hub_position = 0 (column 0 is seen by six rows, column 5 by one), and on the
 trap-1 off-by-one input flow is 1.0 for every head. Hence the baseline and the lifts below.
 
 Causal-uniform baseline U
@@ -36,7 +36,7 @@ Incoming attention, lift and hubs
     (the self type) nor its successor (the sequential type). lift_j = incoming_j(M) / incoming_j(U).
     A position is hub-eligible when at least MIN_HUB_ROWS = 3 such rows exist (z1 and z2): with six
     thoughts a column seen by fewer rows cannot be told apart from sequential or skip patterns
-    (a pure i -> i-3 head gives z3 a lift of 2.7 from one row). A model-level hub is claimed only
+    (a pure i -> i-3 head gives z3 a lift of 2.7 from one of its two rows). A model-level hub is claimed only
     where the lower end of the bootstrap interval of its lift reaches LIFT_THRESHOLD = 2.
 
 Functional types (always on renorm: a type says where inside the latent block a head looks)
