@@ -1,0 +1,84 @@
+"""Card of the compare step: two models' hubs, critical heads, concentration, latent-block mass and
+depth profiles side by side, each difference with its 95% interval and whether it is real."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from metaflow.cards import Markdown
+
+from cards.metrics_card import criteria_frame, image, table, warnings_md, with_ci
+from codi_attn import plots
+from codi_attn.metrics import HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports, thought
+
+
+def _hubs(df: pd.DataFrame, name: str) -> str:
+    """Claimed hubs of one model read off the comparison's lift rows."""
+    rows = df[(df["quantity"] == "incoming lift") & df["group"].isin([thought(j) for j in np.flatnonzero(HUB_ELIGIBLE)])]
+    lo = rows[f"lo_{name}"].fillna(rows[f"value_{name}"])
+    return ", ".join(rows.loc[lo >= LIFT_THRESHOLD, "group"]) or "none"
+
+
+def differences_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The comparison as shown: each model's value [95% CI], the difference [95% CI], real."""
+    na, nb = df.attrs.get("names", ("a", "b"))
+    return pd.DataFrame({
+        "section": df["section"], "quantity": df["quantity"], "group": df["group"],
+        na: [with_ci(*r) for r in df[[f"value_{na}", f"lo_{na}", f"hi_{na}"]].to_numpy(float)],
+        nb: [with_ci(*r) for r in df[[f"value_{nb}", f"lo_{nb}", f"hi_{nb}"]].to_numpy(float)],
+        f"{na} - {nb}": [with_ci(*r) for r in df[["diff", "diff_lo", "diff_hi"]].to_numpy(float)],
+        "real": df["real"],
+    })
+
+
+def _summary_md(df: pd.DataFrame) -> str:
+    na, nb = df.attrs.get("names", ("a", "b"))
+    real = df[df["real"].fillna(False).astype(bool)]
+    main = real[(real["section"] != "depth profile") & (real["quantity"] != "count")]
+    lines = [f"**Hubs claimed:** {na}: {_hubs(df, na)}; {nb}: {_hubs(df, nb)} "
+             f"(lower 95% bound of the incoming lift >= {LIFT_THRESHOLD:g}).",
+             f"**Real differences** (95% interval of {na} - {nb} excludes 0): {len(real)} of {len(df)} "
+             f"quantities ({len(real) - len(main)} of them in depth profiles or head counts, which "
+             "differ with the number of heads; compare fractions)."]
+    lines += [f"- {r['quantity']} ({r['group']}): {with_ci(r['diff'], r['diff_lo'], r['diff_hi'])}"
+              for _, r in main.iterrows()]
+    if df["real"].isna().all():
+        lines.append("No bootstrap draws: differences have no intervals, none is called real.")
+    return "\n".join(lines)
+
+
+def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
+                 names: tuple[str, str] | None = None) -> list:
+    """Card components comparing two runs, from compare_reports' DataFrame or from the two reports
+    (which adds side-by-side head maps, both criteria tables and both reports' warnings)."""
+    reports = None if isinstance(data, pd.DataFrame) else tuple(data)
+    if reports is None:
+        df = data.copy()
+        if names:
+            df.attrs["names"] = tuple(names)
+    else:
+        names = names or tuple(r.name or k for r, k in zip(reports, ("a", "b")))
+        df = compare_reports(*reports, names=names)
+    na, nb = df.attrs.get("names", ("a", "b"))
+    parts = [Markdown(f"# Model comparison: {na} vs {nb}")]
+    if reports:
+        parts.append(Markdown(" | ".join(f"{n}: {r.shape[0]} problems, {r.shape[1]} x {r.shape[2]} heads"
+                                         for n, r in zip((na, nb), reports)) + f" | basis: {reports[0].basis}"))
+        for n, r in zip((na, nb), reports):
+            parts += warnings_md(r.warnings, n)
+    parts += [Markdown(_summary_md(df)),
+              Markdown("## Hub positions"), image(plots.compare_hubs(df)),
+              Markdown("## Critical heads (as fractions: the models have different numbers of heads)"),
+              image(plots.compare_critical(df))]
+    if reports:
+        parts.append(image(plots.compare_head_maps(*reports, names=(na, nb))))
+    parts += [Markdown("## Flow and concentration along normalised depth"),
+              image(plots.compare_profiles(df)),
+              image(plots.compare_profiles(df, ("row entropy", "latent-block mass"), "concentration")),
+              Markdown("## All quantities"), table(differences_frame(df))]
+    if reports:
+        ca, cb = (criteria_frame(r.criteria) for r in reports)  # rows in CRITERIA order
+        both = pd.DataFrame({"phase": ca["phase"], "criterion": ca["criterion"],
+                             f"{na} measured": ca["measured"], f"{na} result": ca["result"],
+                             f"{nb} measured": cb["measured"], f"{nb} result": cb["result"]})
+        parts += [Markdown("## Success criteria, both models"), table(both)]
+    return parts

@@ -1,0 +1,147 @@
+"""Card of the metrics step: criteria as measured, hubs against the causal-uniform baseline, critical
+heads with intervals, per-head maps and types, and the trap-1 warning when the input shows it."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from metaflow.cards import Image, Markdown, Table
+
+from codi_attn import plots
+from codi_attn.metrics import (CRITICAL_COMPOSITE, DIFFUSE_ENTROPY, LIFT_THRESHOLD, MIN_HUB_ROWS,
+                               MetricsReport, thought, top_k)
+
+DETAIL_HEADS = 3  # critical heads that get a detail figure
+
+
+def cell(v, digits: int = 3) -> str:
+    """One table cell as text: floats rounded, missing as a dash, booleans as yes/no."""
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return "—"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        return "inf" if np.isinf(v) else (f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.{digits}g}")
+    return str(v)
+
+
+def table(df: pd.DataFrame, digits: int = 3) -> Table:
+    """A DataFrame as a card table (no index column), cells through `cell`."""
+    return Table([[cell(v, digits) for v in row] for row in df.itertuples(index=False)],
+                 headers=[str(c) for c in df.columns])
+
+
+def image(fig) -> Image:
+    """A Figure as a card image; the figure is cleared afterwards to free its memory."""
+    img = Image.from_matplotlib(fig)
+    fig.clear()
+    return img
+
+
+def with_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
+    """'v [lo, hi]', or just v without an interval."""
+    return cell(v, digits) if pd.isna(lo) else f"{cell(v, digits)} [{cell(lo, digits)}, {cell(hi, digits)}]"
+
+
+def warnings_md(warnings: list[str], who: str = "") -> list:
+    return [Markdown(f"> **Warning{' (' + who + ')' if who else ''}:** {w}") for w in warnings]
+
+
+def criteria_frame(criteria: pd.DataFrame) -> pd.DataFrame:
+    """The criteria table as shown: measured, threshold, causal-uniform value, pass/fail."""
+    return pd.DataFrame({
+        "phase": criteria["phase"], "criterion": criteria["criterion"], "measured": criteria["measured"],
+        "threshold": criteria["threshold"], "causal-uniform": criteria["baseline"],
+        "result": np.where(criteria["passed"], "PASS", "FAIL"),
+        "uniform passes too": criteria["baseline_passes"],
+    })
+
+
+def _criteria_md(criteria: pd.DataFrame) -> str:
+    n_pass = int(criteria["passed"].sum())
+    text = f"**{n_pass} of {len(criteria)} criteria pass.** A failed criterion is a finding, not an error."
+    hollow = criteria[criteria["passed"] & criteria["baseline_passes"].fillna(False).astype(bool)]
+    if len(hollow):
+        text += (" Causal-uniform attention would pass " + "; ".join(f"*{c}*" for c in hollow["criterion"])
+                 + " as well, so passing it is no evidence of structure (codi-spec trap 7).")
+    return text
+
+
+def _hub_md(report: MetricsReport) -> str:
+    p = report.position_lift.set_index("position")
+    lifts = ", ".join(f"{thought(j)} {with_ci(p.loc[j, 'lift'], p.loc[j, 'lift_lo'], p.loc[j, 'lift_hi'], 2)}"
+                      for j in p.index[p["eligible"]])
+    if report.hubs:
+        claim = "Hub claimed at " + ", ".join(f"**{thought(j)}**" for j in report.hubs)
+    else:
+        claim = "**No hub claimed**"
+    design = int(np.argmax(p["colsum"]))
+    return (f"{claim}: incoming lift over causal-uniform (95% CI) {lifts}; a hub needs the lower bound "
+            f">= {LIFT_THRESHOLD:g} and at least {MIN_HUB_ROWS} later, non-adjacent thoughts attending it. "
+            f"The design's raw column sums peak at {thought(design)}, which causal-uniform attention "
+            f"also does (column z1 is visible to six rows, z6 to one).")
+
+
+def top_heads_frame(report: MetricsReport, k: int | None = None) -> pd.DataFrame:
+    """The top-k heads as shown: scores with 95% intervals, hub position, type, band, retention."""
+    top = report.ranked_heads.head(k or top_k(report.n_heads))
+    retention = next(c for c in top.columns if c.endswith("_retention"))
+    return pd.DataFrame({
+        "head": top["label"], "band": top["band"], "type": top["type"],
+        "composite": [with_ci(*r) for r in top[["composite", "composite_lo", "composite_hi"]].to_numpy()],
+        "flow": [with_ci(*r) for r in top[["flow", "flow_lo", "flow_hi"]].to_numpy()],
+        "hub": [with_ci(*r) for r in top[["hub", "hub_lo", "hub_hi"]].to_numpy()],
+        "hub position": [thought(int(j)) for j in top["hub_position"]],
+        "skip": [with_ci(*r) for r in top[["skip", "skip_lo", "skip_hi"]].to_numpy()],
+        "hub lift (at)": [f"{v:.2f} ({thought(int(j))})" for v, j in zip(top["hub_lift"], top["hub_lift_position"])],
+        retention.replace("_", " "): top[retention],
+    })
+
+
+def definitions_md(report: MetricsReport) -> str:
+    return (
+        "**Definitions** (full text: `codi_attn/metrics.py`). M = a head's 6x6 matrix averaged over problems, "
+        f"on the **{report.basis}** basis (renorm: each row divided by its latent-block sum; raw: fractions "
+        "of the whole row). flow = share of latent-block attention to earlier thoughts; hub = variance of "
+        "the column sums (position = largest column sum); skip = mean attention z6 -> z1..z3; composite = "
+        "0.4 flow + 0.4 min-max(hub) + 0.2 min-max(skip) over this model's heads. Causal-uniform: each row's "
+        "latent-block mass spread evenly over the thoughts it can see. Incoming attention to j counts rows "
+        f"i >= j+2; lift = observed / causal-uniform. Types: diffuse if row entropy >= {DIFFUSE_ENTROPY:g} "
+        f"of its maximum, else the largest lift of sequential (i -> i-1), self, hub, skip (i - j >= 3) if it "
+        f"reaches {LIFT_THRESHOLD:g}, else mixed. Critical: composite > {CRITICAL_COMPOSITE:g}. "
+        f"Intervals: 95% percentile bootstrap over problems ({report.n_boot} resamples, seed {report.seed}).")
+
+
+def metrics_card(report: MetricsReport) -> list:
+    """Card components for one model's MetricsReport."""
+    n, n_layers, n_heads = report.shape
+    crit = report.critical_heads
+    detail = (crit if len(crit) else report.ranked_heads).head(DETAIL_HEADS)
+    parts = [Markdown(f"# Head metrics{': ' + report.name if report.name else ''}"),
+             Markdown(f"{n} problems, {n_layers} layers x {n_heads} heads, rankings on the **{report.basis}** "
+                      f"basis, {report.n_boot} bootstrap resamples.")]
+    parts += warnings_md(report.warnings)
+    parts += [Markdown("## Success criteria of the design"), Markdown(_criteria_md(report.criteria)),
+              table(criteria_frame(report.criteria)),
+              Markdown("## Hubs against the causal-uniform baseline"), Markdown(_hub_md(report)),
+              image(plots.hub_analysis(report)),
+              table(report.position_lift[["thought", "rows", "observed", "baseline", "lift", "lift_lo", "lift_hi",
+                                          "eligible", "is_hub", "hub_heads"]]),
+              Markdown(f"## Critical heads: {len(crit)} of {report.n_heads} ({len(crit) / report.n_heads:.0%}) "
+                       f"with composite > {CRITICAL_COMPOSITE:g}"),
+              image(plots.top_heads_overview(report)),
+              table(top_heads_frame(report)),
+              image(plots.top_heads_heatmaps(report)),
+              Markdown("## Per head"), image(plots.layer_head_maps(report)), image(plots.type_map(report)),
+              Markdown(f"## {'Critical' if len(crit) else 'Top'} heads in detail")]
+    parts += [image(plots.head_detail(report, label)) for label in detail["label"]]
+    parts += [Markdown("## Baselines, stability, model-level quantities"),
+              Markdown(f"Mean std across problems: **{report.mean_std:.3f}**. Every metric beside its "
+                       "causal-uniform value (mean over heads):"),
+              table(report.baseline),
+              Markdown("Rank agreement of the two bases (Spearman rho, overlap of the top heads):"),
+              table(report.basis_agreement),
+              Markdown("Mean share of each latent query's whole row, by destination:"),
+              table(report.mass_profile),
+              table(report.model_stats),
+              Markdown(definitions_md(report))]
+    return parts

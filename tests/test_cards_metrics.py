@@ -1,0 +1,72 @@
+"""cards.metrics_card and cards.compare_card: components build, criteria and warnings show."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from metaflow.cards import Image, Markdown, Table
+
+from cards.compare_card import compare_card, differences_frame
+from cards.metrics_card import _criteria_md, _hub_md, cell, criteria_frame, metrics_card
+from codi_attn import metrics as M
+from codi_attn import plots as P
+from test_metrics import patterned, random_attention
+
+
+@pytest.fixture(autouse=True)
+def small_images(monkeypatch):
+    monkeypatch.setattr(P, "DPI", 30)  # the same figures, fewer pixels: keeps the suite fast
+
+
+def _texts(components) -> str:
+    out = []
+    for c in components:
+        r = c.render()
+        out.append(r.get("source", "") + " ".join(map(str, r.get("columns", []))) + str(r.get("data", "")))
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return M.analyze(patterned(["hub0", "hub0", "hub0", "sequential"], n=10, layers=2, noise=0.3),
+                     n_boot=10, name="demo")
+
+
+def test_metrics_card_shows_trap1_warning_and_criteria():
+    good = random_attention(n=6, layers=2, heads=2)
+    bad = np.zeros_like(good)
+    bad[..., 1:, :] = good[..., :-1, :]
+    parts = metrics_card(M.analyze(bad, n_boot=5, name="shifted"))
+    assert all(isinstance(p, (Markdown, Table, Image)) for p in parts)
+    images = [p.render() for p in parts if isinstance(p, Image)]
+    assert len(images) >= 6 and all(i["src"].startswith("data:image/png") for i in images)
+    text = _texts(parts)
+    assert "**Warning:**" in text and "codi-spec trap 1" in text
+    assert "Success criteria" in text and "top composite" in text and "criteria pass" in text
+
+
+def test_hub_claim_and_failed_criteria_text(report):
+    assert _hub_md(report).startswith("Hub claimed at **z1**")
+    uniform = M.analyze(patterned(["uniform"] * 4, n=6), n_boot=0)
+    assert _hub_md(uniform).startswith("**No hub claimed**")
+    shown = criteria_frame(uniform.criteria)
+    assert (shown["result"] == "FAIL").any() and {"measured", "threshold", "causal-uniform"} <= set(shown.columns)
+    assert "no evidence of structure" in _criteria_md(uniform.criteria)
+
+
+def test_compare_card_from_reports_and_frame(report):
+    other = M.analyze(random_attention(n=10, layers=3, heads=3), n_boot=10, name="other")
+    text = _texts(compare_card((report, other)))
+    assert "demo vs other" in text and "Hubs claimed:** demo: z1; other: none" in text
+    assert "Success criteria, both models" in text
+    df = M.compare_reports(report, other, ("x", "y"))
+    parts = compare_card(df)
+    assert "x vs y" in _texts(parts) and sum(isinstance(p, Image) for p in parts) == 4
+    shown = differences_frame(df)
+    assert list(shown.columns[3:6]) == ["x", "y", "x - y"] and len(shown) == len(df)
+
+
+@pytest.mark.parametrize("value, text", [(np.nan, "—"), (pd.NA, "—"), (True, "yes"), (np.float64(0.12345), "0.123"),
+                                         (np.inf, "inf"), ("z1", "z1"), (3, "3")])
+def test_cell(value, text):
+    assert cell(value) == text
