@@ -41,7 +41,7 @@ def condition_figure(result: ValidationResult, groups: tuple[str, ...], title: s
     axes[0].set_ylabel("accuracy (%)\n95 % bootstrap CI")
     axes[0].set_ylim(0, min(112.0, max(5.0, 1.2 * float(np.max(100 * rows["ci_high"])))))
     for xi, top, a, d in zip(x, 100 * rows["ci_high"], acc, 100 * rows["delta_accuracy"]):
-        label = f"{a:.0f}%" if xi == 0 else f"{a:.0f}% ({d:+.0f})"
+        label = f"{a:.0f}%" if xi == 0 else f"{a:.0f}% ({d:+.1f})"
         axes[0].annotate(label, (xi, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
                          fontsize=7)
     axes[1].bar(x, 100 * rows["answers_changed"], color=colors)
