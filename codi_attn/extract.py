@@ -9,6 +9,7 @@ equal its batch-of-one result (codi-spec trap 8).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -82,6 +83,9 @@ class _Batch:
         self.input_ids = ids
         self.mask = (torch.arange(width, device=dev)[None] >= (width - self.lengths)[:, None]).long()
         self.cache = DynamicCache(config=model.lm.config)
+        # transformers renamed past_key_values to cache (5.2x); an unknown name would be swallowed silently
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.base_model.forward).parameters \
+            else "past_key_values"
 
     def forward(self, embeds: torch.Tensor | None = None, attentions: bool = False):
         """Run the body (no LM head) on the prefill ids or on one new position per problem."""
@@ -89,11 +93,15 @@ class _Batch:
         if embeds is None:
             positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
             return body(input_ids=self.input_ids, attention_mask=self.mask, position_ids=positions,
-                        cache=self.cache, use_cache=True)
+                        use_cache=True, **{self.cache_arg: self.cache})
         positions = self.mask.sum(-1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        return body(inputs_embeds=embeds[:, None], attention_mask=self.mask, position_ids=positions,
-                    cache=self.cache, use_cache=True, output_attentions=attentions)
+        out = body(inputs_embeds=embeds[:, None], attention_mask=self.mask, position_ids=positions,
+                   use_cache=True, output_attentions=attentions, **{self.cache_arg: self.cache})
+        if self.cache.get_seq_length() != self.mask.shape[1]:
+            raise RuntimeError(f"the KV cache holds {self.cache.get_seq_length()} positions, expected "
+                               f"{self.mask.shape[1]}: this transformers version did not use it")
+        return out
 
 
 def _thought_rows(attentions: tuple[torch.Tensor, ...], batch: _Batch, step: int, n_layers: int):

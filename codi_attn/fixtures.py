@@ -131,15 +131,15 @@ def full_size_codi(family: str = "gpt2", dtype: torch.dtype = torch.float32, dev
         config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                              tie_word_embeddings=True, rope_theta=500000.0, head_dim=64)
+    v = config.vocab_size  # read before resizing, which updates the config
     torch.manual_seed(seed)
     lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    lm.resize_token_embeddings(config.vocab_size + 3, mean_resizing=False)
+    lm.resize_token_embeddings(v + 3, mean_resizing=False)
     tokenizer = build_tokenizer(family)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     prj = make_projection(config.hidden_size, config.hidden_size)
     lm.to(device=device, dtype=dtype).eval()
     prj.to(device=device, dtype=dtype).eval()
-    v = config.vocab_size
     return CODIModel(lm=lm, prj=prj, tokenizer=tokenizer, name=f"{family}-full-size-random", pad_id=v, bot_id=v + 1,
                      eot_id=v + 2, stop_ids=(tokenizer.eos_token_id,), n_layers=config.num_hidden_layers,
                      n_heads=config.num_attention_heads,
