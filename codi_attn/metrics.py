@@ -445,6 +445,138 @@ def _types_frame(r_mean: np.ndarray, entropy: np.ndarray) -> pd.DataFrame:
     return df
 
 
+def _stability(m: np.ndarray, mb: np.ndarray, std: np.ndarray) -> pd.DataFrame:
+    """Per head: design scores of m [L, H, 6, 6] with 95% intervals from the draws mb [B, L, H, 6, 6],
+    top-k retention by composite and mean std across problems, sorted by composite."""
+    n_boot, n_layers, n_heads = mb.shape[:3]
+    k = top_k(n_layers * n_heads)
+    point, db = _design(m), _design(mb)
+    df = _frame_index(n_layers, n_heads)
+    for key in ("flow", "hub", "skip", "composite"):
+        df[key] = point[key].ravel()
+        df[f"{key}_lo"], df[f"{key}_hi"] = _interval(db[key].reshape(n_boot, n_layers * n_heads))
+    cb = db["composite"].reshape(n_boot, n_layers * n_heads)
+    kth = -np.sort(-cb, axis=1)[:, k - 1:k]
+    df[f"top{k}_retention"] = (cb >= kth).mean(0) if n_boot else np.nan
+    df["mean_std"] = (std * _STD_ENTRIES).sum((-2, -1)).ravel() / _STD_ENTRIES.sum()
+    return _by_composite(df)
+
+
+def _position_lift(m: np.ndarray, mb: np.ndarray, basis: str, types: pd.DataFrame
+                   ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per key position: design column sums and incoming attention against causal-uniform, the lift with
+    its interval, hub eligibility and claim, share of heads typed hub there; and the lift draws [B, 6]."""
+    u = baseline_of(m, basis)
+    obs, base = incoming(m).mean((0, 1)), incoming(u).mean((0, 1))
+    obs_b = incoming(mb).mean((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift_b = obs_b / incoming(baseline_of(mb, basis)).mean((1, 2))
+        lift = obs / base
+    obs_lo, obs_hi = _interval(obs_b)
+    lift_lo, lift_hi = _interval(lift_b)
+    claim = lift_lo if len(mb) else lift
+    df = pd.DataFrame({
+        "position": np.arange(N_THOUGHTS), "thought": [thought(j) for j in range(N_THOUGHTS)],
+        "rows": _INCOMING_ROWS, "colsum": m.sum(-2).mean((0, 1)), "colsum_baseline": u.sum(-2).mean((0, 1)),
+        "observed": obs, "observed_lo": obs_lo, "observed_hi": obs_hi, "baseline": base,
+        "lift": lift, "lift_lo": lift_lo, "lift_hi": lift_hi, "eligible": HUB_ELIGIBLE,
+        "is_hub": HUB_ELIGIBLE & (np.nan_to_num(claim) >= LIFT_THRESHOLD),
+        "hub_heads": [float(((types["type"] == "hub") & (types["hub_lift_position"] == j)).mean())
+                      for j in range(N_THOUGHTS)],
+    })
+    return df, lift_b
+
+
+def _baselines(m: np.ndarray, basis: str, mean_entropy: float) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Every metric, mean over heads, beside its causal-uniform value; and the criteria's baseline values."""
+    u = baseline_of(m, basis)
+    point, du = _design(m), _design(u)
+    u_comp = composite_score(du["flow"], du["hub"], du["skip"], point["hub"], point["skip"])
+    fns = {"flow": flow_score, "hub": lambda v: hub_score(v)[0], "skip": skip_score, "seq": seq_share,
+           "self": self_share, "long": long_share, "max entry (z2..z6)": max_entry}
+    rows = [(k, f(m).mean(), f(u).mean()) for k, f in fns.items()]
+    rows += [("composite", point["composite"].mean(), u_comp.mean()), ("row entropy", mean_entropy, 1.0)]
+    df = pd.DataFrame(rows, columns=["metric", "observed", "baseline"])
+    df["ratio"] = df["observed"] / df["baseline"]
+    criteria = {"strong_heads": float((max_entry(u) > STRONG_ENTRY).mean()),
+                "max_hub": float(du["hub"].max()), "top_composite": float(u_comp.max())}
+    return df, criteria
+
+
+def _measured(m: np.ndarray, ranked: pd.DataFrame, mean_std: float) -> dict[str, float]:
+    """The criteria's measured values from the mean matrices [L, H, 6, 6] and the ranked heads."""
+    composite = ranked["composite"].to_numpy()
+    top = ranked["type"].head(top_k(len(ranked)))
+    return {
+        "strong_heads": float((max_entry(m) > STRONG_ENTRY).mean()),
+        "mean_std": mean_std,
+        "max_hub": float(ranked["hub"].max()),
+        "top_composite": float(composite[0]),
+        "top_bottom_ratio": _top_bottom_ratio(composite),
+        "top_types": float(top[top.isin(SPECIFIC_TYPES)].nunique()),
+    }
+
+
+def _model_stats(a: np.ndarray, mass: np.ndarray | None, m: np.ndarray, mb: np.ndarray, w: np.ndarray,
+                 entropy: np.ndarray, lift: tuple[np.ndarray, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Model-level quantities (section, quantity, group, value, lo, hi) and their draws [B, K]: hub lifts,
+    critical heads, row entropy, latent-block mass (and the mass split), normalised-depth profiles.
+    Head-level ones are recomputed on each resampled mean mb; per-problem ones are resampled with w."""
+    n_layers = a.shape[1]
+    stats: list[tuple[str, str, str, float, np.ndarray]] = []
+    for j in np.flatnonzero(_INCOMING_ROWS > 0):
+        stats.append(("hubs", "incoming lift", thought(j), float(lift[0][j]), lift[1][:, j]))
+    crit, crit_b = _design(m)["composite"] > CRITICAL_COMPOSITE, _design(mb)["composite"] > CRITICAL_COMPOSITE
+    stats.append(("critical heads", "count", "all", float(crit.sum()), crit_b.sum((1, 2)).astype(float)))
+    stats.append(("critical heads", "fraction", "all", float(crit.mean()), crit_b.mean((1, 2))))
+    row_mass = a.sum(-1).mean(-1)  # [N, L, H]
+    per_problem = {("concentration", "row entropy", "all"): entropy.mean((1, 2)),
+                   ("mass", "latent-block mass", "all"): row_mass.mean((1, 2))}
+    if mass is not None:
+        parts = np.asarray(mass, np.float64).mean((1, 2, 3))
+        for p, part in enumerate(MASS_PARTS[:-1]):
+            per_problem[("mass", f"{part} mass", "all")] = parts[:, p]
+    bins = np.array([depth_bin(l, n_layers) for l in range(n_layers)])
+    for label in dict.fromkeys(bins):
+        sel = bins == label
+        per_problem[("depth profile", "row entropy", label)] = entropy[:, sel].mean((1, 2))
+        per_problem[("depth profile", "latent-block mass", label)] = row_mass[:, sel].mean((1, 2))
+        for q, fn in (("flow", flow_score), ("seq", seq_share), ("skip", skip_score)):
+            stats.append(("depth profile", q, label, float(fn(m[sel]).mean()), fn(mb[:, sel]).mean((1, 2))))
+        stats.append(("depth profile", "critical fraction", label, float(crit[sel].mean()),
+                      crit_b[:, sel].mean((1, 2))))
+    for key, v in per_problem.items():
+        stats.append((*key, float(v.mean()), w.astype(np.float64) @ v))
+    df = pd.DataFrame([s[:4] for s in stats], columns=["section", "quantity", "group", "value"])
+    draws = np.stack([s[4] for s in stats], axis=1)
+    df["lo"], df["hi"] = _interval(draws)
+    order = {"hubs": 0, "critical heads": 1, "concentration": 2, "mass": 3, "depth profile": 4}
+    idx = df.sort_values(["section", "quantity", "group"], kind="stable",
+                         key=lambda s: s.map(order) if s.name == "section" else s).index
+    return df.loc[idx].reset_index(drop=True), draws[:, idx]
+
+
+def _basis_agreement(scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per score: Spearman rho between the bases and the overlap of their top-k heads."""
+    rows = []
+    for s in ("flow", "hub", "skip", "composite"):
+        x, y = (scores[b].set_index("label")[s] for b in BASES)
+        y = y.loc[x.index]
+        k = top_k(len(x))
+        rows.append({"score": s, "spearman": x.rank().corr(y.rank()),
+                     f"top{k}_overlap": len(set(x.nlargest(k).index) & set(y.nlargest(k).index)) / k})
+    return pd.DataFrame(rows)
+
+
+def _mass_profile(a: np.ndarray, mass: np.ndarray | None) -> pd.DataFrame:
+    """Per query thought: mean share of the whole row per MASS_PARTS (latents only without mass)."""
+    parts = (np.asarray(mass, np.float64).mean((0, 1, 2)) if mass is not None else
+             np.column_stack([np.full(N_THOUGHTS, np.nan)] * (len(MASS_PARTS) - 1) + [a.sum(-1).mean((0, 1, 2))]))
+    df = pd.DataFrame(parts, columns=list(MASS_PARTS))
+    df.insert(0, "thought", [thought(i) for i in range(N_THOUGHTS)])
+    return df
+
+
 def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = DEFAULT_BASIS,
             n_boot: int = 200, seed: int = 0, name: str = "") -> MetricsReport:
     """All metrics of one model's attention [N, L, H, 6, 6] (mass [N, L, H, 6, 4] optional):
@@ -455,141 +587,35 @@ def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = 
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     warnings = input_warnings(a, mass)
     n, n_layers, n_heads = a.shape[:3]
-    r = renormalise(a)
-    per_basis = {"renorm": r, "raw": a}
+    per_basis = {"renorm": renormalise(a), "raw": a}
     x = per_basis[basis]
     means = {b: v.mean(0, dtype=np.float64) for b, v in per_basis.items()}
     m = means[basis]
-    u = baseline_of(m, basis)
     std = x.std(0, dtype=np.float64)
     scores = {b: _scores_frame(v) for b, v in means.items()}
-    entropy_n = row_entropy(r)  # [N, L, H]
-    types = _types_frame(means["renorm"], entropy_n.mean(0))
+    entropy = row_entropy(per_basis["renorm"])  # [N, L, H]
+    types = _types_frame(means["renorm"], entropy.mean(0))
 
-    # bootstrap over problems
-    w = _resample_weights(n, n_boot, seed)
+    w = _resample_weights(n, n_boot, seed)  # bootstrap over problems: resampled means [B, L, H, 6, 6]
     mb = (w @ x.reshape(n, -1)).reshape(len(w), n_layers, n_heads, N_THOUGHTS, N_THOUGHTS).astype(np.float64)
-    db = _design(mb)
-    ub = baseline_of(mb, basis)
 
-    # per-head: scores, intervals, retention
-    k = top_k(n_layers * n_heads)
-    point = _design(m)
-    stability = _frame_index(n_layers, n_heads)
-    for key in ("flow", "hub", "skip", "composite"):
-        stability[key] = point[key].ravel()
-        lo, hi = _interval(db[key].reshape(len(w), n_layers * n_heads))
-        stability[f"{key}_lo"], stability[f"{key}_hi"] = lo, hi
-    cb = db["composite"].reshape(len(w), n_layers * n_heads)
-    if len(w):
-        kth = -np.sort(-cb, axis=1)[:, k - 1:k]
-        stability[f"top{k}_retention"] = (cb >= kth).mean(0)
-    else:
-        stability[f"top{k}_retention"] = np.nan
-    stability["mean_std"] = (std * _STD_ENTRIES).sum((-2, -1)).ravel() / _STD_ENTRIES.sum()
-    stability = _by_composite(stability)
+    stability = _stability(m, mb, std)
     mean_std = float(stability["mean_std"].mean())
-
-    keep = ["label", "type", "hub_lift", "hub_lift_position", "entropy"]
     extra = [c for c in stability.columns if c.endswith(("_lo", "_hi", "_retention"))] + ["mean_std"]
-    ranked = scores[basis].merge(types[keep], on="label").merge(stability[["label"] + extra], on="label")
-    ranked = _by_composite(ranked)
-    rankings = {f"heads_ranked_by_{s}": _by_composite(ranked, s) for s in ("flow", "hub", "skip", "composite")}
-
-    # positions: incoming attention against the baseline
-    obs, base = incoming(m).mean((0, 1)), incoming(u).mean((0, 1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        lift_b = incoming(mb).mean((1, 2)) / incoming(ub).mean((1, 2))  # [B, 6]
-        lift = obs / base
-    obs_lo, obs_hi = _interval(incoming(mb).mean((1, 2)))
-    lift_lo, lift_hi = _interval(lift_b)
-    claim = lift_lo if len(w) else lift
-    position_lift = pd.DataFrame({
-        "position": np.arange(N_THOUGHTS), "thought": [thought(j) for j in range(N_THOUGHTS)],
-        "rows": _INCOMING_ROWS, "colsum": m.sum(-2).mean((0, 1)), "colsum_baseline": u.sum(-2).mean((0, 1)),
-        "observed": obs, "observed_lo": obs_lo, "observed_hi": obs_hi, "baseline": base,
-        "lift": lift, "lift_lo": lift_lo, "lift_hi": lift_hi, "eligible": HUB_ELIGIBLE,
-        "is_hub": HUB_ELIGIBLE & (np.nan_to_num(claim) >= LIFT_THRESHOLD),
-        "hub_heads": [float(((types["type"] == "hub") & (types["hub_lift_position"] == j)).mean())
-                      for j in range(N_THOUGHTS)],
-    })
-
-    # baselines of every metric (mean over heads)
-    du = _design(u)
-    u_comp = composite_score(du["flow"], du["hub"], du["skip"], point["hub"], point["skip"])
-    metric_fns = {"flow": flow_score, "hub": lambda v: hub_score(v)[0], "skip": skip_score,
-                  "seq": seq_share, "self": self_share, "long": long_share, "max entry (z2..z6)": max_entry}
-    rows = [(k_, f(m).mean(), f(u).mean()) for k_, f in metric_fns.items()]
-    rows += [("composite", point["composite"].mean(), u_comp.mean()), ("row entropy", entropy_n.mean(), 1.0)]
-    baseline = pd.DataFrame(rows, columns=["metric", "observed", "baseline"])
-    baseline["ratio"] = baseline["observed"] / baseline["baseline"]
-
-    # criteria
-    comp_sorted = ranked["composite"].to_numpy()
-    top_types = ranked["type"].head(k)
-    measured = {
-        "strong_heads": float((max_entry(m) > STRONG_ENTRY).mean()),
-        "mean_std": mean_std if n > 1 else np.nan,
-        "max_hub": float(point["hub"].max()),
-        "top_composite": float(comp_sorted[0]),
-        "top_bottom_ratio": _top_bottom_ratio(comp_sorted),
-        "top_types": float(top_types[top_types.isin(SPECIFIC_TYPES)].nunique()),
-    }
-    base_vals = {"strong_heads": float((max_entry(u) > STRONG_ENTRY).mean()),
-                 "max_hub": float(du["hub"].max()), "top_composite": float(u_comp.max())}
-    criteria = criteria_table(measured, base_vals, n_layers * n_heads)
-
-    # model-level quantities with draws
-    stats: list[tuple[str, str, str, float, np.ndarray]] = []
-    for j in np.flatnonzero(_INCOMING_ROWS > 0):
-        stats.append(("hubs", "incoming lift", thought(j), float(lift[j]), lift_b[:, j]))
-    crit, crit_b = point["composite"] > CRITICAL_COMPOSITE, db["composite"] > CRITICAL_COMPOSITE
-    stats.append(("critical heads", "count", "all", float(crit.sum()), crit_b.sum((1, 2)).astype(float)))
-    stats.append(("critical heads", "fraction", "all", float(crit.mean()), crit_b.mean((1, 2))))
-    per_problem = {("concentration", "row entropy", "all"): entropy_n.mean((1, 2)),
-                   ("mass", "latent-block mass", "all"): a.sum(-1).mean((1, 2, 3))}
-    if mass is not None:
-        parts = np.asarray(mass, np.float64).mean((1, 2, 3))
-        for p, part in enumerate(MASS_PARTS[:-1]):
-            per_problem[("mass", f"{part} mass", "all")] = parts[:, p]
-    bins = np.array([depth_bin(l, n_layers) for l in range(n_layers)])
-    row_mass = a.sum(-1).mean(-1)  # [N, L, H]
-    for label in dict.fromkeys(bins):
-        sel = bins == label
-        per_problem[("depth profile", "row entropy", label)] = entropy_n[:, sel].mean((1, 2))
-        per_problem[("depth profile", "latent-block mass", label)] = row_mass[:, sel].mean((1, 2))
-        for q, fn in (("flow", flow_score), ("seq", seq_share), ("skip", skip_score)):
-            stats.append(("depth profile", q, label, float(fn(m[sel]).mean()), fn(mb[:, sel]).mean((1, 2))))
-        stats.append(("depth profile", "critical fraction", label, float(crit[sel].mean()),
-                      crit_b[:, sel].mean((1, 2))))
-    for key, v in per_problem.items():
-        stats.append((*key, float(v.mean()), w.astype(np.float64) @ v))
-    model_stats = pd.DataFrame([s[:4] for s in stats], columns=["section", "quantity", "group", "value"])
-    draws = np.stack([s[4] for s in stats], axis=1) if stats else np.zeros((len(w), 0))
-    model_stats["lo"], model_stats["hi"] = _interval(draws)
-    order = {"hubs": 0, "critical heads": 1, "concentration": 2, "mass": 3, "depth profile": 4}
-    idx = model_stats.sort_values(["section", "quantity", "group"],
-                                  key=lambda s: s.map(order) if s.name == "section" else s,
-                                  kind="stable").index
-    model_stats, draws = model_stats.loc[idx].reset_index(drop=True), draws[:, idx]
-
-    parts = (np.asarray(mass, np.float64).mean((0, 1, 2)) if mass is not None
-             else np.column_stack([np.full(N_THOUGHTS, np.nan)] * 3 + [a.sum(-1).mean((0, 1, 2))]))
-    mass_profile = pd.DataFrame(parts, columns=list(MASS_PARTS))
-    mass_profile.insert(0, "thought", [thought(i) for i in range(N_THOUGHTS)])
-
-    agree = []
-    for s in ("flow", "hub", "skip", "composite"):
-        x_, y_ = (scores[b].set_index("label")[s] for b in BASES)
-        y_ = y_.loc[x_.index]
-        top_x, top_y = set(x_.nlargest(k).index), set(y_.nlargest(k).index)
-        agree.append({"score": s, "spearman": x_.rank().corr(y_.rank()), f"top{k}_overlap": len(top_x & top_y) / k})
+    ranked = _by_composite(scores[basis].merge(types[["label", "type", "hub_lift", "hub_lift_position", "entropy"]],
+                                               on="label").merge(stability[["label"] + extra], on="label"))
+    position_lift, lift_b = _position_lift(m, mb, basis, types)
+    baseline, criteria_baseline = _baselines(m, basis, float(entropy.mean()))
+    criteria = criteria_table(_measured(m, ranked, mean_std if n > 1 else np.nan), criteria_baseline,
+                              n_layers * n_heads)
+    model_stats, draws = _model_stats(a, mass, m, mb, w, entropy, (position_lift["lift"].to_numpy(), lift_b))
     return MetricsReport(
-        name=name, basis=basis, shape=(n, n_layers, n_heads), n_boot=len(w), seed=seed, means=means,
-        std=std, scores=scores, ranked_heads=ranked, rankings=rankings, baseline=baseline,
-        position_lift=position_lift, stability=stability, mean_std=mean_std, types=types,
-        criteria=criteria, model_stats=model_stats, draws=draws, mass_profile=mass_profile,
-        basis_agreement=pd.DataFrame(agree), warnings=warnings)
+        name=name, basis=basis, shape=(n, n_layers, n_heads), n_boot=len(w), seed=seed, means=means, std=std,
+        scores=scores, ranked_heads=ranked,
+        rankings={f"heads_ranked_by_{s}": _by_composite(ranked, s) for s in ("flow", "hub", "skip", "composite")},
+        baseline=baseline, position_lift=position_lift, stability=stability, mean_std=mean_std, types=types,
+        criteria=criteria, model_stats=model_stats, draws=draws, mass_profile=_mass_profile(a, mass),
+        basis_agreement=_basis_agreement(scores), warnings=warnings)
 
 
 # ---------------------------------------------------------------- comparison
