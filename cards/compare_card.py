@@ -13,7 +13,8 @@ from codi_attn.metrics import HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compa
 
 def _hubs(df: pd.DataFrame, name: str) -> str:
     """Claimed hubs of one model read off the comparison's lift rows."""
-    rows = df[(df["quantity"] == "incoming lift") & df["group"].isin([thought(j) for j in np.flatnonzero(HUB_ELIGIBLE)])]
+    eligible = [thought(j) for j in np.flatnonzero(HUB_ELIGIBLE)]
+    rows = df[(df["quantity"] == "incoming lift") & df["group"].isin(eligible)]
     lo = rows[f"lo_{name}"].fillna(rows[f"value_{name}"])
     return ", ".join(rows.loc[lo >= LIFT_THRESHOLD, "group"]) or "none"
 
