@@ -3,8 +3,9 @@
 A problem is a start value and 2-4 chained operations (add, subtract, double,
 triple) on one person's stock of objects; every operand and every intermediate
 result stays in 0..MAX_VALUE (an operation is drawn only among those whose result
-stays in range; no modulo). Every sentence of the question is exactly five words or
-symbols long, so with a word-level tokenizer sentence k sits at a fixed offset:
+stays in range; no modulo). Every statement is exactly five words or symbols long
+(the closing question seven), so with a word-level tokenizer statement k sits at a
+fixed offset and all questions with the same number of operations have one length:
 
     {"question": "Sue has 9 pens. Sue sells 1 today. Sue doubles the pens.
                   How many pens does Sue have?",

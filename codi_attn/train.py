@@ -318,9 +318,10 @@ def make_optimizer(model: nn.Module, r: Recipe) -> torch.optim.AdamW:
 
 def train(r: Recipe, tok: PreTrainedTokenizerFast, baseline: bool = False, eval_every: int = 0,
           eval_records: list[dict] | None = None, log_every: int = 50) -> tuple[CODI, dict]:
-    """Train a CODI (or, with baseline, a same-size no-CoT model, which skips
-    teacher-only phases) for r.steps batches. Returns the model and a log with
-    the loss curve, the held-out curve and the training time."""
+    """Train a CODI (or, with baseline, a same-size no-CoT model, trained on the
+    no-CoT loss in every phase) for r.steps batches. Returns the model and a log with
+    the loss curve, the held-out curve and the training time (wall and CPU
+    seconds, held-out checks excluded)."""
     torch.manual_seed(r.seed)
     rng = random.Random(r.seed)
     streams = {k: synthetic.train_stream(seed=1000 * r.seed + k, steps=(k,)) for k in (1, 2, 3, 4)}
@@ -328,15 +329,16 @@ def train(r: Recipe, tok: PreTrainedTokenizerFast, baseline: bool = False, eval_
     opt = make_optimizer(model, r)
     phases = r.phases()
     log: dict = {"losses": [], "curve": []}
-    t0, seconds_eval = time.time(), 0.0
+    t0, cpu0, seconds_eval, cpu_eval = time.time(), time.process_time(), 0.0, 0.0
     for step in range(r.steps):
         end, mode, weights = next(ph for ph in phases if step < ph[0] * r.steps or ph is phases[-1])
+        mode = "nocot" if baseline else mode
         k = rng.choices((1, 2, 3, 4), weights)[0]
         b = encode(tok, [next(streams[k]) for _ in range(r.batch_size)])
         for g in opt.param_groups:
             g["lr"] = lr_at(r, step)
         model.train()
-        if baseline:
+        if mode == "nocot":
             losses = nocot_loss(model, b)
         elif mode == "teacher":
             losses = {"loss": teacher_forward(model, b)[0]}
@@ -353,14 +355,16 @@ def train(r: Recipe, tok: PreTrainedTokenizerFast, baseline: bool = False, eval_
             print(f"step {step:5d}/{r.steps} {mode:7s} k={k} {parts} lr {lr_at(r, step):.2e} "
                   f"{elapsed:.0f}s ({elapsed / (step + 1):.2f} s/step)", flush=True)
         if eval_every and eval_records and ((step + 1) % eval_every == 0 or step == r.steps - 1):
-            te = time.time()
+            te, ce = time.time(), time.process_time()
             modes = ("nocot",) if baseline else ("teacher", "prj", "zeros")
             point = {"step": step + 1, "train_s": round(te - t0 - seconds_eval)}
             point |= {m: accuracy(model, tok, eval_records, m) for m in modes}
             log["curve"].append(point)
             print("eval", json.dumps(point), flush=True)
             seconds_eval += time.time() - te
+            cpu_eval += time.process_time() - ce
     log["train_s"] = round(time.time() - t0 - seconds_eval, 1)
+    log["cpu_s"] = round(time.process_time() - cpu0 - cpu_eval, 1)
     return model, log
 
 
@@ -433,9 +437,10 @@ def write_card(out: Path, m: dict) -> None:
     curve = "\n".join(f"| {p['step']} | {p['train_s']} | {pct(p['teacher'])} | {pct(p['prj'])} | {pct(p['zeros'])} |"
                       for p in m["curve"])
     nocot_line = ("not trained yet (`--baseline`)" if not nocot else
-                  f"{nocot['recipe']['steps']} steps in {nocot['train_s']:.0f} s of training "
-                  f"({nocot['wall_s']:.0f} s for the whole command), same curriculum weights without the "
-                  f"teacher-only phase, same optimiser and schedule")
+                  f"{nocot['recipe']['steps']} steps (a no-CoT step costs about a third of a CODI step), "
+                  f"same curriculum weights without the teacher-only phase, same optimiser and schedule; "
+                  f"{nocot['train_s']:.0f} s of training on {nocot.get('device', 'cpu')}")
+    cpu = f", {m['cpu_s']:.0f} s of CPU time" if "cpu_s" in m else ""
     text = f"""# Demo CODI model (synthetic arithmetic, trained offline)
 
 A {m['model']['params']:,}-parameter GPT-2-architecture CODI trained from scratch here, on
@@ -496,8 +501,8 @@ problems with one number of operations each, {r['steps']} steps, lr warmup to {r
 {100 * r['warmup']:.0f}% of the steps then cosine to {r['min_lr']}. Curriculum (fraction of the steps: mode,
 weights of 1/2/3/4 operations): `{r['curriculum']}`. Seed {r['seed']}.
 
-Training took {m['train_s']:.0f} s ({m['s_per_step']:.2f} s/step) on one thread of a 2-core
-machine shared with other jobs; the whole command {m['wall_s']:.0f} s. Reproduce with
+Training took {m['train_s']:.0f} s of wall-clock time ({m['s_per_step']:.2f} s/step{cpu}) on one thread
+of a 2-core machine shared with other jobs; the whole command {m['wall_s']:.0f} s. Reproduce with
 
 ```
 python -m codi_attn.train --out codi_attn/demo_model --seed {r['seed']}
@@ -537,8 +542,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=400, help="steps between held-out checks (0: none)")
     p.add_argument("--eval-problems", type=int, default=200, help="test problems in each held-out check")
     p.add_argument("--baseline", action="store_true",
-                   help="instead train the same-size no-CoT baseline for --baseline-steps and add its "
-                        "accuracy to <out>/metrics.json and the card (the checkpoint is not touched)")
+                   help="instead train the same-size no-CoT baseline for --baseline-steps, write "
+                        "<out>/nocot.json and add it to metrics.json and the card (the checkpoint is not touched)")
     p.add_argument("--baseline-steps", type=int, default=7000,
                    help="no-CoT steps: about the CODI run's compute (a no-CoT step costs ~1/3.5 of a CODI step)")
     a = p.parse_args()
@@ -550,14 +555,16 @@ def main() -> None:
     tok = build_tokenizer()
     test = synthetic.synthetic_records("test")
     model, log = train(r, tok, baseline=a.baseline, eval_every=a.eval_every, eval_records=test[:a.eval_problems])
+    a.out.mkdir(parents=True, exist_ok=True)
     if a.baseline:
-        m = json.loads((a.out / "metrics.json").read_text())
-        m["nocot"] = {"recipe": asdict(r), "train_s": log["train_s"], "curve": log["curve"],
-                      "test": evaluate_all(model, tok, test, ("nocot",)), "wall_s": round(time.time() - t0, 1)}
+        nocot = {"recipe": asdict(r), "device": str(torch.get_default_device()), "train_s": log["train_s"],
+                 "cpu_s": log["cpu_s"], "curve": log["curve"], "test": evaluate_all(model, tok, test, ("nocot",)),
+                 "wall_s": round(time.time() - t0, 1)}
+        (a.out / "nocot.json").write_text(json.dumps(nocot, indent=1) + "\n")
+        print(json.dumps(nocot["test"]))
     else:
         save_model(model, tok, a.out)
         model, tok = load_model(a.out)  # report what was saved
-        test_result = evaluate_all(model, tok, test, ("teacher", "prj", "zeros", "bot"))
         common, majority = majority_accuracy(test, a.seed)
         subset = test[:SUBSET]
         m = {
@@ -566,22 +573,30 @@ def main() -> None:
                      "test_seed": synthetic.SEEDS["test"], "example": test[1]},
             "model": {"params": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
                       "ckpt_bytes": (a.out / "ckpt" / "model.safetensors").stat().st_size, "dtype": "float32"},
-            "recipe": asdict(r), "train_s": log["train_s"], "s_per_step": round(log["train_s"] / r.steps, 3),
-            "test": {"n": len(test)} | test_result,
+            "recipe": asdict(r), "train_s": log["train_s"], "cpu_s": log["cpu_s"],
+            "s_per_step": round(log["train_s"] / r.steps, 3),
+            "test": {"n": len(test)} | evaluate_all(model, tok, test, ("teacher", "prj", "zeros", "bot")),
             "majority": {"answer": common, "accuracy": round(majority, 4)},
             "subset": {"n": SUBSET} | {mode: accuracy(model, tok, subset, mode) for mode in ("prj", "zeros")},
             "curve": log["curve"], "curve_problems": a.eval_problems,
             "loss_every_50": [round(sum(log["losses"][i:i + 50]) / len(log["losses"][i:i + 50]), 4)
                               for i in range(0, len(log["losses"]), 50)],
+            "wall_s": round(time.time() - t0, 1),
         }
-        old = a.out / "metrics.json"
-        if old.exists() and "nocot" in (prev := json.loads(old.read_text())):
-            m["nocot"] = prev["nocot"]
-        m["wall_s"] = round(time.time() - t0, 1)
-    (a.out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
-    write_card(a.out, m)
-    print(json.dumps({k: m[k] for k in ("test", "majority")} | ({"nocot": m["nocot"]["test"]} if "nocot" in m else {})))
+        (a.out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
+        print(json.dumps({k: m[k] for k in ("test", "majority")}))
+    if (a.out / "metrics.json").exists():
+        update_report(a.out)
 
+
+def update_report(out: Path) -> None:
+    """Merge <out>/nocot.json (the baseline, when trained) into <out>/metrics.json and
+    rewrite <out>/README.md."""
+    m = json.loads((out / "metrics.json").read_text())
+    if (out / "nocot.json").exists():
+        m["nocot"] = json.loads((out / "nocot.json").read_text())
+    (out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
+    write_card(out, m)
 
 SUBSET = 100  # first test problems whose accuracy the tests check against metrics.json
 
