@@ -15,12 +15,12 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from metaflow import FlowSpec, Parameter, card, current, resources, step
+from metaflow import FlowMutator, FlowSpec, Parameter, card, current, resources, step
 from metaflow.exception import MetaflowException
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # codi_attn/ and cards/ sit beside flows/
-    sys.path.insert(0, str(ROOT))
+if (ROOT / "codi_attn").is_dir() and str(ROOT) not in sys.path:  # a checkout: codi_attn/ and cards/ beside flows/
+    sys.path.insert(0, str(ROOT))  # (in a remote task's code package they sit beside this file instead)
 
 N_LATENTS = 6
 DEMO_DATASET = "synthetic"
@@ -87,6 +87,8 @@ def check_settings(p: dict) -> dict:
         sources = check("--model/--ckpt/--base", lambda: resolve_sources(p["model"], p["ckpt"] or None,
                                                                           p["base"] or None))
         out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
+    if p["compare_with"]:
+        check("--compare_with", lambda: named_runs(current.flow_name or "AttentionFlow", p["compare_with"]))
     records = check("--dataset", lambda: load_records(out["dataset"], p["split"]))
     if records is not None:
         out["n"] = check("--n_problems", lambda: resolve_n(p["n_problems"], len(records)))
@@ -231,16 +233,35 @@ def attention_stats(attention, mass, mass_parts) -> dict:
     }
 
 
+def named_runs(flow_name: str, compare_with: str) -> list:
+    """The finished runs named in compare_with (run ids or pathspecs, comma separated); ValueError
+    naming the first that is missing or unfinished."""
+    from metaflow import Run, namespace
+    from metaflow.exception import MetaflowNotFound
+
+    namespace(None)
+    runs = []
+    for name in filter(None, (s.strip() for s in compare_with.split(","))):
+        pathspec = name if "/" in name else f"{flow_name}/{name}"
+        try:
+            run = Run(pathspec)
+        except MetaflowNotFound:
+            raise ValueError(f"run {pathspec} not found in this datastore") from None
+        if not run.successful:
+            raise ValueError(f"run {pathspec} did not finish (resume it first)")
+        runs.append(run)
+    return runs
+
+
 def find_comparison_runs(flow_name: str, this_run_id: str, model: str, fingerprint: str,
                          compare_with: str = "") -> list:
     """Runs to compare with: those named in compare_with (run ids or pathspecs, comma separated),
     else the latest successful run of every other model on the same dataset fingerprint."""
-    from metaflow import Flow, Run, namespace
+    from metaflow import Flow, namespace
 
-    namespace(None)
     if compare_with:
-        named = [s.strip() for s in compare_with.split(",") if s.strip()]
-        return [Run(s if "/" in s else f"{flow_name}/{s}") for s in named]
+        return named_runs(flow_name, compare_with)
+    namespace(None)
     latest = {}
     for run in Flow(flow_name).runs(f"dataset:{fingerprint[:12]}"):
         if run.id == this_run_id or not run.successful:
@@ -257,6 +278,20 @@ def find_comparison_runs(flow_name: str, this_run_id: str, model: str, fingerpri
 # The flow
 # ---------------------------------------------------------------------------------------------
 
+class ship_project_code(FlowMutator):
+    """Put codi_attn/ and cards/ into the code package beside this file, so that tasks run remotely
+    (--with kubernetes, --with batch) import them without installing codi-attn in the image."""
+
+    def add_to_package(self):
+        from metaflow.packaging_sys import ContentType
+
+        for package in ("codi_attn", "cards"):  # code, and the demo model's files under codi_attn/
+            for path in sorted((ROOT / package).rglob("*")):
+                if path.is_file() and path.suffix != ".pyc" and "__pycache__" not in path.parts:
+                    yield str(path), str(path.relative_to(ROOT)), ContentType.USER_CONTENT
+
+
+@ship_project_code
 class AttentionFlow(FlowSpec):
     """Per-head attention between the six continuous thoughts of a CODI model.
 
@@ -464,9 +499,10 @@ class AttentionFlow(FlowSpec):
             if names[0] == names[1]:
                 names = (f"{self.model} (this run)", f"{run.data.model} ({run.id})")
             self.comparison[run.pathspec] = compare_reports(self.metrics_report, other, names)
-            current.card.append(Markdown(f"Compared with run `{run.pathspec}` (same sample, fingerprint "
-                                         f"{self.dataset_fingerprint[:12]})."))
-            current.card.extend(compare_card((self.metrics_report, other), names))
+            parts = compare_card((self.metrics_report, other), names)
+            parts.insert(1, Markdown(f"Other run: `{run.pathspec}` (same sample: dataset fingerprint "
+                                     f"{self.dataset_fingerprint[:12]})."))
+            current.card.extend(parts)
         if not runs:
             others = " or ".join(m for m in ("gpt2", "llama") if m != self.model)
             s = self.settings
