@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "codi_attn").is_dir() and str(ROOT) not in sys.path:  # a checkout: codi_attn/ and cards/ beside flows/
     sys.path.insert(0, str(ROOT))  # (in a remote task's code package they sit beside this file instead)
 
-N_LATENTS = 6
 DEMO_DATASET = "synthetic"
 
 # Test hooks, read only by the tests (tests/test_flow.py); a normal run never sets them.
@@ -121,7 +120,7 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
     """
     import numpy as np
 
-    from codi_attn.extract import MASS_PARTS, extract
+    from codi_attn.extract import MASS_PARTS, N_LATENTS, extract
 
     fail_ids = set(filter(None, os.environ.get(FAIL_PROBLEMS_ENV, "").split(",")))
 
@@ -203,33 +202,32 @@ def merge_shards(sampled_ids: list[str], shards: list[dict]) -> dict:
 
 
 def attention_stats(attention, mass, mass_parts) -> dict:
-    """Summary of where the latent queries' attention goes, over all problems, layers and heads.
+    """Where the latent queries' attention goes, on raw weights, over all problems, layers and heads.
 
-    incoming[j]: mean weight thought j receives from the thoughts i >= j that can see it;
-    incoming_uniform[j]: the same if each row spread its latent-block mass evenly over the
-    i + 1 thoughts it can see (the causal-uniform baseline, codi-spec trap 7).
+    incoming[j] is codi_attn.metrics.incoming of the mean matrix (mean weight thought j gets from the
+    thoughts i >= j + 2; nan for z5, z6), incoming_baseline[j] the same under causal-uniform attention
+    with the same row masses (codi-spec trap 7), incoming_lift their ratio. Per-head hubs with
+    intervals are the metrics step's business; these are the run's overall numbers.
     """
     import numpy as np
 
+    from codi_attn.metrics import baseline_of, incoming
+
     a = attention.astype(np.float32)
     m = mass.astype(np.float32)
-    tril = np.tril(np.ones((N_LATENTS, N_LATENTS), bool))
-    col = a.mean(axis=(0, 1, 2))  # [6, 6] mean over problems, layers, heads
-    row_mass = a.sum(-1).mean(axis=(0, 1, 2))  # [6] latent-block mass of each query row
-    uniform = np.where(tril, (row_mass / np.arange(1, N_LATENTS + 1))[:, None], 0.0)
-    incoming = np.array([col[j:, j].mean() for j in range(N_LATENTS)])
-    incoming_uniform = np.array([uniform[j:, j].mean() for j in range(N_LATENTS)])
-    ratio = incoming / np.where(incoming_uniform > 0, incoming_uniform, np.nan)
+    mean = a.mean(axis=(0, 1, 2), dtype=np.float64)  # [6, 6] over problems, layers, heads
+    observed, baseline = incoming(mean), incoming(baseline_of(mean, "raw"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift = observed / baseline
     return {
         "n_problems": int(a.shape[0]),
         "mass_parts": list(mass_parts),
         "mass_mean": {p: float(v) for p, v in zip(mass_parts, m.mean(axis=(0, 1, 2, 3)))},
         "mass_by_layer": m.mean(axis=(0, 2, 3)).tolist(),
-        "self_attention": float(np.diagonal(col).mean()),
-        "incoming": incoming.tolist(),
-        "incoming_uniform": incoming_uniform.tolist(),
-        "incoming_ratio": ratio.tolist(),
-        "hub_position": int(np.nanargmax(ratio)),
+        "self_attention": float(np.diagonal(mean).mean()),
+        "incoming": observed.tolist(),
+        "incoming_baseline": baseline.tolist(),
+        "incoming_lift": lift.tolist(),
     }
 
 
@@ -456,7 +454,8 @@ class AttentionFlow(FlowSpec):
             ("predictions, correct, texts", f"[{n}]", "parsed answer (nan = none), match with gold, decoded text"),
             ("accuracy", "float", "fraction of extracted problems answered correctly"),
             ("failed_problems", f"list[dict] [{len(self.failed_problems)}]", "id and error of problems that raised"),
-            ("attention_stats", "dict", "mass split, self-attention, incoming vs causal-uniform baseline"),
+            ("attention_stats", "dict", "mass split (overall, by layer), self-attention, incoming attention "
+                                        "vs the causal-uniform baseline"),
         ]))
         self.next(self.metrics)
 
@@ -510,8 +509,9 @@ class AttentionFlow(FlowSpec):
             current.card.append(Markdown(
                 f"No other model has a finished run on this sample (dataset fingerprint "
                 f"{self.dataset_fingerprint[:12]}). Make one with:\n\n```\npython flows/attention_flow.py run "
-                f"--model {others} --dataset {s['dataset']} --split {self.split} --n_problems {self.n_problems} "
-                f"--seed {self.seed}\n```\nthen rerun this model, or name a run: `--compare_with RUN_ID`."))
+                f"--model {others} \\\n    --dataset {s['dataset']} \\\n    --split {self.split} --n_problems "
+                f"{self.n_problems} --seed {self.seed}\n```\nIts compare step will find this run. To compare with "
+                f"a run of your choice instead: `--compare_with RUN_ID`."))
         self.next(self.end)
 
     @card(type="blank")

@@ -157,7 +157,11 @@ def test_arrays_equal_direct_extraction(clean_run):
     assert stats["n_problems"] == N
     np.testing.assert_allclose(sum(stats["mass_mean"].values()), 1.0, atol=2e-3)  # the four parts cover the row
     col = ex.attention.mean(axis=(0, 1, 2))
-    np.testing.assert_allclose(stats["incoming"], [col[j:, j].mean() for j in range(6)], rtol=2e-3)
+    np.testing.assert_allclose(stats["incoming"][:4], [col[j + 2:, j].mean() for j in range(4)], rtol=2e-3)
+    assert np.isnan(stats["incoming"][4:]).all()  # no thought is two steps after z5 or z6
+    row_mass = col.sum(-1)
+    uniform = [np.mean([row_mass[i] / (i + 1) for i in range(j + 2, 6)]) for j in range(4)]
+    np.testing.assert_allclose(stats["incoming_baseline"][:4], uniform, rtol=2e-3)
 
 
 def test_cards_on_every_step(clean_run):
