@@ -219,6 +219,8 @@ def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path):
     assert by_index[0].origin_pathspec == shard_tasks[0].pathspec  # cloned, not rerun
     assert by_index[1].origin_pathspec is None  # rerun
     assert set(new.tags) >= {"model:gpt2", f"dataset:{new.data.dataset_fingerprint[:12]}"}
+    assert "Extract: shard 1 of 2" in card_data(by_index[0])  # a cloned task's card is its origin's
+    assert "Extract: shard 2 of 2" in card_data(by_index[1])
 
     use_datastore(clean_root)
     c = clean.data
