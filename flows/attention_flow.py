@@ -188,17 +188,15 @@ def merge_shards(sampled_ids: list[str], shards: list[dict]) -> dict:
     def gather(key):
         return [shards[s][key][k] for s, k in order]
 
-    failed_order = {i: n for n, i in enumerate(sampled_ids)}
-    failed = sorted((f for s in shards for f in s["failed"]), key=lambda f: failed_order[f["id"]])
-    first = shards[0]
+    position = {i: n for n, i in enumerate(sampled_ids)}
+    failed = sorted((f for s in shards for f in s["failed"]), key=lambda f: position[f["id"]])
     if not ids:
         raise RuntimeError(f"no problem was extracted ({len(failed)} failed); first error: {failed[0]['error']}")
     return {"ids": ids,
             "attention": np.stack(gather("attention")).astype(np.float16),
             "mass": np.stack(gather("mass")).astype(np.float16),
             "texts": gather("texts"), "predictions": np.array(gather("predictions"), np.float64),
-            "correct": np.array(gather("correct"), bool), "failed": failed,
-            "shape": first["attention"].shape[1:]}
+            "correct": np.array(gather("correct"), bool), "failed": failed}
 
 
 def attention_stats(attention, mass, mass_parts) -> dict:
@@ -392,7 +390,6 @@ class AttentionFlow(FlowSpec):
 
         self.shard_index = self.index
         problems = self.input
-        s = self.settings
         model = load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
                           device=self.device)
         self.model_info = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads,
@@ -407,7 +404,7 @@ class AttentionFlow(FlowSpec):
             bar.update(done - bar.n)
             progress.update(done, n_failed, time.time() - started)
 
-        out = extract_shard(model, problems, self.batch_size, s["max_new_tokens"], on_batch, self.index)
+        out = extract_shard(model, problems, self.batch_size, self.max_new_tokens, on_batch, self.index)
         bar.close()
         self.shard_ids, self.attention, self.mass = out["ids"], out["attention"], out["mass"]
         self.texts, self.predictions, self.correct = out["texts"], out["predictions"], out["correct"]
