@@ -24,7 +24,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -331,7 +331,7 @@ def train(r: Recipe, tok: PreTrainedTokenizerFast, baseline: bool = False, eval_
     log: dict = {"losses": [], "curve": []}
     t0, cpu0, seconds_eval, cpu_eval = time.time(), time.process_time(), 0.0, 0.0
     for step in range(r.steps):
-        end, mode, weights = next(ph for ph in phases if step < ph[0] * r.steps or ph is phases[-1])
+        _, mode, weights = next(ph for ph in phases if step < ph[0] * r.steps or ph is phases[-1])
         mode = "nocot" if baseline else mode
         k = rng.choices((1, 2, 3, 4), weights)[0]
         b = encode(tok, [next(streams[k]) for _ in range(r.batch_size)])
@@ -436,10 +436,21 @@ def write_card(out: Path, m: dict) -> None:
         f"{pct(nocot and nocot['test']['by_steps'][k]['nocot'])} |" for k, v in t["by_steps"].items())
     curve = "\n".join(f"| {p['step']} | {p['train_s']} | {pct(p['teacher'])} | {pct(p['prj'])} | {pct(p['zeros'])} |"
                       for p in m["curve"])
-    nocot_line = ("not trained yet (`--baseline`)" if not nocot else
-                  f"{nocot['recipe']['steps']} steps (a no-CoT step costs about a third of a CODI step), "
-                  f"same curriculum weights without the teacher-only phase, same optimiser and schedule; "
-                  f"{nocot['train_s']:.0f} s of training on {nocot.get('device', 'cpu')}")
+    nocot_line = "not trained yet (`--baseline`)."
+    if nocot:
+        where = nocot.get("device", "cpu")
+        nocot_line = (
+            f"question -> \"The answer is: N\" with the same GPT-2 config, {nocot['recipe']['steps']} steps (a "
+            f"no-CoT step costs about a third of a CODI step on the CPU, so about the same compute), the same "
+            f"curriculum weights, optimiser and schedule; {nocot['train_s']:.0f} s of training on {where}.")
+        if not where.startswith("cpu"):
+            nocot_line += (" It was run on that device for lack of CPU time on the shared machine; `--baseline` "
+                           "runs the same recipe on the CPU (a numerically different run).")
+        if nocot["test"]["nocot"] >= t["prj"]:
+            nocot_line += (" On this task the no-CoT model does as well as the student or better: the student "
+                           "relies on its latents (see the ablations) but the task does not require them.")
+    dependence = (": its answers depend on what the latents carry." if max(t["zeros"], t["bot"]) <= t["prj"] / 2
+                  else "; the ablated student keeps more than half of its accuracy.")
     cpu = f", {m['cpu_s']:.0f} s of CPU time" if "cpu_s" in m else ""
     text = f"""# Demo CODI model (synthetic arithmetic, trained offline)
 
@@ -462,8 +473,8 @@ By number of operations:
 {by_steps}
 
 Zeroing the six latents (or replacing them with the BOT embedding) costs the student
-{100 * (t['prj'] - t['zeros']):.1f} ({100 * (t['prj'] - t['bot']):.1f}) points: the answer is read off the latents.
-No-CoT baseline: {nocot_line}.
+{100 * (t['prj'] - t['zeros']):.1f} ({100 * (t['prj'] - t['bot']):.1f}) points{dependence}
+No-CoT baseline: {nocot_line}
 
 ## Task
 `codi_attn/synthetic.py`: a start value 1..{m['task']['max_value']} and 2-4 chained operations

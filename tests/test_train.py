@@ -15,6 +15,15 @@ from codi_attn import train as T
 DEMO = Path(T.__file__).parent / "demo_model"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models: one thread is fastest, and much faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return T.build_tokenizer()
@@ -93,7 +102,6 @@ def test_shared_question_pass_is_the_official_loss(tok, tiny):
 
 
 def test_short_training_reduces_loss(tok):
-    torch.set_num_threads(1)
     r = T.Recipe(d=32, n_layer=2, n_head=2, steps=30, batch_size=16, lr=3e-3, curriculum="1:codi:1/1/0/0")
     _, log = T.train(r, tok, log_every=0)
     losses = log["losses"]
@@ -124,28 +132,35 @@ def test_saved_layout(tok, tiny, tmp_path):
         torch.testing.assert_close(model.codi(input_ids=b.question).logits, tiny.codi(input_ids=b.question).logits)
 
 
-@pytest.mark.skipif(not (DEMO / "metrics.json").exists(), reason="demo model not trained yet")
-class TestShippedDemoModel:
-    @pytest.fixture(scope="class")
-    def shipped(self):
-        model, tok = T.load_model(DEMO)  # strict: every key used, none missing
-        return model, tok, json.loads((DEMO / "metrics.json").read_text())
+needs_demo = pytest.mark.skipif(not (DEMO / "metrics.json").exists(), reason="demo model not trained yet")
 
-    def test_small_and_meets_targets(self, shipped):
-        m = shipped[2]
-        assert (DEMO / "ckpt" / "model.safetensors").stat().st_size < 10e6
-        assert m["test"]["prj"] >= 0.6
-        assert m["test"]["zeros"] <= m["test"]["prj"] / 2 and m["test"]["bot"] <= m["test"]["prj"] / 2
 
-    def test_reproduces_recorded_subset_accuracy(self, shipped):
-        model, tok, m = shipped
-        subset = synthetic.synthetic_records("test", m["subset"]["n"])
-        acc = T.accuracy(model, tok, subset, "prj")
-        assert acc == pytest.approx(m["subset"]["prj"], abs=0.011)  # one problem of slack for kernels
+@pytest.fixture(scope="module")
+def shipped():
+    model, tok = T.load_model(DEMO)  # strict: every key used, none missing
+    return model, tok, json.loads((DEMO / "metrics.json").read_text())
 
-    def test_latent_ablation_lowers_accuracy(self, shipped):
-        model, tok, m = shipped
-        subset = synthetic.synthetic_records("test", m["subset"]["n"])
-        zeros = T.accuracy(model, tok, subset, "zeros")
-        assert zeros == pytest.approx(m["subset"]["zeros"], abs=0.011)
-        assert zeros <= T.accuracy(model, tok, subset, "prj") / 2
+
+@needs_demo
+def test_shipped_small_and_meets_targets(shipped):
+    m = shipped[2]
+    assert (DEMO / "ckpt" / "model.safetensors").stat().st_size < 10e6
+    assert m["test"]["prj"] >= 0.6
+    assert m["test"]["zeros"] <= m["test"]["prj"] / 2 and m["test"]["bot"] <= m["test"]["prj"] / 2
+
+
+@needs_demo
+def test_shipped_reproduces_recorded_subset_accuracy(shipped):
+    model, tok, m = shipped
+    subset = synthetic.synthetic_records("test", m["subset"]["n"])
+    acc = T.accuracy(model, tok, subset, "prj")
+    assert acc == pytest.approx(m["subset"]["prj"], abs=0.011)  # one problem of slack for other CPUs
+
+
+@needs_demo
+def test_shipped_latent_ablation_lowers_accuracy(shipped):
+    model, tok, m = shipped
+    subset = synthetic.synthetic_records("test", m["subset"]["n"])
+    zeros = T.accuracy(model, tok, subset, "zeros")
+    assert zeros == pytest.approx(m["subset"]["zeros"], abs=0.011)
+    assert zeros <= T.accuracy(model, tok, subset, "prj") / 2
