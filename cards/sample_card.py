@@ -13,11 +13,12 @@ def _short(text: str, n: int = 110) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def start_card(settings: dict, demo: bool) -> list:
-    """Banner (demo model) and a table of the validated settings."""
+def start_card(settings: dict, demo: bool, warnings: list[str] = ()) -> list:
+    """Banner (demo model), warnings and a table of the validated settings."""
     parts = [Markdown("# AttentionFlow: settings")]
     if demo:
         parts.append(Markdown(f"> **{DEMO_BANNER}**"))
+    parts += [Markdown(f"> **Warning:** {w}") for w in warnings]
     shown = {**settings}
     n, n_records = shown.pop("n", None), shown.pop("n_records", None)
     shown["n_problems"] = f"{n or n_records} of {n_records} in the split"

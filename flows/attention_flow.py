@@ -97,6 +97,19 @@ def check_settings(p: dict) -> dict:
     return out
 
 
+MAX_NUM_SPLITS = 100  # Metaflow's default --max-num-splits: a foreach wider than this stops the run
+
+
+def shard_note(n_problems: int, shard_size: int) -> str | None:
+    """A warning when the extract foreach would be wider than Metaflow's default limit."""
+    n_shards = -(-n_problems // shard_size)
+    if n_shards <= MAX_NUM_SPLITS:
+        return None
+    return (f"{n_problems} problems in shards of {shard_size} make {n_shards} extract tasks, more than Metaflow's "
+            f"default limit of {MAX_NUM_SPLITS}: the run stops after sample unless it was started as "
+            f"`run --max-num-splits {n_shards} ...` or with --shard_size {-(-n_problems // MAX_NUM_SPLITS)} or more.")
+
+
 def _fail_hook(shard_index: int) -> None:
     """Test hook: die the way a shard task can die (exception or SIGKILL) when asked to."""
     spec = os.environ.get(FAIL_SHARD_ENV, "")
@@ -354,8 +367,11 @@ class AttentionFlow(FlowSpec):
         self.demo = self.model == "demo" and not (self.ckpt or self.base)
         if self.demo:
             print("\n" + "=" * 100 + f"\n{DEMO_BANNER}\n" + "=" * 100 + "\n")
+        note = shard_note(self.settings["n"] or self.settings["n_records"], self.shard_size)
+        if note:
+            print(f"WARNING: {note}")
         current.run.add_tag(f"model:{self.model}")
-        current.card.extend(start_card(self.settings, self.demo))
+        current.card.extend(start_card(self.settings, self.demo, [note] if note else []))
         self.next(self.sample)
 
     @card(type="blank")

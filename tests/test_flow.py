@@ -323,6 +323,12 @@ def test_check_settings_bad_files(tmp_path, tiny_gpt2):
     assert ok["n"] is None and ok["n_records"] == 7473
 
 
+def test_shard_note_warns_past_metaflows_foreach_limit():
+    assert flow_mod.shard_note(100, 50) is None and flow_mod.shard_note(5000, 50) is None
+    note = flow_mod.shard_note(7473, 50)
+    assert "150 extract tasks" in note and "run --max-num-splits 150" in note and "--shard_size 75" in note
+
+
 def test_dataset_auto():
     assert flow_mod.resolve_dataset("auto", "demo", "", "") == "synthetic"
     assert flow_mod.resolve_dataset("auto", "demo", "/my/ckpt", "") == "gsm8k"
