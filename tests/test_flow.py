@@ -6,13 +6,14 @@ SIGKILLed and its resume, one llama run with a failing problem that compares wit
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from codi_attn import settings, shards
 
 os.environ.setdefault("USERNAME", "codi-attn-tests")  # Metaflow refuses to run as root without it
 
@@ -21,20 +22,12 @@ FLOW_FILE = ROOT / "flows" / "attention_flow.py"
 GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 if not GSM8K_TRAIN.exists():
     GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
-STEPS = ["start", "sample", "extract", "aggregate", "metrics", "compare", "end"]
+STEPS = ["start", "sample", "extract", "aggregate", "metrics", "validate_heads", "compare", "end"]
 N, SHARD = 6, 4  # two shards: 4 + 2 problems
 
 pytestmark = pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason="shared GSM8K train.jsonl not found")
 
 
-def _flow_module():
-    spec = importlib.util.spec_from_file_location("attention_flow", FLOW_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-flow_mod = _flow_module()
 
 
 def run_flow(root: Path, *, resume: bool = False, env: dict | None = None, **params):
@@ -62,7 +55,7 @@ def use_datastore(root: Path) -> None:
 def tiny_params(base, ckpt, **extra):
     return {"model": "gpt2", "base": str(base), "ckpt": str(ckpt), "dataset": str(GSM8K_TRAIN),
             "n_problems": str(N), "shard_size": SHARD, "batch_size": 3, "max_new_tokens": 4, "device": "cpu",
-            "dtype": "float32", "n_boot": 10, **extra}
+            "dtype": "float32", "n_boot": 10, "validate_k": 2, "validate_random": 1, **extra}
 
 
 def card_data(task) -> str:
@@ -134,6 +127,11 @@ def test_artifacts_shapes_dtypes_and_sample(clean_run):
     pd_testing = pytest.importorskip("pandas").testing
     pd_testing.assert_frame_equal(heads[cols], expected[cols], check_dtype=False)
     assert d.compared_runs == [] and d.comparison == {}
+    groups = d.validation["group"].tolist()
+    assert groups[:2] == ["baseline", "no-op"] and groups.count("top-k single") == 2
+    assert groups.count("random control") == 1 and groups.count("blocking") == 7
+    assert d.validation_result.noop_identical
+    assert d.validation.loc[0, "accuracy"] == d.accuracy  # the baseline is re-run on the same problems
 
 
 def test_arrays_equal_direct_extraction(clean_run):
@@ -265,7 +263,8 @@ def test_bad_input_fails_in_start(tmp_path, tiny_gpt2):
 def _settings(**overrides):
     p = {"model": "gpt2", "ckpt": "", "base": "", "dataset": str(GSM8K_TRAIN), "split": "train", "n_problems": "6",
          "seed": 42, "shard_size": 4, "batch_size": 2, "max_new_tokens": 4, "device": "cpu", "dtype": "float32",
-         "max_failed_fraction": 0.1, "n_boot": 10, "compare_with": ""}
+         "max_failed_fraction": 0.1, "n_boot": 10, "validate": True, "validate_k": 2, "validate_random": 1,
+         "ablation": "mean", "ablation_positions": "latent", "compare_with": ""}
     return {**p, **overrides}
 
 
@@ -288,17 +287,20 @@ def _jsonl(tmp_path, name, lines):
     ({"device": "gpu:x"}, r"--device: "),
     ({"split": "dev"}, r"--dataset: split must be one of train, test"),
     ({"compare_with": "123456789"}, r"--compare_with: run AttentionFlow/123456789 not found"),
+    ({"validate_k": 0}, r"--validate_k and --validate_random must be positive"),
+    ({"ablation": "noise"}, r"--ablation must be one of mean, zero, got 'noise'"),
+    ({"ablation_positions": "bot"}, r"--ablation_positions must be one of latent, all"),
 ])
 def test_check_settings_messages(overrides, message, tiny_gpt2):
     base, ckpt = tiny_gpt2
-    settings = {"base": str(base), "ckpt": str(ckpt), **overrides}
+    params = {"base": str(base), "ckpt": str(ckpt), **overrides}
     with pytest.raises(ValueError, match=message):
-        flow_mod.check_settings(_settings(**settings))
+        settings.check_settings(_settings(**params))
 
 
 def test_check_settings_reports_every_problem(tiny_gpt2):
     with pytest.raises(ValueError) as err:
-        flow_mod.check_settings(_settings(ckpt="/nonexistent/ckpt", shard_size=0, n_problems="9999"))
+        settings.check_settings(_settings(ckpt="/nonexistent/ckpt", shard_size=0, n_problems="9999"))
     lines = str(err.value).splitlines()
     assert lines == ["--shard_size must be a positive integer, got 0",
                      "--model/--ckpt/--base: checkpoint directory not found: /nonexistent/ckpt",
@@ -311,29 +313,29 @@ def test_check_settings_bad_files(tmp_path, tiny_gpt2):
     good = '{"question": "q?", "answer": "x\\n#### 1"}'
     bad_line = _jsonl(tmp_path, "bad.jsonl", [good, good, '{"question": '])
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: malformed JSON"):
-        flow_mod.check_settings(_settings(base=base, ckpt=ckpt, dataset=bad_line, n_problems="1"))
+        settings.check_settings(_settings(base=base, ckpt=ckpt, dataset=bad_line, n_problems="1"))
     no_answer = _jsonl(tmp_path, "noanswer.jsonl", [good, '{"question": "q?"}'])
     with pytest.raises(ValueError, match=r"noanswer\.jsonl, line 2: record has no 'answer' key"):
-        flow_mod.check_settings(_settings(base=base, ckpt=ckpt, dataset=no_answer, n_problems="1"))
+        settings.check_settings(_settings(base=base, ckpt=ckpt, dataset=no_answer, n_problems="1"))
     unreadable = tmp_path / "unreadable.jsonl"
     unreadable.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match=r"unreadable\.jsonl cannot be read"):
-        flow_mod.check_settings(_settings(base=base, ckpt=ckpt, dataset=str(unreadable)))
-    ok = flow_mod.check_settings(_settings(base=base, ckpt=ckpt, n_problems="all"))
+        settings.check_settings(_settings(base=base, ckpt=ckpt, dataset=str(unreadable)))
+    ok = settings.check_settings(_settings(base=base, ckpt=ckpt, n_problems="all"))
     assert ok["n"] is None and ok["n_records"] == 7473
 
 
 def test_shard_note_warns_past_metaflows_foreach_limit():
-    assert flow_mod.shard_note(100, 50) is None and flow_mod.shard_note(5000, 50) is None
-    note = flow_mod.shard_note(7473, 50)
+    assert settings.shard_note(100, 50) is None and settings.shard_note(5000, 50) is None
+    note = settings.shard_note(7473, 50)
     assert "150 extract tasks" in note and "run --max-num-splits 150" in note and "--shard_size 75" in note
 
 
 def test_dataset_auto():
-    assert flow_mod.resolve_dataset("auto", "demo", "", "") == "synthetic"
-    assert flow_mod.resolve_dataset("auto", "demo", "/my/ckpt", "") == "gsm8k"
-    assert flow_mod.resolve_dataset("auto", "llama", "", "") == "gsm8k"
-    assert flow_mod.resolve_dataset("x.jsonl", "demo", "", "") == "x.jsonl"
+    assert settings.resolve_dataset("auto", "demo", "", "") == "synthetic"
+    assert settings.resolve_dataset("auto", "demo", "/my/ckpt", "") == "gsm8k"
+    assert settings.resolve_dataset("auto", "llama", "", "") == "gsm8k"
+    assert settings.resolve_dataset("x.jsonl", "demo", "", "") == "x.jsonl"
 
 
 def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
@@ -346,7 +348,7 @@ def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
          "Sue has 9 coins. She loses 1. How many?", "A robe takes 2 bolts. How many?"])]
     monkeypatch.setenv("CODI_ATTN_FAIL_PROBLEMS", "train_1")
     seen = []
-    out = flow_mod.extract_shard(gpt2_model, problems, batch_size=3, max_new_tokens=3,
+    out = shards.extract_shard(gpt2_model, problems, batch_size=3, max_new_tokens=3,
                                  on_batch=lambda done, failed: seen.append((done, failed)))
     assert seen == [(3, 1), (5, 1)]
     assert out["ids"] == ["train_0", "train_2", "train_3", "train_4"]
@@ -357,8 +359,8 @@ def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
     np.testing.assert_array_equal(out["attention"], ex.attention.astype(np.float16))
     assert out["texts"] == ex.text
     with pytest.raises(RuntimeError, match="1 of 5 problems failed, more than --max_failed_fraction=0.1"):
-        flow_mod.check_failures(out["failed"], 5, 0.1, 0)
-    flow_mod.check_failures(out["failed"], 5, 0.2, 0)  # exactly at the bound is fine
+        shards.check_failures(out["failed"], 5, 0.1, 0)
+    shards.check_failures(out["failed"], 5, 0.2, 0)  # exactly at the bound is fine
 
 
 def test_merge_shards_checks_coverage():
@@ -370,14 +372,14 @@ def test_merge_shards_checks_coverage():
                 "texts": list(ids), "predictions": np.zeros(len(ids)), "correct": np.zeros(len(ids), bool),
                 "failed": [{"id": f, "error": "x"} for f in failed]}
 
-    merged = flow_mod.merge_shards(["a", "b", "c"], [shard(["c"]), shard(["a"], failed=["b"])])
+    merged = shards.merge_shards(["a", "b", "c"], [shard(["c"]), shard(["a"], failed=["b"])])
     assert merged["ids"] == ["a", "c"] and merged["texts"] == ["a", "c"] and merged["failed"][0]["id"] == "b"
     with pytest.raises(RuntimeError, match=r"duplicated \['a'\]"):
-        flow_mod.merge_shards(["a", "b"], [shard(["a", "b"]), shard(["a"])])
+        shards.merge_shards(["a", "b"], [shard(["a", "b"]), shard(["a"])])
     with pytest.raises(RuntimeError, match=r"lost \['b'\]"):
-        flow_mod.merge_shards(["a", "b"], [shard(["a"])])
+        shards.merge_shards(["a", "b"], [shard(["a"])])
     with pytest.raises(RuntimeError, match=r"unknown \['z'\]"):
-        flow_mod.merge_shards(["a"], [shard(["a", "z"])])
+        shards.merge_shards(["a"], [shard(["a", "z"])])
 
 
 def test_code_package_ships_project_code(tmp_path):
@@ -414,6 +416,7 @@ def test_default_run_is_the_offline_demo(tmp_path):
     assert "DEMO MODEL" in result.stdout_text
     d = result.run.data
     assert d.demo and d.model == "demo" and d.settings["dataset"] == "synthetic"
-    assert len(d.problem_ids) == 4 and d.problem_ids[0].startswith("train_")
+    assert len(d.problem_ids) == 4 and d.problem_ids[0].startswith("test_")  # held out from the demo's training
+    assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 8  # half of 4 x 4 heads
     assert "DEMO MODEL" in card_data(result.run["start"].task)
     assert "model:demo" in result.run.tags

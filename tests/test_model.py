@@ -167,3 +167,11 @@ def test_unreachable_hub_id_says_what_to_pass(tmp_path):
     assert run.returncode != 0
     assert "CODILoadError" in run.stderr
     assert "'meta-llama/Llama-3.2-1B-Instruct'" in run.stderr and "--base /path/to/dir" in run.stderr
+
+
+def test_missing_demo_model_says_how_to_rebuild(monkeypatch, tmp_path):
+    import codi_attn.model as model_mod
+
+    monkeypatch.setattr(model_mod, "DEMO_DIR", tmp_path / "demo_model")
+    with pytest.raises(CODILoadError, match="demo model is missing.*python -m codi_attn.train"):
+        model_mod.resolve_sources("demo")

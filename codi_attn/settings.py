@@ -1,0 +1,85 @@
+"""Run settings of AttentionFlow: every parameter checked cheaply, before any shard runs."""
+from __future__ import annotations
+
+import torch
+
+from codi_attn.ablation import POSITIONS
+from codi_attn.data import load_records, resolve_n
+from codi_attn.model import resolve_device_dtype, resolve_sources
+from codi_attn.presets import PRESETS
+from codi_attn.runs import named_runs
+from codi_attn.validate import ABLATIONS
+
+DEMO_DATASET = "synthetic"
+MAX_NUM_SPLITS = 100  # Metaflow's default --max-num-splits: a foreach wider than this stops the run
+
+
+class SettingsError(ValueError):
+    """A parameter of the run that cannot work; raised in start, before any shard runs."""
+
+
+def resolve_dataset(dataset: str, model: str, ckpt: str, base: str) -> str:
+    """'auto' = the bundled synthetic set for the demo model, the hub's gsm8k for the others."""
+    if dataset != "auto":
+        return dataset
+    return DEMO_DATASET if model == "demo" and not (ckpt or base) else "gsm8k"
+
+
+def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
+    """Validate every parameter cheaply (nothing is loaded but the dataset records) and return the
+    settings the run uses, plus n (None = whole split) and n_records. Every problem found is
+    reported at once, one line each naming the parameter, in a SettingsError."""
+    dataset = resolve_dataset(p["dataset"], p["model"], p["ckpt"], p["base"])
+    split = p["split"] if p["split"] != "auto" else ("test" if dataset == DEMO_DATASET else "train")
+    errors, out = [], {**p, "dataset": dataset, "split": split}
+
+    def check(what: str, fn):
+        try:
+            return fn()
+        except (ValueError, RuntimeError) as e:  # DatasetError, CODILoadError, torch's bad device string
+            errors.append(f"{what}: {e}")
+
+    for name in ("shard_size", "batch_size", "max_new_tokens"):
+        if p[name] <= 0:
+            errors.append(f"--{name} must be a positive integer, got {p[name]}")
+    if p["validate"]:
+        if p["validate_k"] <= 0 or p["validate_random"] <= 0:
+            errors.append(f"--validate_k and --validate_random must be positive, got {p['validate_k']} and "
+                          f"{p['validate_random']}")
+        if p["ablation"] not in ABLATIONS:
+            errors.append(f"--ablation must be one of {', '.join(ABLATIONS)}, got {p['ablation']!r}")
+        if p["ablation_positions"] not in POSITIONS:
+            errors.append(f"--ablation_positions must be one of {', '.join(POSITIONS)}, got "
+                          f"{p['ablation_positions']!r}")
+    if p["n_boot"] < 0:
+        errors.append(f"--n_boot must be 0 or more, got {p['n_boot']}")
+    if not 0.0 <= p["max_failed_fraction"] <= 1.0:
+        errors.append(f"--max_failed_fraction must be between 0 and 1, got {p['max_failed_fraction']}")
+    check("--dtype", lambda: resolve_device_dtype("cpu", p["dtype"]))
+    if p["device"] != "auto":
+        check("--device", lambda: torch.device(p["device"]))
+    if p["model"] not in PRESETS:
+        errors.append(f"--model: unknown preset {p['model']!r}; choose one of: {', '.join(PRESETS)}")
+    else:
+        sources = check("--model/--ckpt/--base", lambda: resolve_sources(p["model"], p["ckpt"] or None,
+                                                                          p["base"] or None))
+        out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
+    if p["compare_with"]:
+        check("--compare_with", lambda: named_runs(flow_name, p["compare_with"]))
+    records = check("--dataset", lambda: load_records(out["dataset"], split))
+    if records is not None:
+        out["n"] = check("--n_problems", lambda: resolve_n(p["n_problems"], len(records)))
+        out["n_records"] = len(records)
+    if errors:
+        raise SettingsError("\n".join(errors))
+    return out
+
+
+def shard_note(n_problems: int, shard_size: int) -> str | None:
+    """A warning when the extract foreach would be wider than Metaflow's default limit."""
+    n_shards = -(-n_problems // shard_size)
+    if n_shards <= MAX_NUM_SPLITS:
+        return None
+    return (f"{n_problems} problems in shards of {shard_size} make {n_shards} extract tasks, more than Metaflow's "
+            f"default limit of {MAX_NUM_SPLITS}: the run stops after sample unless it was started as "
+            f"`run --max-num-splits {n_shards} ...` or with --shard_size {-(-n_problems // MAX_NUM_SPLITS)} or more.")

@@ -1,0 +1,140 @@
+"""Sharded extraction for AttentionFlow: one shard's problems in batches, failures kept per problem,
+and the join that puts every shard back in sample order."""
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+import numpy as np
+
+from codi_attn.extract import MASS_PARTS, N_LATENTS, extract
+from codi_attn.metrics import baseline_of, incoming
+
+# Test hooks, read only by the tests (tests/test_flow.py); a normal run never sets them.
+#   CODI_ATTN_FAIL_SHARD=K       shard K raises after its first batch (K:kill = SIGKILLs itself instead)
+#   CODI_ATTN_FAIL_PROBLEMS=a,b  these problem ids raise inside extraction
+FAIL_SHARD_ENV = "CODI_ATTN_FAIL_SHARD"
+FAIL_PROBLEMS_ENV = "CODI_ATTN_FAIL_PROBLEMS"
+
+
+def _fail_hook(shard_index: int) -> None:
+    """Test hook: die the way a shard task can die (exception or SIGKILL) when asked to."""
+    spec = os.environ.get(FAIL_SHARD_ENV, "")
+    if not spec:
+        return
+    index, _, how = spec.partition(":")
+    if int(index) != shard_index:
+        return
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"test hook {FAIL_SHARD_ENV}={spec}: shard {shard_index} fails on purpose")
+
+
+def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: int, on_batch=None,
+                  shard_index: int = 0) -> dict:
+    """Extract the problems of one shard in batches. A batch that raises is retried problem by problem,
+    so one bad problem costs only itself; each failure is recorded as {'id', 'error'}.
+
+    Returns ids, attention float16 [n, L, H, 6, 6], mass float16 [n, L, H, 6, 4], texts, predictions
+    float64 [n], correct bool [n] for the n problems that succeeded (in input order), and failed.
+    """
+    fail_ids = set(filter(None, os.environ.get(FAIL_PROBLEMS_ENV, "").split(",")))
+
+    def run(chunk):
+        bad = [problems[k]["id"] for k in chunk if problems[k]["id"] in fail_ids]
+        if bad:
+            raise RuntimeError(f"test hook {FAIL_PROBLEMS_ENV}: {bad[0]} fails on purpose")
+        return extract(model, [problems[k]["question"] for k in chunk], [problems[k]["solution"] for k in chunk],
+                       batch_size=len(chunk), max_new_tokens=max_new_tokens)
+
+    n, shape = len(problems), (model.n_layers, model.n_heads, N_LATENTS)
+    attention = np.zeros((n, *shape, N_LATENTS), np.float16)
+    mass = np.zeros((n, *shape, len(MASS_PARTS)), np.float16)
+    texts, predictions = [""] * n, np.full(n, np.nan)
+    correct, ok = np.zeros(n, bool), np.zeros(n, bool)
+    failed = []
+    for start in range(0, n, batch_size):
+        chunk = list(range(start, min(n, start + batch_size)))
+        try:
+            results = [(chunk, run(chunk))]
+        except Exception:  # find the problem(s) to blame, keep the others
+            results = []
+            for k in chunk:
+                try:
+                    results.append(([k], run([k])))
+                except Exception as e:
+                    failed.append({"id": problems[k]["id"], "error": f"{type(e).__name__}: {e}"})
+        for idx, ex in results:
+            attention[idx], mass[idx] = ex.attention, ex.mass
+            predictions[idx], correct[idx], ok[idx] = ex.prediction, ex.correct, True
+            for k, text in zip(idx, ex.text):
+                texts[k] = text
+        if on_batch is not None:
+            on_batch(chunk[-1] + 1, len(failed))
+        if start == 0:
+            _fail_hook(shard_index)
+    return {"ids": [p["id"] for p, good in zip(problems, ok) if good],
+            "attention": attention[ok], "mass": mass[ok], "texts": [t for t, good in zip(texts, ok) if good],
+            "predictions": predictions[ok], "correct": correct[ok], "failed": failed}
+
+
+def check_failures(failed: list[dict], n: int, max_fraction: float, shard_index: int) -> None:
+    """Fail the shard when more than max_fraction of its n problems raised."""
+    if len(failed) > max_fraction * n:
+        raise RuntimeError(f"shard {shard_index}: {len(failed)} of {n} problems failed, more than "
+                           f"--max_failed_fraction={max_fraction}; first: {failed[0]['id']}: {failed[0]['error']}")
+
+
+def merge_shards(sampled_ids: list[str], shards: list[dict]) -> dict:
+    """Concatenate shard results in sample order; every sampled id must come back exactly once,
+    either extracted or failed, and no other id may appear."""
+    counts = Counter(i for s in shards for i in s["ids"]) + Counter(f["id"] for s in shards for f in s["failed"])
+    dupes = sorted(i for i, c in counts.items() if c > 1)
+    lost = [i for i in sampled_ids if i not in counts]
+    extra = sorted(set(counts) - set(sampled_ids))
+    if dupes or lost or extra:
+        raise RuntimeError(f"shards do not cover the sample exactly once: duplicated {dupes[:5]}, "
+                           f"lost {lost[:5]}, unknown {extra[:5]}")
+    where = {i: (s, k) for s, shard in enumerate(shards) for k, i in enumerate(shard["ids"])}
+    ids = [i for i in sampled_ids if i in where]
+    order = [where[i] for i in ids]
+
+    def gather(key):
+        return [shards[s][key][k] for s, k in order]
+
+    position = {i: n for n, i in enumerate(sampled_ids)}
+    failed = sorted((f for s in shards for f in s["failed"]), key=lambda f: position[f["id"]])
+    if not ids:
+        raise RuntimeError(f"no problem was extracted ({len(failed)} failed); first error: {failed[0]['error']}")
+    return {"ids": ids,
+            "attention": np.stack(gather("attention")).astype(np.float16),
+            "mass": np.stack(gather("mass")).astype(np.float16),
+            "texts": gather("texts"), "predictions": np.array(gather("predictions"), np.float64),
+            "correct": np.array(gather("correct"), bool), "failed": failed}
+
+
+def attention_stats(attention, mass, mass_parts) -> dict:
+    """Where the latent queries' attention goes, on raw weights, over all problems, layers and heads.
+
+    incoming[j] is codi_attn.metrics.incoming of the mean matrix (mean weight thought j gets from the
+    thoughts i >= j + 2; nan for z5, z6), incoming_baseline[j] the same under causal-uniform attention
+    with the same row masses (codi-spec trap 7), incoming_lift their ratio. Per-head hubs with
+    intervals are the metrics step's business; these are the run's overall numbers.
+    """
+    a = attention.astype(np.float32)
+    m = mass.astype(np.float32)
+    mean = a.mean(axis=(0, 1, 2), dtype=np.float64)  # [6, 6] over problems, layers, heads
+    observed, baseline = incoming(mean), incoming(baseline_of(mean, "raw"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift = observed / baseline
+    return {
+        "n_problems": int(a.shape[0]),
+        "mass_parts": list(mass_parts),
+        "mass_mean": {p: float(v) for p, v in zip(mass_parts, m.mean(axis=(0, 1, 2, 3)))},
+        "mass_by_layer": m.mean(axis=(0, 2, 3)).tolist(),
+        "self_attention": float(np.diagonal(mean).mean()),
+        "incoming": observed.tolist(),
+        "incoming_baseline": baseline.tolist(),
+        "incoming_lift": lift.tolist(),
+    }
