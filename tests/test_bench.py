@@ -1,0 +1,86 @@
+"""The extraction benchmark runs on the tiny shape, writes its JSON and really checks (a) against (c).
+
+No timing assertions: timings live in the benchmark, never in the test suite.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_extract.py"
+GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"  # the benchmark's default problems
+KEYS = {"reference_problems_per_s", "plain_problems_per_s", "project_problems_per_s", "speedup", "capture_overhead",
+        "peak_rss_mb", "achieved_gflops", "peak_gflops", "batch_size", "agreement", "machine", "memory"}
+
+pytestmark = pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason=f"{GSM8K_TRAIN} is missing")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_extract", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_extract"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    return ["--shape", "tiny", "--n-problems", "5", "--batch-size", "2,4", "--max-new-tokens", "2", "--threads", "1",
+            "--peak-size", "256", "--device", "cpu", "--dtype", "float32", "--gsm8k", str(GSM8K_TRAIN),
+            "--json", str(out), *extra]
+
+
+def test_tiny_benchmark_writes_json_and_checks_reference(bench, tmp_path, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    calls = []
+    real = bench.agreement
+    monkeypatch.setattr(bench, "agreement", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "bench.json"
+    assert bench.main(_args(out, "--reference-problems", "3")) == 0
+    res = json.loads(out.read_text())
+    assert KEYS <= set(res), KEYS - set(res)
+    assert calls, "the (a)-vs-(c) agreement check did not run"
+    check = res["agreement"]
+    assert check["ok"] and check["n_compared"] == 3 == res["reference_problems"]
+    assert check["max_abs_diff_attention"] <= check["atol"]
+    assert res["n_problems"] == 5 and res["batch_size"] in (2, 4) and set(res["sweep_problems_per_s"]) == {"2", "4"}
+    for key in ("reference_problems_per_s", "plain_problems_per_s", "project_problems_per_s", "achieved_gflops",
+                "peak_gflops", "peak_rss_mb"):
+        assert res[key] > 0, key
+    assert res["speedup"] == pytest.approx(res["project_problems_per_s"] / res["reference_problems_per_s"])
+    assert res["capture_overhead"] == pytest.approx(res["project_seconds"] / res["plain_seconds"] - 1)
+    assert res["generated_tokens_mean"] == 2  # random weights: the fixed decode budget is what runs
+    assert torch.get_num_threads() == threads  # --threads does not leak out of an in-process run
+
+
+def test_reference_mismatch_is_caught(bench, tmp_path, monkeypatch):
+    """A reference that reads the wrong key column (the off-by-one of codi-spec trap 1) must fail the check."""
+    real = bench.reference_extract
+
+    def shifted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["attention"] = np.roll(out["attention"], 1, axis=-1)
+        return out
+
+    monkeypatch.setattr(bench, "reference_extract", shifted)
+    out = tmp_path / "bad.json"
+    assert bench.main(_args(out, "--reference-problems", "2")) == bench.EXIT_MISMATCH
+    res = json.loads(out.read_text())
+    assert res["agreement"]["ok"] is False and "project_problems_per_s" not in res
+
+
+def test_help_names_every_option(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--shape", "--n-problems", "--batch-size", "--max-new-tokens", "--device", "--dtype", "--json",
+                   "--gsm8k", "--reference-problems"):
+        assert option in text
