@@ -35,10 +35,10 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from codi_attn import synthetic
+from codi_attn.answers import parse_answer, parse_gold
 
 EOS, UNK, ANSWER = "<|endoftext|>", "[UNK]", "The answer is:"
 N_LATENTS = 6
-NUMBER = re.compile(r"-?\d+\.?\d*")
 CURRICULUM_HELP = (
     "Phases as 'END:MODE:W1/W2/W3/W4;...': up to fraction END of the steps, MODE "
     "'teacher' (teacher CE only) or 'codi' (full loss), with problems of 1/2/3/4 "
@@ -71,14 +71,8 @@ def build_tokenizer(n_texts: int = 5000) -> PreTrainedTokenizerFast:
     return fast
 
 
-def parse_answer(text: str) -> float | None:
-    """The last number in text (commas removed), as the official evaluation reads it."""
-    found = NUMBER.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
-
-
 def gold_answer(record: dict) -> float:
-    return float(record["answer"].split("####")[-1].strip().replace(",", ""))
+    return parse_gold(record["answer"])
 
 
 @dataclass
