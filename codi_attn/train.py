@@ -35,10 +35,11 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from codi_attn import synthetic
-from codi_attn.answers import parse_answer, parse_gold
+from codi_attn.answers import normalize_question, parse_answer, parse_gold
+from codi_attn.extract import N_LATENTS
+from codi_attn.model import make_projection
 
 EOS, UNK, ANSWER = "<|endoftext|>", "[UNK]", "The answer is:"
-N_LATENTS = 6
 CURRICULUM_HELP = (
     "Phases as 'END:MODE:W1/W2/W3/W4;...': up to fraction END of the steps, MODE "
     "'teacher' (teacher CE only) or 'codi' (full loss), with problems of 1/2/3/4 "
@@ -91,7 +92,7 @@ def encode(tok: PreTrainedTokenizerFast, records: list[dict]) -> Encoded:
     def ids(texts: list[str]) -> torch.Tensor:
         return torch.tensor([tok.encode(t, add_special_tokens=False) for t in texts])
 
-    questions = [r["question"].strip().replace("  ", " ") for r in records]
+    questions = [normalize_question(r["question"]) for r in records]
     cots = [" ".join(re.findall(r"<<[^>]*>>", r["answer"])) for r in records]
     answers = [f"{ANSWER} {int(gold_answer(r))}{EOS}" for r in records]
     return Encoded(ids(questions), ids(cots), ids(answers))
@@ -108,8 +109,7 @@ class CODI(nn.Module):
         super().__init__()
         self.codi = GPT2LMHeadModel(config)
         d = config.n_embd
-        self.prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-        self.prj.add_module("ln", nn.LayerNorm(d))
+        self.prj = make_projection(d, d)
         self.bot_id, self.eot_id = config.vocab_size - 2, config.vocab_size - 1
 
     def embed(self, token_id: int, batch: int) -> torch.Tensor:

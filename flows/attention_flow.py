@@ -110,6 +110,13 @@ class AttentionFlow(FlowSpec):
                  "validate_random", "ablation", "ablation_positions", "compare_with")
         return {k: getattr(self, k) for k in names}
 
+    def _load_model(self):
+        """The CODI model of this run, as the parameters name it."""
+        from codi_attn.model import load_codi
+
+        return load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
+                         device=self.device)
+
     @card(type="blank")
     @step
     def start(self):
@@ -158,13 +165,11 @@ class AttentionFlow(FlowSpec):
         from tqdm import tqdm
 
         from cards.extract_card import ExtractProgress
-        from codi_attn.model import load_codi
         from codi_attn.shards import check_failures, extract_shard
 
         self.shard_index = self.index
         problems = self.input
-        model = load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
-                          device=self.device)
+        model = self._load_model()
         self.model_info = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads,
                            "n_kv_heads": model.n_kv_heads, "device": str(model.device),
                            "dtype": str(model.dtype).replace("torch.", ""), "is_demo": model.is_demo,
@@ -258,7 +263,6 @@ class AttentionFlow(FlowSpec):
         from metaflow.cards import Markdown
 
         from cards.validate_card import validate_card
-        from codi_attn.model import load_codi
         from codi_attn.validate import run_validation
 
         self.validation_result = None
@@ -269,8 +273,7 @@ class AttentionFlow(FlowSpec):
             return
         by_id = {p["id"]: p for p in self.problems}
         problems = [by_id[i] for i in self.problem_ids]
-        model = load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
-                          device=self.device)
+        model = self._load_model()
         self.validation_result = run_validation(
             model, [p["question"] for p in problems], [p["solution"] for p in problems], self.ranked_heads,
             k=self.validate_k, n_random=self.validate_random, ablation=self.ablation,
