@@ -417,56 +417,6 @@ def reference_extract(model, token_ids: list[list[int]], max_new_tokens: int) ->
 
 
 # ---------------------------------------------------------------------------------- (b) plain
-PLAIN_PREFILL_EFFICIENCY = 0.9
-
-
-def length_groups(lengths: Sequence[int], efficiency: float = PLAIN_PREFILL_EFFICIENCY) -> list[list[int]]:
-    """Indices grouped greedily by ascending length so that each group's real tokens are >= `efficiency` of
-    its padded tokens (the prefill of plain inference runs group by group: little compute spent on padding)."""
-    groups: list[list[int]] = []
-    total = 0
-    for k in sorted(range(len(lengths)), key=lambda k: lengths[k]):
-        if groups and total + lengths[k] >= efficiency * lengths[k] * (len(groups[-1]) + 1):
-            groups[-1].append(k)
-            total += lengths[k]
-        else:
-            groups.append([k])
-            total = lengths[k]
-    return groups
-
-
-def preallocated_cache(config, keys: list[torch.Tensor], values: list[torch.Tensor], capacity: int):
-    """A DynamicCache holding the given per-layer keys/values in buffers of `capacity` positions, so that each
-    new position is written in place instead of copying the whole cache (DynamicLayer's torch.cat)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            n = key_states.shape[-2]
-            if self.used + n > self.buffers[0].shape[-2]:
-                raise RuntimeError(f"plain: KV cache capacity {self.buffers[0].shape[-2]} exceeded")
-            for buffer, new in zip(self.buffers, (key_states, value_states)):
-                buffer[..., self.used: self.used + n, :] = new
-            self.used += n
-            self.keys, self.values = (b[..., : self.used, :] for b in self.buffers)
-            return self.keys, self.values
-
-    cache = DynamicCache(config=config)
-    if len(cache.layers) != len(keys) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise RuntimeError("plain: this model's cache layers are not plain DynamicLayers")
-    layers = []
-    for k, v in zip(keys, values):
-        layer = PreallocatedLayer()
-        layer.lazy_initialization(k, v)
-        layer.buffers = tuple(t.new_zeros(*t.shape[:-2], capacity, t.shape[-1]) for t in (k, v))
-        layer.used = 0
-        layer.update(k, v)
-        layers.append(layer)
-    cache.layers = layers
-    return cache
-
-
 @torch.inference_mode()
 def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """CODI latent inference for one left-padded batch, no capture; returns each problem's generated ids.
@@ -477,6 +427,8 @@ def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[
     """
     from transformers import DynamicCache
 
+    from codi_attn.extract import preallocated_cache, prefill_groups
+
     lm, dev = model.lm, model.device
     body, head, embed = lm.base_model, lm.get_output_embeddings(), lm.get_input_embeddings()
     n, width = len(token_ids), max(map(len, token_ids))
@@ -485,7 +437,7 @@ def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[
     hidden = torch.empty(n, lm.config.hidden_size, dtype=model.dtype, device=dev)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
-    for group in length_groups([len(t) for t in token_ids]):
+    for group in prefill_groups([len(t) for t in token_ids]):
         w = max(len(token_ids[k]) for k in group)
         ids = torch.full((len(group), w), model.pad_id, dtype=torch.long)
         for row, k in enumerate(group):
@@ -503,7 +455,9 @@ def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[
                 values.append(layer.values.new_zeros(n, *layer.values.shape[1:-2], width, layer.values.shape[-1]))
             keys[layer_index][index, ..., width - w:, :] = layer.keys
             values[layer_index][index, ..., width - w:, :] = layer.values
-    cache = preallocated_cache(lm.config, keys, values, width + N_LATENTS + 1 + budget)
+    cache = preallocated_cache(lm.config, width + N_LATENTS + 1 + budget)
+    for layer_index, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, layer_index)
     del keys, values
     lengths = torch.tensor([len(t) for t in token_ids])
     mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long().to(dev)

@@ -1,9 +1,11 @@
 """Batched CODI latent inference (codi-spec section 3) that captures the 6x6 attention between thoughts.
 
-Per batch: one prefill over the left-padded questions + BOT (sdpa, body only, no LM head); six latent
+Per batch: one prefill over the left-padded questions + BOT (sdpa, body only, no LM head, run in groups of
+similar length so that little compute goes to padding); six latent
 steps of one position each, under eager attention with `output_attentions`, so each layer returns
 just the one query row [B, H, 1, S] of that thought, which is reduced at once to the 6x6 entries and the
-mass split; then EOT and greedy decoding (sdpa, LM head on the last position only).
+mass split; then EOT and greedy decoding (sdpa, LM head on the last position only). The KV cache writes
+each new position into room reserved up front instead of copying itself at every step.
 Left padding with a 2-D attention mask and per-problem position ids makes every problem's result
 equal its batch-of-one result (codi-spec trap 8).
 """
@@ -18,12 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from codi_attn.answers import is_correct, normalize_question, parse_answer, parse_gold
 from codi_attn.model import CODIModel
 
 N_LATENTS = 6
 MASS_PARTS = ("sink", "question", "bot", "latents")
+PREFILL_EFFICIENCY = 0.9  # each prefill group's real tokens are at least this share of its padded tokens
 
 
 @dataclass
@@ -66,12 +71,66 @@ def attention_implementation(lm, name: str) -> Iterator[None]:
         lm.set_attn_implementation(before)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes new positions into buffers of `capacity` positions reserved at the first update.
+
+    transformers' DynamicLayer concatenates (copies) the whole cache at every step; with a few hundred prompt
+    positions and one new position per latent or decode step, that copy dominated those steps on CPU.
+    `keys`/`values` are views of the used part, so everything that reads the cache sees a DynamicLayer.
+    The buffers grow (one copy) if a batch needs more than `capacity` positions.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.used = capacity, 0
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.buffers is None or self.used + n > self.buffers[0].shape[-2]:
+            size = max(self.capacity, self.used + n) if self.buffers is None else 2 * (self.used + n)
+            grown = tuple(t.new_zeros(*t.shape[:-2], size, t.shape[-1]) for t in (key_states, value_states))
+            if self.buffers is not None:
+                for new, old in zip(grown, self.buffers):
+                    new[..., : self.used, :] = old[..., : self.used, :]
+            self.buffers = grown
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[..., self.used: self.used + n, :] = new
+        self.used += n
+        self.keys, self.values = (buffer[..., : self.used, :] for buffer in self.buffers)
+        return self.keys, self.values
+
+
+def preallocated_cache(config, capacity: int) -> DynamicCache:
+    """A DynamicCache for `config` whose layers reserve `capacity` positions (`PreallocatedLayer`); a plain
+    DynamicCache when the config asks for other layer kinds (e.g. sliding windows)."""
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def prefill_groups(lengths: Sequence[int], efficiency: float = PREFILL_EFFICIENCY) -> list[list[int]]:
+    """Row indices grouped greedily by ascending length so that each group's real tokens are at least
+    `efficiency` of its padded tokens (its size x its longest length); one group when the rows are that even."""
+    groups: list[list[int]] = []
+    total = 0
+    for k in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        if groups and total + lengths[k] >= efficiency * lengths[k] * (len(groups[-1]) + 1):
+            groups[-1].append(k)
+            total += lengths[k]
+        else:
+            groups.append([k])
+            total = lengths[k]
+    return groups
+
+
 class _Batch:
     """KV-cached state of one left-padded batch: attention mask and next position of each problem."""
 
-    def __init__(self, model: CODIModel, token_ids: list[list[int]]):
-        from transformers import DynamicCache
-
+    def __init__(self, model: CODIModel, token_ids: list[list[int]], room: int):
         self.model = model
         width = max(map(len, token_ids))
         dev = model.device
@@ -82,18 +141,47 @@ class _Batch:
             ids[b, width - len(t):] = torch.tensor(t, device=dev)
         self.input_ids = ids
         self.mask = (torch.arange(width, device=dev)[None] >= (width - self.lengths)[:, None]).long()
-        self.cache = DynamicCache(config=model.lm.config)
+        self.cache = preallocated_cache(model.lm.config, width + room)  # room: latents, EOT, decoded tokens
         # transformers renamed past_key_values to cache (5.2x); an unknown name would be swallowed silently
         self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.base_model.forward).parameters \
             else "past_key_values"
 
-    def forward(self, embeds: torch.Tensor | None = None, attentions: bool = False):
-        """Run the body (no LM head) on the prefill ids or on one new position per problem."""
+    def prefill(self) -> torch.Tensor:
+        """Forward the questions + BOT and fill the cache; the last hidden state of each problem [B, d].
+
+        Runs in groups of similar length (`prefill_groups`), each left-padded only to its own longest question,
+        then joins the groups' caches left-padded with zeros to the batch width: padded keys are masked out in
+        every later step, so each problem still gets its batch-of-one result.
+        """
         body = self.model.lm.base_model
-        if embeds is None:
-            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-            return body(input_ids=self.input_ids, attention_mask=self.mask, position_ids=positions,
-                        use_cache=True, **{self.cache_arg: self.cache})
+        lengths = self.lengths.tolist()
+        hidden, keys, values = [], [], []
+        groups = prefill_groups(lengths)
+        for group in groups:
+            index = torch.tensor(group, device=self.input_ids.device)
+            w = max(lengths[k] for k in group)
+            mask = self.mask[index, self.width - w:]
+            cache = self.cache if len(groups) == 1 else DynamicCache(config=self.model.lm.config)
+            out = body(input_ids=self.input_ids[index, self.width - w:], attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{self.cache_arg: cache})
+            hidden.append(out.last_hidden_state[:, -1])
+            if len(groups) > 1:
+                pad = (0, 0, self.width - w, 0)
+                keys.append([torch.nn.functional.pad(layer.keys, pad) for layer in cache.layers])
+                values.append([torch.nn.functional.pad(layer.values, pad) for layer in cache.layers])
+        if len(groups) == 1:
+            return hidden[0]
+        rows = torch.tensor([k for group in groups for k in group], device=self.input_ids.device)
+        inverse = torch.empty_like(rows)
+        inverse[rows] = torch.arange(len(rows), device=rows.device)
+        for layer in range(len(keys[0])):
+            self.cache.update(torch.cat([k[layer] for k in keys])[inverse],
+                              torch.cat([v[layer] for v in values])[inverse], layer)
+        return torch.cat(hidden)[inverse]
+
+    def forward(self, embeds: torch.Tensor, attentions: bool = False):
+        """Run the body (no LM head) on one new position per problem, embeds [B, d]."""
+        body = self.model.lm.base_model
         positions = self.mask.sum(-1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         out = body(inputs_embeds=embeds[:, None], attention_mask=self.mask, position_ids=positions,
@@ -121,19 +209,21 @@ def _thought_rows(attentions: tuple[torch.Tensor, ...], batch: _Batch, step: int
 
 @torch.inference_mode()
 def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int,
-               blocked_latents: Sequence[int], latent_context: Callable[[], ContextManager]) -> dict:
-    """Latent inference for one batch: attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents, logits."""
+               blocked_latents: Sequence[int], latent_context: Callable[[], ContextManager],
+               fed: torch.Tensor | None = None) -> dict:
+    """Latent inference for one batch: attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents, logits.
+    fed [B, 6, d]: latents fed instead of prj(h)."""
     lm, n_layers = model.lm, model.n_layers
-    batch = _Batch(model, token_ids)
+    batch = _Batch(model, token_ids, room=N_LATENTS + 1 + max(max_new_tokens, 0))
     n = len(token_ids)
     attention = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, N_LATENTS, device=model.device)
     mass = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, len(MASS_PARTS), device=model.device)
     latents, thought_hidden = [], []
 
-    hidden = batch.forward().last_hidden_state[:, -1]
+    hidden = batch.prefill()
     with attention_implementation(lm, "eager"), latent_context():
         for step in range(N_LATENTS):
-            z = model.prj(hidden)
+            z = model.prj(hidden) if fed is None else fed[:, step]
             latents.append(z)
             out = batch.forward(z, attentions=True)
             row, split = _thought_rows(out.attentions, batch, step, n_layers)
@@ -182,27 +272,36 @@ def decode_answer(model: CODIModel, ids: np.ndarray) -> str:
 def extract(model: CODIModel, questions: list[str], golds: list[str] | None = None, batch_size: int = 16,
             max_new_tokens: int = 256, progress: Callable[[int], None] | None = None,
             keep_latents: bool = False, keep_logits: bool = False, blocked_latents: Sequence[int] = (),
-            latent_context: Callable[[], ContextManager] = nullcontext) -> Extraction:
+            latent_context: Callable[[], ContextManager] = nullcontext,
+            fed_latents: np.ndarray | None = None) -> Extraction:
     """Run CODI latent inference on `questions` and capture the six thoughts' attention.
 
     Problems are batched by length (less padding); results come back in input order.
     `golds` are GSM8K answers ('#### N' or the number); `progress(k)` is called after each batch of k.
     Interventions for causal checks: `blocked_latents` (0-based thoughts whose keys later queries may not
     attend, through the attention mask) and `latent_context` (a context entered around the six latent steps
-    only, e.g. hooks that ablate heads there).
+    only, e.g. hooks that ablate heads there) and `fed_latents` [N, 6, d] (fed as z1..z6 instead of
+    prj(h), e.g. another problem's thoughts; attention is still captured).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if any(k not in range(N_LATENTS) for k in blocked_latents):
         raise ValueError(f"blocked_latents must be thoughts 0..5, got {list(blocked_latents)}")
     token_ids = tokenize_questions(model, questions)
+    d = model.lm.config.hidden_size
+    if fed_latents is not None and np.shape(fed_latents) != (len(questions), N_LATENTS, d):
+        raise ValueError(f"fed_latents must have shape {(len(questions), N_LATENTS, d)} (problems, thoughts, "
+                         f"hidden size), got {np.shape(fed_latents)}")
     order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
     n = len(token_ids)
     parts: dict[str, np.ndarray] = {}
     texts = [""] * n
     for start in range(0, n, batch_size):
         idx = order[start: start + batch_size]
-        out = _run_batch(model, [token_ids[k] for k in idx], max_new_tokens, tuple(blocked_latents), latent_context)
+        fed = None if fed_latents is None else torch.as_tensor(np.asarray(fed_latents)[idx], dtype=model.dtype,
+                                                               device=model.device)
+        out = _run_batch(model, [token_ids[k] for k in idx], max_new_tokens, tuple(blocked_latents), latent_context,
+                         fed)
         wanted = ("attention", "mass") + ("latents", "thought_hidden") * keep_latents + ("first_logits",) * keep_logits
         for name in wanted:
             if name not in parts:

@@ -76,6 +76,13 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     return dev, names[dtype]
 
 
+def fuse_gelu(config) -> None:
+    """Run GPT-2's "gelu_new" as PyTorch's fused tanh GELU: the same formula in one kernel instead of eight
+    elementwise passes (equal up to float rounding; those passes took ~10% of CPU extraction time)."""
+    if getattr(config, "activation_function", None) == "gelu_new":
+        config.activation_function = "gelu_pytorch_tanh"
+
+
 def _is_local(source: str) -> bool:
     """A source that names a path rather than a hub id."""
     return os.path.exists(os.path.expanduser(source)) or source.startswith(("/", "~", ".")) or source.count("/") > 1
@@ -239,6 +246,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
         raise CODILoadError(f"the tokenizer of {base} gives [PAD] id {tokenizer.pad_token_id}, expected "
                             f"the config's vocab_size {vocab}")
 
+    fuse_gelu(config)
     with no_init_weights():  # every weight comes from the checkpoint, checked strictly below
         lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         lm.resize_token_embeddings(vocab + 3, mean_resizing=False)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from codi_attn import extract as extract_mod
-from codi_attn.extract import MASS_PARTS, N_LATENTS, extract, tokenize_questions
+from codi_attn.extract import (MASS_PARTS, N_LATENTS, PreallocatedLayer, extract, prefill_groups,
+                                tokenize_questions)
 
 QUESTIONS = [
     "Natalia sold 48 clips in April. How many clips?",
@@ -88,8 +89,10 @@ def test_llama_has_bos_sink_and_32_style_query_heads(llama_model):
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_batch_equals_batch_of_one(any_model, batch_size):
     """Trap 8: left padding with masks and positions gives every problem its batch-of-one result."""
-    lengths = {len(t) for t in tokenize_questions(any_model, QUESTIONS)}
-    assert len(lengths) == len(QUESTIONS), "questions must have uneven lengths"
+    lengths = [len(t) for t in tokenize_questions(any_model, QUESTIONS)]
+    assert len(set(lengths)) == len(QUESTIONS), "questions must have uneven lengths"
+    if batch_size == len(QUESTIONS):
+        assert len(prefill_groups(lengths)) > 1, "the grouped prefill (caches joined) must be exercised"
     batched = extract(any_model, QUESTIONS, batch_size=batch_size, max_new_tokens=6, keep_latents=True)
     for k, question in enumerate(QUESTIONS):
         single = extract(any_model, [question], max_new_tokens=6, keep_latents=True)
@@ -183,3 +186,72 @@ def test_logit_lens_inputs(gpt2_model):
         nxt = gpt2_model.prj(torch.tensor(ex.thought_hidden[0, :5])).numpy()
     np.testing.assert_allclose(nxt, ex.latents[0, 1:], atol=1e-5)
     assert ex.first_logits.shape == (1, gpt2_model.lm.config.vocab_size)
+
+
+@pytest.mark.parametrize("lengths", [[5], [30, 10, 11, 29, 12, 31, 100], [7, 7, 7], list(range(1, 40))])
+def test_prefill_groups_cover_every_row_once_with_little_padding(lengths):
+    groups = prefill_groups(lengths)
+    assert sorted(k for group in groups for k in group) == list(range(len(lengths)))
+    for group in groups:
+        real, padded = sum(lengths[k] for k in group), len(group) * max(lengths[k] for k in group)
+        assert real >= 0.9 * padded
+    assert len(prefill_groups([7, 7, 7])) == 1
+    assert [len(g) for g in prefill_groups([30, 10, 11, 29, 12, 31, 100])] == [3, 3, 1]
+
+
+def test_preallocated_layer_equals_concatenation_and_grows():
+    """Writing into reserved room (and growing past it) gives exactly what DynamicLayer's torch.cat gives."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    room, plain = PreallocatedLayer(capacity=6), DynamicLayer()
+    for n in (4, 1, 1, 3, 1):  # prefill, then one-position steps; 4 + 1 + 1 exactly fills, 3 more must grow
+        k, v = torch.randn(2, 3, n, 5), torch.randn(2, 3, n, 5)
+        got, want = room.update(k, v), plain.update(k, v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert room.get_seq_length() == plain.get_seq_length()
+    assert room.buffers[0].shape[-2] >= 10
+
+
+def test_extractor_cache_is_preallocated(gpt2_model, monkeypatch):
+    """The extractor's cache layers are PreallocatedLayers with room for latents, EOT and the decode budget
+    (no regrowth in a normal run)."""
+    seen = []
+    original = extract_mod.preallocated_cache
+
+    def spy(config, capacity):
+        seen.append(original(config, capacity))
+        return seen[-1]
+
+    monkeypatch.setattr(extract_mod, "preallocated_cache", spy)
+    extract(gpt2_model, QUESTIONS[:2], batch_size=2, max_new_tokens=4)
+    layers = seen[0].layers
+    assert all(isinstance(layer, PreallocatedLayer) for layer in layers)
+    width = max(len(t) for t in tokenize_questions(gpt2_model, QUESTIONS[:2]))
+    assert {layer.buffers[0].shape[-2] for layer in layers} == {width + N_LATENTS + 1 + 4}
+
+
+def test_fed_latents_replace_the_projection(any_model):
+    """Fed its own latents, a problem reproduces its run; fed another problem's, its thoughts and their
+    attention change, and the capture still equals the independent full-sequence forward over the fed z."""
+    base = extract(any_model, QUESTIONS[:3], batch_size=3, max_new_tokens=3, keep_latents=True)
+    again = extract(any_model, QUESTIONS[:3], batch_size=3, max_new_tokens=3, keep_latents=True,
+                    fed_latents=base.latents)
+    np.testing.assert_allclose(again.attention, base.attention, atol=1e-6)
+    np.testing.assert_array_equal(again.latents, base.latents)
+    assert again.text == base.text
+    swapped = np.roll(base.latents, 1, axis=0)  # problem k gets the thoughts of problem k-1
+    other = extract(any_model, QUESTIONS[:3], batch_size=3, max_new_tokens=3, keep_latents=True, fed_latents=swapped)
+    np.testing.assert_array_equal(other.latents, swapped)
+    assert np.abs(other.attention - base.attention).max() > 1e-3
+    for k, question in enumerate(QUESTIONS[:3]):
+        block, split = full_sequence_reference(any_model, question, swapped[k])
+        np.testing.assert_allclose(other.attention[k], block, atol=1e-5)
+        np.testing.assert_allclose(other.mass[k], split, atol=1e-5)
+
+
+def test_fed_latents_must_match_problems_and_shape(gpt2_model):
+    d = gpt2_model.lm.config.hidden_size
+    with pytest.raises(ValueError, match=r"fed_latents must have shape \(2, 6, %d\)" % d):
+        extract(gpt2_model, QUESTIONS[:2], fed_latents=np.zeros((3, N_LATENTS, d), np.float32))
