@@ -56,12 +56,22 @@ def verdict(result: ValidationResult) -> list[str]:
     out.append(f"Blocking {worst['blocked']} hurts most of the single thoughts: {_delta(worst)}, "
                f"{100 * worst['answers_changed']:.0f}% of answers changed"
                + (f"; blocking all six: {_delta(every.iloc[0])}." if len(every) else "."))
+    swap = result.group("latent swap")
+    if len(swap):
+        row = swap.iloc[0]
+        specific = row["delta_ci_high"] < 0
+        out.append(f"Feeding each problem the six thoughts of another problem changed accuracy by {_delta(row)}, "
+                   f"{100 * row['answers_changed']:.0f}% of answers changed: the thoughts "
+                   + ("carry problem-specific content." if specific else
+                      "carry little problem-specific content (any thoughts of the right kind do about as well)."))
     out += [f"Note: {n}." for n in result.notes]
     return out
 
 
 def _table(df: pd.DataFrame) -> Table:
-    rows = [[r.condition, r.group, r.heads or r.blocked or "", f"{100 * r.accuracy:.1f}%",
+    swapped = "thoughts of the next problem"
+    rows = [[r.condition, r.group, r.heads or r.blocked or (swapped if r.group == "latent swap" else ""),
+             f"{100 * r.accuracy:.1f}%",
              f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]", _points(r.delta_accuracy),
              f"[{_points(r.delta_ci_low)}, {_points(r.delta_ci_high)}]", f"{100 * r.answers_changed:.0f}%",
              f"{r.kl_first_token:.3g}"] for r in df.itertuples()]
@@ -99,7 +109,7 @@ def validate_card(result: ValidationResult) -> list:
         Markdown(f"## Top-{s['k']} heads vs random controls"),
         _image(ablation_figure(result)),
         _image(single_heads_figure(result)),
-        Markdown("## Blocking thoughts"),
+        Markdown("## Blocking and swapping thoughts"),
         _image(blocking_figure(result)),
         Markdown("## All conditions"),
         _table(result.validation),

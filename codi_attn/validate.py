@@ -9,6 +9,9 @@ Every condition runs on the same problems as a baseline run of those problems (c
     random control    n_random draws of k heads from the same layers as the top-k (same layer multiset), none
                       of them a top-k head; a layer without enough other heads lends from its nearest layers
     blocking          each thought z1..z6 blocked (later queries give its key exactly zero weight), and all six
+    latent swap       each problem fed the six thoughts its neighbour in the sample computed (problem k gets those
+                      of k+1, the last those of the first): do the thoughts carry problem-specific content, or
+                      does any thought-shaped input do? (needs two problems or more)
 Ablation (`ablation="mean"`, the default, or "zero") replaces each head's slice of the output-projection
 input (codi_attn.ablation) at the six latent steps (`positions="latent"`, default) or at every position
 ("all"). Mean ablation uses the head's mean input over the same problems, per thought on "latent".
@@ -41,7 +44,7 @@ from codi_attn.metrics import head_label, thought
 from codi_attn.model import CODIModel
 
 ABLATIONS = ("mean", "zero")
-GROUPS = ("baseline", "no-op", "top-k", "top-k single", "random control", "blocking")
+GROUPS = ("baseline", "no-op", "top-k", "top-k single", "random control", "blocking", "latent swap")
 CI_LEVEL = 0.95
 LENS_TOP_N = 5  # tokens per thought checked for intermediate results
 COLUMNS = ("condition", "group", "heads", "blocked", "accuracy", "ci_low", "ci_high", "delta_accuracy",
@@ -104,22 +107,25 @@ def random_controls(top: list[Head], n_layers: int, n_heads: int, n_draws: int,
 
 @dataclass(frozen=True)
 class Condition:
-    """One experiment: heads ablated and thoughts (0-based) blocked."""
+    """One experiment: heads ablated, thoughts (0-based) blocked, or each problem fed its neighbour's thoughts."""
 
     name: str
     group: str
     heads: tuple[Head, ...] = ()
     blocked: tuple[int, ...] = ()
+    swap: bool = False
 
 
-def conditions(top: list[Head], controls: list[list[Head]]) -> list[Condition]:
-    """The experiments in table order (baseline first, no-op second)."""
+def conditions(top: list[Head], controls: list[list[Head]], swap: bool = True) -> list[Condition]:
+    """The experiments in table order (baseline first, no-op second); the latent swap last when `swap`."""
     k = len(top)
     out = [Condition("baseline", "baseline"), Condition("no-op", "no-op"), Condition(f"top-{k}", "top-k", tuple(top))]
     out += [Condition(head_label(*h), "top-k single", (h,)) for h in top]
     out += [Condition(f"random {d + 1}", "random control", tuple(c)) for d, c in enumerate(controls)]
     out += [Condition(f"block {thought(j)}", "blocking", blocked=(j,)) for j in range(N_LATENTS)]
     out.append(Condition("block all", "blocking", blocked=tuple(range(N_LATENTS))))
+    if swap:
+        out.append(Condition("swap thoughts", "latent swap", swap=True))
     return out
 
 
@@ -275,13 +281,16 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
 
     run_kwargs = dict(golds=golds, batch_size=batch_size, max_new_tokens=max_new_tokens, keep_logits=True)
     idx = resample_indices(len(questions), n_boot, seed)
-    base_cond, noop_cond, *others = conditions(top, controls)
+    if len(questions) < 2:
+        notes.append("no latent swap: it needs two problems or more")
+    base_cond, noop_cond, *others = conditions(top, controls, swap=len(questions) >= 2)
     base = extract(model, questions, keep_latents=True, **run_kwargs)
     noop = extract_ablated(model, questions, (), means, positions, keep_latents=True, **run_kwargs)
     rows = [measure(base_cond, base, base, idx), measure(noop_cond, noop, base, idx)]
     for cond in others:
+        fed = np.roll(base.latents, -1, axis=0) if cond.swap else None  # problem k gets the thoughts of k+1
         ex = extract_ablated(model, questions, cond.heads, means, positions, blocked_latents=cond.blocked,
-                             **run_kwargs)
+                             fed_latents=fed, **run_kwargs)
         rows.append(measure(cond, ex, base, idx))
         if progress is not None:
             progress(cond.name)

@@ -14,7 +14,7 @@ from codi_attn.validate import ValidationResult  # noqa: E402
 
 DPI = 100
 GROUP_COLORS = {"baseline": "#7f7f7f", "no-op": "#bdbdbd", "top-k": "#d1495b", "top-k single": "#edae49",
-                "random control": "#1b6ca8", "blocking": "#66a182"}
+                "random control": "#1b6ca8", "blocking": "#66a182", "latent swap": "#8e6bb0"}
 
 
 def _describe(result: ValidationResult, heads: bool) -> str:
@@ -70,6 +70,7 @@ def single_heads_figure(result: ValidationResult) -> Figure:
 
 
 def blocking_figure(result: ValidationResult) -> Figure:
-    """Each thought blocked (later queries give its key zero weight), and all six."""
-    return condition_figure(result, ("blocking",),
-                            "Blocking thoughts (a blocked thought's key gets zero weight from every later query)")
+    """Each thought blocked (later queries give its key zero weight), all six, and the latent swap."""
+    return condition_figure(result, ("blocking", "latent swap"),
+                            "Blocking thoughts (a blocked thought's key gets zero weight from every later query)\n"
+                            "and swapping them (each problem fed its neighbour's six thoughts)")

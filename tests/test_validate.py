@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from codi_attn.extract import N_LATENTS, Extraction, extract
-from codi_attn.validate import (COLUMNS, GROUPS, bootstrap_interval, first_token_kl, intermediate_results,
-                                logit_lens, random_controls, resample_indices, run_validation, token_number)
+from codi_attn.validate import (COLUMNS, GROUPS, answers_changed, bootstrap_interval, first_token_kl,
+                                intermediate_results, logit_lens, random_controls, resample_indices, run_validation,
+                                token_number)
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber."]
@@ -116,7 +117,8 @@ def check_result(result, model, k: int, n_random: int) -> None:
     df = result.validation
     assert list(df.columns) == list(COLUMNS) and set(df["group"]) == set(GROUPS)
     assert Counter(df["group"]) == Counter({"baseline": 1, "no-op": 1, "top-k": 1, "top-k single": k,
-                                            "random control": n_random, "blocking": N_LATENTS + 1})
+                                            "random control": n_random, "blocking": N_LATENTS + 1,
+                                            "latent swap": 1})
     assert result.noop_identical
     noop = result.group("no-op").iloc[0]
     assert noop["delta_accuracy"] == 0 and noop["answers_changed"] == 0 and noop["kl_first_token"] == 0
@@ -142,6 +144,12 @@ def test_run_validation_end_to_end_gpt2_mean_latent(gpt2_model):
     base = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3)
     assert result.group("baseline").iloc[0]["accuracy"] == base.correct.mean()
     assert result.group("blocking")["kl_first_token"].gt(0).all(), "blocking a thought must change the first token"
+    with_latents = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, keep_latents=True)
+    swapped = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, fed_latents=np.roll(with_latents.latents, -1, 0))
+    swap = result.group("latent swap").iloc[0]
+    assert swap["accuracy"] == swapped.correct.mean()
+    assert swap["answers_changed"] == answers_changed(base.prediction, swapped.prediction).mean()
+    assert swap["kl_first_token"] > 0, "another problem's thoughts must change the first token's distribution"
 
     from cards.validate_card import validate_card, verdict
 
