@@ -116,29 +116,35 @@ class CODI(nn.Module):
         """The input embedding of one id for a batch: [B, 1, d]."""
         return self.codi.transformer.wte.weight[token_id].expand(batch, 1, -1)
 
-    def think(self, question: torch.Tensor, latents: str = "prj", cache: DynamicCache | None = None) -> DynamicCache:
+    def think(self, question: torch.Tensor, latents: str | torch.Tensor = "prj", cache: DynamicCache | None = None
+              ) -> tuple[DynamicCache, torch.Tensor]:
         """Question + BOT, then six latents fed one at a time; returns the KV cache
-        (Q + 7 positions). latents: 'prj' (z_{k+1} = prj(h_k)), 'zeros' or 'bot'
-        (every latent replaced by zeros or by the BOT embedding). question: [B, Q]
+        (Q + 7 positions) and the fed latents [B, 6, d]. latents: 'prj' (z_{k+1} = prj(h_k)),
+        'zeros' or 'bot' (every latent replaced by zeros or by the BOT embedding), or a
+        tensor [B, 6, d] fed as given (e.g. another problem's latents). question: [B, Q]
         token ids; a given cache already holds the question (only BOT is fed)."""
         lm, B = self.codi.transformer, question.shape[0]
+        if isinstance(latents, str) and latents not in ("prj", "zeros", "bot"):
+            raise ValueError(f"latents must be 'prj', 'zeros', 'bot' or a [B, 6, d] tensor, not {latents!r}")
         bot = torch.full((B, 1), self.bot_id, dtype=torch.long)
         if cache is None:
             cache = DynamicCache(config=self.codi.config)
             h = lm(input_ids=torch.cat([question, bot], 1), cache=cache, use_cache=True).last_hidden_state
         else:
             h = lm(input_ids=bot, cache=cache, use_cache=True).last_hidden_state
-        for _ in range(N_LATENTS):
-            if latents == "prj":
+        fed = []
+        for k in range(N_LATENTS):
+            if not isinstance(latents, str):
+                z = latents[:, k: k + 1]
+            elif latents == "prj":
                 z = self.prj(h[:, -1:])
             elif latents == "zeros":
                 z = torch.zeros_like(h[:, -1:])
-            elif latents == "bot":
-                z = self.embed(self.bot_id, B)
             else:
-                raise ValueError(f"latents must be 'prj', 'zeros' or 'bot', not {latents!r}")
+                z = self.embed(self.bot_id, B)
+            fed.append(z)
             h = lm(inputs_embeds=z, cache=cache, use_cache=True).last_hidden_state
-        return cache
+        return cache, torch.cat(fed, 1)
 
 
 def new_model(vocab_size: int, d: int, n_layer: int, n_head: int, n_positions: int) -> CODI:
@@ -173,7 +179,7 @@ def student_forward(model: CODI, b: Encoded, cache: DynamicCache | None = None
     """Student CE on "The answer is:", N, eos after question + BOT + six latents + EOT,
     and its hidden states at "The answer is:": n_layer+1 x [B, d]. A given cache
     holds the question's keys and values."""
-    cache = model.think(b.question, cache=cache)
+    cache, _ = model.think(b.question, cache=cache)
     eot = torch.full((b.answer.shape[0], 1), model.eot_id, dtype=torch.long)
     out = model.codi(input_ids=torch.cat([eot, b.answer], 1), cache=cache, output_hidden_states=True)
     ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), b.answer.flatten())
@@ -239,21 +245,44 @@ def batches_by_length(tok: PreTrainedTokenizerFast, records: list[dict], size: i
             yield chunk, encode(tok, [records[i] for i in chunk])
 
 
+def swap_partners(records: list[dict], tok: PreTrainedTokenizerFast) -> list[int]:
+    """For each record, another record with the same question and CoT lengths (the next one of its
+    length group, cyclically): whose latents it is fed in the 'swap' control. A record alone in its
+    group is its own partner."""
+    partner = list(range(len(records)))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(records):
+        e = encode(tok, [r])
+        groups.setdefault((e.question.shape[1], e.cot.shape[1]), []).append(i)
+    for idx in groups.values():
+        for j, i in enumerate(idx):
+            partner[i] = idx[(j + 1) % len(idx)]
+    return partner
+
+
 @torch.no_grad()
 def predict(model: CODI, tok: PreTrainedTokenizerFast, records: list[dict], mode: str = "prj",
             batch_size: int = 256) -> list[float | None]:
     """Parsed answers. mode: 'prj', 'zeros', 'bot' (student through six latents,
-    then EOT and greedy decoding, codi-spec section 3), 'teacher' (greedy CoT after
-    the question) or 'nocot' (greedy after the question, for the baseline)."""
+    then EOT and greedy decoding, codi-spec section 3), 'swap' (each problem fed the
+    six latents its `swap_partners` partner computed: a different problem of the same
+    shape), 'teacher' (greedy CoT after the question) or 'nocot' (greedy after the
+    question, for the baseline)."""
     model.eval()
     preds: list[float | None] = [None] * len(records)
+    if mode == "swap":
+        own: dict[int, torch.Tensor] = {}
+        for idx, b in batches_by_length(tok, records, batch_size):
+            own.update(zip(idx, model.think(b.question)[1]))
+        partner = swap_partners(records, tok)
     for idx, b in batches_by_length(tok, records, batch_size):
         B = len(idx)
         if mode in ("teacher", "nocot"):
             cache = DynamicCache(config=model.codi.config)
             rows = greedy(model, cache, b.question, 64, tok.eos_token_id)
         else:
-            cache = model.think(b.question, latents=mode)
+            latents = torch.stack([own[partner[i]] for i in idx]) if mode == "swap" else mode
+            cache, _ = model.think(b.question, latents=latents)
             rows = greedy(model, cache, torch.full((B, 1), model.eot_id), 16, tok.eos_token_id)
         for i, row in zip(idx, rows):
             preds[i] = parse_answer(tok.decode(row, skip_special_tokens=True))
@@ -423,10 +452,12 @@ def write_card(out: Path, m: dict) -> None:
     t, r, nocot = m["test"], m["recipe"], m.get("nocot")
     rows = [("teacher (explicit CoT)", t["teacher"]), ("student, six latents", t["prj"]),
             ("student, latents = zeros", t["zeros"]), ("student, latents = BOT embedding", t["bot"]),
+            ("student, latents of another problem of the same shape (swap)", t.get("swap")),
             ("no-CoT baseline, same size and compute", nocot and nocot["test"]["nocot"]),
             ("most common answer", m["majority"]["accuracy"])]
     by_steps = "\n".join(
         f"| {k} | {pct(v['teacher'])} | {pct(v['prj'])} | {pct(v['zeros'])} | {pct(v['bot'])} | "
+        f"{pct(v.get('swap'))} | "
         f"{pct(nocot and nocot['test']['by_steps'][k]['nocot'])} |" for k, v in t["by_steps"].items())
     curve = "\n".join(f"| {p['step']} | {p['train_s']} | {pct(p['teacher'])} | {pct(p['prj'])} | {pct(p['zeros'])} |"
                       for p in m["curve"])
@@ -442,6 +473,13 @@ def write_card(out: Path, m: dict) -> None:
                        "relies on its latents (see the ablations) but the task does not require them.")
     dependence = (": its answers depend on what the latents carry." if max(t["zeros"], t["bot"]) <= t["prj"] / 2
                   else "; the ablated student keeps more than half of its accuracy.")
+    swap_line = ""
+    if t.get("swap") is not None:
+        swap_line = (f"Feeding each problem the six latents that another problem of the same shape computed costs "
+                     f"{100 * (t['prj'] - t['swap']):.1f} points: "
+                     + ("the latents carry problem-specific information." if t["swap"] <= t["prj"] / 2 else
+                        "the latents carry little problem-specific information (the student re-reads the "
+                        "question while decoding)."))
     text = f"""# Demo CODI model (synthetic arithmetic, trained offline)
 
 A {m['model']['params']:,}-parameter GPT-2-architecture CODI trained from scratch here, on
@@ -458,12 +496,13 @@ decoding exactly as codi-spec section 3 (fp32, sdpa, batch of equal-length quest
 
 By number of operations:
 
-| ops | teacher | student | zeros | BOT | no-CoT |
-|---|---|---|---|---|---|
+| ops | teacher | student | zeros | BOT | swap | no-CoT |
+|---|---|---|---|---|---|---|
 {by_steps}
 
 Zeroing the six latents (or replacing them with the BOT embedding) costs the student
 {100 * (t['prj'] - t['zeros']):.1f} ({100 * (t['prj'] - t['bot']):.1f}) points{dependence}
+{swap_line}
 No-CoT baseline: {nocot_line}
 
 ## Task
@@ -545,11 +584,17 @@ def main() -> None:
     p.add_argument("--baseline", action="store_true",
                    help="instead train the same-size no-CoT baseline for --baseline-steps, write "
                         "<out>/nocot.json and add it to metrics.json and the card (the checkpoint is not touched)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="train nothing: re-evaluate the model saved in --out on the whole test split (every "
+                        "mode, including the latent swap) and rewrite the test entry of its metrics.json and README")
     p.add_argument("--baseline-steps", type=int, default=5000,
                    help="no-CoT steps: 5000 take about the CPU time of the 2000 CODI steps "
                         "(about 0.18 and 0.43 CPU seconds a step)")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.evaluate:
+        reevaluate(a.out)
+        return
     t0 = time.time()
     r = Recipe(d=a.d, n_layer=a.layers, n_head=a.heads, steps=a.baseline_steps if a.baseline else a.steps,
                batch_size=a.batch_size, lr=a.lr, distill_factor=a.distill_factor, curriculum=a.curriculum,
@@ -577,7 +622,7 @@ def main() -> None:
                       "ckpt_bytes": (a.out / "ckpt" / "model.safetensors").stat().st_size, "dtype": "float32"},
             "recipe": asdict(r), "train_s": log["train_s"], "cpu_s": log["cpu_s"],
             "s_per_step": round(log["train_s"] / r.steps, 3),
-            "test": {"n": len(test)} | evaluate_all(model, tok, test, ("teacher", "prj", "zeros", "bot")),
+            "test": {"n": len(test)} | evaluate_all(model, tok, test, TEST_MODES),
             "majority": {"answer": common, "accuracy": round(majority, 4)},
             "subset": {"n": SUBSET} | {mode: accuracy(model, tok, subset, mode) for mode in ("prj", "zeros")},
             "curve": log["curve"], "curve_problems": a.eval_problems,
@@ -591,6 +636,21 @@ def main() -> None:
         update_report(a.out)
 
 
+def reevaluate(out: Path) -> None:
+    """Evaluate the model saved in <out> on the whole test split in every mode of TEST_MODES and
+    rewrite the test entry of <out>/metrics.json and the README (e.g. after a mode was added)."""
+    path = out / "metrics.json"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: --evaluate re-evaluates a model that `--out {out}` trained")
+    model, tok = load_model(out)
+    m = json.loads(path.read_text())
+    test = synthetic.synthetic_records("test", m["test"]["n"])
+    m["test"] = {"n": len(test)} | evaluate_all(model, tok, test, TEST_MODES)
+    path.write_text(json.dumps(m, indent=1) + "\n")
+    print(json.dumps(m["test"]))
+    update_report(out)
+
+
 def update_report(out: Path) -> None:
     """Merge <out>/nocot.json (the baseline, when trained) into <out>/metrics.json and
     rewrite <out>/README.md."""
@@ -601,6 +661,7 @@ def update_report(out: Path) -> None:
     write_card(out, m)
 
 SUBSET = 100  # first test problems whose accuracy the tests check against metrics.json
+TEST_MODES = ("teacher", "prj", "zeros", "bot", "swap")  # evaluated on the whole test split
 
 if __name__ == "__main__":
     main()

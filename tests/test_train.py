@@ -73,7 +73,8 @@ def test_latent_loop_matches_one_forward(tok, tiny):
     b = batch(tok, 3, n=2)
     lm, Q = tiny.codi, b.question.shape[1]
     with torch.no_grad():
-        cache = tiny.think(b.question)
+        cache, fed = tiny.think(b.question)
+        assert fed.shape == (2, 6, lm.config.n_embd)
         assert cache.get_seq_length() == Q + 7
         eot = torch.full((2, 1), tiny.eot_id)
         cached = lm(input_ids=eot, cache=cache).logits[:, -1]
@@ -83,6 +84,7 @@ def test_latent_loop_matches_one_forward(tok, tiny):
             emb = torch.cat([emb, tiny.prj(h)], 1)
         full = lm(inputs_embeds=torch.cat([emb, lm.transformer.wte(eot)], 1)).logits[:, -1]
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fed, emb[:, Q + 1:], atol=1e-5, rtol=1e-5)  # the returned latents are the fed ones
 
 
 def test_shared_question_pass_is_the_official_loss(tok, tiny):
@@ -164,3 +166,29 @@ def test_shipped_latent_ablation_lowers_accuracy(shipped):
     zeros = T.accuracy(model, tok, subset, "zeros")
     assert zeros == pytest.approx(m["subset"]["zeros"], abs=0.011)
     assert zeros <= T.accuracy(model, tok, subset, "prj") / 2
+
+
+def test_swap_partners_are_other_problems_of_the_same_shape(tok):
+    records = synthetic.synthetic_records("test", 40)
+    partner = T.swap_partners(records, tok)
+    shape = [(T.encode(tok, [r]).question.shape[1], T.encode(tok, [r]).cot.shape[1]) for r in records]
+    assert sorted(partner) == list(range(len(records)))  # a permutation: every problem's latents are used once
+    for i, j in enumerate(partner):
+        assert j != i and shape[j] == shape[i] and records[j]["question"] != records[i]["question"]
+
+
+def test_fed_latents_are_used_as_given(tok, tiny):
+    """Feeding a problem its own latents reproduces the 'prj' run exactly; feeding another problem's
+    changes what follows (so the 'swap' control really swaps)."""
+    b = batch(tok, 3, n=3)
+    eot = torch.full((3, 1), tiny.eot_id)
+    with torch.no_grad():
+        cache, own = tiny.think(b.question)
+        base = tiny.codi(input_ids=eot, cache=cache).logits[:, -1]
+        cache, fed = tiny.think(b.question, latents=own)
+        assert torch.equal(fed, own)
+        torch.testing.assert_close(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=0, rtol=0)
+        cache, _ = tiny.think(b.question, latents=own.roll(1, 0))
+        assert not torch.allclose(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=1e-4)
+    with pytest.raises(ValueError, match="latents must be"):
+        tiny.think(b.question, latents="random")
