@@ -471,15 +471,16 @@ def write_card(out: Path, m: dict) -> None:
         nocot_line += (f" The student is {gap:.1f} points better." if gap > 0 else
                        " On this task the no-CoT model does as well as the student or better: the student "
                        "relies on its latents (see the ablations) but the task does not require them.")
-    dependence = (": its answers depend on what the latents carry." if max(t["zeros"], t["bot"]) <= t["prj"] / 2
+    ablated = max(t["zeros"], t["bot"])
+    dependence = (": it cannot answer without latents of the kind it makes." if ablated <= t["prj"] / 2
                   else "; the ablated student keeps more than half of its accuracy.")
     swap_line = ""
     if t.get("swap") is not None:
         swap_line = (f"Feeding each problem the six latents that another problem of the same shape computed costs "
                      f"{100 * (t['prj'] - t['swap']):.1f} points: "
                      + ("the latents carry problem-specific information." if t["swap"] <= t["prj"] / 2 else
-                        "the latents carry little problem-specific information (the student re-reads the "
-                        "question while decoding)."))
+                        "the latents carry little problem-specific information; the answer comes mostly from "
+                        "reading the question again while decoding."))
     text = f"""# Demo CODI model (synthetic arithmetic, trained offline)
 
 A {m['model']['params']:,}-parameter GPT-2-architecture CODI trained from scratch here, on
