@@ -13,7 +13,7 @@ Three variants run on the same model and the same GSM8K problems (a seed-42 samp
   (b) plain: CODI latent inference without any capture, written as lean batched HF inference: the same
       length-sorted batches as (c) at (c)'s best batch size, left padding with a 2-D mask and per-problem
       positions, sdpa everywhere, body only with the LM head on the last position; the prefill runs in
-      length groups (each group >= 90% real tokens) whose KV caches are joined into preallocated buffers.
+      length groups (each group >= 95% real tokens, codi_attn.extract.prefill_groups) whose KV caches are joined into preallocated buffers.
       This is the floor that (c) is measured against: capture_overhead = time(c) / time(b) - 1, so it
       counts the cost of capturing attention plus anything else (c) does slower than plain inference.
   (c) project: `codi_attn.extract.extract` at the best of the --batch-size values (streamed shard by shard

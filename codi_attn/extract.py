@@ -28,7 +28,7 @@ from codi_attn.model import CODIModel
 
 N_LATENTS = 6
 MASS_PARTS = ("sink", "question", "bot", "latents")
-PREFILL_EFFICIENCY = 0.9  # each prefill group's real tokens are at least this share of its padded tokens
+PREFILL_EFFICIENCY = 0.95  # each prefill group's real tokens are at least this share of its padded tokens
 
 
 @dataclass
@@ -91,7 +91,7 @@ class PreallocatedLayer(DynamicLayer):
         n = key_states.shape[-2]
         if self.buffers is None or self.used + n > self.buffers[0].shape[-2]:
             size = max(self.capacity, self.used + n) if self.buffers is None else 2 * (self.used + n)
-            grown = tuple(t.new_zeros(*t.shape[:-2], size, t.shape[-1]) for t in (key_states, value_states))
+            grown = tuple(t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in (key_states, value_states))
             if self.buffers is not None:
                 for new, old in zip(grown, self.buffers):
                     new[..., : self.used, :] = old[..., : self.used, :]

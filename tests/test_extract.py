@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codi_attn import extract as extract_mod
-from codi_attn.extract import (MASS_PARTS, N_LATENTS, PreallocatedLayer, extract, prefill_groups,
+from codi_attn.extract import (MASS_PARTS, N_LATENTS, PREFILL_EFFICIENCY, PreallocatedLayer, extract, prefill_groups,
                                 tokenize_questions)
 
 QUESTIONS = [
@@ -194,9 +194,10 @@ def test_prefill_groups_cover_every_row_once_with_little_padding(lengths):
     assert sorted(k for group in groups for k in group) == list(range(len(lengths)))
     for group in groups:
         real, padded = sum(lengths[k] for k in group), len(group) * max(lengths[k] for k in group)
-        assert real >= 0.9 * padded
+        assert real >= PREFILL_EFFICIENCY * padded
     assert len(prefill_groups([7, 7, 7])) == 1
-    assert [len(g) for g in prefill_groups([30, 10, 11, 29, 12, 31, 100])] == [3, 3, 1]
+    assert [len(g) for g in prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.9)] == [3, 3, 1]
+    assert [len(g) for g in prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.95)] == [2, 1, 3, 1]
 
 
 def test_preallocated_layer_equals_concatenation_and_grows():
