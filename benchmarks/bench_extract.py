@@ -421,54 +421,23 @@ def reference_extract(model, token_ids: list[list[int]], max_new_tokens: int) ->
 def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """CODI latent inference for one left-padded batch, no capture; returns each problem's generated ids.
 
-    Prefill in length groups (each left-padded only to its own longest question), caches joined left-padded
-    to the batch width into preallocated buffers; then the six latents, EOT and greedy decoding for the whole
-    batch with the 2-D mask and per-problem positions. sdpa throughout; LM head on the last position only.
+    The extractor's batch state (`codi_attn.extract.PaddedBatch`: length-grouped prefill into a preallocated
+    KV cache, 2-D mask, per-problem positions), then the six latents, EOT and greedy decoding, all under sdpa
+    with no attention weights asked for; LM head on the last position only.
     """
-    from transformers import DynamicCache
-
-    from codi_attn.extract import preallocated_cache, prefill_groups
+    from codi_attn.extract import PaddedBatch
 
     lm, dev = model.lm, model.device
-    body, head, embed = lm.base_model, lm.get_output_embeddings(), lm.get_input_embeddings()
+    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
     n, width = len(token_ids), max(map(len, token_ids))
     budget = decode_budget(model, width, max_new_tokens)
-    kwarg = cache_kwarg(body)
-    hidden = torch.empty(n, lm.config.hidden_size, dtype=model.dtype, device=dev)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    for group in prefill_groups([len(t) for t in token_ids]):
-        w = max(len(token_ids[k]) for k in group)
-        ids = torch.full((len(group), w), model.pad_id, dtype=torch.long)
-        for row, k in enumerate(group):
-            ids[row, w - len(token_ids[k]):] = torch.tensor(token_ids[k])
-        lengths = torch.tensor([len(token_ids[k]) for k in group])
-        mask = (torch.arange(w)[None] >= (w - lengths)[:, None]).long().to(dev)
-        group_cache = DynamicCache(config=lm.config)
-        out = body(input_ids=ids.to(dev), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                   use_cache=True, **{kwarg: group_cache})
-        index = torch.tensor(group, device=dev)
-        hidden[index] = out.last_hidden_state[:, -1]
-        for layer_index, layer in enumerate(group_cache.layers):
-            if layer_index == len(keys):
-                keys.append(layer.keys.new_zeros(n, *layer.keys.shape[1:-2], width, layer.keys.shape[-1]))
-                values.append(layer.values.new_zeros(n, *layer.values.shape[1:-2], width, layer.values.shape[-1]))
-            keys[layer_index][index, ..., width - w:, :] = layer.keys
-            values[layer_index][index, ..., width - w:, :] = layer.values
-    cache = preallocated_cache(lm.config, width + N_LATENTS + 1 + budget)
-    for layer_index, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k, v, layer_index)
-    del keys, values
-    lengths = torch.tensor([len(t) for t in token_ids])
-    mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long().to(dev)
+    batch = PaddedBatch(model, token_ids, room=N_LATENTS + max(budget, 1))
+    capacity = batch.cache.layers[0].capacity
 
     def step(embeds: torch.Tensor) -> torch.Tensor:
-        nonlocal mask
-        positions = mask.sum(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return body(inputs_embeds=embeds[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{kwarg: cache}).last_hidden_state[:, -1]
+        return batch.forward(embeds).last_hidden_state[:, -1]
 
+    hidden = batch.prefill()
     for _ in range(N_LATENTS):
         hidden = step(model.prj(hidden))
     hidden = step(embed(torch.full((n,), model.eot_id, device=dev)))
@@ -484,8 +453,8 @@ def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[
         if t == budget - 1 or bool(done.all()):
             break
         hidden = step(embed(token))
-    if cache.get_seq_length() != mask.shape[1]:
-        raise RuntimeError("plain: the KV cache was not used (wrong keyword for this transformers?)")
+    if batch.cache.layers[0].buffers[0].shape[-2] != capacity:
+        raise RuntimeError("plain: the KV cache outgrew its reserved room (timings would include the regrowth)")
     rows = torch.stack(out, 1).cpu().tolist() if out else [[] for _ in range(n)]
     result = []
     for row in rows:  # up to and including the first stop token, as the extractor decodes

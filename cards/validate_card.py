@@ -58,14 +58,24 @@ def verdict(result: ValidationResult) -> list[str]:
                + (f"; blocking all six: {_delta(every.iloc[0])}." if len(every) else "."))
     swap = result.group("latent swap")
     if len(swap):
-        row = swap.iloc[0]
-        specific = row["delta_ci_high"] < 0
-        out.append(f"Feeding each problem the six thoughts of another problem changed accuracy by {_delta(row)}, "
-                   f"{100 * row['answers_changed']:.0f}% of answers changed: the thoughts "
-                   + ("carry problem-specific content." if specific else
-                      "carry little problem-specific content (any thoughts of the right kind do about as well)."))
+        out.append(swap_verdict(swap.iloc[0]))
     out += [f"Note: {n}." for n in result.notes]
     return out
+
+
+SWAP_TIGHT = 0.05  # a swap interval within ±5 points of zero counts as "no loss"
+
+
+def swap_verdict(row: pd.Series) -> str:
+    """What the latent swap says: significant loss (content matters), a tight interval around zero (little
+    problem-specific content), or too few problems to tell."""
+    said = (f"Feeding each problem the six thoughts of another problem changed accuracy by {_delta(row)}, "
+            f"{100 * row['answers_changed']:.0f}% of answers changed, first-token KL {row['kl_first_token']:.3g}: ")
+    if row["delta_ci_high"] < 0:
+        return said + "the thoughts carry problem-specific content."
+    if row["delta_ci_low"] >= -SWAP_TIGHT and row["delta_ci_high"] <= SWAP_TIGHT:
+        return said + "the thoughts carry little problem-specific content (another problem's do about as well)."
+    return said + "inconclusive at this number of problems (the interval is wide)."
 
 
 def _table(df: pd.DataFrame) -> Table:

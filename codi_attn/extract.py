@@ -1,8 +1,8 @@
 """Batched CODI latent inference (codi-spec section 3) that captures the 6x6 attention between thoughts.
 
-Per batch: one prefill over the left-padded questions + BOT (sdpa, body only, no LM head, run in groups of
-similar length so that little compute goes to padding); six latent
-steps of one position each, under eager attention with `output_attentions`, so each layer returns
+Per batch: the prefill of the left-padded questions + BOT (sdpa, body only, no LM head; run in groups of
+similar length so that little compute goes to padding, the groups' caches joined at the batch width); six
+latent steps of one position each, under eager attention with `output_attentions`, so each layer returns
 just the one query row [B, H, 1, S] of that thought, which is reduced at once to the 6x6 entries and the
 mass split; then EOT and greedy decoding (sdpa, LM head on the last position only). The KV cache writes
 each new position into room reserved up front instead of copying itself at every step.
@@ -85,6 +85,12 @@ class PreallocatedLayer(DynamicLayer):
         self.capacity, self.used = capacity, 0
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("PreallocatedLayer only appends positions (crop, reset and batch reordering "
+                                  "would leave its buffers stale)")
+
+    crop = reset = batch_repeat_interleave = batch_select_indices = _unsupported
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -104,11 +110,13 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def preallocated_cache(config, capacity: int) -> DynamicCache:
-    """A DynamicCache for `config` whose layers reserve `capacity` positions (`PreallocatedLayer`); a plain
-    DynamicCache when the config asks for other layer kinds (e.g. sliding windows)."""
+    """A DynamicCache for `config` whose layers reserve `capacity` positions (`PreallocatedLayer`)."""
     cache = DynamicCache(config=config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if kinds != {"DynamicLayer"}:  # e.g. sliding windows, which drop old keys: the join would misalign
+        raise NotImplementedError(f"{config.model_type} asks for KV cache layers {sorted(kinds)}; the extractor "
+                                  "supports full-attention models (plain DynamicLayer) only")
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
 
 
@@ -127,8 +135,11 @@ def prefill_groups(lengths: Sequence[int], efficiency: float = PREFILL_EFFICIENC
     return groups
 
 
-class _Batch:
-    """KV-cached state of one left-padded batch: attention mask and next position of each problem."""
+class PaddedBatch:
+    """KV-cached state of one left-padded batch: attention mask and next position of each problem.
+
+    `room`: positions to reserve after the prompt (latents, EOT, fed-back decoded tokens).
+    """
 
     def __init__(self, model: CODIModel, token_ids: list[list[int]], room: int):
         self.model = model
@@ -141,7 +152,7 @@ class _Batch:
             ids[b, width - len(t):] = torch.tensor(t, device=dev)
         self.input_ids = ids
         self.mask = (torch.arange(width, device=dev)[None] >= (width - self.lengths)[:, None]).long()
-        self.cache = preallocated_cache(model.lm.config, width + room)  # room: latents, EOT, decoded tokens
+        self.cache = preallocated_cache(model.lm.config, width + room)
         # transformers renamed past_key_values to cache (5.2x); an unknown name would be swallowed silently
         self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.base_model.forward).parameters \
             else "past_key_values"
@@ -150,34 +161,35 @@ class _Batch:
         """Forward the questions + BOT and fill the cache; the last hidden state of each problem [B, d].
 
         Runs in groups of similar length (`prefill_groups`), each left-padded only to its own longest question,
-        then joins the groups' caches left-padded with zeros to the batch width: padded keys are masked out in
-        every later step, so each problem still gets its batch-of-one result.
+        and writes each group's keys and values into the batch cache at the batch width, zeros to their left:
+        padded keys are masked out in every later step, so each problem still gets its batch-of-one result.
         """
-        body = self.model.lm.base_model
+        body, config = self.model.lm.base_model, self.model.lm.config
         lengths = self.lengths.tolist()
-        hidden, keys, values = [], [], []
         groups = prefill_groups(lengths)
+        if len(groups) == 1:  # already even: one forward straight into the batch cache, rows in batch order
+            groups = [list(range(len(lengths)))]
+        hidden = None
         for group in groups:
             index = torch.tensor(group, device=self.input_ids.device)
             w = max(lengths[k] for k in group)
             mask = self.mask[index, self.width - w:]
-            cache = self.cache if len(groups) == 1 else DynamicCache(config=self.model.lm.config)
+            cache = self.cache if len(groups) == 1 else DynamicCache(config=config)
             out = body(input_ids=self.input_ids[index, self.width - w:], attention_mask=mask,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{self.cache_arg: cache})
-            hidden.append(out.last_hidden_state[:, -1])
-            if len(groups) > 1:
-                pad = (0, 0, self.width - w, 0)
-                keys.append([torch.nn.functional.pad(layer.keys, pad) for layer in cache.layers])
-                values.append([torch.nn.functional.pad(layer.values, pad) for layer in cache.layers])
-        if len(groups) == 1:
-            return hidden[0]
-        rows = torch.tensor([k for group in groups for k in group], device=self.input_ids.device)
-        inverse = torch.empty_like(rows)
-        inverse[rows] = torch.arange(len(rows), device=rows.device)
-        for layer in range(len(keys[0])):
-            self.cache.update(torch.cat([k[layer] for k in keys])[inverse],
-                              torch.cat([v[layer] for v in values])[inverse], layer)
-        return torch.cat(hidden)[inverse]
+            last = out.last_hidden_state[:, -1]
+            if hidden is None:
+                hidden = last.new_empty(len(lengths), last.shape[-1])
+            hidden[index] = last
+            if len(groups) == 1:
+                break
+            for joined, part in zip(self.cache.layers, cache.layers):
+                if not joined.is_initialized:  # the whole batch width, zero where a group is padded
+                    shape = (len(lengths), *part.keys.shape[1:-2], self.width, part.keys.shape[-1])
+                    joined.update(part.keys.new_zeros(shape), part.values.new_zeros(shape))
+                joined.keys[index, ..., self.width - w:, :] = part.keys  # views of the buffers: written in place
+                joined.values[index, ..., self.width - w:, :] = part.values
+        return hidden
 
     def forward(self, embeds: torch.Tensor, attentions: bool = False):
         """Run the body (no LM head) on one new position per problem, embeds [B, d]."""
@@ -192,7 +204,7 @@ class _Batch:
         return out
 
 
-def _thought_rows(attentions: tuple[torch.Tensor, ...], batch: _Batch, step: int, n_layers: int):
+def _thought_rows(attentions: tuple[torch.Tensor, ...], batch: PaddedBatch, step: int, n_layers: int):
     """Reduce one latent step's rows to (6x6 row entries [B, L, H, step+1], mass split [B, L, H, 4])."""
     if attentions is None or len(attentions) != n_layers or any(a is None for a in attentions):
         raise RuntimeError("the attention kernel returned no weights (codi-spec trap 2): eager attention must "
@@ -214,7 +226,8 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
     """Latent inference for one batch: attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents, logits.
     fed [B, 6, d]: latents fed instead of prj(h)."""
     lm, n_layers = model.lm, model.n_layers
-    batch = _Batch(model, token_ids, room=N_LATENTS + 1 + max(max_new_tokens, 0))
+    budget = max(0, min(max_new_tokens, model.max_positions - max(map(len, token_ids)) - N_LATENTS - 1))
+    batch = PaddedBatch(model, token_ids, room=N_LATENTS + max(budget, 1))  # EOT and all but the last token are fed
     n = len(token_ids)
     attention = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, N_LATENTS, device=model.device)
     mass = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, len(MASS_PARTS), device=model.device)
@@ -235,9 +248,8 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
                 batch.mask[:, batch.width + step] = 0
 
     embed = lm.get_input_embeddings()
-    budget = min(max_new_tokens, model.max_positions - int(batch.lengths.max()) - N_LATENTS - 1)
     stop = torch.tensor(model.stop_ids, device=model.device)
-    generated = torch.full((n, max(budget, 0)), -1, dtype=torch.long, device=model.device)
+    generated = torch.full((n, budget), -1, dtype=torch.long, device=model.device)
     done = torch.zeros(n, dtype=torch.bool, device=model.device)
     hidden = batch.forward(embed(torch.full((n,), model.eot_id, device=model.device))).last_hidden_state[:, -1]
     first_logits = lm.get_output_embeddings()(hidden).float()
@@ -288,17 +300,19 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
     if any(k not in range(N_LATENTS) for k in blocked_latents):
         raise ValueError(f"blocked_latents must be thoughts 0..5, got {list(blocked_latents)}")
     token_ids = tokenize_questions(model, questions)
-    d = model.lm.config.hidden_size
-    if fed_latents is not None and np.shape(fed_latents) != (len(questions), N_LATENTS, d):
-        raise ValueError(f"fed_latents must have shape {(len(questions), N_LATENTS, d)} (problems, thoughts, "
-                         f"hidden size), got {np.shape(fed_latents)}")
+    if fed_latents is not None:
+        fed_latents = np.asarray(fed_latents)
+        want = (len(questions), N_LATENTS, model.lm.config.hidden_size)
+        if fed_latents.shape != want:
+            raise ValueError(f"fed_latents must have shape {want} (problems, thoughts, hidden size), "
+                             f"got {fed_latents.shape}")
     order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
     n = len(token_ids)
     parts: dict[str, np.ndarray] = {}
     texts = [""] * n
     for start in range(0, n, batch_size):
         idx = order[start: start + batch_size]
-        fed = None if fed_latents is None else torch.as_tensor(np.asarray(fed_latents)[idx], dtype=model.dtype,
+        fed = None if fed_latents is None else torch.as_tensor(fed_latents[idx], dtype=model.dtype,
                                                                device=model.device)
         out = _run_batch(model, [token_ids[k] for k in idx], max_new_tokens, tuple(blocked_latents), latent_context,
                          fed)

@@ -254,7 +254,8 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
                    batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0, n_boot: int = 1000,
                    progress: Callable[[str], None] | None = None) -> ValidationResult:
     """Ablate the top-k heads of `ranked_heads` (columns layer, head, composite), k random same-layer heads,
-    and block each thought, on `questions` with GSM8K answers `golds` (full solutions for the logit lens).
+    block each thought and swap the thoughts between problems, on `questions` with GSM8K answers `golds`
+    (full solutions for the logit lens).
 
     `progress(condition_name)` is called after each intervention. k is capped at half the model's heads so
     that random controls exist (noted in `notes`).

@@ -195,9 +195,13 @@ def test_prefill_groups_cover_every_row_once_with_little_padding(lengths):
     for group in groups:
         real, padded = sum(lengths[k] for k in group), len(group) * max(lengths[k] for k in group)
         assert real >= PREFILL_EFFICIENCY * padded
-    assert len(prefill_groups([7, 7, 7])) == 1
-    assert [len(g) for g in prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.9)] == [3, 3, 1]
-    assert [len(g) for g in prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.95)] == [2, 1, 3, 1]
+
+
+def test_prefill_groups_by_hand():
+    assert prefill_groups([7, 7, 7]) == [[0, 1, 2]]
+    # sorted 10 11 12 29 30 31 100; at 0.9: 33 real of 36 padded keeps 10-12 together, at 0.95 it does not
+    assert prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.9) == [[1, 2, 4], [3, 0, 5], [6]]
+    assert prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.95) == [[1, 2], [4], [3, 0, 5], [6]]
 
 
 def test_preallocated_layer_equals_concatenation_and_grows():
@@ -230,7 +234,7 @@ def test_extractor_cache_is_preallocated(gpt2_model, monkeypatch):
     layers = seen[0].layers
     assert all(isinstance(layer, PreallocatedLayer) for layer in layers)
     width = max(len(t) for t in tokenize_questions(gpt2_model, QUESTIONS[:2]))
-    assert {layer.buffers[0].shape[-2] for layer in layers} == {width + N_LATENTS + 1 + 4}
+    assert {layer.buffers[0].shape[-2] for layer in layers} == {width + N_LATENTS + 4}  # last token not fed
 
 
 def test_fed_latents_replace_the_projection(any_model):
@@ -256,3 +260,44 @@ def test_fed_latents_must_match_problems_and_shape(gpt2_model):
     d = gpt2_model.lm.config.hidden_size
     with pytest.raises(ValueError, match=r"fed_latents must have shape \(2, 6, %d\)" % d):
         extract(gpt2_model, QUESTIONS[:2], fed_latents=np.zeros((3, N_LATENTS, d), np.float32))
+
+
+@pytest.mark.parametrize("order", ["one group", "several groups"])
+def test_padded_batch_prefill_gives_every_row_its_own_result(gpt2_model, order):
+    """PaddedBatch.prefill, rows NOT sorted by length: each row's last hidden state and its cached keys and
+    values (at its own positions) equal a batch-of-one prefill; cache positions left of its group hold zeros."""
+    from codi_attn.extract import PaddedBatch
+
+    ids = tokenize_questions(gpt2_model, QUESTIONS)
+    rows = [ids[1], ids[1][1:]] if order == "one group" else [ids[1], ids[2], ids[3], ids[1][1:], ids[0]]
+    groups = prefill_groups([len(r) for r in rows])
+    assert len(groups) == 1 if order == "one group" else len(groups) > 1 and max(map(len, groups)) > 1
+    with torch.no_grad():
+        batch = PaddedBatch(gpt2_model, rows, room=3)
+        hidden = batch.prefill()
+        for b, row in enumerate(rows):
+            single = PaddedBatch(gpt2_model, [row], room=3)
+            torch.testing.assert_close(hidden[b], single.prefill()[0], atol=1e-5, rtol=1e-5)
+            for joined, alone in zip(batch.cache.layers, single.cache.layers):
+                pad = batch.width - len(row)
+                torch.testing.assert_close(joined.keys[b, :, pad:], alone.keys[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(joined.values[b, :, pad:], alone.values[0], atol=1e-5, rtol=1e-5)
+                # left of its group's width: zeros joined in (inside it: the pad token's masked keys)
+                group = next(g for g in groups if b in g)
+                outside = batch.width - max(len(rows[k]) for k in group)
+                assert not joined.keys[b, :, :outside].any() and not joined.values[b, :, :outside].any()
+
+
+def test_preallocated_layer_refuses_what_would_leave_it_stale():
+    layer = PreallocatedLayer(capacity=4)
+    layer.update(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, 3))
+    for call in (lambda: layer.crop(-1), layer.reset, lambda: layer.batch_select_indices(torch.tensor([0]))):
+        with pytest.raises(NotImplementedError, match="only appends"):
+            call()
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import MistralConfig
+
+    with pytest.raises(NotImplementedError, match="full-attention models"):
+        extract_mod.preallocated_cache(MistralConfig(sliding_window=4, num_hidden_layers=2), 8)

@@ -175,3 +175,26 @@ def test_missing_demo_model_says_how_to_rebuild(monkeypatch, tmp_path):
     monkeypatch.setattr(model_mod, "DEMO_DIR", tmp_path / "demo_model")
     with pytest.raises(CODILoadError, match="demo model is missing.*python -m codi_attn.train"):
         model_mod.resolve_sources("demo")
+
+
+def test_gpt2_gelu_is_fused_and_equals_gelu_new(gpt2_model):
+    """The loader runs GPT-2's gelu_new as the fused gelu_pytorch_tanh (recorded in source); in fp32 the
+    model's logits equal those of the same weights with the unfused gelu_new."""
+    import copy
+
+    from transformers.activations import NewGELUActivation
+
+    assert gpt2_model.lm.config.activation_function == "gelu_pytorch_tanh"
+    assert "gelu_new" in gpt2_model.source["activation"]
+    unfused = copy.deepcopy(gpt2_model.lm)
+    for block in unfused.transformer.h:
+        block.mlp.act = NewGELUActivation()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        fused_logits, plain_logits = gpt2_model.lm(ids).logits, unfused(ids).logits
+    assert type(gpt2_model.lm.transformer.h[0].mlp.act) is not NewGELUActivation
+    torch.testing.assert_close(fused_logits, plain_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_llama_activation_is_left_alone(llama_model):
+    assert llama_model.source["activation"] == llama_model.lm.config.hidden_act == "silu"

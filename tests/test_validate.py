@@ -182,3 +182,26 @@ def test_bad_settings_are_rejected(gpt2_model):
         run_validation(gpt2_model, QUESTIONS, GOLDS[:1], ranked(gpt2_model))
     with pytest.raises(ValueError, match="lacks columns"):
         run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model).drop(columns="composite"))
+
+
+def test_one_problem_runs_without_the_latent_swap(gpt2_model):
+    result = run_validation(gpt2_model, QUESTIONS[:1], GOLDS[:1], ranked(gpt2_model), k=1, n_random=1,
+                            batch_size=1, max_new_tokens=2, n_boot=50)
+    assert result.group("latent swap").empty and "latent swap" not in set(result.validation["group"])
+    assert any("no latent swap" in note for note in result.notes)
+
+    from cards.validate_card import verdict
+
+    assert not any("thoughts of another problem" in line for line in verdict(result))
+
+
+@pytest.mark.parametrize("low, high, says", [(-0.30, -0.10, "carry problem-specific content"),
+                                             (-0.03, 0.02, "carry little problem-specific content"),
+                                             (-0.20, 0.01, "inconclusive")])
+def test_swap_verdict_separates_loss_no_loss_and_too_few_problems(low, high, says):
+    from cards.validate_card import swap_verdict
+
+    row = pd.Series({"delta_accuracy": (low + high) / 2, "delta_ci_low": low, "delta_ci_high": high,
+                     "answers_changed": 0.4, "kl_first_token": 0.25})
+    text = swap_verdict(row)
+    assert says in text and "40% of answers changed" in text and "KL 0.25" in text
