@@ -31,6 +31,18 @@ def _fail_hook(shard_index: int) -> None:
     raise RuntimeError(f"test hook {FAIL_SHARD_ENV}={spec}: shard {shard_index} fails on purpose")
 
 
+METAFLOW_MAX_WORKERS = 16  # Metaflow's default --max-workers: how many foreach tasks a local run starts at once
+
+
+def cpu_threads_per_shard(n_shards: int, cpus: int | None = None, max_workers: int = METAFLOW_MAX_WORKERS) -> int:
+    """Threads for one shard's CPU extraction: the usable cores shared by the shards a local run executes at
+    once (up to max_workers), at least 1. Each task taking every core would oversubscribe the machine:
+    on 2 cores, two 2-thread shards ran slower than two 1-thread shards."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, min(n_shards, max_workers)))
+
+
 def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: int, on_batch=None,
                   shard_index: int = 0) -> dict:
     """Extract the problems of one shard in batches. A batch that raises is retried problem by problem,

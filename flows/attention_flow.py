@@ -164,12 +164,16 @@ class AttentionFlow(FlowSpec):
         """One shard: load the model once, extract every problem (float16 attention, mass split, answers)."""
         from tqdm import tqdm
 
+        import torch
+
         from cards.extract_card import ExtractProgress
-        from codi_attn.shards import check_failures, extract_shard
+        from codi_attn.shards import check_failures, cpu_threads_per_shard, extract_shard
 
         self.shard_index = self.index
         problems = self.input
         model = self._load_model()
+        if model.device.type == "cpu":  # shards run side by side on a local machine: share its cores
+            torch.set_num_threads(cpu_threads_per_shard(len(self.shards)))
         self.model_info = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads,
                            "n_kv_heads": model.n_kv_heads, "device": str(model.device),
                            "dtype": str(model.dtype).replace("torch.", ""), "is_demo": model.is_demo,

@@ -420,3 +420,9 @@ def test_default_run_is_the_offline_demo(tmp_path):
     assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 8  # half of 4 x 4 heads
     assert "DEMO MODEL" in card_data(result.run["start"].task)
     assert "model:demo" in result.run.tags
+
+
+@pytest.mark.parametrize("n_shards, cpus, threads", [(2, 2, 1), (1, 8, 8), (3, 8, 2), (5, 2, 1), (100, 64, 4)])
+def test_cpu_threads_are_shared_by_the_shards_running_at_once(n_shards, cpus, threads):
+    """Up to 16 shards (Metaflow's default --max-workers) run at once; each gets its share of the cores."""
+    assert shards.cpu_threads_per_shard(n_shards, cpus) == threads
