@@ -91,6 +91,15 @@ class PreallocatedLayer(DynamicLayer):
 
     crop = reset = batch_repeat_interleave = batch_select_indices = _unsupported
 
+    def reserve(self, like: torch.Tensor, length: int) -> None:
+        """Start with `length` positions of uninitialised keys and values shaped like `like` [B, H, *, D]: the
+        caller fills them in place through `keys` / `values` (no zero-filled copy of the whole width)."""
+        self.lazy_initialization(like, like)
+        shape = (*like.shape[:-2], max(self.capacity, length), like.shape[-1])
+        self.buffers = (like.new_empty(shape), like.new_empty(shape))
+        self.used = length
+        self.keys, self.values = (buffer[..., :length, :] for buffer in self.buffers)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -161,8 +170,9 @@ class PaddedBatch:
         """Forward the questions + BOT and fill the cache; the last hidden state of each problem [B, d].
 
         Runs in groups of similar length (`prefill_groups`), each left-padded only to its own longest question,
-        and writes each group's keys and values into the batch cache at the batch width, zeros to their left:
-        padded keys are masked out in every later step, so each problem still gets its batch-of-one result.
+        and writes each group's keys and values into the batch cache at the batch width, zeros to their left
+        (masked out in every later step; zeros, not garbage, so that no NaN can leak through a masked score):
+        each problem still gets its batch-of-one result.
         """
         body, config = self.model.lm.base_model, self.model.lm.config
         lengths = self.lengths.tolist()
@@ -183,12 +193,14 @@ class PaddedBatch:
             hidden[index] = last
             if len(groups) == 1:
                 break
+            pad = self.width - w
             for joined, part in zip(self.cache.layers, cache.layers):
-                if not joined.is_initialized:  # the whole batch width, zero where a group is padded
-                    shape = (len(lengths), *part.keys.shape[1:-2], self.width, part.keys.shape[-1])
-                    joined.update(part.keys.new_zeros(shape), part.values.new_zeros(shape))
-                joined.keys[index, ..., self.width - w:, :] = part.keys  # views of the buffers: written in place
-                joined.values[index, ..., self.width - w:, :] = part.values
+                if not joined.is_initialized:
+                    joined.reserve(part.keys.new_empty(len(lengths), *part.keys.shape[1:]), self.width)
+                for whole, piece in ((joined.keys, part.keys), (joined.values, part.values)):
+                    whole[index, ..., pad:, :] = piece  # views of the buffers: written in place
+                    if pad:
+                        whole[index, ..., :pad, :] = 0
         return hidden
 
     def forward(self, embeds: torch.Tensor, attentions: bool = False):
