@@ -550,6 +550,7 @@ of a 2-core machine shared with other jobs; the whole command {m['wall_s']:.0f} 
 ```
 python -m codi_attn.train --out codi_attn/demo_model --seed {r['seed']}
 python -m codi_attn.train --out codi_attn/demo_model --seed {r['seed']} --baseline
+python -m codi_attn.train --out codi_attn/demo_model --evaluate   # re-measure the test split in every mode
 ```
 
 ## Training curve
