@@ -76,6 +76,13 @@ def mass_figure(stats: dict):
     return fig
 
 
+def numerics(model_info: dict) -> str:
+    """dtype, device, attention kernels and activation: what changes the numbers (codi-spec section 3)."""
+    activation = model_info.get("source", {}).get("activation")
+    return (f"{model_info['dtype']} on {model_info['device']}; sdpa for the question and decoding, eager for the "
+            f"six latent steps" + (f"; activation {activation}" if activation else ""))
+
+
 def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: float, attention_avg: np.ndarray,
                    failed: list[dict], artifacts: list[tuple[str, str, str]]) -> list:
     """Totals, the mass split, the mean 6x6 matrix, incoming attention and the artifact table."""
@@ -87,6 +94,7 @@ def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: floa
             ["problems extracted", f"{n} of {n_sampled}" + (f" ({len(failed)} failed)" if failed else "")],
             ["accuracy", f"{100 * accuracy:.1f}%" if n else "n/a"],
             ["layers x heads", f"{model_info['n_layers']} x {model_info['n_heads']}"],
+            ["numerics", numerics(model_info)],
             ["share of latent queries' attention on the six latents", f"{100 * mass['latents']:.1f}%"],
             ["... on the first token / rest of question / BOT",
              f"{100 * mass['sink']:.1f}% / {100 * mass['question']:.1f}% / {100 * mass['bot']:.1f}%"],
