@@ -91,11 +91,12 @@ class PreallocatedLayer(DynamicLayer):
 
     crop = reset = batch_repeat_interleave = batch_select_indices = _unsupported
 
-    def reserve(self, like: torch.Tensor, length: int) -> None:
-        """Start with `length` positions of uninitialised keys and values shaped like `like` [B, H, *, D]: the
-        caller fills them in place through `keys` / `values` (no zero-filled copy of the whole width)."""
+    def reserve(self, like: torch.Tensor, batch: int, length: int) -> None:
+        """Start with `length` positions of uninitialised keys and values for `batch` rows, with the heads,
+        head size, dtype and device of `like` [*, H, *, D]: the caller fills them in place through `keys` /
+        `values` (no zero-filled copy of the whole width)."""
         self.lazy_initialization(like, like)
-        shape = (*like.shape[:-2], max(self.capacity, length), like.shape[-1])
+        shape = (batch, *like.shape[1:-2], max(self.capacity, length), like.shape[-1])
         self.buffers = (like.new_empty(shape), like.new_empty(shape))
         self.used = length
         self.keys, self.values = (buffer[..., :length, :] for buffer in self.buffers)
@@ -196,7 +197,7 @@ class PaddedBatch:
             pad = self.width - w
             for joined, part in zip(self.cache.layers, cache.layers):
                 if not joined.is_initialized:
-                    joined.reserve(part.keys.new_empty(len(lengths), *part.keys.shape[1:]), self.width)
+                    joined.reserve(part.keys, len(lengths), self.width)
                 for whole, piece in ((joined.keys, part.keys), (joined.values, part.values)):
                     whole[index, ..., pad:, :] = piece  # views of the buffers: written in place
                     if pad:
