@@ -41,9 +41,9 @@ from codi_attn.model import make_projection
 
 EOS, UNK, ANSWER = "<|endoftext|>", "[UNK]", "The answer is:"
 CURRICULUM_HELP = (
-    "Phases as 'END:MODE:W1/W2/W3/W4;...': up to fraction END of the steps, MODE "
+    "Phases as 'END:MODE:W1/.../W7;...': up to fraction END of the steps, MODE "
     "'teacher' (teacher CE only) or 'codi' (full loss), with problems of 1/2/3/4 "
-    "operations drawn with weights W1..W4."
+    "operations drawn with weights W1..W7 (one weight per number of operations, 1 to OPS)."
 )
 
 
@@ -306,7 +306,7 @@ class Recipe:
     d: int = 128
     n_layer: int = 4
     n_head: int = 4
-    n_positions: int = 96
+    n_positions: int = 128
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
@@ -314,13 +314,17 @@ class Recipe:
     warmup: float = 0.03
     weight_decay: float = 0.01
     distill_factor: float = 1.0
-    curriculum: str = "0.06:teacher:1/1/0/0;0.2:codi:4/6/0/0;0.5:codi:1/3/3/3;1:codi:1/2/3/4"
+    curriculum: str = ("0.06:teacher:1/1/1/0/0/0/0;0.25:codi:1/2/2/1/0/0/0;0.5:codi:0/1/1/2/2/1/1;"
+                       "1:codi:0/0/1/1/2/2/2")
     seed: int = 0
 
     def phases(self) -> list[tuple[float, str, list[float]]]:
         out = []
         for phase in self.curriculum.split(";"):
             end, mode, weights = phase.split(":")
+            if len(weights.split("/")) != len(OPS):
+                raise ValueError(f"curriculum phase {phase!r} needs {len(OPS)} weights, one per number of "
+                                 f"operations 1..{len(OPS)}")
             out.append((float(end), mode, [float(w) for w in weights.split("/")]))
         return out
 
@@ -349,7 +353,7 @@ def train(r: Recipe, tok: PreTrainedTokenizerFast, baseline: bool = False, eval_
     seconds, held-out checks excluded)."""
     torch.manual_seed(r.seed)
     rng = random.Random(r.seed)
-    streams = {k: synthetic.train_stream(seed=1000 * r.seed + k, steps=(k,)) for k in (1, 2, 3, 4)}
+    streams = {k: synthetic.train_stream(seed=1000 * r.seed + k, steps=(k,)) for k in OPS}
     model = new_model(len(tok), r.d, r.n_layer, r.n_head, r.n_positions)
     opt = make_optimizer(model, r)
     phases = r.phases()
@@ -358,7 +362,7 @@ def train(r: Recipe, tok: PreTrainedTokenizerFast, baseline: bool = False, eval_
     for step in range(r.steps):
         _, mode, weights = next(ph for ph in phases if step < ph[0] * r.steps or ph is phases[-1])
         mode = "nocot" if baseline else mode
-        k = rng.choices((1, 2, 3, 4), weights)[0]
+        k = rng.choices(OPS, weights)[0]
         b = encode(tok, [next(streams[k]) for _ in range(r.batch_size)])
         for g in opt.param_groups:
             g["lr"] = lr_at(r, step)
@@ -490,7 +494,7 @@ one CPU thread, with the official objective (codi-spec section 7). It is the def
 `--model` of the flow; its held-out split is `--dataset synthetic` (test).
 
 ## Held-out accuracy
-{len_test(m)} problems of the synthetic test split (2, 3 and 4 operations, a third each), greedy
+{len_test(m)} problems of the synthetic test split ({ops_text(m)} operations, a third each), greedy
 decoding exactly as codi-spec section 3 (fp32, sdpa, batch of equal-length questions):
 
 | model | accuracy |
@@ -509,7 +513,7 @@ Zeroing the six latents (or replacing them with the BOT embedding) costs the stu
 No-CoT baseline: {nocot_line}
 
 ## Task
-`codi_attn/synthetic.py`: a start value 1..{m['task']['max_value']} and 2-4 chained operations
+`codi_attn/synthetic.py`: a start value 1..{m['task']['max_value']} and {ops_range(m)} chained operations
 (gets/buys/finds b more, gives away/sells/loses b, doubles, triples; b in 1..{m['task']['max_operand']}),
 every intermediate value in 0..{m['task']['max_value']}, written as GSM8K records
 (`a+b=<<a+b=c>>c` lines, `#### N`). Test split: {len_test(m)} distinct questions from seed
@@ -542,7 +546,7 @@ passes continue from its keys and values.
 AdamW (betas 0.9/0.98, weight decay {r['weight_decay']} on matrices, clip 1.0), batch {r['batch_size']} of fresh
 problems with one number of operations each, {r['steps']} steps, lr warmup to {r['lr']} over
 {100 * r['warmup']:.0f}% of the steps then cosine to {r['min_lr']}. Curriculum (fraction of the steps: mode,
-weights of 1/2/3/4 operations): `{r['curriculum']}`. Seed {r['seed']}.
+weights of 1..{max(m['task']['steps'])} operations): `{r['curriculum']}`. Seed {r['seed']}.
 
 Training took {m['train_s']:.0f} s of wall-clock time ({m['s_per_step']:.2f} s/step, {m['cpu_s']:.0f} s of CPU time) on one thread
 of a 2-core machine shared with other jobs; the whole command {m['wall_s']:.0f} s. Reproduce with
@@ -561,6 +565,16 @@ First {m['curve_problems']} test problems:
 {curve}
 """
     (out / "README.md").write_text(text)
+
+
+def ops_text(m: dict) -> str:
+    """'5, 6 and 7' from the task's numbers of operations."""
+    steps = [str(k) for k in m["task"]["steps"]]
+    return ", ".join(steps[:-1]) + " and " + steps[-1]
+
+
+def ops_range(m: dict) -> str:
+    return f"{min(m['task']['steps'])}-{max(m['task']['steps'])}"
 
 
 def len_test(m: dict) -> int:
@@ -664,6 +678,7 @@ def update_report(out: Path) -> None:
     (out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
     write_card(out, m)
 
+OPS = tuple(range(1, max(synthetic.STEPS) + 1))  # numbers of operations the curriculum draws from
 SUBSET = 100  # first test problems whose accuracy the tests check against metrics.json
 TEST_MODES = ("teacher", "prj", "zeros", "bot", "swap")  # evaluated on the whole test split
 

@@ -70,8 +70,8 @@ def test_test_split_default_size_and_mix():
     assert len(test) == synthetic.TEST_SIZE == 1000
     assert len({r["question"] for r in test}) == len(test)
     counts = [check_record(r) for r in test]
-    assert counts[:6] == [2, 3, 4, 2, 3, 4]
-    assert {c: counts.count(c) for c in (2, 3, 4)} == {2: 334, 3: 333, 4: 333}
+    assert counts[:6] == [5, 6, 7, 5, 6, 7]
+    assert {c: counts.count(c) for c in (5, 6, 7)} == {5: 334, 6: 333, 7: 333}
     assert synthetic_records("test", 10) == test[:10]
 
 

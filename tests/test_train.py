@@ -104,7 +104,7 @@ def test_shared_question_pass_is_the_official_loss(tok, tiny):
 
 
 def test_short_training_reduces_loss(tok):
-    r = T.Recipe(d=32, n_layer=2, n_head=2, steps=30, batch_size=16, lr=3e-3, curriculum="1:codi:1/1/0/0")
+    r = T.Recipe(d=32, n_layer=2, n_head=2, steps=30, batch_size=16, lr=3e-3, curriculum="1:codi:1/1/0/0/0/0/0")
     _, log = T.train(r, tok, log_every=0)
     losses = log["losses"]
     assert len(losses) == 30
@@ -192,3 +192,8 @@ def test_fed_latents_are_used_as_given(tok, tiny):
         assert not torch.allclose(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=1e-4)
     with pytest.raises(ValueError, match="latents must be"):
         tiny.think(b.question, latents="random")
+
+
+def test_curriculum_needs_one_weight_per_number_of_operations():
+    with pytest.raises(ValueError, match=r"needs 7 weights, one per number of operations 1..7"):
+        T.Recipe(curriculum="1:codi:1/1/0/0").phases()
