@@ -464,7 +464,7 @@ def write_card(out: Path, m: dict) -> None:
     by_steps = "\n".join(
         f"| {k} | {pct(v['teacher'])} | {pct(v['prj'])} | {pct(v['zeros'])} | {pct(v['bot'])} | "
         f"{pct(v.get('swap'))} | "
-        f"{pct(nocot and nocot['test']['by_steps'][k]['nocot'])} |" for k, v in t["by_steps"].items())
+        f"{pct(nocot and nocot['test']['by_steps'].get(k, {}).get('nocot'))} |" for k, v in t["by_steps"].items())
     curve = "\n".join(f"| {p['step']} | {p['train_s']} | {pct(p['teacher'])} | {pct(p['prj'])} | {pct(p['zeros'])} |"
                       for p in m["curve"])
     nocot_line = "not trained yet (`--baseline`)."
@@ -475,8 +475,9 @@ def write_card(out: Path, m: dict) -> None:
             f"on {nocot['device']}, {nocot['cpu_s']:.0f} s of CPU time against the student's {m['cpu_s']:.0f} s.")
         gap = 100 * (t["prj"] - nocot["test"]["nocot"])
         nocot_line += (f" The student is {gap:.1f} points better." if gap > 0 else
-                       " On this task the no-CoT model does as well as the student or better: the student "
-                       "relies on its latents (see the ablations) but the task does not require them.")
+                       " On this task the no-CoT model does as well as the student or better: a model of this "
+                       "size can answer without any chain of thought, while the student answers through its "
+                       "latents (see the ablations and the swap).")
     ablated = max(t["zeros"], t["bot"])
     dependence = (": it cannot answer without latents of the kind it makes." if ablated <= t["prj"] / 2
                   else "; the ablated student keeps more than half of its accuracy.")
