@@ -102,15 +102,14 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = (buffer[..., :length, :] for buffer in self.buffers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if self.buffers is None:
+            self.reserve(key_states, key_states.shape[0], 0)
         n = key_states.shape[-2]
-        if self.buffers is None or self.used + n > self.buffers[0].shape[-2]:
-            size = max(self.capacity, self.used + n) if self.buffers is None else 2 * (self.used + n)
-            grown = tuple(t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in (key_states, value_states))
-            if self.buffers is not None:
-                for new, old in zip(grown, self.buffers):
-                    new[..., : self.used, :] = old[..., : self.used, :]
+        if self.used + n > self.buffers[0].shape[-2]:
+            size = 2 * (self.used + n)
+            grown = tuple(t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in self.buffers)
+            for new, old in zip(grown, self.buffers):
+                new[..., : self.used, :] = old[..., : self.used, :]
             self.buffers = grown
         for buffer, new in zip(self.buffers, (key_states, value_states)):
             buffer[..., self.used: self.used + n, :] = new
@@ -180,7 +179,7 @@ class PaddedBatch:
         groups = prefill_groups(lengths)
         if len(groups) == 1:  # already even: one forward straight into the batch cache, rows in batch order
             groups = [list(range(len(lengths)))]
-        hidden = None
+        hidden = self.input_ids.new_empty(len(lengths), config.hidden_size, dtype=self.model.dtype)
         for group in groups:
             index = torch.tensor(group, device=self.input_ids.device)
             w = max(lengths[k] for k in group)
@@ -188,10 +187,7 @@ class PaddedBatch:
             cache = self.cache if len(groups) == 1 else DynamicCache(config=config)
             out = body(input_ids=self.input_ids[index, self.width - w:], attention_mask=mask,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{self.cache_arg: cache})
-            last = out.last_hidden_state[:, -1]
-            if hidden is None:
-                hidden = last.new_empty(len(lengths), last.shape[-1])
-            hidden[index] = last
+            hidden[index] = out.last_hidden_state[:, -1]
             if len(groups) == 1:
                 break
             pad = self.width - w

@@ -42,8 +42,9 @@ from codi_attn.model import make_projection
 EOS, UNK, ANSWER = "<|endoftext|>", "[UNK]", "The answer is:"
 CURRICULUM_HELP = (
     "Phases as 'END:MODE:W1/.../W7;...': up to fraction END of the steps, MODE "
-    "'teacher' (teacher CE only) or 'codi' (full loss), with problems of 1/2/3/4 "
-    "operations drawn with weights W1..W7 (one weight per number of operations, 1 to OPS)."
+    "'teacher' (teacher CE only) or 'codi' (full loss), with problems of 1..7 "
+    "operations drawn with weights W1..W7 (one weight per number of operations, up to the "
+    "largest number in the test split)."
 )
 
 
@@ -242,20 +243,22 @@ def length_groups(tok: PreTrainedTokenizerFast, records: list[dict]) -> dict[tup
     return groups
 
 
-def batches_by_length(tok: PreTrainedTokenizerFast, records: list[dict], size: int) -> Iterator[tuple[list[int], Encoded]]:
-    """(indices, encoded batch) over records grouped by question and CoT length."""
-    for idx in length_groups(tok, records).values():
+def batches_by_length(tok: PreTrainedTokenizerFast, records: list[dict], size: int,
+                      groups: dict[tuple[int, int], list[int]] | None = None) -> Iterator[tuple[list[int], Encoded]]:
+    """(indices, encoded batch) over records grouped by question and CoT length (`groups`: their
+    `length_groups`, when already computed)."""
+    for idx in (groups or length_groups(tok, records)).values():
         for s in range(0, len(idx), size):
             chunk = idx[s:s + size]
             yield chunk, encode(tok, [records[i] for i in chunk])
 
 
-def swap_partners(records: list[dict], tok: PreTrainedTokenizerFast) -> list[int]:
-    """For each record, another record with the same question and CoT lengths (the next one of its
-    length group, cyclically): whose latents it is fed in the 'swap' control. A record alone in its
-    group is its own partner."""
-    partner = list(range(len(records)))
-    for idx in length_groups(tok, records).values():
+def swap_partners(groups: dict[tuple[int, int], list[int]]) -> dict[int, int]:
+    """For each record of `length_groups`, another record with the same question and CoT lengths (the
+    next one of its group, cyclically): whose latents it is fed in the 'swap' control. A record alone in
+    its group is its own partner."""
+    partner = {}
+    for idx in groups.values():
         for j, i in enumerate(idx):
             partner[i] = idx[(j + 1) % len(idx)]
     return partner
@@ -271,12 +274,12 @@ def predict(model: CODI, tok: PreTrainedTokenizerFast, records: list[dict], mode
     question, for the baseline)."""
     model.eval()
     preds: list[float | None] = [None] * len(records)
-    batches = list(batches_by_length(tok, records, batch_size))
+    groups = length_groups(tok, records)
+    batches = list(batches_by_length(tok, records, batch_size, groups))
     swapped: dict[int, torch.Tensor] = {}  # record -> the latents it is fed in 'swap' mode
     if mode == "swap":
-        partner = swap_partners(records, tok)
         own = {i: z for idx, b in batches for i, z in zip(idx, model.think(b.question)[1])}
-        swapped = {i: own[partner[i]] for i in range(len(records))}
+        swapped = {i: own[j] for i, j in swap_partners(groups).items()}
     for idx, b in batches:
         B = len(idx)
         if mode in ("teacher", "nocot"):

@@ -89,8 +89,8 @@ class AttentionFlow(FlowSpec):
     n_boot = Parameter("n_boot", default=200, type=int,
                        help="Bootstrap resamples of the problems for the metrics' 95% intervals (0 = none).")
     validate = Parameter("validate", default=True, type=bool,
-                         help="Run the causal validation step (head ablation and thought blocking with controls); "
-                              "--validate false skips it.")
+                         help="Run the causal validation step (head ablation, thought blocking and the latent "
+                              "swap, with controls); --validate false skips it.")
     validate_k = Parameter("validate_k", default=10, type=int,
                            help="Top heads by composite to ablate, together and one by one (capped at half the heads).")
     validate_random = Parameter("validate_random", default=5, type=int,

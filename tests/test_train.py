@@ -170,10 +170,11 @@ def test_shipped_latent_ablation_lowers_accuracy(shipped):
 
 def test_swap_partners_are_other_problems_of_the_same_shape(tok):
     records = synthetic.synthetic_records("test", 40)
-    partner = T.swap_partners(records, tok)
+    partner = T.swap_partners(T.length_groups(tok, records))
     shape = [(T.encode(tok, [r]).question.shape[1], T.encode(tok, [r]).cot.shape[1]) for r in records]
-    assert sorted(partner) == list(range(len(records)))  # a permutation: every problem's latents are used once
-    for i, j in enumerate(partner):
+    assert sorted(partner) == list(range(len(records)))  # every problem has a partner
+    assert sorted(partner.values()) == list(range(len(records)))  # a permutation: all latents used once
+    for i, j in partner.items():
         assert j != i and shape[j] == shape[i] and records[j]["question"] != records[i]["question"]
 
 
