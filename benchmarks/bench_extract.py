@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-mismatch", choices=("fail", "warn"), default="fail",
                    help="when (a) and (c) differ beyond --atol: fail (exit 2 before timing (c)) or warn (record "
                         "agreement.ok = false, time everything, exit 2 at the end)")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="keep PyTorch's default linear layers on CPU float32 instead of the oneDNN-prepacked "
+                        "weights the library loads by default (for before/after comparisons)")
     p.add_argument("--skip-reference", action="store_true",
                    help="skip (a) and the check (speedup is then null): for whole-split memory/throughput runs")
     return p
@@ -284,7 +287,7 @@ def load_avg() -> list[float] | None:
 
 
 # ------------------------------------------------------------------------------------------ model
-def build_model(shape: str, device: str, dtype: str, workdir: Path):
+def build_model(shape: str, device: str, dtype: str, workdir: Path, prepack: bool = True):
     """A random-weight CODI model of the given shape (tiny goes through the release layout and the loader)."""
     from codi_attn.model import resolve_device_dtype
 
@@ -295,10 +298,11 @@ def build_model(shape: str, device: str, dtype: str, workdir: Path):
 
         # 1024 positions: the fixture tokenizer turns the longest GSM8K questions into ~580 tokens
         base, ckpt = build_tiny_codi(workdir / "tiny", "gpt2", seed=0, n_positions=1024)
-        return load_codi("gpt2", base=str(base), ckpt=str(ckpt), device=str(dev), dtype=str(dt).split(".")[-1])
+        return load_codi("gpt2", base=str(base), ckpt=str(ckpt), device=str(dev), dtype=str(dt).split(".")[-1],
+                         prepack=prepack)
     from codi_attn.fixtures import full_size_codi
 
-    model = full_size_codi("gpt2" if shape == "gpt2" else "llama", dtype=dt, device=str(dev))
+    model = full_size_codi("gpt2" if shape == "gpt2" else "llama", dtype=dt, device=str(dev), prepack=prepack)
     rows = model.lm.get_input_embeddings().weight.shape[0]
     if (model.pad_id, model.bot_id, model.eot_id) != (rows - 3, rows - 2, rows - 1):  # codi-spec section 1
         raise SystemExit(f"{model.name}: pad/bot/eot ids {model.pad_id}/{model.bot_id}/{model.eot_id} do not match "
@@ -331,8 +335,8 @@ def _decoder_layers(lm) -> torch.nn.ModuleList:
 def flop_terms(model) -> dict:
     """The config numbers the FLOP formula needs (see the module docstring)."""
     cfg = model.lm.config
-    linear = sum(p.numel() for layer in _decoder_layers(model.lm) for name, p in layer.named_parameters()
-                 if p.dim() == 2)
+    linear = sum(t.numel() for layer in _decoder_layers(model.lm)  # prepacked weights are buffers
+                 for t in (*layer.parameters(), *layer.buffers()) if t.dim() == 2)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // model.n_heads
     prj = sum(p.numel() for p in model.prj.parameters() if p.dim() == 2)
     return {"linear_params": linear, "layers": model.n_layers, "d_q": model.n_heads * head_dim,
@@ -552,7 +556,8 @@ def run(args: argparse.Namespace) -> dict:
     n_ref = 0 if args.skip_reference else min(n, args.reference_problems if args.reference_problems is not None
                                                  else (8 if device.type == "cuda" else n))
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp, memory.phase("load"):
-        t_load, model = clock.time(lambda: build_model(args.shape, str(device), str(dtype).split(".")[-1], Path(tmp)))
+        t_load, model = clock.time(lambda: build_model(args.shape, str(device), str(dtype).split(".")[-1], Path(tmp),
+                                                          prepack=not args.no_prepack))
     log(f"{args.shape} model on {device} {dtype}: {model_mb(model):.0f} MB, built in {t_load:.1f} s")
     token_ids = tokenize_questions(model, questions)
     prompt = np.array([len(t) for t in token_ids])
@@ -571,6 +576,7 @@ def run(args: argparse.Namespace) -> dict:
                     "n_problems": n, "reference_problems": n_ref, "max_new_tokens": args.max_new_tokens,
                     "shard_size": args.shard_size, "repeats": args.repeats, "model_name": model.name,
                     "model_mb": round(model_mb(model), 1), "model_build_s": round(t_load, 2),
+                    "linear": model.source.get("linear"),
                     "prompt_tokens_mean": float(prompt.mean()), "prompt_tokens_max": int(prompt.max()),
                     "gsm8k": str(args.gsm8k), "codi_attn": str(Path(sys.modules["codi_attn"].__file__).parent)}
 

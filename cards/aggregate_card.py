@@ -77,10 +77,12 @@ def mass_figure(stats: dict):
 
 
 def numerics(model_info: dict) -> str:
-    """dtype, device, attention kernels and activation: what changes the numbers (codi-spec section 3)."""
-    activation = model_info.get("source", {}).get("activation")
+    """dtype, device, attention and linear kernels, activation: what changes the numbers (codi-spec section 3)."""
+    source = model_info.get("source", {})
+    activation, linear = source.get("activation"), source.get("linear")
     return (f"{model_info['dtype']} on {model_info['device']}; sdpa for the question and decoding, eager for the "
-            f"six latent steps" + (f"; activation {activation}" if activation else ""))
+            f"six latent steps" + (f"; linear layers {linear}" if linear else "")
+            + (f"; activation {activation}" if activation else ""))
 
 
 def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: float, attention_avg: np.ndarray,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from codi_attn.model import CODIModel, CODIModule, fuse_gelu, make_projection, wrap_lora
+from codi_attn.prepack import can_prepack, linear_kernel, prepack_linear_layers
 from codi_attn.presets import PRESETS
 
 _CORPUS = (
@@ -118,10 +119,10 @@ def build_tiny_codi(out_dir: str | Path, family: str = "gpt2", seed: int = 0, fm
 
 
 def full_size_codi(family: str = "gpt2", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   seed: int = 0) -> CODIModel:
+                   seed: int = 0, prepack: bool = True) -> CODIModel:
     """A GPT-2-124M- or LLaMA-3.2-1B-shaped CODI model with random weights, built in memory (for benchmarks).
 
-    The tokenizer is the tiny fixture tokenizer; the vocabulary size is the release's.
+    The tokenizer is the tiny fixture tokenizer; the vocabulary size is the release's. `prepack` as in `load_codi`.
     """
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -141,9 +142,10 @@ def full_size_codi(family: str = "gpt2", dtype: torch.dtype = torch.float32, dev
     prj = make_projection(config.hidden_size, config.hidden_size)
     lm.to(device=device, dtype=dtype).eval()
     prj.to(device=device, dtype=dtype).eval()
+    n_packed = prepack_linear_layers(lm.base_model) if prepack and can_prepack(torch.device(device), dtype) else 0
     return CODIModel(lm=lm, prj=prj, tokenizer=tokenizer, name=f"{family}-full-size-random", pad_id=v, bot_id=v + 1,
                      eot_id=v + 2, stop_ids=(tokenizer.eos_token_id,), n_layers=config.num_hidden_layers,
                      n_heads=config.num_attention_heads,
                      n_kv_heads=getattr(config, "num_key_value_heads", config.num_attention_heads),
                      max_positions=getattr(config, "max_position_embeddings", 1024), device=torch.device(device),
-                     dtype=dtype)
+                     dtype=dtype, source={"linear": linear_kernel(n_packed)})

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from codi_attn.prepack import can_prepack, linear_kernel, prepack_linear_layers
 from codi_attn.presets import DEMO_DIR, FAMILIES, PRESETS, get_preset
 
 CKPT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -229,8 +230,10 @@ def _stop_ids(tokenizer, names: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = None,
-              dtype: str = "auto", device: str = "auto") -> CODIModel:
-    """Load a CODI model by preset name, optionally overriding its checkpoint and base (local dir or hub id)."""
+              dtype: str = "auto", device: str = "auto", prepack: bool = True) -> CODIModel:
+    """Load a CODI model by preset name, optionally overriding its checkpoint and base (local dir or hub id).
+
+    prepack: on CPU in float32, pack the decoder's linear weights once for oneDNN (`codi_attn.prepack`)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -267,6 +270,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     lm.tie_weights()
     lm.to(device=dev, dtype=dt).eval()
     prj.to(device=dev, dtype=dt).eval()
+    n_packed = prepack_linear_layers(lm.base_model) if prepack and can_prepack(dev, dt) else 0
 
     return CODIModel(
         lm=lm, prj=prj, tokenizer=tokenizer, name=model,
@@ -278,5 +282,6 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
         device=dev, dtype=dt, is_demo=(model == "demo" and base == PRESETS["demo"].base),
         source={"base": base, "ckpt": ckpt, "lora_rank": rank, "lora_alpha": preset.lora_alpha if rank else None,
                 "activation": "gelu_pytorch_tanh (fused form of the config's gelu_new)" if fused
-                else getattr(config, "hidden_act", None) or config.activation_function},
+                else getattr(config, "hidden_act", None) or config.activation_function,
+                "linear": linear_kernel(n_packed)},
     )

@@ -7,6 +7,7 @@ import torch
 
 from codi_attn.ablation import ablate_heads, extract_ablated, head_dim, head_means, out_proj
 from codi_attn.extract import N_LATENTS, extract, tokenize_questions
+from codi_attn.model import load_codi
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour."]
 
@@ -17,9 +18,18 @@ def project(model, proj, x: torch.Tensor) -> torch.Tensor:
     return x @ weight + (proj.bias if proj.bias is not None else 0.0)
 
 
+@pytest.fixture(params=["gpt2", "llama"])
+def readable_model(request):
+    """A tiny model with PyTorch's linear layers, whose weights the hand computation reads (the loader's
+    default packs them for oneDNN; tests/test_prepack.py checks ablation on packed layers)."""
+    base, ckpt = request.getfixturevalue(f"tiny_{request.param}")
+    return load_codi(request.param, base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
+
+
 @pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_ablation_changes_exactly_that_heads_contribution(any_model, mode):
+def test_ablation_changes_exactly_that_heads_contribution(readable_model, mode):
     """Only head h's slice of the projection input changes; the module output is W @ x_with_slice_replaced (+ b)."""
+    any_model = readable_model
     layer, head, d = 1, 2, head_dim(any_model)
     proj = out_proj(any_model, layer)
     means = np.random.default_rng(0).normal(size=(1, any_model.n_layers, any_model.n_heads, d)).astype(np.float32)

@@ -176,8 +176,8 @@ def test_cards_on_every_step(clean_run):
     assert "No other model has a finished run on this sample" in card_data(run["compare"].task)
     assert "AttentionFlow cannot start" not in card_data(run["start"].task)
     assert "Aggregate: 6 of 6 problems" in card_data(run["aggregate"].task)
-    assert "float32 on cpu; sdpa for the question and decoding, eager for the six latent steps; activation " \
-           "gelu_pytorch_tanh (fused form of the config's gelu_new)" in card_data(run["aggregate"].task)
+    assert "float32 on cpu; sdpa for the question and decoding, eager for the six latent steps; linear layers " \
+           "oneDNN, 8 weights prepacked; activation gelu_pytorch_tanh (fused form of the config's gelu_new)" in card_data(run["aggregate"].task)
     assert '"type": "progressBar"' in card_data(run["extract"].task) or "progressBar" in card_data(run["extract"].task)
     assert "Head metrics: gpt2" in card_data(run["metrics"].task)
 

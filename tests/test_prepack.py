@@ -1,0 +1,94 @@
+"""oneDNN-prepacked linear layers (CPU float32): same numbers as PyTorch's, hooks and batching intact."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from codi_attn.ablation import ablate_heads
+from codi_attn.extract import extract
+from codi_attn.model import load_codi
+from codi_attn.prepack import PackedLinear, can_prepack, packed, prepack_linear_layers
+
+from test_extract import QUESTIONS
+
+pytestmark = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
+                                reason="this PyTorch build has no oneDNN packed linear")
+
+LINEARS_PER_BLOCK = {"gpt2": 4, "llama": 7}  # c_attn, c_proj, c_fc, mlp c_proj / q, k, v, o, gate, up, down
+
+
+def test_packed_linear_equals_f_linear_for_linear_and_conv1d():
+    """Non-square shapes, so that a Conv1D weight used untransposed ([in, out]) cannot pass."""
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(24, 40), Conv1D(40, 24)  # Conv1D(nf=out, nx=in): weight [24, 40]
+    nn.init.normal_(conv.bias)
+    x = torch.randn(3, 5, 24)
+    for module in (linear, conv):
+        twin = packed(module)
+        assert (twin.in_features, twin.out_features) == (24, 40)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), module(x), atol=1e-5, rtol=1e-5)
+    no_bias = PackedLinear(linear.weight, None)
+    torch.testing.assert_close(no_bias(x), F.linear(x, linear.weight), atol=1e-5, rtol=1e-5)
+
+
+def test_row_result_does_not_depend_on_the_batch():
+    torch.manual_seed(1)
+    layer = packed(nn.Linear(64, 96))
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        whole = layer(x)
+        for k in (0, 7, 31):
+            torch.testing.assert_close(layer(x[k: k + 1])[0], whole[k], atol=1e-6, rtol=0)
+
+
+def test_prepack_replaces_only_the_linear_layers():
+    body = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Sequential(Conv1D(16, 8), nn.GELU()))
+    assert prepack_linear_layers(body) == 2
+    assert [type(m).__name__ for m in body.modules()] == ["Sequential", "PackedLinear", "LayerNorm", "Sequential",
+                                                          "PackedLinear", "GELU"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loaded_model_is_packed_and_matches_the_unpacked_one(family, request):
+    """The loader packs every decoder linear layer on CPU float32 (recorded in source); logits and extracted
+    attention equal those of the same checkpoint with PyTorch's linear layers."""
+    base, ckpt = request.getfixturevalue(f"tiny_{family}")
+    model = request.getfixturevalue(f"{family}_model")
+    plain = load_codi(family, base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
+    n = LINEARS_PER_BLOCK[family] * model.n_layers
+    assert model.source["linear"] == f"oneDNN, {n} weights prepacked"
+    assert sum(isinstance(m, PackedLinear) for m in model.lm.modules()) == n
+    assert plain.source["linear"] == "PyTorch default"
+    assert not any(isinstance(m, PackedLinear) for m in plain.lm.modules())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm(ids).logits, plain.lm(ids).logits, atol=1e-4, rtol=1e-4)
+    ours, theirs = (extract(m, QUESTIONS, batch_size=3, max_new_tokens=4) for m in (model, plain))
+    np.testing.assert_allclose(ours.attention, theirs.attention, atol=1e-5)
+    np.testing.assert_allclose(ours.mass, theirs.mass, atol=1e-5)
+
+
+def test_head_ablation_hooks_act_on_packed_layers(gpt2_model, tiny_gpt2):
+    """Ablating a head changes the packed model's attention exactly as it changes the unpacked model's."""
+    base, ckpt = tiny_gpt2
+    plain = load_codi("gpt2", base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
+    results = []
+    for model in (gpt2_model, plain):
+        with ablate_heads(model, [(0, 1), (1, 2)]):
+            results.append(extract(model, QUESTIONS[:3], max_new_tokens=2).attention)
+    untouched = extract(gpt2_model, QUESTIONS[:3], max_new_tokens=2).attention
+    assert np.abs(results[0] - untouched).max() > 1e-3
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+
+
+def test_bfloat16_is_not_packed(tiny_gpt2):
+    base, ckpt = tiny_gpt2
+    model = load_codi("gpt2", base=str(base), ckpt=str(ckpt), device="cpu", dtype="bfloat16")
+    assert model.source["linear"] == "PyTorch default"
+    assert not can_prepack(torch.device("cpu"), torch.bfloat16)
+    assert not can_prepack(torch.device("cuda"), torch.float32)
