@@ -1,6 +1,8 @@
 """Card of the validate step: do the top-ranked heads and the thought positions matter causally?"""
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 from metaflow.cards import Image, Markdown, Table
 
@@ -9,6 +11,11 @@ from codi_attn.validate import LENS_TOP_N, ValidationResult
 
 def _points(x: float) -> str:
     return f"{100 * x:+.1f}"
+
+
+def _kl(x: float) -> str:
+    """A KL in nats, or n/a where no problem could be compared."""
+    return "n/a" if math.isnan(x) else f"{x:.3g}"
 
 
 def _delta(row: pd.Series) -> str:
@@ -34,24 +41,24 @@ def verdict(result: ValidationResult) -> list[str]:
                    "may be numerical noise of the intervention path, not effects.")
     if base["accuracy"] < 0.05:
         out.append(f"Baseline accuracy is only {100 * base['accuracy']:.1f}%: accuracy can hardly fall, so read the "
-                   "answers changed and the first-token KL instead.")
-    r_delta, r_kl = 100 * rand["delta_accuracy"], rand["kl_first_token"]
+                   "answers changed and the answer-token KL instead.")
+    r_delta, r_kl = 100 * rand["delta_accuracy"], rand["kl_answer_token"]
     out.append(f"Ablating the top-{k} heads ({s['ablation']} ablation) changed accuracy by {_delta(top)} from "
                f"{100 * base['accuracy']:.1f}%, vs {r_delta.mean():+.1f} ± {r_delta.std(ddof=0):.1f} points for "
                f"{k} random heads from the same layers (mean ± sd over {len(rand)} draws, range "
                f"{r_delta.min():+.1f} to {r_delta.max():+.1f}).")
     below = int((rand["delta_accuracy"] > top["delta_accuracy"]).sum())
-    kl_above = int((rand["kl_first_token"] < top["kl_first_token"]).sum())
+    kl_above = int((rand["kl_answer_token"] < top["kl_answer_token"]).sum())
     significant = top["delta_ci_high"] < 0 or top["delta_ci_low"] > 0
     out.append(f"The top-{k} change is {'significant' if significant else 'not significant'} (its interval "
                f"{'excludes' if significant else 'includes'} 0); it is a larger drop than in {below} of {len(rand)} "
-               f"random draws, and its first-token KL ({top['kl_first_token']:.3g}) exceeds that of {kl_above} of "
-               f"{len(rand)} draws (random mean {r_kl.mean():.3g}).")
+               f"random draws, and its answer-token KL ({_kl(top['kl_answer_token'])}) exceeds that of {kl_above} "
+               f"of {len(rand)} draws (random mean {_kl(r_kl.mean())}).")
     if len(singles):
-        worst = singles.sort_values(["delta_accuracy", "kl_first_token"], ascending=[True, False]).iloc[0]
-        out.append(f"Alone, {worst['condition']} matters most: {_delta(worst)}, KL {worst['kl_first_token']:.3g}.")
+        worst = singles.sort_values(["delta_accuracy", "kl_answer_token"], ascending=[True, False]).iloc[0]
+        out.append(f"Alone, {worst['condition']} matters most: {_delta(worst)}, KL {_kl(worst['kl_answer_token'])}.")
     one = blocks[blocks["blocked"].str.count("z") == 1]
-    worst = one.sort_values(["delta_accuracy", "kl_first_token"], ascending=[True, False]).iloc[0]
+    worst = one.sort_values(["delta_accuracy", "kl_answer_token"], ascending=[True, False]).iloc[0]
     every = blocks[blocks["blocked"].str.count("z") > 1]
     out.append(f"Blocking {worst['blocked']} hurts most of the single thoughts: {_delta(worst)}, "
                f"{100 * worst['answers_changed']:.0f}% of answers changed"
@@ -70,7 +77,7 @@ def swap_verdict(row: pd.Series) -> str:
     """What the latent swap says: significant loss (content matters), a tight interval around zero (little
     problem-specific content), or too few problems to tell."""
     said = (f"Feeding each problem the six thoughts of another problem changed accuracy by {_delta(row)}, "
-            f"{100 * row['answers_changed']:.0f}% of answers changed, first-token KL {row['kl_first_token']:.3g}: ")
+            f"{100 * row['answers_changed']:.0f}% of answers changed, answer-token KL {_kl(row['kl_answer_token'])}: ")
     if row["delta_ci_high"] < 0:
         return said + "the thoughts carry problem-specific content."
     if row["delta_ci_low"] >= -SWAP_TIGHT and row["delta_ci_high"] <= SWAP_TIGHT:
@@ -84,9 +91,9 @@ def _table(df: pd.DataFrame) -> Table:
              f"{100 * r.accuracy:.1f}%",
              f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]", _points(r.delta_accuracy),
              f"[{_points(r.delta_ci_low)}, {_points(r.delta_ci_high)}]", f"{100 * r.answers_changed:.0f}%",
-             f"{r.kl_first_token:.3g}"] for r in df.itertuples()]
+             _kl(r.kl_answer_token), f"{100 * r.kl_compared:.0f}%"] for r in df.itertuples()]
     return Table(rows, headers=["condition", "group", "heads / blocked", "accuracy", "95% CI", "Δ points",
-                                "Δ 95% CI", "answers changed", "KL first token"])
+                                "Δ 95% CI", "answers changed", "KL answer token", "KL compared on"])
 
 
 def _lens_table(lens: pd.DataFrame) -> Table:
@@ -114,7 +121,10 @@ def validate_card(result: ValidationResult) -> list:
                  f"{s['model']} ({s['n_layers']} layers x {s['n_heads']} heads, {s['dtype']} on {s['device']}), "
                  f"{s['n_problems']} problems, each condition on the same problems as the baseline. Heads: "
                  f"{s['ablation']} ablation of the head's slice of the attention output projection's input at "
-                 f"{where}; intervals: 95 % bootstrap over problems ({s['n_boot']} resamples, paired for Δ)."),
+                 f"{where}; intervals: 95 % bootstrap over problems ({s['n_boot']} resamples, paired for Δ). "
+                 "KL answer token: KL(baseline || condition) in nats of the next-token distribution where the "
+                 "baseline's answer number starts (its first token with a digit), averaged over the problems whose "
+                 "condition run generated the same tokens up to there (KL compared on)."),
         Markdown("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(result))),
         Markdown(f"## Top-{s['k']} heads vs random controls"),
         _image(ablation_figure(result)),

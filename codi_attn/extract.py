@@ -43,6 +43,17 @@ class Extraction:
     latents: np.ndarray | None = None  # [N, 6, d] float32, the fed vectors z1..z6 (keep_latents)
     thought_hidden: np.ndarray | None = None  # [N, 6, d] float32, final-norm hidden state at z1..z6 (keep_latents)
     first_logits: np.ndarray | None = None  # [N, V+3] float32, logits of the first token after EOT (keep_logits)
+    answer_logits: np.ndarray | None = None  # [N, V+3] float32, logits at answer_step (keep_logits)
+    answer_step: np.ndarray | None = None  # [N] int: decode step of answer_logits, -1 where decoding stopped before
+    tokens: np.ndarray | None = None  # [N, G] int: the generated ids, -1 after the stop token (keep_logits)
+
+
+def number_tokens(model: CODIModel) -> torch.Tensor:
+    """[V+3] bool: the token's text has a digit (CODI's extra ids have none)."""
+    names = model.tokenizer.convert_ids_to_tokens(list(range(len(model.tokenizer))))
+    mask = torch.zeros(model.lm.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    mask[: len(names)] = torch.tensor([any(c in "0123456789" for c in name or "") for name in names])
+    return mask.to(model.device)
 
 
 def tokenize_questions(model: CODIModel, questions: list[str]) -> list[list[int]]:
@@ -231,9 +242,10 @@ def _thought_rows(attentions: tuple[torch.Tensor, ...], batch: PaddedBatch, step
 @torch.inference_mode()
 def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int,
                blocked_latents: Sequence[int], latent_context: Callable[[], ContextManager],
-               fed: torch.Tensor | None = None) -> dict:
+               fed: torch.Tensor | None = None, answer_at: torch.Tensor | None = None) -> dict:
     """Latent inference for one batch: attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents, logits.
-    fed [B, 6, d]: latents fed instead of prj(h)."""
+    fed [B, 6, d]: latents fed instead of prj(h). answer_at: [B] decode steps whose logits to keep, or a [V+3]
+    bool mask of number tokens: keep the logits where the first one is generated (the first step if none is)."""
     lm, n_layers = model.lm, model.n_layers
     budget = max(0, min(max_new_tokens, model.max_positions - max(map(len, token_ids)) - N_LATENTS - 1))
     batch = PaddedBatch(model, token_ids, room=N_LATENTS + max(budget, 1))  # EOT and all but the last token are fed
@@ -262,21 +274,31 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
     done = torch.zeros(n, dtype=torch.bool, device=model.device)
     hidden = batch.forward(embed(torch.full((n,), model.eot_id, device=model.device))).last_hidden_state[:, -1]
     first_logits = lm.get_output_embeddings()(hidden).float()
+    answer_logits = torch.full_like(first_logits, math.nan)
+    answer_step = torch.full((n,), -1, dtype=torch.long, device=model.device)
     for t in range(budget):
         logits = first_logits if t == 0 else lm.get_output_embeddings()(hidden).float()
         logits[:, model.eot_id] = -math.inf  # the original decoder excludes only EOT
         token = logits.argmax(-1)
         generated[:, t] = torch.where(done, -1, token)
+        if answer_at is not None:
+            keep = ~done & (answer_at[token] & (answer_step < 0) if answer_at.dtype == torch.bool else answer_at == t)
+            answer_logits[keep], answer_step[keep] = logits[keep], t
         done |= torch.isin(token, stop)
         if bool(done.all()) or t == budget - 1:
             break
         hidden = batch.forward(embed(token)).last_hidden_state[:, -1]
+    if answer_at is not None and answer_at.dtype == torch.bool and budget:  # no number generated: the first token
+        first = answer_step < 0
+        answer_logits[first], answer_step[first] = first_logits[first], 0
+
     def host(tensors: list[torch.Tensor]) -> np.ndarray:
         return torch.stack(tensors, dim=1).float().cpu().numpy()
 
     return {"attention": attention.cpu().numpy(), "mass": mass.cpu().numpy(), "generated": generated.cpu().numpy(),
             "latents": host(latents), "thought_hidden": host(thought_hidden),
-            "first_logits": first_logits.cpu().numpy()}
+            "first_logits": first_logits.cpu().numpy(), "answer_logits": answer_logits.cpu().numpy(),
+            "answer_step": answer_step.cpu().numpy()}
 
 
 def decode_answer(model: CODIModel, ids: np.ndarray) -> str:
@@ -294,7 +316,7 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
             max_new_tokens: int = 256, progress: Callable[[int], None] | None = None,
             keep_latents: bool = False, keep_logits: bool = False, blocked_latents: Sequence[int] = (),
             latent_context: Callable[[], ContextManager] = nullcontext,
-            fed_latents: np.ndarray | None = None) -> Extraction:
+            fed_latents: np.ndarray | None = None, answer_steps: np.ndarray | None = None) -> Extraction:
     """Run CODI latent inference on `questions` and capture the six thoughts' attention.
 
     Problems are batched by length (less padding); results come back in input order.
@@ -303,6 +325,9 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
     attend, through the attention mask) and `latent_context` (a context entered around the six latent steps
     only, e.g. hooks that ablate heads there) and `fed_latents` [N, 6, d] (fed as z1..z6 instead of
     prj(h), e.g. another problem's thoughts; attention is still captured).
+    keep_logits also keeps the generated ids and the logits at each problem's answer token: the first
+    generated token with a digit (the first token if none has one), or the decode steps `answer_steps` [N]
+    (e.g. a baseline's, to compare an intervention's logits at the same position; -1 where none comes).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -315,28 +340,41 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
         if fed_latents.shape != want:
             raise ValueError(f"fed_latents must have shape {want} (problems, thoughts, hidden size), "
                              f"got {fed_latents.shape}")
+    if answer_steps is not None and np.shape(answer_steps) != (len(questions),):
+        raise ValueError(f"answer_steps must have one step per question, shape ({len(questions)},), "
+                         f"got {np.shape(answer_steps)}")
+    numbers = number_tokens(model) if keep_logits and answer_steps is None else None
     order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
     n = len(token_ids)
     parts: dict[str, np.ndarray] = {}
     texts = [""] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
     for start in range(0, n, batch_size):
         idx = order[start: start + batch_size]
         fed = None if fed_latents is None else torch.as_tensor(fed_latents[idx], dtype=model.dtype,
                                                                device=model.device)
+        answer_at = numbers if answer_steps is None or not keep_logits else \
+            torch.as_tensor(np.asarray(answer_steps)[idx], dtype=torch.long, device=model.device)
         out = _run_batch(model, [token_ids[k] for k in idx], max_new_tokens, tuple(blocked_latents), latent_context,
-                         fed)
-        wanted = ("attention", "mass") + ("latents", "thought_hidden") * keep_latents + ("first_logits",) * keep_logits
+                         fed, answer_at)
+        wanted = (("attention", "mass") + ("latents", "thought_hidden") * keep_latents
+                  + ("first_logits", "answer_logits", "answer_step") * keep_logits)
         for name in wanted:
             if name not in parts:
-                parts[name] = np.zeros((n, *out[name].shape[1:]), np.float32)
+                parts[name] = np.zeros((n, *out[name].shape[1:]), out[name].dtype)
             parts[name][idx] = out[name]
         for k, ids in zip(idx, out["generated"]):
-            texts[k] = decode_answer(model, ids)
+            texts[k], tokens[k] = decode_answer(model, ids), ids.tolist()
         if progress is not None:
             progress(len(idx))
+    if keep_logits:  # decode budgets can differ between batches (context left): pad with -1 to the longest
+        width = max(map(len, tokens), default=0)
+        parts["tokens"] = np.array([t + [-1] * (width - len(t)) for t in tokens], dtype=np.int64).reshape(n, width)
     parsed = [parse_answer(t) for t in texts]
     prediction = np.array([math.nan if p is None else p for p in parsed], dtype=np.float64)
     gold = [parse_gold(g) for g in golds] if golds is not None else [None] * n
     correct = np.array([is_correct(p, g) for p, g in zip(parsed, gold)], dtype=bool)
     return Extraction(parts["attention"], parts["mass"], texts, prediction, correct, latents=parts.get("latents"),
-                      thought_hidden=parts.get("thought_hidden"), first_logits=parts.get("first_logits"))
+                      thought_hidden=parts.get("thought_hidden"), first_logits=parts.get("first_logits"),
+                      answer_logits=parts.get("answer_logits"), answer_step=parts.get("answer_step"),
+                      tokens=parts.get("tokens"))

@@ -18,8 +18,12 @@ input (codi_attn.ablation) at the six latent steps (`positions="latent"`, defaul
 
 Measures per condition: accuracy with a 95 % percentile bootstrap interval over problems; accuracy change
 vs baseline with a paired bootstrap interval (the same resamples for every condition); the fraction of
-problems whose parsed answer changed; the mean KL(baseline || condition) of the first answer token's
-distribution (softmax over the logits right after EOT, EOT excluded as in decoding).
+problems whose parsed answer changed; the mean KL(baseline || condition) of the answer token's distribution:
+the softmax over the logits (EOT excluded, as in decoding) at the step where the baseline generated the
+first token of its answer's number (its first token with a digit; its first token if it generated none),
+over the problems whose condition run generated the same tokens up to there (`kl_compared`, the share of
+problems compared): the same context, so the KL measures the intervention alone. CODI answers start with a
+fixed "The answer is:", whose first token no intervention moves; the number token is where they differ.
 
 Logit lens: each thought's final-norm last-layer hidden state (`Extraction.thought_hidden`, already after
 the final norm) through the LM head; per thought, how often its top token is a number, an intermediate
@@ -48,7 +52,7 @@ GROUPS = ("baseline", "no-op", "top-k", "top-k single", "random control", "block
 CI_LEVEL = 0.95
 LENS_TOP_N = 5  # tokens per thought checked for intermediate results
 COLUMNS = ("condition", "group", "heads", "blocked", "accuracy", "ci_low", "ci_high", "delta_accuracy",
-           "delta_ci_low", "delta_ci_high", "answers_changed", "kl_first_token")
+           "delta_ci_low", "delta_ci_high", "answers_changed", "kl_answer_token", "kl_compared")
 INTERMEDIATE = re.compile(r"<<[^<>]*=([^<>=]+)>>")
 NUMBER_TOKEN = re.compile(r"-?\d+(\.\d+)?")
 
@@ -146,13 +150,22 @@ def bootstrap_interval(values: np.ndarray, idx: np.ndarray) -> tuple[float, floa
     return float(lo), float(hi)
 
 
-def first_token_kl(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(p_base || p) per problem [N] of the softmax over first-token logits [N, V] (-inf entries allowed)."""
+def token_kl(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(p_base || p) per problem [N] of the softmax over logits [N, V] (-inf entries allowed; nan rows give nan)."""
     log_p = torch.log_softmax(torch.as_tensor(base_logits, dtype=torch.float64), -1)
     log_q = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
     p = log_p.exp()
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     return terms.sum(-1).clamp(min=0.0).numpy()
+
+
+def answer_token_kl(base: Extraction, ex: Extraction) -> np.ndarray:
+    """KL(p_base || p) per problem [N] at the baseline's answer token (`ex` extracted with the baseline's
+    answer_steps); nan where `ex` generated other tokens before it or stopped earlier (another context)."""
+    kl = token_kl(base.answer_logits, ex.answer_logits)
+    same = [step >= 0 and ex.answer_step[k] == step and np.array_equal(base.tokens[k, :step], ex.tokens[k, :step])
+            for k, step in enumerate(base.answer_step)]
+    return np.where(same, kl, np.nan)
 
 
 def answers_changed(base: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -166,20 +179,24 @@ def measure(cond: Condition, ex: Extraction, base: Extraction, idx: np.ndarray) 
     correct = ex.correct.astype(float)
     delta = correct - base.correct.astype(float)
     (lo, hi), (delta_lo, delta_hi) = bootstrap_interval(correct, idx), bootstrap_interval(delta, idx)
+    kl = answer_token_kl(base, ex)
+    compared = ~np.isnan(kl)
     return {
         "condition": cond.name, "group": cond.group,
         "heads": " ".join(head_label(*h) for h in cond.heads), "blocked": " ".join(thought(j) for j in cond.blocked),
         "accuracy": float(correct.mean()), "ci_low": lo, "ci_high": hi,
         "delta_accuracy": float(delta.mean()), "delta_ci_low": delta_lo, "delta_ci_high": delta_hi,
         "answers_changed": float(answers_changed(base.prediction, ex.prediction).mean()),
-        "kl_first_token": float(first_token_kl(base.first_logits, ex.first_logits).mean()),
+        "kl_answer_token": float(np.nanmean(kl)) if compared.any() else math.nan,
+        "kl_compared": float(compared.mean()),
     }
 
 
 def identical(a: Extraction, b: Extraction) -> bool:
-    """Bit-for-bit equal attention, first-token logits, thoughts and texts."""
-    arrays = ("attention", "mass", "first_logits", "latents", "thought_hidden")
-    return a.text == b.text and all(np.array_equal(getattr(a, n), getattr(b, n)) for n in arrays)
+    """Bit-for-bit equal attention, logits, thoughts, generated tokens and texts."""
+    arrays = ("attention", "mass", "first_logits", "answer_logits", "latents", "thought_hidden")
+    return (a.text == b.text and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.answer_step, b.answer_step)
+            and all(np.array_equal(getattr(a, n), getattr(b, n), equal_nan=True) for n in arrays))
 
 
 # ---------------------------------------------------------------- logit lens
@@ -286,6 +303,7 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
         notes.append("no latent swap: it needs two problems or more")
     base_cond, noop_cond, *others = conditions(top, controls, swap=len(questions) >= 2)
     base = extract(model, questions, keep_latents=True, **run_kwargs)
+    run_kwargs["answer_steps"] = base.answer_step  # every condition's logits at the baseline's answer token
     noop = extract_ablated(model, questions, (), means, positions, keep_latents=True, **run_kwargs)
     rows = [measure(base_cond, base, base, idx), measure(noop_cond, noop, base, idx)]
     for cond in others:

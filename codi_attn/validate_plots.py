@@ -1,5 +1,5 @@
 """Bar charts of a causal validation (codi_attn.validate): accuracy with bootstrap intervals, answers changed and
-first-token KL for a set of conditions, the baseline drawn as a reference line. Each function returns a Figure
+answer-token KL for a set of conditions, the baseline drawn as a reference line. Each function returns a Figure
 (matplotlib object API, Agg backend, never registered with pyplot)."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _describe(result: ValidationResult, heads: bool) -> str:
 
 def condition_figure(result: ValidationResult, groups: tuple[str, ...], title: str) -> Figure:
     """Three panels over the conditions of `groups` (baseline first): accuracy with its 95 % bootstrap
-    interval (dashed line and band: the baseline's), share of answers changed, mean first-token KL."""
+    interval (dashed line and band: the baseline's), share of answers changed, mean answer-token KL."""
     df = result.validation
     rows = pd.concat([df[df["group"] == "baseline"], df[df["group"].isin(groups)]])
     x = np.arange(len(rows))
@@ -46,8 +46,8 @@ def condition_figure(result: ValidationResult, groups: tuple[str, ...], title: s
                          fontsize=7)
     axes[1].bar(x, 100 * rows["answers_changed"], color=colors)
     axes[1].set_ylabel("answers\nchanged (%)")
-    axes[2].bar(x, rows["kl_first_token"], color=colors)
-    axes[2].set_ylabel("KL first token\n(nats, mean)")
+    axes[2].bar(x, rows["kl_answer_token"].fillna(0.0), color=colors)
+    axes[2].set_ylabel("KL answer token\n(nats, mean)")
     crowded = len(rows) > 8
     axes[2].set_xticks(x, rows["condition"], rotation=35 if crowded else 0, ha="right" if crowded else "center")
     for ax in axes:

@@ -301,3 +301,31 @@ def test_sliding_window_models_are_refused():
 
     with pytest.raises(NotImplementedError, match="full-attention models"):
         extract_mod.preallocated_cache(MistralConfig(sliding_window=4, num_hidden_layers=2), 8)
+
+
+def test_answer_token_steps_and_logits(gpt2_model):
+    """keep_logits: answer_step is the first generated token whose text has a digit (the first token if none),
+    checked against the decoded tokens; the logits kept there pick that token; steps handed back in
+    (`answer_steps`) keep the logits at exactly those steps, and the detected steps reproduce them bit for bit."""
+    ex = extract(gpt2_model, QUESTIONS, batch_size=2, max_new_tokens=6, keep_logits=True)
+    assert ex.tokens.shape == (len(QUESTIONS), 6) and ex.answer_logits.shape == ex.first_logits.shape
+    for k in range(len(QUESTIONS)):
+        generated = [t for t in ex.tokens[k].tolist() if t >= 0]
+        digits = [i for i, t in enumerate(generated) if any(c in "0123456789" for c in gpt2_model.tokenizer.decode([t]))]
+        step = digits[0] if digits else 0
+        assert ex.answer_step[k] == step
+        assert ex.answer_logits[k].argmax() == generated[step]
+        if step == 0:
+            np.testing.assert_array_equal(ex.answer_logits[k], ex.first_logits[k])
+    again = extract(gpt2_model, QUESTIONS, batch_size=2, max_new_tokens=6, keep_logits=True,
+                    answer_steps=ex.answer_step)
+    np.testing.assert_array_equal(again.answer_logits, ex.answer_logits)
+    steps = np.array([0, 3, 5, -1])
+    fixed = extract(gpt2_model, QUESTIONS, batch_size=2, max_new_tokens=6, keep_logits=True, answer_steps=steps)
+    for k, step in enumerate(steps):
+        if step < 0 or fixed.tokens[k, step] < 0:  # none asked, or decoding stopped before it
+            assert fixed.answer_step[k] == -1 and np.isnan(fixed.answer_logits[k]).all()
+        else:
+            assert fixed.answer_step[k] == step and fixed.answer_logits[k].argmax() == fixed.tokens[k, step]
+    with pytest.raises(ValueError, match="answer_steps must have one step per question"):
+        extract(gpt2_model, QUESTIONS, keep_logits=True, answer_steps=steps[:2])

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from codi_attn.extract import N_LATENTS, Extraction, extract
-from codi_attn.validate import (COLUMNS, GROUPS, answers_changed, bootstrap_interval, first_token_kl,
+from codi_attn.validate import (COLUMNS, GROUPS, answer_token_kl, answers_changed, bootstrap_interval,
                                 intermediate_results, logit_lens, random_controls, resample_indices, run_validation,
-                                token_number)
+                                token_kl, token_number)
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber."]
@@ -78,13 +78,31 @@ def test_intervals_contain_the_point_estimate(values):
     assert lo <= values.mean() <= hi
 
 
-def test_first_token_kl():
+def test_token_kl():
     base = np.log([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
     other = np.log([[0.25, 0.25, 0.5], [0.1, 0.2, 0.7]])
     base, other = (np.c_[x, np.full(2, -np.inf)] for x in (base, other))  # EOT's -inf column, as in decoding
-    kl = first_token_kl(base, other)
+    kl = token_kl(base, other)
     np.testing.assert_allclose(kl, [0.5 * np.log(2) + 0.25 * np.log(0.5), 0.0], atol=1e-12)
-    assert np.all(first_token_kl(base, base) == 0.0)
+    assert np.all(token_kl(base, base) == 0.0)
+    assert np.isnan(token_kl(base, np.full_like(base, np.nan))).all()  # a step the condition never reached
+
+
+def test_answer_token_kl_compares_only_the_same_context():
+    """KL at the baseline's answer step where the condition generated the same tokens before it; nan where
+    its prefix differs, it stopped earlier, or the baseline has no answer step."""
+    log = np.log
+    base_logits = log([[0.5, 0.5], [0.9, 0.1], [0.5, 0.5], [0.5, 0.5]])
+    cond_logits = log([[0.25, 0.75], [0.9, 0.1], [0.5, 0.5], [0.5, 0.5]])
+    tokens = np.array([[7, 8, 1], [7, 8, 1], [7, 8, 1], [7, -1, -1]])
+    base = Extraction(np.zeros(0), np.zeros(0), [""] * 4, np.zeros(4), np.zeros(4, bool), answer_logits=base_logits,
+                      answer_step=np.array([2, 2, 2, -1]), tokens=tokens)
+    cond_tokens = np.array([[7, 8, 3], [7, 9, 1], [7, 8, 1], [7, -1, -1]])
+    cond = Extraction(np.zeros(0), np.zeros(0), [""] * 4, np.zeros(4), np.zeros(4, bool), answer_logits=cond_logits,
+                      answer_step=np.array([2, 2, -1, -1]), tokens=cond_tokens)
+    kl = answer_token_kl(base, cond)
+    np.testing.assert_allclose(kl[0], 0.5 * log(0.5 / 0.25) + 0.5 * log(0.5 / 0.75), atol=1e-12)
+    assert np.isnan(kl[1:]).all()  # other prefix (8 vs 9); stopped before step 2; baseline without a step
 
 
 def test_intermediate_results_and_number_tokens():
@@ -121,7 +139,8 @@ def check_result(result, model, k: int, n_random: int) -> None:
                                             "latent swap": 1})
     assert result.noop_identical
     noop = result.group("no-op").iloc[0]
-    assert noop["delta_accuracy"] == 0 and noop["answers_changed"] == 0 and noop["kl_first_token"] == 0
+    assert noop["delta_accuracy"] == 0 and noop["answers_changed"] == 0 and noop["kl_answer_token"] == 0
+    assert noop["kl_compared"] == 1.0
     assert (df["ci_low"] <= df["accuracy"]).all() and (df["accuracy"] <= df["ci_high"]).all()
     assert (df["delta_ci_low"] <= df["delta_accuracy"]).all() and (df["delta_accuracy"] <= df["delta_ci_high"]).all()
     top = result.group("top-k").iloc[0]["heads"].split()
@@ -143,13 +162,15 @@ def test_run_validation_end_to_end_gpt2_mean_latent(gpt2_model):
     assert top == [f"L{r.layer}H{r.head}" for r in ranking.head(2).itertuples()]
     base = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3)
     assert result.group("baseline").iloc[0]["accuracy"] == base.correct.mean()
-    assert result.group("blocking")["kl_first_token"].gt(0).all(), "blocking a thought must change the first token"
+    blocking = result.group("blocking")
+    assert blocking["kl_compared"].gt(0).all() and blocking["kl_answer_token"].gt(0).all(), \
+        "blocking a thought must change the answer token's distribution"
     with_latents = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, keep_latents=True)
     swapped = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, fed_latents=np.roll(with_latents.latents, -1, 0))
     swap = result.group("latent swap").iloc[0]
     assert swap["accuracy"] == swapped.correct.mean()
     assert swap["answers_changed"] == answers_changed(base.prediction, swapped.prediction).mean()
-    assert swap["kl_first_token"] > 0, "another problem's thoughts must change the first token's distribution"
+    assert swap["kl_answer_token"] > 0, "another problem's thoughts must change the answer token's distribution"
 
     from cards.validate_card import validate_card, verdict
 
@@ -202,6 +223,6 @@ def test_swap_verdict_separates_loss_no_loss_and_too_few_problems(low, high, say
     from cards.validate_card import swap_verdict
 
     row = pd.Series({"delta_accuracy": (low + high) / 2, "delta_ci_low": low, "delta_ci_high": high,
-                     "answers_changed": 0.4, "kl_first_token": 0.25})
+                     "answers_changed": 0.4, "kl_answer_token": 0.25, "kl_compared": 0.9})
     text = swap_verdict(row)
     assert says in text and "40% of answers changed" in text and "KL 0.25" in text
