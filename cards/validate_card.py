@@ -43,9 +43,11 @@ def verdict(result: ValidationResult) -> list[str]:
         out.append(f"Baseline accuracy is only {100 * base['accuracy']:.1f}%: accuracy can hardly fall, so read the "
                    "answers changed and the answer-token KL instead.")
     r_delta, r_kl = 100 * rand["delta_accuracy"], rand["kl_answer_token"]
+    n_sets = rand["heads"].nunique()
+    distinct = f", only {n_sets} distinct head set{'s' * (n_sets > 1)}" if n_sets < len(rand) else ""
     out.append(f"Ablating the top-{k} heads ({s['ablation']} ablation) changed accuracy by {_delta(top)} from "
                f"{100 * base['accuracy']:.1f}%, vs {r_delta.mean():+.1f} ± {r_delta.std(ddof=0):.1f} points for "
-               f"{k} random heads from the same layers (mean ± sd over {len(rand)} draws, range "
+               f"{k} random heads from the same layers (mean ± sd over {len(rand)} draws{distinct}, range "
                f"{r_delta.min():+.1f} to {r_delta.max():+.1f}).")
     below = int((rand["delta_accuracy"] > top["delta_accuracy"]).sum())
     kl_above = int((rand["kl_answer_token"] < top["kl_answer_token"]).sum())

@@ -50,6 +50,7 @@ from codi_attn.model import CODIModel
 ABLATIONS = ("mean", "zero")
 GROUPS = ("baseline", "no-op", "top-k", "top-k single", "random control", "blocking", "latent swap")
 CI_LEVEL = 0.95
+K_SHARE = 4  # k is capped at a quarter of the heads: with half, the only control is the other half
 LENS_TOP_N = 5  # tokens per thought checked for intermediate results
 COLUMNS = ("condition", "group", "heads", "blocked", "accuracy", "ci_low", "ci_high", "delta_accuracy",
            "delta_ci_low", "delta_ci_high", "answers_changed", "kl_answer_token", "kl_compared")
@@ -274,8 +275,8 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
     block each thought and swap the thoughts between problems, on `questions` with GSM8K answers `golds`
     (full solutions for the logit lens).
 
-    `progress(condition_name)` is called after each intervention. k is capped at half the model's heads so
-    that random controls exist (noted in `notes`).
+    `progress(condition_name)` is called after each intervention. k is capped at a quarter of the model's heads
+    (noted in `notes`), so that the random controls draw from three times as many other heads and can differ.
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -286,10 +287,11 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
     if k < 1 or n_random < 1:
         raise ValueError(f"k and n_random must be positive, got {k}, {n_random}")
     notes = []
-    k_used = min(k, model.n_layers * model.n_heads // 2)
+    n_total = model.n_layers * model.n_heads
+    k_used = min(k, max(1, n_total // K_SHARE))
     if k_used < k:
-        notes.append(f"k capped at {k_used} (half of the model's {model.n_layers * model.n_heads} heads) so that "
-                     "random controls can avoid the top heads")
+        notes.append(f"k capped at {k_used} (a quarter of the model's {n_total} heads) so that the random controls "
+                     "draw from three times as many other heads")
     top = top_heads(ranked_heads, k_used)
     controls, matched = random_controls(top, model.n_layers, model.n_heads, n_random, np.random.default_rng(seed))
     if not matched:

@@ -419,7 +419,7 @@ def test_default_run_is_the_offline_demo(tmp_path):
     d = result.run.data
     assert d.demo and d.model == "demo" and d.settings["dataset"] == "synthetic"
     assert len(d.problem_ids) == 4 and d.problem_ids[0].startswith("test_")  # held out from the demo's training
-    assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 8  # half of 4 x 4 heads
+    assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 4  # a quarter of 4 x 4 heads
     assert "DEMO MODEL" in card_data(result.run["start"].task)
     assert "model:demo" in result.run.tags
 

@@ -182,14 +182,14 @@ def test_run_validation_end_to_end_gpt2_mean_latent(gpt2_model):
 
 def test_run_validation_llama_zero_all_positions_on_real_decoded_answers(llama_model):
     """Trap 5: the fixture's decoded text (forced to 'The answer is: 72') parses, so accuracy is 2/3 (golds 72, 72,
-    5) under every condition instead of 0 by fiat; k above half the heads is capped."""
+    5) under every condition instead of 0 by fiat; k above a quarter of the heads is capped."""
     with forced_answer(llama_model, "The answer is: 72"):
         ex = extract(llama_model, QUESTIONS, GOLDS, max_new_tokens=10)
         result = run_validation(llama_model, QUESTIONS, GOLDS, ranked(llama_model), k=20, n_random=1,
                                 ablation="zero", positions="all", batch_size=3, max_new_tokens=10, n_boot=100)
     assert ex.text == ["The answer is: 72"] * 3
     np.testing.assert_array_equal(ex.prediction, [72.0] * 3)
-    k = llama_model.n_layers * llama_model.n_heads // 2
+    k = llama_model.n_layers * llama_model.n_heads // 4
     check_result(result, llama_model, k=k, n_random=1)
     assert result.settings["k"] == k and any("capped" in note for note in result.notes)
     np.testing.assert_allclose(result.validation["accuracy"], 2 / 3)
@@ -214,6 +214,19 @@ def test_one_problem_runs_without_the_latent_swap(gpt2_model):
     from cards.validate_card import verdict
 
     assert not any("thoughts of another problem" in line for line in verdict(result))
+
+
+def test_verdict_says_when_random_draws_repeat(gpt2_model):
+    """Identical random draws (e.g. the only heads left outside the top-k) must not read as a tight control."""
+    from cards.validate_card import verdict
+
+    result = run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model), k=2, n_random=3, batch_size=3,
+                            max_new_tokens=2, n_boot=50)
+    rand = result.validation["group"] == "random control"
+    result.validation.loc[rand, "heads"] = ["L0H1 L1H1", "L0H1 L1H2", "L0H3 L1H2"]
+    assert not any("distinct" in line for line in verdict(result))
+    result.validation.loc[rand, "heads"] = result.validation.loc[rand, "heads"].iloc[0]
+    assert any("over 3 draws, only 1 distinct head set" in line for line in verdict(result))
 
 
 @pytest.mark.parametrize("low, high, says", [(-0.30, -0.10, "carry problem-specific content"),
