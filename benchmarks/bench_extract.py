@@ -540,6 +540,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     from codi_attn.extract import tokenize_questions
     from codi_attn.model import resolve_device_dtype
+    from codi_attn.prepack import can_prepack
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -547,6 +548,10 @@ def run(args: argparse.Namespace) -> dict:
     clock, memory = Clock(device), Memory(device)
     sizes = args.batch_size or list(SWEEP["cuda" if device.type == "cuda" else "cpu"])
     check_dtype = dtype if args.check_dtype == "same" else resolve_device_dtype(str(device), args.check_dtype)[1]
+    if check_dtype != dtype and can_prepack(device, dtype) and not args.no_prepack:
+        raise SystemExit(f"--check-dtype {args.check_dtype} needs a {str(check_dtype).split('.')[-1]} copy of the "
+                         "model, but its prepacked linear weights cannot be cast: add --no-prepack, or use "
+                         "--check-dtype same")
     atol = args.atol if args.atol is not None else (1e-3 if check_dtype == torch.float32 else 3e-2)
     load_start = load_avg()
     log = (lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))

@@ -52,10 +52,13 @@ def verdict(result: ValidationResult) -> list[str]:
     below = int((rand["delta_accuracy"] > top["delta_accuracy"]).sum())
     kl_above = int((rand["kl_answer_token"] < top["kl_answer_token"]).sum())
     significant = top["delta_ci_high"] < 0 or top["delta_ci_low"] > 0
+    kl = (f"its answer-token KL ({_kl(top['kl_answer_token'])}, on {100 * top['kl_compared']:.0f}% of problems) "
+          f"exceeds that of {kl_above} of {len(rand)} draws (random mean {_kl(r_kl.mean())})"
+          if not math.isnan(top["kl_answer_token"]) else
+          "its answer-token KL is n/a (no problem kept the baseline's tokens up to the answer's number)")
     out.append(f"The top-{k} change is {'significant' if significant else 'not significant'} (its interval "
                f"{'excludes' if significant else 'includes'} 0); it is a larger drop than in {below} of {len(rand)} "
-               f"random draws, and its answer-token KL ({_kl(top['kl_answer_token'])}) exceeds that of {kl_above} "
-               f"of {len(rand)} draws (random mean {_kl(r_kl.mean())}).")
+               f"random draws, and {kl}.")
     if len(singles):
         worst = singles.sort_values(["delta_accuracy", "kl_answer_token"], ascending=[True, False]).iloc[0]
         out.append(f"Alone, {worst['condition']} matters most: {_delta(worst)}, KL {_kl(worst['kl_answer_token'])}.")
@@ -125,8 +128,8 @@ def validate_card(result: ValidationResult) -> list:
                  f"{s['ablation']} ablation of the head's slice of the attention output projection's input at "
                  f"{where}; intervals: 95 % bootstrap over problems ({s['n_boot']} resamples, paired for Δ). "
                  "KL answer token: KL(baseline || condition) in nats of the next-token distribution where the "
-                 "baseline's answer number starts (its first token with a digit), averaged over the problems whose "
-                 "condition run generated the same tokens up to there (KL compared on)."),
+                 "baseline's answer number starts (its first token with a digit or a minus sign), averaged over the "
+                 "problems whose condition run generated the same tokens up to there (KL compared on)."),
         Markdown("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(result))),
         Markdown(f"## Top-{s['k']} heads vs random controls"),
         _image(ablation_figure(result)),

@@ -44,15 +44,19 @@ class Extraction:
     thought_hidden: np.ndarray | None = None  # [N, 6, d] float32, final-norm hidden state at z1..z6 (keep_latents)
     first_logits: np.ndarray | None = None  # [N, V+3] float32, logits of the first token after EOT (keep_logits)
     answer_logits: np.ndarray | None = None  # [N, V+3] float32, logits at answer_step (keep_logits)
-    answer_step: np.ndarray | None = None  # [N] int: decode step of answer_logits, -1 where decoding stopped before
+    answer_step: np.ndarray | None = None  # [N] int: decode step of answer_logits, -1 where no number came
     tokens: np.ndarray | None = None  # [N, G] int: the generated ids, -1 after the stop token (keep_logits)
 
 
 def number_tokens(model: CODIModel) -> torch.Tensor:
-    """[V+3] bool: the token's text has a digit (CODI's extra ids have none)."""
-    names = model.tokenizer.convert_ids_to_tokens(list(range(len(model.tokenizer))))
+    """[V+3] bool: tokens that can start an answer's number: decoded text with a digit, or a bare minus sign.
+    Special tokens and CODI's extra ids (pad, BOT, EOT) are not."""
+    tokenizer = model.tokenizer
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    special = set(tokenizer.all_special_ids)
     mask = torch.zeros(model.lm.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-    mask[: len(names)] = torch.tensor([any(c in "0123456789" for c in name or "") for name in names])
+    mask[: len(texts)] = torch.tensor([i not in special and (any(c in "0123456789" for c in text) or text.strip() == "-")
+                                       for i, text in enumerate(texts)])
     return mask.to(model.device)
 
 
@@ -245,7 +249,7 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
                fed: torch.Tensor | None = None, answer_at: torch.Tensor | None = None) -> dict:
     """Latent inference for one batch: attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents, logits.
     fed [B, 6, d]: latents fed instead of prj(h). answer_at: [B] decode steps whose logits to keep, or a [V+3]
-    bool mask of number tokens: keep the logits where the first one is generated (the first step if none is)."""
+    bool mask of number tokens: keep the logits where the first one is generated."""
     lm, n_layers = model.lm, model.n_layers
     budget = max(0, min(max_new_tokens, model.max_positions - max(map(len, token_ids)) - N_LATENTS - 1))
     batch = PaddedBatch(model, token_ids, room=N_LATENTS + max(budget, 1))  # EOT and all but the last token are fed
@@ -273,12 +277,17 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
     generated = torch.full((n, budget), -1, dtype=torch.long, device=model.device)
     done = torch.zeros(n, dtype=torch.bool, device=model.device)
     hidden = batch.forward(embed(torch.full((n,), model.eot_id, device=model.device))).last_hidden_state[:, -1]
-    first_logits = lm.get_output_embeddings()(hidden).float()
+
+    def next_logits(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm.get_output_embeddings()(hidden).float()
+        logits[:, model.eot_id] = -math.inf  # the original decoder excludes only EOT
+        return logits
+
+    first_logits = next_logits(hidden)
     answer_logits = torch.full_like(first_logits, math.nan)
     answer_step = torch.full((n,), -1, dtype=torch.long, device=model.device)
     for t in range(budget):
-        logits = first_logits if t == 0 else lm.get_output_embeddings()(hidden).float()
-        logits[:, model.eot_id] = -math.inf  # the original decoder excludes only EOT
+        logits = first_logits if t == 0 else next_logits(hidden)
         token = logits.argmax(-1)
         generated[:, t] = torch.where(done, -1, token)
         if answer_at is not None:
@@ -288,9 +297,6 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
         if bool(done.all()) or t == budget - 1:
             break
         hidden = batch.forward(embed(token)).last_hidden_state[:, -1]
-    if answer_at is not None and answer_at.dtype == torch.bool and budget:  # no number generated: the first token
-        first = answer_step < 0
-        answer_logits[first], answer_step[first] = first_logits[first], 0
 
     def host(tensors: list[torch.Tensor]) -> np.ndarray:
         return torch.stack(tensors, dim=1).float().cpu().numpy()
@@ -325,9 +331,10 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
     attend, through the attention mask) and `latent_context` (a context entered around the six latent steps
     only, e.g. hooks that ablate heads there) and `fed_latents` [N, 6, d] (fed as z1..z6 instead of
     prj(h), e.g. another problem's thoughts; attention is still captured).
-    keep_logits also keeps the generated ids and the logits at each problem's answer token: the first
-    generated token with a digit (the first token if none has one), or the decode steps `answer_steps` [N]
-    (e.g. a baseline's, to compare an intervention's logits at the same position; -1 where none comes).
+    keep_logits also keeps the generated ids and the logits at each problem's answer token: where its number
+    starts (the first generated token with a digit, or a bare minus sign; step -1 and nan logits where none
+    comes), or at the decode steps `answer_steps` [N] (e.g. a baseline's, to compare an intervention's logits
+    at the same position; -1 for none).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -340,6 +347,8 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
         if fed_latents.shape != want:
             raise ValueError(f"fed_latents must have shape {want} (problems, thoughts, hidden size), "
                              f"got {fed_latents.shape}")
+    if answer_steps is not None and not keep_logits:
+        raise ValueError("answer_steps needs keep_logits=True (they say where to keep logits)")
     if answer_steps is not None and np.shape(answer_steps) != (len(questions),):
         raise ValueError(f"answer_steps must have one step per question, shape ({len(questions)},), "
                          f"got {np.shape(answer_steps)}")
@@ -353,7 +362,7 @@ def extract(model: CODIModel, questions: list[str], golds: list[str] | None = No
         idx = order[start: start + batch_size]
         fed = None if fed_latents is None else torch.as_tensor(fed_latents[idx], dtype=model.dtype,
                                                                device=model.device)
-        answer_at = numbers if answer_steps is None or not keep_logits else \
+        answer_at = numbers if answer_steps is None else \
             torch.as_tensor(np.asarray(answer_steps)[idx], dtype=torch.long, device=model.device)
         out = _run_batch(model, [token_ids[k] for k in idx], max_new_tokens, tuple(blocked_latents), latent_context,
                          fed, answer_at)

@@ -233,7 +233,8 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
               dtype: str = "auto", device: str = "auto", prepack: bool = True) -> CODIModel:
     """Load a CODI model by preset name, optionally overriding its checkpoint and base (local dir or hub id).
 
-    prepack: on CPU in float32, pack the decoder's linear weights once for oneDNN (`codi_attn.prepack`)."""
+    prepack: on CPU in float32, pack the decoder's linear weights once for oneDNN (`codi_attn.prepack`); such a
+    model cannot be deep-copied, moved or cast (load it again instead, or pass prepack=False)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -42,8 +41,10 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def packed(module: nn.Linear | Conv1D) -> PackedLinear:
+def packed(module: nn.Module) -> PackedLinear:
     """The packed twin of an nn.Linear or a GPT-2 Conv1D (whose weight is stored [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
     weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
     return PackedLinear(weight, module.bias)
 
@@ -52,6 +53,8 @@ def prepack_linear_layers(layers: nn.Module) -> int:
     """Replace every nn.Linear / Conv1D inside `layers` (e.g. the decoder blocks) by its PackedLinear, in place,
     one at a time (each original is freed as its twin replaces it); forward hooks registered later attach to
     the new modules. Returns how many were replaced."""
+    from transformers.pytorch_utils import Conv1D
+
     targets = [(parent, name) for parent in layers.modules() for name, child in parent.named_children()
                if isinstance(child, (nn.Linear, Conv1D))]
     for parent, name in targets:

@@ -20,9 +20,9 @@ Measures per condition: accuracy with a 95 % percentile bootstrap interval over 
 vs baseline with a paired bootstrap interval (the same resamples for every condition); the fraction of
 problems whose parsed answer changed; the mean KL(baseline || condition) of the answer token's distribution:
 the softmax over the logits (EOT excluded, as in decoding) at the step where the baseline generated the
-first token of its answer's number (its first token with a digit; its first token if it generated none),
-over the problems whose condition run generated the same tokens up to there (`kl_compared`, the share of
-problems compared): the same context, so the KL measures the intervention alone. CODI answers start with a
+first token of its answer's number (its first token with a digit or a minus sign; not compared where it
+generated none), over the problems whose condition run generated the same tokens up to there
+(`kl_compared`, the share of problems compared): the same context, so the KL measures the intervention alone. CODI answers start with a
 fixed "The answer is:", whose first token no intervention moves; the number token is where they differ.
 
 Logit lens: each thought's final-norm last-layer hidden state (`Extraction.thought_hidden`, already after
@@ -276,7 +276,8 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
     (full solutions for the logit lens).
 
     `progress(condition_name)` is called after each intervention. k is capped at a quarter of the model's heads
-    (noted in `notes`), so that the random controls draw from three times as many other heads and can differ.
+    (noted in `notes`), so that other heads are left for the random controls (matched by layer, so where the
+    top heads crowd one layer the draws can still coincide: the card says when they do).
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -290,8 +291,8 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
     n_total = model.n_layers * model.n_heads
     k_used = min(k, max(1, n_total // K_SHARE))
     if k_used < k:
-        notes.append(f"k capped at {k_used} (a quarter of the model's {n_total} heads) so that the random controls "
-                     "draw from three times as many other heads")
+        notes.append(f"k capped at {k_used} (a quarter of the model's {n_total} heads) so that other heads are left "
+                     "for the random controls")
     top = top_heads(ranked_heads, k_used)
     controls, matched = random_controls(top, model.n_layers, model.n_heads, n_random, np.random.default_rng(seed))
     if not matched:

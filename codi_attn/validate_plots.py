@@ -46,7 +46,11 @@ def condition_figure(result: ValidationResult, groups: tuple[str, ...], title: s
                          fontsize=7)
     axes[1].bar(x, 100 * rows["answers_changed"], color=colors)
     axes[1].set_ylabel("answers\nchanged (%)")
-    axes[2].bar(x, rows["kl_answer_token"].fillna(0.0), color=colors)
+    kl = rows["kl_answer_token"].to_numpy()
+    axes[2].bar(x, np.nan_to_num(kl), color=colors)
+    for xi in x[np.isnan(kl)]:  # no problem kept the baseline's tokens up to the number
+        axes[2].annotate("n/a", (xi, 0), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                         fontsize=7)
     axes[2].set_ylabel("KL answer token\n(nats, mean)")
     crowded = len(rows) > 8
     axes[2].set_xticks(x, rows["condition"], rotation=35 if crowded else 0, ha="right" if crowded else "center")
