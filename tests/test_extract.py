@@ -339,3 +339,25 @@ def test_answer_token_steps_and_logits(gpt2_model):
         extract(gpt2_model, QUESTIONS, keep_logits=True, answer_steps=steps[:2])
     with pytest.raises(ValueError, match="answer_steps needs keep_logits"):
         extract(gpt2_model, QUESTIONS, answer_steps=steps)
+
+
+def test_number_tokens_are_digits_or_a_minus_sign_never_special_tokens(gpt2_model):
+    """Where an answer's number starts: decoded text with a digit or a bare minus; special tokens whose names
+    hold digits (LLaMA-3's reserved tokens) and CODI's pad/BOT/EOT are not."""
+    import copy
+    from types import SimpleNamespace
+
+    from codi_attn.extract import number_tokens
+
+    tokenizer = copy.deepcopy(gpt2_model.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reserved_special_token_7|>"]})
+    fake = SimpleNamespace(tokenizer=tokenizer, lm=gpt2_model.lm, device=gpt2_model.device)
+    mask = number_tokens(fake)
+    reserved = tokenizer.convert_tokens_to_ids("<|reserved_special_token_7|>")
+    assert not mask[reserved] and not mask[[gpt2_model.pad_id, gpt2_model.bot_id, gpt2_model.eot_id]].any()
+    for text in ("7", "48", "-"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and mask[ids[0]], text
+    for text in (" clips", "The", ":"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert not mask[ids].any(), text
