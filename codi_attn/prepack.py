@@ -14,6 +14,11 @@ import torch
 from torch import nn
 
 
+CANNOT_MOVE = ("this layer holds oneDNN-prepacked float32 weights (codi_attn.prepack), which cannot be copied, "
+               "moved or cast: load the model again with the device and dtype you want, or with "
+               "load_codi(..., prepack=False)")
+
+
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     """True where packing applies: float32 on a CPU whose PyTorch build has oneDNN's packed linear."""
     return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -23,8 +28,8 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 class PackedLinear(nn.Module):
     """y = x W^T + b with W [out_features, in_features] held in oneDNN's packed layout (inference only).
 
-    The packed weight is an opaque tensor: the module cannot be copied, moved or cast; load the model again
-    for another device or dtype.
+    The packed weight is an opaque tensor: the module cannot be copied, moved or cast (an error says so and
+    what to do instead); load the model again for another device or dtype.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -36,6 +41,15 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def _apply(self, fn, recurse: bool = True):
+        try:  # no-op moves (to the CPU, to float32) pass; anything else cannot handle the opaque packed tensor
+            return super()._apply(fn, recurse)
+        except (NotImplementedError, RuntimeError, AssertionError) as err:
+            raise RuntimeError(CANNOT_MOVE) from err
+
+    def __deepcopy__(self, memo):
+        raise TypeError(CANNOT_MOVE)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -92,3 +92,14 @@ def test_bfloat16_is_not_packed(tiny_gpt2):
     assert model.source["linear"] == "PyTorch default"
     assert not can_prepack(torch.device("cpu"), torch.bfloat16)
     assert not can_prepack(torch.device("cuda"), torch.float32)
+
+
+def test_copying_or_casting_a_packed_model_says_what_to_do_instead(gpt2_model):
+    import copy
+
+    with pytest.raises(TypeError, match=r"load_codi\(\.\.\., prepack=False\)"):
+        copy.deepcopy(gpt2_model.lm)
+    layer = packed(nn.Linear(8, 4))
+    layer.to("cpu").float()  # no-op moves are fine
+    with pytest.raises(RuntimeError, match="cannot be copied, moved or cast"):
+        layer.to(torch.bfloat16)
