@@ -28,20 +28,17 @@ def ranked(model, seed: int = 0) -> pd.DataFrame:
 
 
 @contextmanager
-def forced_answer(model, text: str):
-    """Make greedy decoding spell `text` then stop: a bigram script keyed on the last token fed to the model."""
-    script = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(set(script)) == len(script), "the script needs distinct tokens"
-    after = dict(zip([model.eot_id, *script], [*script, model.stop_ids[0]]))
+def steered(model, steer):
+    """Greedy decoding steered by `steer(logits_row, last_token_id)`, applied in place to every LM-head output
+    row, keyed on the last token fed to the model."""
     last = {}
 
     def remember(module, args):
         last["ids"] = args[0] if args[0].ndim == 1 else args[0][:, -1]
 
     def push(module, args, logits):
-        nxt = torch.tensor([after.get(int(i), -1) for i in last["ids"]])
-        rows = (nxt >= 0).nonzero().ravel()
-        logits[rows, nxt[rows]] += 1e4
+        for row, i in enumerate(last["ids"].tolist()):
+            steer(logits[row], i)
         return logits
 
     hooks = [model.lm.get_input_embeddings().register_forward_pre_hook(remember),
@@ -53,7 +50,19 @@ def forced_answer(model, text: str):
             h.remove()
 
 
-@contextmanager
+def forced_answer(model, text: str):
+    """Make greedy decoding spell `text` then stop: a bigram script keyed on the last token fed to the model."""
+    script = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(set(script)) == len(script), "the script needs distinct tokens"
+    after = dict(zip([model.eot_id, *script], [*script, model.stop_ids[0]]))
+
+    def steer(logits, last_id):
+        if last_id in after:
+            logits[after[last_id]] += 1e4
+
+    return steered(model, steer)
+
+
 def fixed_prefix_then_number(model, prefix: str):
     """Make greedy decoding spell `prefix` (as CODI's 'The answer is:'), then pick a number token: every number
     token gets the same large boost, so which one wins, and the distribution among them, stay the model's."""
@@ -62,26 +71,14 @@ def fixed_prefix_then_number(model, prefix: str):
     script = model.tokenizer(prefix, add_special_tokens=False)["input_ids"]
     after = dict(zip([model.eot_id, *script[:-1]], script))
     numbers = number_tokens(model)
-    last = {}
 
-    def remember(module, args):
-        last["ids"] = args[0] if args[0].ndim == 1 else args[0][:, -1]
+    def steer(logits, last_id):
+        if last_id in after:
+            logits[after[last_id]] += 1e4
+        elif last_id == script[-1]:
+            logits[numbers] += 1e4
 
-    def push(module, args, logits):
-        for row, i in enumerate(last["ids"].tolist()):
-            if i in after:
-                logits[row, after[i]] += 1e4
-            elif i == script[-1]:
-                logits[row, numbers] += 1e4
-        return logits
-
-    hooks = [model.lm.get_input_embeddings().register_forward_pre_hook(remember),
-             model.lm.get_output_embeddings().register_forward_hook(push)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+    return steered(model, steer)
 
 
 def test_answer_token_kl_sees_interventions_behind_a_fixed_prefix(gpt2_model):
