@@ -44,7 +44,7 @@ class Extraction:
     thought_hidden: np.ndarray | None = None  # [N, 6, d] float32, final-norm hidden state at z1..z6 (keep_latents)
     first_logits: np.ndarray | None = None  # [N, V+3] float32, logits of the first token after EOT (keep_logits)
     answer_logits: np.ndarray | None = None  # [N, V+3] float32, logits at answer_step (keep_logits)
-    answer_step: np.ndarray | None = None  # [N] int: decode step of answer_logits, -1 where no number came
+    answer_step: np.ndarray | None = None  # [N] int: step of answer_logits; -1: no number came / step not reached
     tokens: np.ndarray | None = None  # [N, G] int: the generated ids, -1 after the stop token (keep_logits)
 
 

@@ -51,7 +51,8 @@ class AttentionFlow(FlowSpec):
                  attention and mass split per (problem, layer, head) in float16; resumable per shard
       aggregate  join: all problems in sample order, mean/std matrices, summary stats, accuracy
       metrics    rank heads (flow, hub, skip, composite) with causal-uniform baselines and intervals
-      validate_heads  ablate the top heads against random same-layer heads, block each thought (controls)
+      validate_heads  ablate the top heads against random same-layer heads, block each thought, swap
+                 thoughts between problems (with a no-op control); logit lens of the thoughts
       compare    against the latest run of every other model on the same sample
       end        where to find everything
     Every step has a card: `python flows/attention_flow.py card view RUN_ID/STEP`.
