@@ -248,8 +248,8 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
                blocked_latents: Sequence[int], latent_context: Callable[[], ContextManager],
                fed: torch.Tensor | None = None, answer_at: torch.Tensor | None = None) -> dict:
     """Latent inference for one batch: attention [B,L,H,6,6], mass [B,L,H,6,4], generated ids, latents, logits.
-    fed [B, 6, d]: latents fed instead of prj(h). answer_at: [B] decode steps whose logits to keep, or a [V+3]
-    bool mask of number tokens: keep the logits where the first one is generated."""
+    fed [B, 6, d]: latents fed instead of prj(h). answer_at (logits are returned only with it): [B] decode
+    steps whose logits to keep, or a [V+3] bool mask of number tokens: keep them where the first one comes."""
     lm, n_layers = model.lm, model.n_layers
     budget = max(0, min(max_new_tokens, model.max_positions - max(map(len, token_ids)) - N_LATENTS - 1))
     batch = PaddedBatch(model, token_ids, room=N_LATENTS + max(budget, 1))  # EOT and all but the last token are fed
@@ -284,8 +284,9 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
         return logits
 
     first_logits = next_logits(hidden)
-    answer_logits = torch.full_like(first_logits, math.nan)
-    answer_step = torch.full((n,), -1, dtype=torch.long, device=model.device)
+    if answer_at is not None:
+        answer_logits = torch.full_like(first_logits, math.nan)
+        answer_step = torch.full((n,), -1, dtype=torch.long, device=model.device)
     for t in range(budget):
         logits = first_logits if t == 0 else next_logits(hidden)
         token = logits.argmax(-1)
@@ -301,10 +302,12 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
     def host(tensors: list[torch.Tensor]) -> np.ndarray:
         return torch.stack(tensors, dim=1).float().cpu().numpy()
 
-    return {"attention": attention.cpu().numpy(), "mass": mass.cpu().numpy(), "generated": generated.cpu().numpy(),
-            "latents": host(latents), "thought_hidden": host(thought_hidden),
-            "first_logits": first_logits.cpu().numpy(), "answer_logits": answer_logits.cpu().numpy(),
-            "answer_step": answer_step.cpu().numpy()}
+    out = {"attention": attention.cpu().numpy(), "mass": mass.cpu().numpy(), "generated": generated.cpu().numpy(),
+           "latents": host(latents), "thought_hidden": host(thought_hidden)}
+    if answer_at is not None:  # [B, V+3] each: copied to the host only when asked for
+        out.update(first_logits=first_logits.cpu().numpy(), answer_logits=answer_logits.cpu().numpy(),
+                   answer_step=answer_step.cpu().numpy())
+    return out
 
 
 def decode_answer(model: CODIModel, ids: np.ndarray) -> str:
