@@ -271,7 +271,8 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     lm.tie_weights()
     lm.to(device=dev, dtype=dt).eval()
     prj.to(device=dev, dtype=dt).eval()
-    n_packed = prepack_linear_layers(lm.base_model) if prepack and can_prepack(dev, dt) else 0
+    packing = prepack_linear_layers(lm.base_model, FAMILIES[config.model_type].mlp_activation) \
+        if prepack and can_prepack(dev, dt) else (0, 0)
 
     return CODIModel(
         lm=lm, prj=prj, tokenizer=tokenizer, name=model,
@@ -284,5 +285,5 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
         source={"base": base, "ckpt": ckpt, "lora_rank": rank, "lora_alpha": preset.lora_alpha if rank else None,
                 "activation": "gelu_pytorch_tanh (fused form of the config's gelu_new)" if fused
                 else getattr(config, "hidden_act", None) or config.activation_function,
-                "linear": linear_kernel(n_packed)},
+                "linear": linear_kernel(*packing)},
     )

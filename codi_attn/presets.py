@@ -25,13 +25,15 @@ class Family:
 
     lora_targets: tuple[str, ...]
     fan_in_fan_out: bool  # GPT-2's Conv1D stores weights as [in, out]
+    mlp_activation: tuple[str, str]  # (linear, activation): the MLP's linear layer and the activation applied to it
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(lora_targets=("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True),
+    "gpt2": Family(lora_targets=("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, mlp_activation=("c_fc", "act")),
     "llama": Family(
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         fan_in_fan_out=False,
+        mlp_activation=("gate_proj", "act_fn"),
     ),
 }
 

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from codi_attn.ablation import ablate_heads
 from codi_attn.extract import extract
 from codi_attn.model import load_codi
-from codi_attn.prepack import PackedLinear, can_prepack, packed, prepack_linear_layers
+from codi_attn.prepack import PackedLinear, can_prepack, onednn_activation, packed, prepack_linear_layers
 
 from test_extract import QUESTIONS
 
@@ -48,9 +48,38 @@ def test_row_result_does_not_depend_on_the_batch():
 
 def test_prepack_replaces_only_the_linear_layers():
     body = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Sequential(Conv1D(16, 8), nn.GELU()))
-    assert prepack_linear_layers(body) == 2
+    assert prepack_linear_layers(body) == (2, 0)
     assert [type(m).__name__ for m in body.modules()] == ["Sequential", "PackedLinear", "LayerNorm", "Sequential",
                                                           "PackedLinear", "GELU"]
+
+
+class MLP(nn.Module):
+    """The shape of GPT-2's MLP: act(c_fc(x)) then c_proj."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.c_fc, self.act, self.c_proj = Conv1D(32, 8), act, Conv1D(8, 32)
+        nn.init.normal_(self.c_fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+@pytest.mark.parametrize("act, post_op", [(nn.GELU(approximate="tanh"), ("gelu", "tanh")), (nn.GELU(), ("gelu", "none")),
+                                          (nn.SiLU(), ("swish", "")), (nn.ReLU(), None), (nn.Tanh(), None)])
+def test_mlp_activation_is_fused_only_where_onednn_computes_the_same(act, post_op):
+    """The activation is recognised by what it computes (a tanh GELU is not an exact GELU); fused, the MLP's
+    output is unchanged; an activation oneDNN lacks stays a module of its own."""
+    assert onednn_activation(act) == post_op
+    torch.manual_seed(2)
+    mlp, x = MLP(act), torch.randn(4, 3, 8)
+    with torch.no_grad():
+        before = mlp(x)
+        assert prepack_linear_layers(mlp, ("c_fc", "act")) == (2, int(post_op is not None))
+        after = mlp(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert isinstance(mlp.act, nn.Identity) == (post_op is not None)
+    assert mlp.c_fc.post_op == (post_op or ("none", ""))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -61,7 +90,8 @@ def test_loaded_model_is_packed_and_matches_the_unpacked_one(family, request):
     model = request.getfixturevalue(f"{family}_model")
     plain = load_codi(family, base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
     n = LINEARS_PER_BLOCK[family] * model.n_layers
-    assert model.source["linear"] == f"oneDNN, {n} weights prepacked"
+    assert model.source["linear"] == (f"oneDNN, {n} weights prepacked, {model.n_layers} with the MLP activation "
+                                      "fused")  # GPT-2's tanh GELU, LLaMA's SiLU
     assert sum(isinstance(m, PackedLinear) for m in model.lm.modules()) == n
     assert plain.source["linear"] == "PyTorch default"
     assert not any(isinstance(m, PackedLinear) for m in plain.lm.modules())
