@@ -13,7 +13,8 @@ Three variants run on the same model and the same GSM8K problems (a seed-42 samp
   (b) plain: CODI latent inference without any capture, written as lean batched HF inference: the same
       length-sorted batches as (c) at (c)'s best batch size, left padding with a 2-D mask and per-problem
       positions, sdpa everywhere, body only with the LM head on the last position; the prefill runs in
-      length groups (each group >= 95% real tokens, codi_attn.extract.prefill_groups) whose KV caches are joined into preallocated buffers.
+      length groups (each group >= 95% real tokens, codi_attn.extract.prefill_groups) whose KV caches are
+      joined into preallocated buffers.
       This is the floor that (c) is measured against: capture_overhead = time(c) / time(b) - 1, so it
       counts the cost of capturing attention plus anything else (c) does slower than plain inference.
   (c) project: `codi_attn.extract.extract` at the best of the --batch-size values (streamed shard by shard
@@ -360,15 +361,12 @@ def cache_kwarg(module: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------ (a) the reference
-def decode_budget(model, prompt_len: int, max_new_tokens: int) -> int:
-    """The extractor's decode budget rule: max_new_tokens, capped by the context left after the latents and EOT."""
-    return max(min(max_new_tokens, model.max_positions - prompt_len - N_LATENTS - 1), 0)
-
-
 @torch.inference_mode()
 def reference_extract(model, token_ids: list[list[int]], max_new_tokens: int) -> dict:
     """Design-style extraction, one problem at a time (see the module docstring, variant (a))."""
     from transformers import DynamicCache
+
+    from codi_attn.extract import decode_budget  # the same budget as (b) and (c): timings compare like with like
 
     lm, n_layers, n_heads = model.lm, model.n_layers, model.n_heads
     embed = lm.get_input_embeddings()
@@ -433,9 +431,9 @@ def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[
 
     lm, dev = model.lm, model.device
     head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
-    n, width = len(token_ids), max(map(len, token_ids))
-    budget = decode_budget(model, width, max_new_tokens)
-    batch = PaddedBatch(model, token_ids, room=N_LATENTS + max(budget, 1))
+    n = len(token_ids)
+    batch = PaddedBatch(model, token_ids, max_new_tokens)
+    budget = batch.budget
     capacity = batch.cache.layers[0].capacity
 
     def step(embeds: torch.Tensor) -> torch.Tensor:

@@ -159,15 +159,22 @@ def prefill_groups(lengths: Sequence[int], efficiency: float = PREFILL_EFFICIENC
     return groups
 
 
+def decode_budget(model: CODIModel, prompt_len: int, max_new_tokens: int) -> int:
+    """Tokens to decode after EOT: max_new_tokens, capped by the context left after the latents and EOT."""
+    return max(0, min(max_new_tokens, model.max_positions - prompt_len - N_LATENTS - 1))
+
+
 class PaddedBatch:
     """KV-cached state of one left-padded batch: attention mask and next position of each problem.
 
-    `room`: positions to reserve after the prompt (latents, EOT, fed-back decoded tokens).
+    `budget` (`decode_budget` of the longest prompt) tokens are decoded; the cache reserves room after the
+    prompt for the six latents, EOT and every decoded token but the last (which is never fed back).
     """
 
-    def __init__(self, model: CODIModel, token_ids: list[list[int]], room: int):
+    def __init__(self, model: CODIModel, token_ids: list[list[int]], max_new_tokens: int):
         self.model = model
         width = max(map(len, token_ids))
+        self.budget = decode_budget(model, width, max_new_tokens)
         dev = model.device
         self.lengths = torch.tensor([len(t) for t in token_ids], device=dev)
         self.width = width  # P: BOT sits at P-1 and latent k at P+k in every row
@@ -176,7 +183,7 @@ class PaddedBatch:
             ids[b, width - len(t):] = torch.tensor(t, device=dev)
         self.input_ids = ids
         self.mask = (torch.arange(width, device=dev)[None] >= (width - self.lengths)[:, None]).long()
-        self.cache = preallocated_cache(model.lm.config, width + room)
+        self.cache = preallocated_cache(model.lm.config, width + N_LATENTS + max(self.budget, 1))
         # transformers renamed past_key_values to cache (5.2x); an unknown name would be swallowed silently
         self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.base_model.forward).parameters \
             else "past_key_values"
@@ -251,8 +258,8 @@ def _run_batch(model: CODIModel, token_ids: list[list[int]], max_new_tokens: int
     fed [B, 6, d]: latents fed instead of prj(h). answer_at (logits are returned only with it): [B] decode
     steps whose logits to keep, or a [V+3] bool mask of number tokens: keep them where the first one comes."""
     lm, n_layers = model.lm, model.n_layers
-    budget = max(0, min(max_new_tokens, model.max_positions - max(map(len, token_ids)) - N_LATENTS - 1))
-    batch = PaddedBatch(model, token_ids, room=N_LATENTS + max(budget, 1))  # EOT and all but the last token are fed
+    batch = PaddedBatch(model, token_ids, max_new_tokens)
+    budget = batch.budget
     n = len(token_ids)
     attention = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, N_LATENTS, device=model.device)
     mass = torch.zeros(n, n_layers, model.n_heads, N_LATENTS, len(MASS_PARTS), device=model.device)

@@ -273,10 +273,10 @@ def test_padded_batch_prefill_gives_every_row_its_own_result(gpt2_model, order):
     groups = prefill_groups([len(r) for r in rows])
     assert len(groups) == 1 if order == "one group" else len(groups) > 1 and max(map(len, groups)) > 1
     with torch.no_grad():
-        batch = PaddedBatch(gpt2_model, rows, room=3)
+        batch = PaddedBatch(gpt2_model, rows, max_new_tokens=3)
         hidden = batch.prefill()
         for b, row in enumerate(rows):
-            single = PaddedBatch(gpt2_model, [row], room=3)
+            single = PaddedBatch(gpt2_model, [row], max_new_tokens=3)
             torch.testing.assert_close(hidden[b], single.prefill()[0], atol=1e-5, rtol=1e-5)
             for joined, alone in zip(batch.cache.layers, single.cache.layers):
                 pad = batch.width - len(row)
