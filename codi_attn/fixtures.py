@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from codi_attn.model import CODIModel, CODIModule, fuse_gelu, make_projection, wrap_lora
-from codi_attn.prepack import can_prepack, linear_kernel, prepack_linear_layers
-from codi_attn.presets import FAMILIES, PRESETS
+from codi_attn.prepack import linear_kernel, prepack_decoder
+from codi_attn.presets import PRESETS
 
 _CORPUS = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -142,11 +142,10 @@ def full_size_codi(family: str = "gpt2", dtype: torch.dtype = torch.float32, dev
     prj = make_projection(config.hidden_size, config.hidden_size)
     lm.to(device=device, dtype=dtype).eval()
     prj.to(device=device, dtype=dtype).eval()
-    packing = prepack_linear_layers(lm.base_model, FAMILIES[family].mlp_activation) \
-        if prepack and can_prepack(torch.device(device), dtype) else (0, 0)
+    linear = prepack_decoder(lm, torch.device(device), dtype) if prepack else linear_kernel(0)
     return CODIModel(lm=lm, prj=prj, tokenizer=tokenizer, name=f"{family}-full-size-random", pad_id=v, bot_id=v + 1,
                      eot_id=v + 2, stop_ids=(tokenizer.eos_token_id,), n_layers=config.num_hidden_layers,
                      n_heads=config.num_attention_heads,
                      n_kv_heads=getattr(config, "num_key_value_heads", config.num_attention_heads),
                      max_positions=getattr(config, "max_position_embeddings", 1024), device=torch.device(device),
-                     dtype=dtype, source={"linear": linear_kernel(*packing)})
+                     dtype=dtype, source={"linear": linear})

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from codi_attn.prepack import can_prepack, linear_kernel, prepack_linear_layers
+from codi_attn.prepack import linear_kernel, prepack_decoder
 from codi_attn.presets import DEMO_DIR, FAMILIES, PRESETS, get_preset
 
 CKPT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -271,8 +271,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     lm.tie_weights()
     lm.to(device=dev, dtype=dt).eval()
     prj.to(device=dev, dtype=dt).eval()
-    packing = prepack_linear_layers(lm.base_model, FAMILIES[config.model_type].mlp_activation) \
-        if prepack and can_prepack(dev, dt) else (0, 0)
+    linear = prepack_decoder(lm, dev, dt) if prepack else linear_kernel(0)
 
     return CODIModel(
         lm=lm, prj=prj, tokenizer=tokenizer, name=model,
@@ -285,5 +284,5 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
         source={"base": base, "ckpt": ckpt, "lora_rank": rank, "lora_alpha": preset.lora_alpha if rank else None,
                 "activation": "gelu_pytorch_tanh (fused form of the config's gelu_new)" if fused
                 else getattr(config, "hidden_act", None) or config.activation_function,
-                "linear": linear_kernel(*packing)},
+                "linear": linear},
     )

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codi_attn.presets import FAMILIES
+
 
 CANNOT_MOVE = ("this layer holds oneDNN-prepacked float32 weights (codi_attn.prepack), which cannot be copied, "
                "moved or cast: load the model again with the device and dtype you want, or with "
@@ -108,6 +110,14 @@ def prepack_linear_layers(layers: nn.Module, mlp_activation: tuple[str, str] | N
     for parent, name in targets:
         setattr(parent, name, packed(getattr(parent, name)))
     return len(targets) + fused, fused
+
+
+def prepack_decoder(lm: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    """Pack the HF causal LM's decoder (its base model; the tied LM head is left alone) with its family's MLP
+    activation fused, where `can_prepack`; returns the record for `model.source["linear"]`."""
+    if not can_prepack(device, dtype):
+        return linear_kernel(0)
+    return linear_kernel(*prepack_linear_layers(lm.base_model, FAMILIES[lm.config.model_type].mlp_activation))
 
 
 def linear_kernel(n_packed: int, n_fused: int = 0) -> str:
