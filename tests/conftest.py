@@ -44,6 +44,16 @@ def llama_model(tiny_llama):
     return load_codi("llama", base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def unpacked_models(tiny_gpt2, tiny_llama) -> dict:
+    """{family: the tiny model with PyTorch's linear layers}: readable `.weight`s, copyable (the loader's
+    default packs them for oneDNN on CPU float32)."""
+    from codi_attn.model import load_codi
+
+    return {family: load_codi(family, base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
+            for family, (base, ckpt) in (("gpt2", tiny_gpt2), ("llama", tiny_llama))}
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def any_model(request):
     """Each tiny model family in turn."""

@@ -7,7 +7,6 @@ import torch
 
 from codi_attn.ablation import ablate_heads, extract_ablated, head_dim, head_means, out_proj
 from codi_attn.extract import N_LATENTS, extract, tokenize_questions
-from codi_attn.model import load_codi
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour."]
 
@@ -19,11 +18,10 @@ def project(model, proj, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(params=["gpt2", "llama"])
-def readable_model(request):
-    """A tiny model with PyTorch's linear layers, whose weights the hand computation reads (the loader's
-    default packs them for oneDNN; tests/test_prepack.py checks ablation on packed layers)."""
-    base, ckpt = request.getfixturevalue(f"tiny_{request.param}")
-    return load_codi(request.param, base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
+def readable_model(request, unpacked_models):
+    """A tiny model whose weights the hand computation reads (tests/test_prepack.py checks ablation on packed
+    layers)."""
+    return unpacked_models[request.param]
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])

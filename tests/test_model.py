@@ -44,14 +44,9 @@ def test_special_ids_and_shapes(family, request):
     assert model.source["lora_rank"] == 8
 
 
-def unpacked(family: str, dirs) -> object:
-    """The model with PyTorch's linear layers (weights readable), as the loader builds it before prepacking."""
-    return load_codi(family, base=str(dirs[0]), ckpt=str(dirs[1]), device="cpu", dtype="float32", prepack=False)
-
-
-def test_lora_is_merged_exactly(tiny_gpt2, tiny_llama):
+def test_lora_is_merged_exactly(tiny_gpt2, tiny_llama, unpacked_models):
     """Merged weight = base + alpha/r * B @ A, computed here independently (GPT-2 Conv1D is [in, out])."""
-    gpt2_model, llama_model = unpacked("gpt2", tiny_gpt2), unpacked("llama", tiny_llama)
+    gpt2_model, llama_model = unpacked_models["gpt2"], unpacked_models["llama"]
     state = read_state_dict(str(tiny_gpt2[1]))
     pre = "codi.base_model.model.transformer.h.0.attn.c_attn."
     a, b = state[pre + "lora_A.default.weight"], state[pre + "lora_B.default.weight"]
@@ -125,10 +120,10 @@ def test_checkpoint_without_lora_loads_strictly(tmp_path, tiny_gpt2):
     assert tiny_config  # the module builder and config builder are the public fixture API
 
 
-def test_both_file_formats_load_the_same_weights(tmp_path, tiny_gpt2):
+def test_both_file_formats_load_the_same_weights(tmp_path, tiny_gpt2, unpacked_models):
     state = read_state_dict(str(tiny_gpt2[1]))
     save_checkpoint(state, tmp_path / "st", fmt="safetensors")
-    gpt2_model = unpacked("gpt2", tiny_gpt2)  # the .bin fixture
+    gpt2_model = unpacked_models["gpt2"]  # the .bin fixture
     other = load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tmp_path / "st"), dtype="float32", prepack=False)
     for (name, p), (_, q) in zip(gpt2_model.lm.named_parameters(), other.lm.named_parameters()):
         torch.testing.assert_close(p, q, msg=name)
@@ -185,14 +180,14 @@ def test_missing_demo_model_says_how_to_rebuild(monkeypatch, tmp_path):
         model_mod.resolve_sources("demo")
 
 
-def test_gpt2_gelu_is_fused_and_equals_gelu_new(tiny_gpt2):
+def test_gpt2_gelu_is_fused_and_equals_gelu_new(unpacked_models):
     """The loader runs GPT-2's gelu_new as the fused gelu_pytorch_tanh (recorded in source); in fp32 the
     model's logits equal those of the same weights with the unfused gelu_new."""
     import copy
 
     from transformers.activations import NewGELUActivation
 
-    gpt2_model = unpacked("gpt2", tiny_gpt2)  # copyable
+    gpt2_model = unpacked_models["gpt2"]  # copyable
     assert gpt2_model.lm.config.activation_function == "gelu_pytorch_tanh"
     assert "gelu_new" in gpt2_model.source["activation"]
     unfused = copy.deepcopy(gpt2_model.lm)

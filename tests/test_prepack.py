@@ -83,12 +83,10 @@ def test_mlp_activation_is_fused_only_where_onednn_computes_the_same(act, post_o
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_loaded_model_is_packed_and_matches_the_unpacked_one(family, request):
+def test_loaded_model_is_packed_and_matches_the_unpacked_one(family, request, unpacked_models):
     """The loader packs every decoder linear layer on CPU float32 (recorded in source); logits and extracted
     attention equal those of the same checkpoint with PyTorch's linear layers."""
-    base, ckpt = request.getfixturevalue(f"tiny_{family}")
-    model = request.getfixturevalue(f"{family}_model")
-    plain = load_codi(family, base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
+    model, plain = request.getfixturevalue(f"{family}_model"), unpacked_models[family]
     n = LINEARS_PER_BLOCK[family] * model.n_layers
     assert model.source["linear"] == (f"oneDNN, {n} weights prepacked, {model.n_layers} with the MLP activation "
                                       "fused")  # GPT-2's tanh GELU, LLaMA's SiLU
@@ -103,12 +101,10 @@ def test_loaded_model_is_packed_and_matches_the_unpacked_one(family, request):
     np.testing.assert_allclose(ours.mass, theirs.mass, atol=1e-5)
 
 
-def test_head_ablation_hooks_act_on_packed_layers(gpt2_model, tiny_gpt2):
+def test_head_ablation_hooks_act_on_packed_layers(gpt2_model, unpacked_models):
     """Ablating a head changes the packed model's attention exactly as it changes the unpacked model's."""
-    base, ckpt = tiny_gpt2
-    plain = load_codi("gpt2", base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32", prepack=False)
     results = []
-    for model in (gpt2_model, plain):
+    for model in (gpt2_model, unpacked_models["gpt2"]):
         with ablate_heads(model, [(0, 1), (1, 2)]):
             results.append(extract(model, QUESTIONS[:3], max_new_tokens=2).attention)
     untouched = extract(gpt2_model, QUESTIONS[:3], max_new_tokens=2).attention
