@@ -128,8 +128,8 @@ def validate_card(result: ValidationResult) -> list:
                  f"{s['ablation']} ablation of the head's slice of the attention output projection's input at "
                  f"{where}; intervals: 95 % bootstrap over problems ({s['n_boot']} resamples, paired for Δ). "
                  "KL answer token: KL(baseline || condition) in nats of the next-token distribution where the "
-                 "baseline's answer number starts (its first token with a digit, or a bare minus sign), averaged over the "
-                 "problems whose condition run generated the same tokens up to there (KL compared on)."),
+                 "baseline's answer number starts (its first token with a digit, or a bare minus sign), averaged "
+                 "over the problems whose condition run generated the same tokens up to there (KL compared on)."),
         Markdown("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(result))),
         Markdown(f"## Top-{s['k']} heads vs random controls"),
         _image(ablation_figure(result)),

@@ -54,9 +54,12 @@ def number_tokens(model: CODIModel) -> torch.Tensor:
     tokenizer = model.tokenizer
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     special = set(tokenizer.all_special_ids)
+
+    def starts_number(text: str) -> bool:
+        return any(c in "0123456789" for c in text) or text.strip() == "-"
+
     mask = torch.zeros(model.lm.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-    mask[: len(texts)] = torch.tensor([i not in special and (any(c in "0123456789" for c in text) or text.strip() == "-")
-                                       for i, text in enumerate(texts)])
+    mask[: len(texts)] = torch.tensor([i not in special and starts_number(t) for i, t in enumerate(texts)])
     return mask.to(model.device)
 
 

@@ -682,6 +682,7 @@ def update_report(out: Path) -> None:
     (out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
     write_card(out, m)
 
+
 OPS = tuple(range(1, max(synthetic.STEPS) + 1))  # numbers of operations the curriculum draws from
 SUBSET = 100  # first test problems whose accuracy the tests check against metrics.json
 TEST_MODES = ("teacher", "prj", "zeros", "bot", "swap")  # evaluated on the whole test split

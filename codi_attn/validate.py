@@ -20,10 +20,11 @@ Measures per condition: accuracy with a 95 % percentile bootstrap interval over 
 vs baseline with a paired bootstrap interval (the same resamples for every condition); the fraction of
 problems whose parsed answer changed; the mean KL(baseline || condition) of the answer token's distribution:
 the softmax over the logits (EOT excluded, as in decoding) at the step where the baseline generated the
-first token of its answer's number (its first token with a digit, or a bare minus sign; not compared where it
-generated none), over the problems whose condition run generated the same tokens up to there
-(`kl_compared`, the share of problems compared): the same context, so the KL measures the intervention alone. CODI answers start with a
-fixed "The answer is:", whose first token no intervention moves; the number token is where they differ.
+first token of its answer's number (its first token with a digit, or a bare minus sign; not compared where
+it generated none), over the problems whose condition run generated the same tokens up to there
+(`kl_compared`, the share of problems compared): the same context, so the KL measures the intervention
+alone. CODI answers start with a fixed "The answer is:", whose first token no intervention moves; the number
+token is where they differ.
 
 Logit lens: each thought's final-norm last-layer hidden state (`Extraction.thought_hidden`, already after
 the final norm) through the LM head; per thought, how often its top token is a number, an intermediate

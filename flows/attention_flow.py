@@ -93,7 +93,8 @@ class AttentionFlow(FlowSpec):
                          help="Run the causal validation step (head ablation, thought blocking and the latent "
                               "swap, with controls); --validate false skips it.")
     validate_k = Parameter("validate_k", default=10, type=int,
-                           help="Top heads by composite to ablate, together and one by one (capped at a quarter of the heads).")
+                           help="Top heads by composite to ablate, together and one by one (capped at a quarter "
+                                "of the heads).")
     validate_random = Parameter("validate_random", default=5, type=int,
                                 help="Random control draws of k heads from the same layers as the top-k.")
     ablation = Parameter("ablation", default="mean", type=str,

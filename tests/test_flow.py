@@ -178,9 +178,11 @@ def test_cards_on_every_step(clean_run):
     assert "No other model has a finished run on this sample" in card_data(run["compare"].task)
     assert "AttentionFlow cannot start" not in card_data(run["start"].task)
     assert "Aggregate: 6 of 6 problems" in card_data(run["aggregate"].task)
-    linear = "oneDNN, 8 weights prepacked, 2 with the MLP activation fused" if can_prepack(torch.device("cpu"), torch.float32) else "PyTorch default"
+    linear = ("oneDNN, 8 weights prepacked, 2 with the MLP activation fused"
+              if can_prepack(torch.device("cpu"), torch.float32) else "PyTorch default")
     assert (f"float32 on cpu; sdpa for the question and decoding, eager for the six latent steps; linear layers "
-            f"{linear}; activation gelu_pytorch_tanh (fused form of the config's gelu_new)") in card_data(run["aggregate"].task)
+            f"{linear}; activation gelu_pytorch_tanh (fused form of the config's gelu_new)"
+            ) in card_data(run["aggregate"].task)
     assert '"type": "progressBar"' in card_data(run["extract"].task) or "progressBar" in card_data(run["extract"].task)
     assert "Head metrics: gpt2" in card_data(run["metrics"].task)
 

@@ -65,8 +65,9 @@ class MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-@pytest.mark.parametrize("act, post_op", [(nn.GELU(approximate="tanh"), ("gelu", "tanh")), (nn.GELU(), ("gelu", "none")),
-                                          (nn.SiLU(), ("swish", "")), (nn.ReLU(), None), (nn.Tanh(), None)])
+@pytest.mark.parametrize("act, post_op", [(nn.GELU(approximate="tanh"), ("gelu", "tanh")),
+                                          (nn.GELU(), ("gelu", "none")), (nn.SiLU(), ("swish", "")),
+                                          (nn.ReLU(), None), (nn.Tanh(), None)])
 def test_mlp_activation_is_fused_only_where_onednn_computes_the_same(act, post_op):
     """The activation is recognised by what it computes (a tanh GELU is not an exact GELU); fused, the MLP's
     output is unchanged; an activation oneDNN lacks stays a module of its own."""
