@@ -10,13 +10,14 @@ Three variants run on the same model and the same GSM8K problems (a seed-42 samp
       on every forward (prefill, six latents, EOT, decode), through the full causal LM (so the LM head runs
       on every prefill position, as the official code's `model(...)` call does); Python loops over layers
       and heads copy each thought's row out: A[l, h, i, :i+1] = attentions[l][0, h, -1, Q+1 : Q+2+i].
-  (b) plain: CODI latent inference without any capture, written as lean batched HF inference: the same
-      length-sorted batches as (c) at (c)'s best batch size, left padding with a 2-D mask and per-problem
-      positions, sdpa everywhere, body only with the LM head on the last position; the prefill runs in
-      length groups (each group >= 95% real tokens, codi_attn.extract.prefill_groups) whose KV caches are
-      joined into preallocated buffers.
+  (b) plain: the project's runner (`codi_attn.runner.Runner`) with no hooks: CODI latent inference without
+      any capture, the same length-sorted batches as (c) at (c)'s best batch size, left padding with a 2-D
+      mask and per-problem positions, body only with the LM head on the last position; the prefill runs in
+      length groups (each group >= 95% real tokens, codi_attn.runner.prefill_groups) whose KV caches are
+      joined into preallocated buffers; sdpa for the prefill and decoding, eager for the six one-query
+      thought steps (as in (c)).
       This is the floor that (c) is measured against: capture_overhead = time(c) / time(b) - 1, so it
-      counts the cost of capturing attention plus anything else (c) does slower than plain inference.
+      counts the cost of the capture hook plus anything else (c) does slower than plain inference.
   (c) project: `codi_attn.extract.extract` at the best of the --batch-size values (streamed shard by shard
       over --shard-size problems, so memory stays bounded on the whole split).
 
@@ -76,12 +77,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from codi_attn.conventions import N_THOUGHTS
+
 REPO = Path(__file__).resolve().parents[1]
 _GSM8K = Path("data") / "gsm8k" / "train.jsonl"
 # ../shared next to the repository; a shared/ inside it (device machines copy it there); the workplace's copy
 _GSM8K_PLACES = (REPO.parent / "shared" / _GSM8K, REPO / "shared" / _GSM8K, Path("/work/shared") / _GSM8K)
 DEFAULT_GSM8K = next((p for p in _GSM8K_PLACES if p.is_file()), _GSM8K_PLACES[0])
-N_LATENTS = 6
 SHAPES = ("tiny", "gpt2", "llama")
 SWEEP = {"cpu": (4, 8, 16, 32), "cuda": (32, 64, 128, 256)}
 EXIT_MISMATCH = 2
@@ -346,12 +348,12 @@ def flop_terms(model) -> dict:
 
 def problem_flops(terms: dict, prompt: int, generated: int) -> float:
     """Useful forward FLOPs of one problem: prompt = T (question + BOT), generated = G (see the docstring)."""
-    steps = N_LATENTS + 1 + max(generated - 1, 0)
+    steps = N_THOUGHTS + 1 + max(generated - 1, 0)
     tokens = prompt + steps
     attention_keys = prompt * (prompt + 1) / 2 + steps * prompt + steps * (steps + 1) / 2
     return (2 * terms["linear_params"] * tokens
             + 4 * terms["layers"] * terms["d_q"] * attention_keys
-            + N_LATENTS * 2 * terms["prj_params"]
+            + N_THOUGHTS * 2 * terms["prj_params"]
             + generated * 2 * terms["d"] * terms["vocab_rows"])
 
 
@@ -366,13 +368,13 @@ def reference_extract(model, token_ids: list[list[int]], max_new_tokens: int) ->
     """Design-style extraction, one problem at a time (see the module docstring, variant (a))."""
     from transformers import DynamicCache
 
-    from codi_attn.extract import decode_budget  # the same budget as (b) and (c): timings compare like with like
+    from codi_attn.runner import decode_budget  # the same budget as (b) and (c): timings compare like with like
 
     lm, n_layers, n_heads = model.lm, model.n_layers, model.n_heads
     embed = lm.get_input_embeddings()
     n = len(token_ids)
-    attention = np.zeros((n, n_layers, n_heads, N_LATENTS, N_LATENTS), np.float32)
-    mass = np.zeros((n, n_layers, n_heads, N_LATENTS, 4), np.float32)
+    attention = np.zeros((n, n_layers, n_heads, N_THOUGHTS, N_THOUGHTS), np.float32)
+    mass = np.zeros((n, n_layers, n_heads, N_THOUGHTS, 4), np.float32)
     generated = []
     kw = cache_kwarg(lm)
     before = lm.config._attn_implementation
@@ -384,7 +386,7 @@ def reference_extract(model, token_ids: list[list[int]], max_new_tokens: int) ->
             out = lm(input_ids=torch.tensor([ids], device=model.device), use_cache=True, output_attentions=True,
                      output_hidden_states=True, **{kw: cache})
             hidden = out.hidden_states[-1][:, -1]
-            for i in range(N_LATENTS):
+            for i in range(N_THOUGHTS):
                 z = model.prj(hidden)
                 out = lm(inputs_embeds=z[:, None], use_cache=True, output_attentions=True,
                          output_hidden_states=True, **{kw: cache})
@@ -410,7 +412,7 @@ def reference_extract(model, token_ids: list[list[int]], max_new_tokens: int) ->
                     break
                 out = lm(input_ids=torch.tensor([[token]], device=model.device), use_cache=True,
                          output_attentions=True, output_hidden_states=True, **{kw: cache})
-            if cache.get_seq_length() != len(ids) + N_LATENTS + len(tokens):
+            if cache.get_seq_length() != len(ids) + N_THOUGHTS + len(tokens):
                 raise RuntimeError("reference: the KV cache was not used (wrong keyword for this transformers?)")
             generated.append(tokens)
     finally:
@@ -420,66 +422,13 @@ def reference_extract(model, token_ids: list[list[int]], max_new_tokens: int) ->
 
 # ---------------------------------------------------------------------------------- (b) plain
 @torch.inference_mode()
-def plain_batch(model, token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """CODI latent inference for one left-padded batch, no capture; returns each problem's generated ids.
+def plain_inference(model, questions: list[str], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """(b): the runner (`codi_attn.runner.Runner`) with no hooks: the extractor's batches, prefill groups, cache
+    and decoding without the capture; returns each problem's generated ids up to and including its stop token."""
+    from codi_attn.runner import Runner
 
-    The extractor's batch state (`codi_attn.extract.PaddedBatch`: length-grouped prefill into a preallocated
-    KV cache, 2-D mask, per-problem positions), then the six latents, EOT and greedy decoding, all under sdpa
-    with no attention weights asked for; LM head on the last position only.
-    """
-    from codi_attn.extract import PaddedBatch
-
-    lm, dev = model.lm, model.device
-    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
-    n = len(token_ids)
-    batch = PaddedBatch(model, token_ids, max_new_tokens)
-    budget = batch.budget
-    capacity = batch.cache.layers[0].capacity
-
-    def step(embeds: torch.Tensor) -> torch.Tensor:
-        return batch.forward(embeds).last_hidden_state[:, -1]
-
-    hidden = batch.prefill()
-    for _ in range(N_LATENTS):
-        hidden = step(model.prj(hidden))
-    hidden = step(embed(torch.full((n,), model.eot_id, device=dev)))
-    stop = torch.tensor(model.stop_ids, device=dev)
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
-    out = []
-    for t in range(budget):
-        logits = head(hidden)
-        logits[:, model.eot_id] = -math.inf
-        token = logits.argmax(-1)
-        out.append(torch.where(done, -1, token))
-        done |= torch.isin(token, stop)
-        if t == budget - 1 or bool(done.all()):
-            break
-        hidden = step(embed(token))
-    if batch.cache.layers[0].buffers[0].shape[-2] != capacity:
-        raise RuntimeError("plain: the KV cache outgrew its reserved room (timings would include the regrowth)")
-    rows = torch.stack(out, 1).cpu().tolist() if out else [[] for _ in range(n)]
-    result = []
-    for row in rows:  # up to and including the first stop token, as the extractor decodes
-        kept = []
-        for tok in row:
-            if tok < 0:
-                break
-            kept.append(tok)
-            if tok in model.stop_ids:
-                break
-        result.append(kept)
-    return result
-
-
-def plain_inference(model, token_ids: list[list[int]], batch_size: int, max_new_tokens: int) -> list[list[int]]:
-    """(b): plain batched inference over all problems, length-sorted like the extractor; input order back."""
-    order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
-    generated: list[list[int]] = [[] for _ in token_ids]
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        for k, gen in zip(idx, plain_batch(model, [token_ids[k] for k in idx], max_new_tokens)):
-            generated[k] = gen
-    return generated
+    tokens = Runner(model, batch_size, max_new_tokens).run(questions).tokens
+    return [[t for t in row if t >= 0] for row in tokens.tolist()]
 
 
 # ---------------------------------------------------------------------------------- (c) project
@@ -536,7 +485,7 @@ def agreement(ref: dict, proj: dict, atol: float) -> dict:
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from codi_attn.extract import tokenize_questions
+    from codi_attn.runner import tokenize_questions
     from codi_attn.model import resolve_device_dtype
     from codi_attn.prepack import can_prepack
 
@@ -572,7 +521,7 @@ def run(args: argparse.Namespace) -> dict:
     # warm-up: first calls pay one-time costs (allocator, kernels, lazy imports)
     warm = questions[: min(2, n)]
     reference_extract(model, token_ids[: min(1, n)], 2)
-    plain_inference(model, token_ids[: len(warm)], 2, 2)
+    plain_inference(model, warm, 2, 2)
     project_extract(model, warm, 2, 2, args.shard_size)
 
     result: dict = {"shape": args.shape, "device": str(device), "dtype": str(dtype).split(".")[-1],
@@ -633,7 +582,7 @@ def run(args: argparse.Namespace) -> dict:
     best = min(sweep, key=lambda k: sweep[k][0])
     runs_c, runs_b, generated = [sweep[best]], [], None
     for r in range(args.repeats):  # (b) and (c) interleaved at the chosen batch size
-        wall, cpu, generated = timed("plain", lambda: plain_inference(model, token_ids, best, args.max_new_tokens))
+        wall, cpu, generated = timed("plain", lambda: plain_inference(model, questions, best, args.max_new_tokens))
         runs_b.append((wall, cpu))
         log(f"(b) plain, batch {best}: {n} problems in {wall:.2f} s ({n / wall:.3f}/s)")
         if r > 0:  # the sweep already timed (c) once at this batch size

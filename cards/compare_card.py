@@ -1,4 +1,4 @@
-"""Card of the compare step: two models' hubs, critical heads, concentration, latent-block mass and
+"""Card of the compare step: two models' hubs, critical heads, concentration, thought-block mass and
 depth profiles side by side, each difference with its 95% interval and whether it is real."""
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import numpy as np
 import pandas as pd
 from metaflow.cards import Markdown
 
-from cards.metrics_card import criteria_frame, image, table, warnings_md, with_ci
-from codi_attn import plots
-from codi_attn.metrics import HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports, thought
+from cards.common import image, table, warnings_md, with_ci
+from cards.metrics_card import criteria_frame
+from codi_attn.figures import metrics as metric_figures
+from codi_attn.conventions import thought_name
+from codi_attn.metrics import HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports
 
 
 def _hubs(df: pd.DataFrame, name: str) -> str:
     """Claimed hubs of one model read off the comparison's lift rows."""
-    eligible = [thought(j) for j in np.flatnonzero(HUB_ELIGIBLE)]
+    eligible = [thought_name(j + 1) for j in np.flatnonzero(HUB_ELIGIBLE)]
     rows = df[(df["quantity"] == "incoming lift") & df["group"].isin(eligible)]
     lo = rows[f"lo_{name}"].fillna(rows[f"value_{name}"])
     return ", ".join(rows.loc[lo >= LIFT_THRESHOLD, "group"]) or "none"
@@ -67,14 +69,14 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
         for n, r in zip((na, nb), reports):
             parts += warnings_md(r.warnings, n)
     parts += [Markdown(_summary_md(df)),
-              Markdown("## Hub positions"), image(plots.compare_hubs(df)),
+              Markdown("## Hub positions"), image(metric_figures.compare_hubs(df)),
               Markdown("## Critical heads (as fractions: the models have different numbers of heads)"),
-              image(plots.compare_critical(df))]
+              image(metric_figures.compare_critical(df))]
     if reports:
-        parts.append(image(plots.compare_head_maps(*reports, names=(na, nb))))
+        parts.append(image(metric_figures.compare_head_maps(*reports, names=(na, nb))))
     parts += [Markdown("## Flow and concentration along normalised depth"),
-              image(plots.compare_profiles(df)),
-              image(plots.compare_profiles(df, ("row entropy", "latent-block mass"), "concentration")),
+              image(metric_figures.compare_profiles(df)),
+              image(metric_figures.compare_profiles(df, ("row entropy", "thought-block mass"), "concentration")),
               Markdown("## All quantities"), table(differences_frame(df))]
     if reports:
         ca, cb = (criteria_frame(r.criteria) for r in reports)  # rows in CRITERIA order

@@ -4,46 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from metaflow.cards import Image, Markdown, Table
+from metaflow.cards import Markdown
 
-from codi_attn import plots
+from cards.common import cell, image, table, warnings_md, with_ci
+from codi_attn.conventions import thought_name
+from codi_attn.figures import metrics as metric_figures
 from codi_attn.metrics import (CRITICAL_COMPOSITE, DIFFUSE_ENTROPY, LIFT_THRESHOLD, MIN_HUB_ROWS,
-                               MetricsReport, thought, top_k)
+                               MetricsReport, top_k)
 
 DETAIL_HEADS = 3  # critical heads that get a detail figure
-
-
-def cell(v, digits: int = 3) -> str:
-    """One table cell as text: floats rounded, missing as a dash, booleans as yes/no."""
-    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
-        return "—"
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        return "inf" if np.isinf(v) else (f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.{digits}g}")
-    return str(v)
-
-
-def table(df: pd.DataFrame, digits: int = 3) -> Table:
-    """A DataFrame as a card table (no index column), cells through `cell`."""
-    return Table([[cell(v, digits) for v in row] for row in df.itertuples(index=False)],
-                 headers=[str(c) for c in df.columns])
-
-
-def image(fig) -> Image:
-    """A Figure as a card image; the figure is cleared afterwards to free its memory."""
-    img = Image.from_matplotlib(fig)
-    fig.clear()
-    return img
-
-
-def with_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
-    """'v [lo, hi]', or just v without an interval."""
-    return cell(v, digits) if pd.isna(lo) else f"{cell(v, digits)} [{cell(lo, digits)}, {cell(hi, digits)}]"
-
-
-def warnings_md(warnings: list[str], who: str = "") -> list:
-    return [Markdown(f"> **Warning{' (' + who + ')' if who else ''}:** {w}") for w in warnings]
 
 
 def criteria_frame(criteria: pd.DataFrame) -> pd.DataFrame:
@@ -68,16 +37,16 @@ def _criteria_md(criteria: pd.DataFrame) -> str:
 
 def _hub_md(report: MetricsReport) -> str:
     p = report.position_lift.set_index("position")
-    lifts = ", ".join(f"{thought(j)} {with_ci(p.loc[j, 'lift'], p.loc[j, 'lift_lo'], p.loc[j, 'lift_hi'], 2)}"
+    lifts = ", ".join(f"{thought_name(j + 1)} {with_ci(p.loc[j, 'lift'], p.loc[j, 'lift_lo'], p.loc[j, 'lift_hi'], 2)}"
                       for j in p.index[p["eligible"]])
     if report.hubs:
-        claim = "Hub claimed at " + ", ".join(f"**{thought(j)}**" for j in report.hubs)
+        claim = "Hub claimed at " + ", ".join(f"**{thought_name(j + 1)}**" for j in report.hubs)
     else:
         claim = "**No hub claimed**"
     design = int(np.argmax(p["colsum"]))
     return (f"{claim}: incoming lift over causal-uniform (95% CI) {lifts}; a hub needs the lower bound "
             f">= {LIFT_THRESHOLD:g} and at least {MIN_HUB_ROWS} later, non-adjacent thoughts attending it. "
-            f"The design's raw column sums peak at {thought(design)}, which causal-uniform attention "
+            f"The design's raw column sums peak at {thought_name(design + 1)}, which causal-uniform attention "
             f"also does (column z1 is visible to six rows, z6 to one).")
 
 
@@ -90,9 +59,9 @@ def top_heads_frame(report: MetricsReport, k: int | None = None) -> pd.DataFrame
         "composite": [with_ci(*r) for r in top[["composite", "composite_lo", "composite_hi"]].to_numpy()],
         "flow": [with_ci(*r) for r in top[["flow", "flow_lo", "flow_hi"]].to_numpy()],
         "hub": [with_ci(*r) for r in top[["hub", "hub_lo", "hub_hi"]].to_numpy()],
-        "hub position": [thought(int(j)) for j in top["hub_position"]],
+        "hub position": [thought_name(int(j) + 1) for j in top["hub_position"]],
         "skip": [with_ci(*r) for r in top[["skip", "skip_lo", "skip_hi"]].to_numpy()],
-        "hub lift (at)": [f"{v:.2f} ({thought(int(j))})" for v, j in zip(top["hub_lift"], top["hub_lift_position"])],
+        "hub lift (at)": [f"{v:.2f} ({thought_name(int(j) + 1)})" for v, j in zip(top["hub_lift"], top["hub_lift_position"])],
         retention.replace("_", " "): top[retention],
     })
 
@@ -100,11 +69,11 @@ def top_heads_frame(report: MetricsReport, k: int | None = None) -> pd.DataFrame
 def definitions_md(report: MetricsReport) -> str:
     return (
         "**Definitions** (full text: `codi_attn/metrics.py`). M = a head's 6x6 matrix averaged over problems, "
-        f"on the **{report.basis}** basis (renorm: each row divided by its latent-block sum; raw: fractions "
-        "of the whole row). flow = share of latent-block attention to earlier thoughts; hub = variance of "
+        f"on the **{report.basis}** basis (renorm: each row divided by its thought-block sum; raw: fractions "
+        "of the whole row). flow = share of thought-block attention to earlier thoughts; hub = variance of "
         "the column sums (position = largest column sum); skip = mean attention z6 -> z1..z3; composite = "
         "0.4 flow + 0.4 min-max(hub) + 0.2 min-max(skip) over this model's heads. Causal-uniform: each row's "
-        "latent-block mass spread evenly over the thoughts it can see. Incoming attention to j counts rows "
+        "thought-block mass spread evenly over the thoughts it can see. Incoming attention to j counts rows "
         f"i >= j+2; lift = observed / causal-uniform. Types: diffuse if row entropy >= {DIFFUSE_ENTROPY:g} "
         f"of its maximum, else the largest lift of sequential (i -> i-1), self, hub, skip (i - j >= 3) if it "
         f"reaches {LIFT_THRESHOLD:g}, else mixed. Critical: composite > {CRITICAL_COMPOSITE:g}. "
@@ -123,24 +92,24 @@ def metrics_card(report: MetricsReport) -> list:
     parts += [Markdown("## Success criteria of the design"), Markdown(_criteria_md(report.criteria)),
               table(criteria_frame(report.criteria)),
               Markdown("## Hubs against the causal-uniform baseline"), Markdown(_hub_md(report)),
-              image(plots.hub_analysis(report)),
+              image(metric_figures.hub_analysis(report)),
               table(report.position_lift[["thought", "rows", "observed", "baseline", "lift", "lift_lo", "lift_hi",
                                           "eligible", "is_hub", "hub_heads"]]),
               Markdown(f"## Critical heads: {len(crit)} of {report.n_heads} ({len(crit) / report.n_heads:.0%}) "
                        f"with composite > {CRITICAL_COMPOSITE:g}"),
-              image(plots.top_heads_overview(report)),
+              image(metric_figures.top_heads_overview(report)),
               table(top_heads_frame(report)),
-              image(plots.top_heads_heatmaps(report)),
-              Markdown("## Per head"), image(plots.layer_head_maps(report)), image(plots.type_map(report)),
+              image(metric_figures.top_heads_heatmaps(report)),
+              Markdown("## Per head"), image(metric_figures.layer_head_maps(report)), image(metric_figures.type_map(report)),
               Markdown(f"## {'Critical' if len(crit) else 'Top'} heads in detail")]
-    parts += [image(plots.head_detail(report, label)) for label in detail["label"]]
+    parts += [image(metric_figures.head_detail(report, label)) for label in detail["label"]]
     parts += [Markdown("## Baselines, stability, model-level quantities"),
               Markdown(f"Mean std across problems: **{report.mean_std:.3f}**. Every metric beside its "
                        "causal-uniform value (mean over heads):"),
               table(report.baseline),
               Markdown("Rank agreement of the two bases (Spearman rho, overlap of the top heads):"),
               table(report.basis_agreement),
-              Markdown("Mean share of each latent query's whole row, by destination:"),
+              Markdown("Mean share of each thought query's whole row, by destination:"),
               table(report.mass_profile),
               table(report.model_stats),
               Markdown(definitions_md(report))]

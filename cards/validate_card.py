@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-from metaflow.cards import Image, Markdown, Table
+from metaflow.cards import Markdown, Table
+
+from cards.common import image
 
 from codi_attn.validate import LENS_TOP_N, ValidationResult
 
@@ -91,7 +93,7 @@ def swap_verdict(row: pd.Series) -> str:
 
 
 def _table(df: pd.DataFrame) -> Table:
-    swapped = "thoughts of the next problem"
+    swapped = "thoughts of its swap partner"
     rows = [[r.condition, r.group, r.heads or r.blocked or (swapped if r.group == "latent swap" else ""),
              f"{100 * r.accuracy:.1f}%",
              f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]", _points(r.delta_accuracy),
@@ -109,18 +111,12 @@ def _lens_table(lens: pd.DataFrame) -> Table:
                                 "top-1 is the answer"])
 
 
-def _image(fig) -> Image:
-    img = Image.from_matplotlib(fig)
-    fig.clear()
-    return img
-
-
 def validate_card(result: ValidationResult) -> list:
     """Components of the validate card: verdict, bar charts, the full table and the logit-lens table."""
-    from codi_attn.validate_plots import ablation_figure, blocking_figure, single_heads_figure
+    from codi_attn.figures.validation import ablation_figure, blocking_figure, single_heads_figure
 
     s = result.settings
-    where = "the six latent steps" if s["positions"] == "latent" else "every position"
+    where = "the six thought steps" if s["positions"] == "thoughts" else "every position"
     return [
         Markdown(f"# Validate: do the top heads and the thought positions matter?\n\n"
                  f"{s['model']} ({s['n_layers']} layers x {s['n_heads']} heads, {s['dtype']} on {s['device']}), "
@@ -132,10 +128,10 @@ def validate_card(result: ValidationResult) -> list:
                  "over the problems whose condition run generated the same tokens up to there (KL compared on)."),
         Markdown("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(result))),
         Markdown(f"## Top-{s['k']} heads vs random controls"),
-        _image(ablation_figure(result)),
-        _image(single_heads_figure(result)),
+        image(ablation_figure(result)),
+        image(single_heads_figure(result)),
         Markdown("## Blocking and swapping thoughts"),
-        _image(blocking_figure(result)),
+        image(blocking_figure(result)),
         Markdown("## All conditions"),
         _table(result.validation),
         Markdown("## Logit lens of the thoughts\n\nEach thought's last-layer hidden state (after the final norm) "

@@ -115,14 +115,14 @@ def load_records(dataset: str, split: str) -> list[dict]:
     """GSM8K records ({'question', 'answer'}) of ``split`` from ``dataset``.
 
     ``dataset`` is "gsm8k" (the hub's gsm8k/main), "synthetic" (generated offline by
-    codi_attn.synthetic) or a path to a .jsonl file (one record a line) or a .json file (a
+    codi_attn.demo.task) or a path to a .jsonl file (one record a line) or a .json file (a
     list of records). A file is taken as it is: ``split`` only names its problems.
     """
     _check_split(split)
     if dataset == HUB_NAME:
         return _read_hub(split)
     if dataset == SYNTHETIC_NAME:
-        from codi_attn.synthetic import synthetic_records  # lazy: only the offline demo needs it
+        from codi_attn.demo.task import synthetic_records  # lazy: only the offline demo needs it
         return [_check_record(rec, f"synthetic {split}, record {i}")
                 for i, rec in enumerate(synthetic_records(split))]
     return _read_file(Path(dataset).expanduser())

@@ -18,7 +18,7 @@ import pandas as pd
 FLOW_NAME = "AttentionFlow"
 ARRAYS = {  # artifact -> what it holds (also written to summary.json)
     "attention_raw": "float16 [N, L, H, 6, 6]: A[n, l, h, i, j], query thought i -> key thought j, share of the whole row",
-    "attention_mass": "float16 [N, L, H, 6, 4]: each thought row's share on sink, question, bot, latents",
+    "attention_mass": "float16 [N, L, H, 6, 4]: each thought row's share on sink, question, bot, thoughts",
     "attention_avg": "float32 [L, H, 6, 6]: mean of attention_raw over problems",
     "attention_std": "float32 [L, H, 6, 6]: std of attention_raw over problems",
 }
@@ -123,8 +123,8 @@ def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool 
 
 def write_figures(d, fig_dir: Path) -> list[Path]:
     """The cards' figures as PNG files."""
-    from cards.aggregate_card import incoming_figure, mass_figure, mean_matrix_figure
-    from codi_attn import plots
+    from codi_attn.figures import metrics as metric_figures
+    from codi_attn.figures.extraction import incoming_figure, mass_figure, mean_matrix_figure
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     report = d.metrics_report
@@ -132,10 +132,10 @@ def write_figures(d, fig_dir: Path) -> list[Path]:
         "mean_attention_matrix": mean_matrix_figure(d.attention_avg),
         "incoming_attention": incoming_figure(d.attention_stats),
         "mass_split_by_layer": mass_figure(d.attention_stats),
-        "hub_analysis": plots.hub_analysis(report),
-        "top_heads_overview": plots.top_heads_overview(report),
-        "top_heads_heatmaps": plots.top_heads_heatmaps(report),
-        "layer_head_maps": plots.layer_head_maps(report),
-        "type_map": plots.type_map(report),
+        "hub_analysis": metric_figures.hub_analysis(report),
+        "top_heads_overview": metric_figures.top_heads_overview(report),
+        "top_heads_heatmaps": metric_figures.top_heads_heatmaps(report),
+        "layer_head_maps": metric_figures.layer_head_maps(report),
+        "type_map": metric_figures.type_map(report),
     }
     return [_save_figure(fig, fig_dir / f"{key}.png") for key, fig in figs.items()]

@@ -4,19 +4,19 @@ Inputs (codi-spec section 3)
     attention  [N, L, H, 6, 6]  A[n, l, h, i, j]: problem n, layer l, query head h, weight from query
                thought i to key thought j as a fraction of the query's WHOLE row; j > i is 0.
     mass       [N, L, H, 6, 4]  each thought row split into MASS_PARTS (sum 1), optional.
-Positions are 0-based (i, j = 0..5) in data; figures and text call them z1..z6.
+Array axes are 0-based (i, j = 0..5: thought i + 1, codi_attn.conventions); text and figures say z1..z6.
 
 Bases
-    raw     A as captured: row i sums to its latent-block mass m_i < 1.
-    renorm  each problem's row divided by its latent-block sum (rows sum to 1; an all-zero row stays 0).
+    raw     A as captured: row i sums to its thought-block mass m_i < 1.
+    renorm  each problem's row divided by its thought-block sum (rows sum to 1; an all-zero row stays 0).
 Per head, M is the problem-mean matrix of the basis. DEFAULT_BASIS is "renorm": the raw entries are
-dominated by how much of a row reaches the latent block at all (10-15 % in the released models, the
-rest goes to the first token and the question), so raw hub and skip scores mostly rank latent-block
+dominated by how much of a row reaches the thought block at all (10-15 % in the released models, the
+rest goes to the first token and the question), so raw hub and skip scores mostly rank thought-block
 mass rather than the pattern inside the block; renorm separates the two (the mass is reported on
 its own) and puts every head on the 0-1 scale the design's thresholds assume.
 
 Design scores (the formulas of the original design, the CoT_Exploration attention-flow plan)
-    flow          sum_{j<i} M_ij / sum_{j<=i} M_ij     share of latent-block attention to EARLIER thoughts
+    flow          sum_{j<i} M_ij / sum_{j<=i} M_ij     share of thought-block attention to EARLIER thoughts
     hub           Var_j(c_j), c_j = sum_i M_ij          population variance of the column sums
     hub_position  argmax_j c_j
     skip          mean_{j=0,1,2} M_5j                   last thought -> first three thoughts
@@ -27,7 +27,7 @@ flow = 0.59, hub = 0.59, hub_position = 0 (column 0 is seen by six rows, column 
 trap-1 off-by-one input flow is 1.0 for every head. Hence the baseline and the lifts below.
 
 Causal-uniform baseline U
-    U_ij = m_i / (i + 1) for j <= i: the same latent-block mass per row (m_i = 1 on renorm, the head's
+    U_ij = m_i / (i + 1) for j <= i: the same thought-block mass per row (m_i = 1 on renorm, the head's
     observed mean row mass on raw) spread evenly over the keys each query can see. Every metric is
     reported beside its value on U (`MetricsReport.baseline`, `criteria.baseline`).
 
@@ -39,12 +39,13 @@ Incoming attention, lift and hubs
     (a pure i -> i-3 head gives z3 a lift of 2.7 from one of its two rows). A model-level hub is claimed only
     where the lower end of the bootstrap interval of its lift reaches LIFT_THRESHOLD = 2.
 
-Functional types (always on renorm: a type says where inside the latent block a head looks)
+Functional types (always on renorm: a type says where inside the thought block a head looks)
     seq  = mean_{i=1..5} M_{i,i-1}      self = mean_{i=1..5} M_ii (row 0 is 1 on renorm by construction)
     long = mean over the six pairs i - j >= 3 of M_ij        hub_lift = max over eligible j of lift_j
     entropy = mean over problems and rows 1..5 of H(row) / log(i + 1)  (1 = uniform over visible keys)
     type = "diffuse" if entropy >= DIFFUSE_ENTROPY (0.9); else the largest of the lifts over U of
-    seq ("sequential"), self ("self"), hub_lift ("hub"), long ("skip") if it reaches LIFT_THRESHOLD;
+    seq ("sequential"), self ("self"), hub_lift ("hub"), long ("long-range", named apart from the design's
+    skip score) if it reaches LIFT_THRESHOLD;
     else "mixed". Layer band: normalised depth (l + 0.5) / L in thirds (early, middle, late);
     depth profiles use N_DEPTH_BINS quarters of the same depth, so 12- and 16-layer models compare.
 
@@ -66,8 +67,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-N_THOUGHTS = 6
-MASS_PARTS = ("sink", "question", "bot", "latents")  # as codi_attn.extract.MASS_PARTS
+from codi_attn.conventions import MASS_PARTS, N_THOUGHTS, head_label, thought_name
 BASES = ("renorm", "raw")
 DEFAULT_BASIS = "renorm"
 WEIGHTS = {"flow": 0.4, "hub": 0.4, "skip": 0.2}
@@ -81,7 +81,7 @@ BOTTOM_K = 50
 BANDS = ("early", "middle", "late")
 N_DEPTH_BINS = 4
 CI_LEVEL = 0.95
-SPECIFIC_TYPES = ("sequential", "self", "hub", "skip")
+SPECIFIC_TYPES = ("sequential", "self", "hub", "long-range")
 
 _ROW, _COL = np.indices((N_THOUGHTS, N_THOUGHTS))
 _CAUSAL = _ROW >= _COL
@@ -101,16 +101,6 @@ CRITERIA = (
     ("top_bottom_ratio", "Phase 2", "top-{top} mean / bottom-{bottom} mean composite", 2.0, ">"),
     ("top_types", "Phase 2", "functional types (specific) in the top {top}", 1, ">"),
 )
-
-
-def thought(j: int) -> str:
-    """0-based position -> thought name z1..z6."""
-    return f"z{j + 1}"
-
-
-def head_label(layer: int, head: int) -> str:
-    """TransformerLens-style label, e.g. L4H5."""
-    return f"L{layer}H{head}"
 
 
 def top_k(n_heads: int) -> int:
@@ -133,7 +123,7 @@ def depth_bin(layer: int, n_layers: int, n_bins: int = N_DEPTH_BINS) -> str:
 
 
 def renormalise(a: np.ndarray) -> np.ndarray:
-    """Rows divided by their latent-block sum [..., 6, 6]; all-zero rows stay zero."""
+    """Rows divided by their thought-block sum [..., 6, 6]; all-zero rows stay zero."""
     s = a.sum(-1, keepdims=True)
     return np.divide(a, s, out=np.zeros_like(a), where=s > 0)
 
@@ -150,7 +140,7 @@ def baseline_of(m: np.ndarray, basis: str) -> np.ndarray:
 
 
 def flow_score(m: np.ndarray) -> np.ndarray:
-    """[..., 6, 6] -> [...]: share of latent-block attention that goes to earlier thoughts."""
+    """[..., 6, 6] -> [...]: share of thought-block attention that goes to earlier thoughts."""
     total = (m * _CAUSAL).sum((-2, -1))
     return np.divide((m * _EARLIER).sum((-2, -1)), total, out=np.zeros_like(total), where=total > 0)
 
@@ -298,11 +288,11 @@ def input_warnings(attention: np.ndarray, mass: np.ndarray | None = None) -> lis
     if rows.max() > 1 + tol:
         out.append(f"Latent-block rows sum to up to {rows.max():.3f} > 1: not fractions of a softmax row.")
     elif np.abs(rows[..., 1:] - 1).max() < tol:
-        out.append("Every latent-block row sums to 1: the input looks renormalised already, so the raw "
-                   "basis equals the renorm basis and the latent-block mass reads as 1.")
+        out.append("Every thought-block row sums to 1: the input looks renormalised already, so the raw "
+                   "basis equals the renorm basis and the thought-block mass reads as 1.")
     zero_rows = int((rows[..., 1:] <= 0).sum())
     if zero_rows and not row0_empty:
-        out.append(f"{zero_rows} thought rows (z2..z6) have no latent-block mass; they stay 0 on renorm.")
+        out.append(f"{zero_rows} thought rows (z2..z6) have no thought-block mass; they stay 0 on renorm.")
     if mass is not None:
         m = np.asarray(mass, dtype=np.float32)
         if m.shape != a.shape[:-1] + (len(MASS_PARTS),):
@@ -429,7 +419,7 @@ def _types_frame(r_mean: np.ndarray, entropy: np.ndarray) -> pd.DataFrame:
     u = baseline_of(r_mean[:1, :1], "renorm")[0, 0]
     df = _frame_index(*r_mean.shape[:2])
     lifts = {}
-    for name, share in (("sequential", seq_share), ("self", self_share), ("skip", long_share)):
+    for name, share in (("sequential", seq_share), ("self", self_share), ("long-range", long_share)):
         df[name] = share(r_mean).ravel()
         lifts[name] = df[name] / share(u)
     lift_j = incoming(r_mean)[..., HUB_ELIGIBLE] / incoming(u)[HUB_ELIGIBLE]
@@ -437,7 +427,7 @@ def _types_frame(r_mean: np.ndarray, entropy: np.ndarray) -> pd.DataFrame:
     lifts["hub"] = pd.Series(lift_j.max(-1).ravel())
     df["entropy"] = entropy.ravel()
     for name, lift in lifts.items():
-        df[f"{name}_lift"] = lift
+        df[f"{name.replace('-', '_')}_lift"] = lift
     lift_df = pd.DataFrame(lifts)
     best = lift_df.idxmax(axis=1)
     df["type"] = np.where(df["entropy"] >= DIFFUSE_ENTROPY, "diffuse",
@@ -476,7 +466,7 @@ def _position_lift(m: np.ndarray, mb: np.ndarray, basis: str, types: pd.DataFram
     lift_lo, lift_hi = _interval(lift_b)
     claim = lift_lo if len(mb) else lift
     df = pd.DataFrame({
-        "position": np.arange(N_THOUGHTS), "thought": [thought(j) for j in range(N_THOUGHTS)],
+        "position": np.arange(N_THOUGHTS), "thought": [thought_name(j + 1) for j in range(N_THOUGHTS)],
         "rows": _INCOMING_ROWS, "colsum": m.sum(-2).mean((0, 1)), "colsum_baseline": u.sum(-2).mean((0, 1)),
         "observed": obs, "observed_lo": obs_lo, "observed_hi": obs_hi, "baseline": base,
         "lift": lift, "lift_lo": lift_lo, "lift_hi": lift_hi, "eligible": HUB_ELIGIBLE,
@@ -520,18 +510,18 @@ def _measured(m: np.ndarray, ranked: pd.DataFrame, mean_std: float) -> dict[str,
 def _model_stats(a: np.ndarray, mass: np.ndarray | None, m: np.ndarray, mb: np.ndarray, w: np.ndarray,
                  entropy: np.ndarray, lift: tuple[np.ndarray, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
     """Model-level quantities (section, quantity, group, value, lo, hi) and their draws [B, K]: hub lifts,
-    critical heads, row entropy, latent-block mass (and the mass split), normalised-depth profiles.
+    critical heads, row entropy, thought-block mass (and the mass split), normalised-depth profiles.
     Head-level ones are recomputed on each resampled mean mb; per-problem ones are resampled with w."""
     n_layers = a.shape[1]
     stats: list[tuple[str, str, str, float, np.ndarray]] = []
     for j in np.flatnonzero(_INCOMING_ROWS > 0):
-        stats.append(("hubs", "incoming lift", thought(j), float(lift[0][j]), lift[1][:, j]))
+        stats.append(("hubs", "incoming lift", thought_name(j + 1), float(lift[0][j]), lift[1][:, j]))
     crit, crit_b = _design(m)["composite"] > CRITICAL_COMPOSITE, _design(mb)["composite"] > CRITICAL_COMPOSITE
     stats.append(("critical heads", "count", "all", float(crit.sum()), crit_b.sum((1, 2)).astype(float)))
     stats.append(("critical heads", "fraction", "all", float(crit.mean()), crit_b.mean((1, 2))))
     row_mass = a.sum(-1).mean(-1)  # [N, L, H]
     per_problem = {("concentration", "row entropy", "all"): entropy.mean((1, 2)),
-                   ("mass", "latent-block mass", "all"): row_mass.mean((1, 2))}
+                   ("mass", "thought-block mass", "all"): row_mass.mean((1, 2))}
     if mass is not None:
         parts = np.asarray(mass, np.float64).mean((1, 2, 3))
         for p, part in enumerate(MASS_PARTS[:-1]):
@@ -540,7 +530,7 @@ def _model_stats(a: np.ndarray, mass: np.ndarray | None, m: np.ndarray, mb: np.n
     for label in dict.fromkeys(bins):
         sel = bins == label
         per_problem[("depth profile", "row entropy", label)] = entropy[:, sel].mean((1, 2))
-        per_problem[("depth profile", "latent-block mass", label)] = row_mass[:, sel].mean((1, 2))
+        per_problem[("depth profile", "thought-block mass", label)] = row_mass[:, sel].mean((1, 2))
         for q, fn in (("flow", flow_score), ("seq", seq_share), ("skip", skip_score)):
             stats.append(("depth profile", q, label, float(fn(m[sel]).mean()), fn(mb[:, sel]).mean((1, 2))))
         stats.append(("depth profile", "critical fraction", label, float(crit[sel].mean()),
@@ -569,11 +559,11 @@ def _basis_agreement(scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def _mass_profile(a: np.ndarray, mass: np.ndarray | None) -> pd.DataFrame:
-    """Per query thought: mean share of the whole row per MASS_PARTS (latents only without mass)."""
+    """Per query thought: mean share of the whole row per MASS_PARTS (the thoughts part only, without mass)."""
     parts = (np.asarray(mass, np.float64).mean((0, 1, 2)) if mass is not None else
              np.column_stack([np.full(N_THOUGHTS, np.nan)] * (len(MASS_PARTS) - 1) + [a.sum(-1).mean((0, 1, 2))]))
     df = pd.DataFrame(parts, columns=list(MASS_PARTS))
-    df.insert(0, "thought", [thought(i) for i in range(N_THOUGHTS)])
+    df.insert(0, "thought", [thought_name(i + 1) for i in range(N_THOUGHTS)])
     return df
 
 

@@ -97,7 +97,7 @@ def resolve_sources(model: str, ckpt: str | None = None, base: str | None = None
     preset = get_preset(model)
     if model == "demo" and not (base or ckpt) and not (DEMO_DIR / "ckpt").is_dir():
         raise CODILoadError(f"the demo model is missing from {DEMO_DIR}; reinstall codi-attn or rebuild it with "
-                            f"`python -m codi_attn.train --out {DEMO_DIR}`")
+                            f"`python -m codi_attn.demo.train --out {DEMO_DIR}`")
     base, ckpt = base or preset.base, ckpt or preset.ckpt
     for what, src in (("base model", base), ("checkpoint", ckpt)):
         if _is_local(src) and not Path(src).expanduser().is_dir() and not Path(src).expanduser().is_file():

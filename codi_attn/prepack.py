@@ -1,7 +1,7 @@
 """CPU float32 inference: the decoder's linear layers with their weights packed once for oneDNN.
 
 PyTorch's default CPU matmul repacks the weight into its kernel's blocked layout at every call. Extraction's
-one-position steps (six latents, EOT, each decoded token) multiply a few dozen rows by every weight of the
+one-position steps (six thoughts, EOT, each decoded token) multiply a few dozen rows by every weight of the
 model, so that repacking is an extra pass over all weights per step, on a machine where those steps are
 bound by memory bandwidth. Packing once at load time (the layout PyTorch's inductor uses for frozen weights)
 measured at GPT-2 shape on 2 CPU threads: 1.9x on the decoder's matmuls at 24 rows, 1.3x at 96, 1.08x at

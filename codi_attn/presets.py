@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_DIR = Path(__file__).parent / "demo_model"
+DEMO_DIR = Path(__file__).parent / "demo" / "weights"
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,19 @@ class Family:
     lora_targets: tuple[str, ...]
     fan_in_fan_out: bool  # GPT-2's Conv1D stores weights as [in, out]
     mlp_activation: tuple[str, str]  # (linear, activation): the MLP's linear layer and the activation applied to it
+    blocks: str  # the base model's list of decoder blocks
+    attention: str  # a block's attention module (returns output and, under eager, the weights)
+    out_proj: str  # the attention output projection, whose input holds the per-head outputs (codi-spec trap 4)
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(lora_targets=("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, mlp_activation=("c_fc", "act")),
+    "gpt2": Family(lora_targets=("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, mlp_activation=("c_fc", "act"),
+                   blocks="h", attention="attn", out_proj="attn.c_proj"),
     "llama": Family(
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         fan_in_fan_out=False,
         mlp_activation=("gate_proj", "act_fn"),
+        blocks="layers", attention="self_attn", out_proj="self_attn.o_proj",
     ),
 }
 

@@ -1,14 +1,10 @@
 """Run settings of AttentionFlow: every parameter checked cheaply, before any shard runs."""
 from __future__ import annotations
 
-import torch
-
-from codi_attn.ablation import POSITIONS
+from codi_attn.conventions import ABLATIONS, POSITIONS
 from codi_attn.data import load_records, resolve_n
-from codi_attn.model import resolve_device_dtype, resolve_sources
 from codi_attn.presets import PRESETS
 from codi_attn.runs import named_runs
-from codi_attn.validate import ABLATIONS
 
 DEMO_DATASET = "synthetic"
 MAX_NUM_SPLITS = 100  # Metaflow's default --max-num-splits: a foreach wider than this stops the run
@@ -29,6 +25,10 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     """Validate every parameter cheaply (nothing is loaded but the dataset records) and return the
     settings the run uses, plus n (None = whole split) and n_records. Every problem found is
     reported at once, one line each naming the parameter, in a SettingsError."""
+    import torch  # here, not at import: reading the settings module stays cheap
+
+    from codi_attn.model import resolve_device_dtype, resolve_sources
+
     dataset = resolve_dataset(p["dataset"], p["model"], p["ckpt"], p["base"])
     split = p["split"] if p["split"] != "auto" else ("test" if dataset == DEMO_DATASET else "train")
     errors, out = [], {**p, "dataset": dataset, "split": split}
@@ -51,6 +51,9 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         if p["ablation_positions"] not in POSITIONS:
             errors.append(f"--ablation_positions must be one of {', '.join(POSITIONS)}, got "
                           f"{p['ablation_positions']!r}")
+        elif p["ablation"] == "resample" and p["ablation_positions"] != "thoughts":
+            errors.append("--ablation resample is defined at the thought positions only: use "
+                          "--ablation_positions thoughts (or --ablation mean / zero for all positions)")
     if p["n_boot"] < 0:
         errors.append(f"--n_boot must be 0 or more, got {p['n_boot']}")
     if not 0.0 <= p["max_failed_fraction"] <= 1.0:

@@ -8,7 +8,8 @@ from collections import Counter
 
 import numpy as np
 
-from codi_attn.extract import MASS_PARTS, N_LATENTS, extract
+from codi_attn.conventions import MASS_PARTS, N_THOUGHTS
+from codi_attn.extract import extract
 from codi_attn.metrics import baseline_of, incoming
 
 # Test hooks, read only by the tests (tests/test_flow.py); a normal run never sets them.
@@ -57,11 +58,11 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
         bad = [problems[k]["id"] for k in chunk if problems[k]["id"] in fail_ids]
         if bad:
             raise RuntimeError(f"test hook {FAIL_PROBLEMS_ENV}: {bad[0]} fails on purpose")
-        return extract(model, [problems[k]["question"] for k in chunk], [problems[k]["solution"] for k in chunk],
+        return extract(model, [problems[k]["question"] for k in chunk], [problems[k]["answer"] for k in chunk],
                        batch_size=len(chunk), max_new_tokens=max_new_tokens)
 
-    n, shape = len(problems), (model.n_layers, model.n_heads, N_LATENTS)
-    attention = np.zeros((n, *shape, N_LATENTS), np.float16)
+    n, shape = len(problems), (model.n_layers, model.n_heads, N_THOUGHTS)
+    attention = np.zeros((n, *shape, N_THOUGHTS), np.float16)
     mass = np.zeros((n, *shape, len(MASS_PARTS)), np.float16)
     texts, predictions = [""] * n, np.full(n, np.nan)
     correct, ok = np.zeros(n, bool), np.zeros(n, bool)
@@ -127,7 +128,7 @@ def merge_shards(sampled_ids: list[str], shards: list[dict]) -> dict:
 
 
 def attention_stats(attention, mass, mass_parts) -> dict:
-    """Where the latent queries' attention goes, on raw weights, over all problems, layers and heads.
+    """Where the thought queries' attention goes, on raw weights, over all problems, layers and heads.
 
     incoming[j] is codi_attn.metrics.incoming of the mean matrix (mean weight thought j gets from the
     thoughts i >= j + 2; nan for z5, z6), incoming_baseline[j] the same under causal-uniform attention

@@ -1,20 +1,23 @@
 """Causal validation of a head ranking: ablate heads and block thoughts during CODI inference, against controls.
 
 Every condition runs on the same problems as a baseline run of those problems (codi-spec trap 6):
-    baseline          plain extraction
-    no-op             the intervention code path with nothing ablated and nothing blocked; must equal the
-                      baseline bit for bit (`ValidationResult.noop_identical`)
+    baseline          plain inference (with the attention capture and the thoughts recorded)
+    no-op             the intervention code path with nothing ablated (`AblateHeads` with no heads) and the same
+                      recording; must equal the baseline bit for bit (`ValidationResult.noop_identical`)
     top-k             the k best heads by composite, ablated together
     top-k single      each of them alone
     random control    n_random draws of k heads from the same layers as the top-k (same layer multiset), none
                       of them a top-k head; a layer without enough other heads lends from its nearest layers
     blocking          each thought z1..z6 blocked (later queries give its key exactly zero weight), and all six
-    latent swap       each problem fed the six thoughts its neighbour in the sample computed (problem k gets those
-                      of k+1, the last those of the first): do the thoughts carry problem-specific content, or
-                      does any thought-shaped input do? (needs two problems or more)
-Ablation (`ablation="mean"`, the default, or "zero") replaces each head's slice of the output-projection
-input (codi_attn.ablation) at the six latent steps (`positions="latent"`, default) or at every position
-("all"). Mean ablation uses the head's mean input over the same problems, per thought on "latent".
+    latent swap       each problem fed the six thoughts of its swap partner (codi_attn.hooks.swap_partners: another
+                      problem with the same number of solution steps): do the thoughts carry problem-specific
+                      content, or does any thought-shaped input do? (needs two problems or more)
+Each condition is a list of hooks on the runner (codi_attn.runner); the baseline runs first (it records the head
+means and the answer steps the others need), then every other condition runs batch by batch on one shared
+prefill per batch. Ablation (`ablation="mean"`, the default, "zero" or "resample") replaces each head's slice
+of the output-projection input (codi_attn.ablation) at the six thought steps (`positions="thoughts"`, default)
+or at every position ("all"). Mean ablation uses the head's mean input over the same problems, per thought on
+"thoughts"; resample ablation uses the head's input on the problem's swap partner.
 
 Measures per condition: accuracy with a 95 % percentile bootstrap interval over problems; accuracy change
 vs baseline with a paired bootstrap interval (the same resamples for every condition); the fraction of
@@ -26,29 +29,30 @@ it generated none), over the problems whose condition run generated the same tok
 alone. CODI answers start with a fixed "The answer is:", whose first token no intervention moves; the number
 token is where they differ.
 
-Logit lens: each thought's final-norm last-layer hidden state (`Extraction.thought_hidden`, already after
-the final norm) through the LM head; per thought, how often its top token is a number, an intermediate
-result of the gold solution (`<<a*b=c>>` values c) or the final answer.
+Logit lens: each thought's final-norm last-layer hidden state (`thought.{k}.hidden`) through the LM head; per
+thought, how often its top token is a number, an intermediate result of the gold solution (`<<a*b=c>>` values c)
+or the final answer.
 """
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from codi_attn.ablation import POSITIONS, Head, extract_ablated, head_means
+from codi_attn.ablation import AblateHeads, HeadInputs, HeadMeans
 from codi_attn.answers import parse_gold
-from codi_attn.extract import N_LATENTS, Extraction, extract
-from codi_attn.metrics import head_label, thought
+from codi_attn.conventions import ABLATIONS, N_THOUGHTS, POSITIONS, THOUGHTS, Head, head_label, thought_name
+from codi_attn.extract import CaptureAttention, correctness
+from codi_attn.hooks import AnswerLogits, BlockThoughts, FeedThoughts, RecordThoughts, swap_partners
 from codi_attn.model import CODIModel
+from codi_attn.runner import Generation, Runner, number_tokens
 
-ABLATIONS = ("mean", "zero")
 GROUPS = ("baseline", "no-op", "top-k", "top-k single", "random control", "blocking", "latent swap")
 CI_LEVEL = 0.95
 K_SHARE = 4  # k is capped at a quarter of the heads: with half, the only control is the other half
@@ -57,6 +61,28 @@ COLUMNS = ("condition", "group", "heads", "blocked", "accuracy", "ci_low", "ci_h
            "delta_ci_low", "delta_ci_high", "answers_changed", "kl_answer_token", "kl_compared")
 INTERMEDIATE = re.compile(r"<<[^<>]*=([^<>=]+)>>")
 NUMBER_TOKEN = re.compile(r"-?\d+(\.\d+)?")
+
+
+@dataclass
+class Outcome:
+    """What a condition's run produced for N problems (what `measure` and `identical` read)."""
+
+    generation: Generation
+    correct: np.ndarray  # [N] bool
+    answer_logits: np.ndarray  # [N, V'] float32 at the answer token (nan where none)
+    answer_step: np.ndarray  # [N] int, -1 where none
+    attention: np.ndarray | None = None  # [N, L, H, 6, 6] (baseline and no-op only)
+    mass: np.ndarray | None = None
+    thoughts: np.ndarray | None = None  # [N, 6, d] fed z1..z6 (baseline and no-op only)
+    hidden: np.ndarray | None = None  # [N, 6, d] final-norm hidden state at each thought
+
+    @property
+    def prediction(self) -> np.ndarray:
+        return self.generation.prediction
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.generation.tokens
 
 
 @dataclass
@@ -113,25 +139,27 @@ def random_controls(top: list[Head], n_layers: int, n_heads: int, n_draws: int,
 
 @dataclass(frozen=True)
 class Condition:
-    """One experiment: heads ablated, thoughts (0-based) blocked, or each problem fed its neighbour's thoughts."""
+    """One experiment: its hooks on the runner; heads and blocked (thought numbers) describe it in the table."""
 
     name: str
     group: str
+    hooks: tuple = ()
     heads: tuple[Head, ...] = ()
     blocked: tuple[int, ...] = ()
-    swap: bool = False
 
 
-def conditions(top: list[Head], controls: list[list[Head]], swap: bool = True) -> list[Condition]:
-    """The experiments in table order (baseline first, no-op second); the latent swap last when `swap`."""
+def conditions(top: list[Head], controls: list[list[Head]], ablate: Callable[[Sequence[Head]], object],
+               swapped: np.ndarray | None = None) -> list[Condition]:
+    """The interventions in table order, no-op first: `ablate(heads)` makes a condition's ablation hook (no heads:
+    the no-op); `swapped` [N, 6, d], the thoughts each problem is fed in the latent swap (None: no swap)."""
     k = len(top)
-    out = [Condition("baseline", "baseline"), Condition("no-op", "no-op"), Condition(f"top-{k}", "top-k", tuple(top))]
-    out += [Condition(head_label(*h), "top-k single", (h,)) for h in top]
-    out += [Condition(f"random {d + 1}", "random control", tuple(c)) for d, c in enumerate(controls)]
-    out += [Condition(f"block {thought(j)}", "blocking", blocked=(j,)) for j in range(N_LATENTS)]
-    out.append(Condition("block all", "blocking", blocked=tuple(range(N_LATENTS))))
-    if swap:
-        out.append(Condition("swap thoughts", "latent swap", swap=True))
+    out = [Condition("no-op", "no-op", (ablate(()),)), Condition(f"top-{k}", "top-k", (ablate(top),), tuple(top))]
+    out += [Condition(head_label(*h), "top-k single", (ablate([h]),), (h,)) for h in top]
+    out += [Condition(f"random {d + 1}", "random control", (ablate(c),), tuple(c)) for d, c in enumerate(controls)]
+    out += [Condition(f"block {thought_name(j)}", "blocking", (BlockThoughts([j]),), blocked=(j,)) for j in THOUGHTS]
+    out.append(Condition("block all", "blocking", (BlockThoughts(THOUGHTS),), blocked=THOUGHTS))
+    if swapped is not None:
+        out.append(Condition("swap thoughts", "latent swap", (FeedThoughts(swapped),)))
     return out
 
 
@@ -161,7 +189,7 @@ def token_kl(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return terms.sum(-1).clamp(min=0.0).numpy()
 
 
-def answer_token_kl(base: Extraction, ex: Extraction) -> np.ndarray:
+def answer_token_kl(base: Outcome, ex: Outcome) -> np.ndarray:
     """KL(p_base || p) per problem [N] at the baseline's answer token (`ex` extracted with the baseline's
     answer_steps); nan where `ex` generated other tokens before it or stopped earlier (another context)."""
     kl = token_kl(base.answer_logits, ex.answer_logits)
@@ -176,7 +204,7 @@ def answers_changed(base: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return ~same
 
 
-def measure(cond: Condition, ex: Extraction, base: Extraction, idx: np.ndarray) -> dict:
+def measure(cond: Condition, ex: Outcome, base: Outcome, idx: np.ndarray) -> dict:
     """One row of the validation table."""
     correct = ex.correct.astype(float)
     delta = correct - base.correct.astype(float)
@@ -185,7 +213,7 @@ def measure(cond: Condition, ex: Extraction, base: Extraction, idx: np.ndarray) 
     compared = ~np.isnan(kl)
     return {
         "condition": cond.name, "group": cond.group,
-        "heads": " ".join(head_label(*h) for h in cond.heads), "blocked": " ".join(thought(j) for j in cond.blocked),
+        "heads": " ".join(head_label(*h) for h in cond.heads), "blocked": " ".join(thought_name(j) for j in cond.blocked),
         "accuracy": float(correct.mean()), "ci_low": lo, "ci_high": hi,
         "delta_accuracy": float(delta.mean()), "delta_ci_low": delta_lo, "delta_ci_high": delta_hi,
         "answers_changed": float(answers_changed(base.prediction, ex.prediction).mean()),
@@ -194,11 +222,11 @@ def measure(cond: Condition, ex: Extraction, base: Extraction, idx: np.ndarray) 
     }
 
 
-def identical(a: Extraction, b: Extraction) -> bool:
-    """Bit-for-bit equal attention, logits, thoughts, generated tokens and texts."""
-    arrays = ("attention", "mass", "first_logits", "answer_logits", "latents", "thought_hidden")
-    return (a.text == b.text and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.answer_step, b.answer_step)
-            and all(np.array_equal(getattr(a, n), getattr(b, n), equal_nan=True) for n in arrays))
+def identical(a: Outcome, b: Outcome) -> bool:
+    """Bit-for-bit equal attention, answer logits, thoughts, hidden states, generated tokens and texts."""
+    arrays = ("attention", "mass", "answer_logits", "thoughts", "hidden", "answer_step", "tokens")
+    return a.generation.text == b.generation.text and all(
+        np.array_equal(getattr(a, n), getattr(b, n), equal_nan=True) for n in arrays)
 
 
 # ---------------------------------------------------------------- logit lens
@@ -227,34 +255,32 @@ def _token_text(model: CODIModel, token: int) -> str:
 
 
 @torch.inference_mode()
-def logit_lens(model: CODIModel, extraction: Extraction, solutions: list[str], top_n: int = LENS_TOP_N,
+def logit_lens(model: CODIModel, hidden: np.ndarray, solutions: Sequence[str], top_n: int = LENS_TOP_N,
                n_shown: int = 5) -> pd.DataFrame:
     """Per thought, its last-layer (final-norm) hidden state through the LM head, aggregated over problems.
 
-    extraction: with thought_hidden [N, 6, d] (keep_latents=True); solutions: N GSM8K answers.
+    hidden: [N, 6, d] (`RecordThoughts.hidden`); solutions: N GSM8K answers.
     One row per thought: top_tokens (the n_shown most frequent top-1 tokens with their share), number
     (share of problems whose top-1 token is a number), intermediate (top-1 is one of the solution's
     <<...=c>> results), intermediate_top_n (any of the top_n is), final_answer (top-1 is the gold answer).
     """
-    if extraction.thought_hidden is None:
-        raise ValueError("logit_lens needs thought_hidden: extract with keep_latents=True")
-    n = extraction.thought_hidden.shape[0]
+    n = hidden.shape[0]
     if len(solutions) != n:
         raise ValueError(f"{len(solutions)} solutions for {n} problems")
     head = model.lm.get_output_embeddings()
-    hidden = torch.as_tensor(extraction.thought_hidden, dtype=model.dtype, device=model.device)
-    top = torch.stack([head(hidden[:, j]).float().topk(top_n, -1).indices for j in range(N_LATENTS)], 1)
+    states = torch.as_tensor(hidden, dtype=model.dtype, device=model.device)
+    top = torch.stack([head(states[:, j]).float().topk(top_n, -1).indices for j in range(N_THOUGHTS)], 1)
     top = top.cpu().numpy()  # [N, 6, top_n]
     texts = {t: _token_text(model, t) for t in np.unique(top)}
     values = {t: token_number(s) for t, s in texts.items()}
     steps = [intermediate_results(s) for s in solutions]
     finals = [parse_gold(s) for s in solutions]
     rows = []
-    for j in range(N_LATENTS):
+    for j in range(N_THOUGHTS):
         first = top[:, j, 0]
         counts = Counter(texts[t] for t in first)
         rows.append({
-            "thought": thought(j),
+            "thought": thought_name(j + 1),
             "top_tokens": ", ".join(f"{s!r} {c / n:.0%}" for s, c in counts.most_common(n_shown)),
             "number": float(np.mean([values[t] is not None for t in first])),
             "intermediate": float(np.mean([values[t] in steps[i] for i, t in enumerate(first)])),
@@ -268,26 +294,30 @@ def logit_lens(model: CODIModel, extraction: Extraction, solutions: list[str], t
 # ---------------------------------------------------------------- the experiment
 
 
-def run_validation(model: CODIModel, questions: list[str], golds: list[str], ranked_heads: pd.DataFrame,
-                   k: int = 10, n_random: int = 5, ablation: str = "mean", positions: str = "latent",
-                   batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0, n_boot: int = 1000,
-                   progress: Callable[[str], None] | None = None) -> ValidationResult:
+def run_validation(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+                   ranked_heads: pd.DataFrame, k: int = 10, n_random: int = 5, ablation: str = "mean",
+                   positions: str = "thoughts", batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
+                   n_boot: int = 1000, progress: Callable[[int], None] | None = None) -> ValidationResult:
     """Ablate the top-k heads of `ranked_heads` (columns layer, head, composite), k random same-layer heads,
-    block each thought and swap the thoughts between problems, on `questions` with GSM8K answers `golds`
-    (full solutions for the logit lens).
+    block each thought and swap the thoughts between problems, on `questions` with gold answers `golds` and
+    GSM8K solutions `solutions` (for the logit lens and the swap partners).
 
-    `progress(condition_name)` is called after each intervention. k is capped at a quarter of the model's heads
-    (noted in `notes`), so that other heads are left for the random controls (matched by layer, so where the
-    top heads crowd one layer the draws can still coincide: the card says when they do).
+    `progress(k)` is called after each batch of k problems has run through every condition. k is capped at a
+    quarter of the model's heads (noted in `notes`), so that other heads are left for the random controls
+    (matched by layer, so where the top heads crowd one layer the draws can still coincide: the card says so).
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    if len(golds) != len(questions) or not questions:
-        raise ValueError(f"need one gold per question and at least one question ({len(questions)}, {len(golds)})")
+    n = len(questions)
+    if not questions or len(golds) != n or len(solutions) != n:
+        raise ValueError(f"need at least one question and one gold answer and solution per question ({n} questions, "
+                         f"{len(golds)} golds, {len(solutions)} solutions)")
     if k < 1 or n_random < 1:
         raise ValueError(f"k and n_random must be positive, got {k}, {n_random}")
+    if ablation == "resample" and n < 2:
+        raise ValueError("resample ablation needs two problems or more (each takes its partner's head inputs)")
     notes = []
     n_total = model.n_layers * model.n_heads
     k_used = min(k, max(1, n_total // K_SHARE))
@@ -299,27 +329,53 @@ def run_validation(model: CODIModel, questions: list[str], golds: list[str], ran
     if not matched:
         notes.append("some random controls borrow heads from neighbouring layers: a top-k layer has too few "
                      "other heads")
-    means = head_means(model, questions, positions, batch_size, max_new_tokens) if ablation == "mean" else None
-
-    run_kwargs = dict(golds=golds, batch_size=batch_size, max_new_tokens=max_new_tokens, keep_logits=True)
-    idx = resample_indices(len(questions), n_boot, seed)
-    if len(questions) < 2:
+    if n < 2:
         notes.append("no latent swap: it needs two problems or more")
-    base_cond, noop_cond, *others = conditions(top, controls, swap=len(questions) >= 2)
-    base = extract(model, questions, keep_latents=True, **run_kwargs)
-    run_kwargs["answer_steps"] = base.answer_step  # every condition's logits at the baseline's answer token
-    noop = extract_ablated(model, questions, (), means, positions, keep_latents=True, **run_kwargs)
-    rows = [measure(base_cond, base, base, idx), measure(noop_cond, noop, base, idx)]
-    for cond in others:
-        fed = np.roll(base.latents, -1, axis=0) if cond.swap else None  # problem k gets the thoughts of k+1
-        ex = extract_ablated(model, questions, cond.heads, means, positions, blocked_latents=cond.blocked,
-                             fed_latents=fed, **run_kwargs)
-        rows.append(measure(cond, ex, base, idx))
-        if progress is not None:
-            progress(cond.name)
+    partners = swap_partners(solutions) if n >= 2 else None
+
+    runner = Runner(model, batch_size, max_new_tokens)
+    recorders = {"means": HeadMeans(model, positions)} if ablation == "mean" else {}
+    if ablation == "resample":
+        recorders["inputs"] = HeadInputs(model, n)
+    recording = _recording(model, n, numbers=number_tokens(model))
+    base = _outcome(runner.run(questions, [*recording, *recorders.values()]), golds, recording)
+    means = recorders["means"].means if "means" in recorders else None
+    inputs = recorders["inputs"].inputs if "inputs" in recorders else None
+
+    def ablate(heads: Sequence[Head]) -> AblateHeads:
+        return AblateHeads(model, heads, ablation, positions, means=means, inputs=inputs, partners=partners)
+
+    conds = conditions(top, controls, ablate, None if partners is None else base.thoughts[partners])
+    recording = [_recording(model, n, steps=base.answer_step, everything=c.group == "no-op") for c in conds]
+    generations = runner.run_conditions(questions, [[*c.hooks, *r] for c, r in zip(conds, recording)], progress)
+    outcomes = [_outcome(g, golds, r) for g, r in zip(generations, recording)]
+    idx = resample_indices(n, n_boot, seed)
+    rows = [measure(Condition("baseline", "baseline"), base, base, idx)]
+    rows += [measure(c, o, base, idx) for c, o in zip(conds, outcomes)]
     settings = {"k": k_used, "k_requested": k, "n_random": n_random, "ablation": ablation, "positions": positions,
-                "n_problems": len(questions), "seed": seed, "n_boot": n_boot, "max_new_tokens": max_new_tokens,
+                "n_problems": n, "seed": seed, "n_boot": n_boot, "max_new_tokens": max_new_tokens,
                 "model": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads,
                 "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
-    return ValidationResult(pd.DataFrame(rows, columns=list(COLUMNS)), logit_lens(model, base, golds),
-                            identical(base, noop), settings, notes)
+    return ValidationResult(pd.DataFrame(rows, columns=list(COLUMNS)), logit_lens(model, base.hidden, solutions),
+                            identical(base, outcomes[0]), settings, notes)
+
+
+def _recording(model: CODIModel, n: int, numbers: torch.Tensor | None = None, steps: np.ndarray | None = None,
+               everything: bool = True) -> list:
+    """The hooks that record what `measure` and `identical` read: the answer-token logits (where the number
+    starts, or at the baseline's steps) and, with `everything`, the attention and the thoughts."""
+    hooks = [AnswerLogits(n, numbers=numbers, steps=steps)]
+    if everything:
+        hooks += [CaptureAttention(model, n), RecordThoughts(n)]
+    return hooks
+
+
+def _outcome(generation: Generation, golds: Sequence[str], recording: list) -> Outcome:
+    """An Outcome from a run and its `_recording` hooks."""
+    answer, *rest = recording
+    capture, thoughts = rest or (None, None)
+    return Outcome(generation, correctness(generation.prediction, golds), answer.logits, answer.step,
+                   attention=None if capture is None else capture.attention,
+                   mass=None if capture is None else capture.mass,
+                   thoughts=None if thoughts is None else thoughts.z,
+                   hidden=None if thoughts is None else thoughts.hidden)

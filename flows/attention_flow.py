@@ -99,9 +99,11 @@ class AttentionFlow(FlowSpec):
                                 help="Random control draws of k heads from the same layers as the top-k.")
     ablation = Parameter("ablation", default="mean", type=str,
                          help="Head ablation: mean (replace the head's output-projection input by its mean over "
-                              "problems) or zero.")
-    ablation_positions = Parameter("ablation_positions", default="latent", type=str,
-                                   help="Where heads are ablated: latent (the six thought positions) or all.")
+                              "problems), zero, or resample (by its input on another problem with as many "
+                              "solution steps, at the same thought).")
+    ablation_positions = Parameter("ablation_positions", default="thoughts", type=str,
+                                   help="Where heads are ablated: thoughts (the six thought steps) or all (every "
+                                        "position: question, thoughts, EOT and decoding; mean and zero only).")
     compare_with = Parameter("compare_with", default="", type=str,
                              help="Run ids or pathspecs to compare with (comma separated); default: the latest "
                                   "successful run of each other model on the same sample.")
@@ -204,7 +206,7 @@ class AttentionFlow(FlowSpec):
         import numpy as np
 
         from cards.aggregate_card import aggregate_card
-        from codi_attn.extract import MASS_PARTS
+        from codi_attn.conventions import MASS_PARTS
         from codi_attn.shards import attention_stats, merge_shards
 
         self.merge_artifacts(inputs, include=["settings", "demo", "problems", "problem_ids", "dataset_fingerprint",
@@ -280,11 +282,17 @@ class AttentionFlow(FlowSpec):
         by_id = {p["id"]: p for p in self.problems}
         problems = [by_id[i] for i in self.problem_ids]
         model = self._load_model()
+        done = [0]
+
+        def progress(k: int) -> None:
+            done[0] += k
+            print(f"validate: {done[0]} of {len(problems)} problems through every condition", flush=True)
+
         self.validation_result = run_validation(
-            model, [p["question"] for p in problems], [p["solution"] for p in problems], self.ranked_heads,
-            k=self.validate_k, n_random=self.validate_random, ablation=self.ablation,
-            positions=self.ablation_positions, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-            seed=self.seed, progress=lambda name: print(f"validate: {name} done", flush=True))
+            model, [p["question"] for p in problems], [p["answer"] for p in problems],
+            [p["solution"] for p in problems], self.ranked_heads, k=self.validate_k, n_random=self.validate_random,
+            ablation=self.ablation, positions=self.ablation_positions, batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens, seed=self.seed, progress=progress)
         self.validation = self.validation_result.validation
         current.card.extend(validate_card(self.validation_result))
         self.next(self.compare)

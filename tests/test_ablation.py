@@ -1,14 +1,19 @@
-"""Head ablation at the output projection's input (codi-spec trap 4): exact effect, means, positions."""
+"""Head ablation at the output projection's input (codi-spec trap 4): the exact effect, means per thought and
+pooled, resample, positions, and every head of the demo model against two independent implementations."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from codi_attn.ablation import ablate_heads, extract_ablated, head_dim, head_means, out_proj
-from codi_attn.extract import N_LATENTS, extract, tokenize_questions
+from codi_attn.ablation import AblateHeads, HeadInputs, HeadMeans, head_means
+from codi_attn.conventions import N_THOUGHTS
+from codi_attn.extract import extract
+from codi_attn.hooks import RecordThoughts
+from codi_attn.runner import Runner, head_dim, layer_module, tokenize_questions
 
-QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour."]
+QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
+             "A robe takes 2 bolts of blue fiber and half that much white fiber."]
 
 
 def project(model, proj, x: torch.Tensor) -> torch.Tensor:
@@ -19,93 +24,229 @@ def project(model, proj, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(params=["gpt2", "llama"])
 def readable_model(request, unpacked_models):
-    """A tiny model whose weights the hand computation reads (tests/test_prepack.py checks ablation on packed
+    """A tiny model whose weights the hand computation reads (tests/test_runner.py checks hooks on packed
     layers)."""
     return unpacked_models[request.param]
 
 
-@pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_ablation_changes_exactly_that_heads_contribution(readable_model, mode):
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_ablation_changes_exactly_that_heads_contribution(readable_model, kind):
     """Only head h's slice of the projection input changes; the module output is W @ x_with_slice_replaced (+ b)."""
-    any_model = readable_model
-    layer, head, d = 1, 2, head_dim(any_model)
-    proj = out_proj(any_model, layer)
-    means = np.random.default_rng(0).normal(size=(1, any_model.n_layers, any_model.n_heads, d)).astype(np.float32)
-    means = means if mode == "mean" else None
-    seen = {}
-    ids = torch.tensor([tokenize_questions(any_model, QUESTIONS[:1])[0]])
-    before = proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("clean", args[0].clone()))
-    output = proj.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out.clone()))
+    m = readable_model
+    layer, head, d = 1, 2, head_dim(m)
+    proj = layer_module(m, "head_in", layer)
+    means = np.random.default_rng(0).normal(size=(N_THOUGHTS, m.n_layers, m.n_heads, d)).astype(np.float32)
+    seen: dict[str, list] = {"in": [], "out": []}
+    hooks = [proj.register_forward_pre_hook(lambda mod, args: seen["in"].append(args[0].clone())),
+             proj.register_forward_hook(lambda mod, args, out: seen["out"].append(out.clone()))]
     try:
-        with torch.no_grad(), ablate_heads(any_model, [(layer, head)], means):
-            after = proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("ablated", args[0].clone()))
-            any_model.lm.base_model(input_ids=ids)
-            after.remove()
+        ablate = AblateHeads(m, [(layer, head)], kind, means=means if kind == "mean" else None)
+        after = {}  # what the next hook at the point sees: the replacement written back into the module's input
+        Runner(m, max_new_tokens=1).run(QUESTIONS[:1], [ablate, (f"thought.3.head_in.{layer}",
+                                                                 lambda v, p, b: after.update(x=v.reshape(1, 1, -1)))])
     finally:
-        before.remove()
-        output.remove()
-    clean, ablated = seen["clean"], seen["ablated"]
-    assert clean.shape[-1] == any_model.n_heads * d
+        for h in hooks:
+            h.remove()
+    # calls: the prefill, thoughts 1 and 2, then thought 3; a pre-hook registered before the runner's sees the
+    # input as the layer computed it, before the replacement
+    clean, ablated, out = seen["in"][3], after["x"], seen["out"][3]
+    assert clean.shape[-1] == m.n_heads * d
     others = torch.ones(clean.shape[-1], dtype=torch.bool)
     others[head * d:(head + 1) * d] = False
     torch.testing.assert_close(ablated[..., others], clean[..., others], rtol=0, atol=0)
-    replacement = torch.zeros(d) if means is None else torch.tensor(means[0, layer, head])
+    replacement = torch.zeros(d) if kind == "zero" else torch.tensor(means[2, layer, head])  # thought 3: slot 2
     torch.testing.assert_close(ablated[..., ~others], replacement.expand_as(ablated[..., ~others]), rtol=0, atol=0)
-    expected = clean.clone()
-    expected[..., ~others] = replacement
     with torch.no_grad():
-        torch.testing.assert_close(seen["out"], project(any_model, proj, expected), rtol=1e-5, atol=1e-5)
-        # the change is exactly the head's own term: (replacement - x_h) through W's rows for head h
-        w_h = (proj.weight if any_model.family == "gpt2" else proj.weight.T)[head * d:(head + 1) * d]
+        torch.testing.assert_close(out, project(m, proj, ablated), rtol=1e-5, atol=1e-5)
+        w_h = (proj.weight if m.family == "gpt2" else proj.weight.T)[head * d:(head + 1) * d]
         change = (replacement - clean[..., ~others]) @ w_h
-        torch.testing.assert_close(seen["out"] - project(any_model, proj, clean), change, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out - project(m, proj, clean), change, rtol=1e-4, atol=1e-5)
 
 
-def test_latent_means_are_per_thought_and_batch_independent(gpt2_model):
-    """Mean-ablating every head with one problem's own per-thought means reproduces that problem (slot k = step k);
-    the same means in the wrong slots do not; the mean over two problems is the mean of their means."""
+def test_thought_means_are_per_thought_and_batch_independent(gpt2_model):
+    """Mean-ablating every head with one problem's own per-thought means reproduces that problem (slot k-1 at
+    thought k); the same means in the wrong slots do not; the mean over two problems is the mean of their means."""
     one = head_means(gpt2_model, QUESTIONS[:1])
-    assert one.shape == (N_LATENTS, gpt2_model.n_layers, gpt2_model.n_heads, head_dim(gpt2_model))
+    assert one.shape == (N_THOUGHTS, gpt2_model.n_layers, gpt2_model.n_heads, head_dim(gpt2_model))
     every = [(layer, head) for layer in range(gpt2_model.n_layers) for head in range(gpt2_model.n_heads)]
-    kwargs = dict(max_new_tokens=3, keep_latents=True, keep_logits=True)
-    base = extract(gpt2_model, QUESTIONS[:1], **kwargs)
-    same = extract_ablated(gpt2_model, QUESTIONS[:1], every, one, "latent", **kwargs)
-    np.testing.assert_allclose(same.latents, base.latents, atol=1e-5)
-    np.testing.assert_allclose(same.first_logits, base.first_logits, atol=1e-4)
-    shifted = extract_ablated(gpt2_model, QUESTIONS[:1], every, one[::-1].copy(), "latent", **kwargs)
-    assert not np.allclose(shifted.latents[:, 1:], base.latents[:, 1:], atol=1e-3)
-    two = head_means(gpt2_model, QUESTIONS, batch_size=2)
-    np.testing.assert_allclose(two, (one + head_means(gpt2_model, QUESTIONS[1:])) / 2, atol=1e-5)
+    base, same, shifted = RecordThoughts(1), RecordThoughts(1), RecordThoughts(1)
+    runner = Runner(gpt2_model, max_new_tokens=3)
+    runner.run(QUESTIONS[:1], [base])
+    runner.run(QUESTIONS[:1], [AblateHeads(gpt2_model, every, "mean", means=one), same])
+    np.testing.assert_allclose(same.z, base.z, atol=1e-5)
+    runner.run(QUESTIONS[:1], [AblateHeads(gpt2_model, every, "mean", means=one[::-1].copy()), shifted])
+    assert not np.allclose(shifted.z[:, 1:], base.z[:, 1:], atol=1e-3)
+    two = head_means(gpt2_model, QUESTIONS[:2], batch_size=2)
+    np.testing.assert_allclose(two, (one + head_means(gpt2_model, QUESTIONS[1:2])) / 2, atol=1e-5)
 
 
-def test_positions_latent_spares_the_question_all_does_not(gpt2_model):
-    """Ablation at the latent steps leaves z1 (projection of the BOT state) alone; at all positions it changes it."""
+def test_positions_thoughts_spare_the_question_all_does_not(gpt2_model):
+    """Ablation at the thought steps leaves z1 (projection of the BOT state) alone; at all positions it changes it."""
     heads = [(0, h) for h in range(gpt2_model.n_heads)]
-    kwargs = dict(max_new_tokens=2, keep_latents=True)
-    base = extract(gpt2_model, QUESTIONS, **kwargs)
-    latent = extract_ablated(gpt2_model, QUESTIONS, heads, None, "latent", **kwargs)
-    everywhere = extract_ablated(gpt2_model, QUESTIONS, heads, None, "all", **kwargs)
-    np.testing.assert_array_equal(latent.latents[:, 0], base.latents[:, 0])
-    assert not np.allclose(latent.latents[:, 1:], base.latents[:, 1:])
-    assert not np.allclose(everywhere.latents[:, 0], base.latents[:, 0])
+    runner = Runner(gpt2_model, max_new_tokens=2)
+    base, thoughts, everywhere = RecordThoughts(3), RecordThoughts(3), RecordThoughts(3)
+    runner.run(QUESTIONS, [base])
+    runner.run(QUESTIONS, [AblateHeads(gpt2_model, heads, "zero", "thoughts"), thoughts])
+    runner.run(QUESTIONS, [AblateHeads(gpt2_model, heads, "zero", "all"), everywhere])
+    np.testing.assert_array_equal(thoughts.z[:, 0], base.z[:, 0])
+    assert not np.allclose(thoughts.z[:, 1:], base.z[:, 1:])
+    assert not np.allclose(everywhere.z[:, 0], base.z[:, 0])
 
 
-def test_all_position_means_are_pooled(gpt2_model):
-    pooled = head_means(gpt2_model, QUESTIONS, positions="all", max_new_tokens=2)
-    assert pooled.shape == (1, gpt2_model.n_layers, gpt2_model.n_heads, head_dim(gpt2_model))
-    ex = extract_ablated(gpt2_model, QUESTIONS, [(1, 0)], pooled, "all", max_new_tokens=2)
-    assert len(ex.text) == 2
-    per_thought = head_means(gpt2_model, QUESTIONS[:1])
-    with pytest.raises(RuntimeError, match="position-specific means"):
-        extract_ablated(gpt2_model, QUESTIONS[:1], [(1, 0)], per_thought, "all", max_new_tokens=2)
+def test_all_position_means_cover_exactly_the_positions_inference_runs(gpt2_model):
+    """Pooled means over a batch (padding and tokens after a problem's stop excluded) equal the mean over one
+    full-sequence forward per problem of [question, BOT, z1..z6, EOT, the generated tokens fed back]."""
+    budget = 4
+    stop = gpt2_model.tokenizer(" clips", add_special_tokens=False)["input_ids"][0]
+
+    def stop_early(v, p, b):  # problem 0 stops at its second token: its later positions must not count
+        if p.step == 1 and 0 in b.rows:
+            v = v.clone()
+            v[list(b.rows).index(0), stop] = 1e9
+        return v
+
+    means = HeadMeans(gpt2_model, "all")
+    record = RecordThoughts(3)
+    old_stop = gpt2_model.stop_ids
+    gpt2_model.stop_ids = (stop,)
+    try:
+        gen = Runner(gpt2_model, 3, budget).run(QUESTIONS, [means, record, ("decode.*.logits", stop_early)])
+    finally:
+        gpt2_model.stop_ids = old_stop
+    assert gen.tokens[0, 1] == stop and (gen.tokens[0, 2:] == -1).all()
+    proj = [layer_module(gpt2_model, "head_in", l) for l in range(gpt2_model.n_layers)]
+    sums = [torch.zeros(proj[0].nx if hasattr(proj[0], "nx") else proj[0].in_features, dtype=torch.float64)
+            for _ in proj]
+    count = 0
+    embed = gpt2_model.lm.get_input_embeddings()
+    for k, question in enumerate(QUESTIONS):
+        ids = tokenize_questions(gpt2_model, [question])[0]
+        generated = [t for t in gen.tokens[k].tolist() if t >= 0]
+        fed_tokens = generated[:-1]  # the last chosen token is never fed back (stop or end of budget)
+        with torch.no_grad():
+            seq = torch.cat([embed(torch.tensor([ids])), torch.tensor(record.z[k][None]),
+                             embed(torch.tensor([[gpt2_model.eot_id, *fed_tokens]]))], 1)
+            def add(module, args, layer):
+                sums[layer].add_(args[0][0].double().sum(0))
+
+            handles = [p.register_forward_pre_hook(lambda mod, args, l=l: add(mod, args, l)) for l, p in enumerate(proj)]
+            try:
+                gpt2_model.lm.base_model(inputs_embeds=seq)
+            finally:
+                for h in handles:
+                    h.remove()
+        count += seq.shape[1]
+    expected = torch.stack(sums).float().numpy() / count
+    np.testing.assert_allclose(means.means[0].reshape(gpt2_model.n_layers, -1), expected, atol=1e-5)
+
+
+def test_resample_with_its_own_input_is_a_no_op_bit_for_bit(gpt2_model):
+    """Resampling every head from the problem itself changes nothing; from a partner, the ablated head's input
+    is exactly the partner's."""
+    n, runner = len(QUESTIONS), Runner(gpt2_model, batch_size=2, max_new_tokens=3)
+    inputs, base = HeadInputs(gpt2_model, n), RecordThoughts(n)
+    plain = runner.run(QUESTIONS, [inputs, base])
+    every = [(l, h) for l in range(gpt2_model.n_layers) for h in range(gpt2_model.n_heads)]
+    same = RecordThoughts(n)
+    again = runner.run(QUESTIONS, [AblateHeads(gpt2_model, every, "resample", inputs=inputs.inputs,
+                                               partners=np.arange(n)), same])
+    np.testing.assert_array_equal(same.z, base.z)
+    np.testing.assert_array_equal(again.tokens, plain.tokens)
+    partners = np.array([1, 2, 0])
+    seen = HeadInputs(gpt2_model, n)
+    runner.run(QUESTIONS, [AblateHeads(gpt2_model, [(1, 2)], "resample", inputs=inputs.inputs, partners=partners),
+                           seen])
+    np.testing.assert_array_equal(seen.inputs[:, :, 1, 2], inputs.inputs[partners][:, :, 1, 2])
+    assert not np.array_equal(seen.inputs[:, 1:, 1, 3], inputs.inputs[:, 1:, 1, 3])  # other heads see the change
 
 
 def test_bad_heads_means_and_positions_are_rejected(gpt2_model):
+    m = gpt2_model
     with pytest.raises(ValueError, match="outside"):
-        with ablate_heads(gpt2_model, [(gpt2_model.n_layers, 0)]):
-            pass
-    with pytest.raises(ValueError, match="means must be"):
-        with ablate_heads(gpt2_model, [(0, 0)], np.zeros((2, 1, 1, 1), np.float32)):
-            pass
+        AblateHeads(m, [(m.n_layers, 0)])
+    with pytest.raises(ValueError, match="mean ablation needs means"):
+        AblateHeads(m, [(0, 0)], "mean", means=np.zeros((2, 1, 1, 1), np.float32))
     with pytest.raises(ValueError, match="positions"):
-        head_means(gpt2_model, QUESTIONS, positions="question")
+        HeadMeans(m, positions="question")
+    per_thought = np.zeros((N_THOUGHTS, m.n_layers, m.n_heads, head_dim(m)), np.float32)
+    with pytest.raises(ValueError, match="position-specific means cover the six thoughts"):
+        AblateHeads(m, [(0, 0)], "mean", "all", means=per_thought)
+    with pytest.raises(ValueError, match="thought positions only"):
+        AblateHeads(m, [(0, 0)], "resample", "all")
+    with pytest.raises(ValueError, match="needs inputs"):
+        AblateHeads(m, [(0, 0)], "resample")
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        AblateHeads(m, [(0, 0)], "shuffle")
+
+
+@pytest.fixture(scope="module")
+def demo_unpacked():
+    from codi_attn.model import load_codi
+
+    return load_codi("demo", device="cpu", dtype="float32", prepack=False)
+
+
+@pytest.fixture(scope="module")
+def demo_questions():
+    from codi_attn.data import load_records, sample_problems
+
+    problems = sample_problems(load_records("synthetic", "test"), 24, seed=42, split="test")
+    return [p.question for p in problems]
+
+
+def test_zero_ablation_everywhere_equals_zeroing_the_heads_weight_rows(demo_unpacked, demo_questions):
+    """Every head of the demo model: zero ablation at all positions through head_in gives, answer for answer and
+    entry for entry, what zeroing that head's rows of the output projection's weight gives (an independent
+    mechanism: no hook at all)."""
+    m = demo_unpacked
+    d = head_dim(m)
+    for layer in range(m.n_layers):
+        proj = layer_module(m, "head_in", layer)
+        for head in range(m.n_heads):
+            hooked = extract(m, demo_questions, batch_size=8, max_new_tokens=8,
+                             hooks=[AblateHeads(m, [(layer, head)], "zero", "all")])
+            saved = proj.weight.detach().clone()
+            rows = slice(head * d, (head + 1) * d)
+            with torch.no_grad():  # Conv1D: weight [in, out], the head's input rows are rows of the weight
+                proj.weight[rows] = 0.0
+            try:
+                zeroed = extract(m, demo_questions, batch_size=8, max_new_tokens=8)
+            finally:
+                with torch.no_grad():
+                    proj.weight.copy_(saved)
+            assert hooked.text == zeroed.text, f"L{layer}H{head}"
+            np.testing.assert_allclose(hooked.attention, zeroed.attention, atol=1e-5)
+
+
+def test_mean_ablation_at_thoughts_equals_an_independent_pre_hook(demo_unpacked, demo_questions):
+    """Every head of the demo model: mean ablation at the six thoughts equals a hand-written pre-hook on the output
+    projection that counts the one-position calls of the six thought steps (the design's first implementation)."""
+    m = demo_unpacked
+    d = head_dim(m)
+    means = head_means(m, demo_questions, batch_size=8)
+    for layer in range(m.n_layers):
+        proj = layer_module(m, "head_in", layer)
+        for head in range(m.n_heads):
+            hooked = extract(m, demo_questions, batch_size=8, max_new_tokens=8,
+                             hooks=[AblateHeads(m, [(layer, head)], "mean", means=means)])
+            calls = {"n": 0}
+
+            def pre_hook(module, args):
+                x = args[0]
+                if x.shape[1] != 1:  # the prefill of a batch: a new batch starts
+                    calls["n"] = 0
+                    return None
+                step, calls["n"] = calls["n"], calls["n"] + 1
+                if step >= N_THOUGHTS:  # EOT and decoding
+                    return None
+                x = x.clone()
+                x[..., head * d:(head + 1) * d] = torch.as_tensor(means[step, layer, head])
+                return (x, *args[1:])
+
+            handle = proj.register_forward_pre_hook(pre_hook)
+            try:
+                by_hand = extract(m, demo_questions, batch_size=8, max_new_tokens=8)
+            finally:
+                handle.remove()
+            assert hooked.text == by_hand.text, f"L{layer}H{head}"
+            np.testing.assert_array_equal(hooked.attention, by_hand.attention)

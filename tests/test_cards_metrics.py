@@ -7,9 +7,10 @@ import pytest
 from metaflow.cards import Image, Markdown, Table
 
 from cards.compare_card import compare_card, differences_frame
-from cards.metrics_card import _criteria_md, _hub_md, cell, criteria_frame, metrics_card
+from cards.common import cell
+from cards.metrics_card import _criteria_md, _hub_md, criteria_frame, metrics_card
 from codi_attn import metrics as M
-from codi_attn import plots as P
+from codi_attn.figures import metrics as P
 from test_metrics import patterned, random_attention
 
 

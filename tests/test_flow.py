@@ -105,7 +105,7 @@ def test_artifacts_shapes_dtypes_and_sample(clean_run):
     assert d.sampled_ids == d.problem_ids and d.failed_problems == []
     assert d.attention_raw.dtype == np.float16 and d.attention_raw.shape == (N, 2, 4, 6, 6)
     assert d.attention_mass.dtype == np.float16 and d.attention_mass.shape == (N, 2, 4, 6, 4)
-    assert d.mass_parts == ["sink", "question", "bot", "latents"]
+    assert d.mass_parts == ["sink", "question", "bot", "thoughts"]
     for name in ("attention_avg", "attention_std"):
         assert getattr(d, name).dtype == np.float32 and getattr(d, name).shape == (2, 4, 6, 6)
     np.testing.assert_allclose(d.attention_avg, d.attention_raw.astype(np.float32).mean(0), rtol=1e-6)
@@ -180,7 +180,7 @@ def test_cards_on_every_step(clean_run):
     assert "Aggregate: 6 of 6 problems" in card_data(run["aggregate"].task)
     linear = ("oneDNN, 8 weights prepacked, 2 with the MLP activation fused"
               if can_prepack(torch.device("cpu"), torch.float32) else "PyTorch default")
-    assert (f"float32 on cpu; sdpa for the question and decoding, eager for the six latent steps; linear layers "
+    assert (f"float32 on cpu; sdpa for the question and decoding, eager for the six thought steps; linear layers "
             f"{linear}; activation gelu_pytorch_tanh (fused form of the config's gelu_new)"
             ) in card_data(run["aggregate"].task)
     assert '"type": "progressBar"' in card_data(run["extract"].task) or "progressBar" in card_data(run["extract"].task)
@@ -271,7 +271,7 @@ def _settings(**overrides):
     p = {"model": "gpt2", "ckpt": "", "base": "", "dataset": str(GSM8K_TRAIN), "split": "train", "n_problems": "6",
          "seed": 42, "shard_size": 4, "batch_size": 2, "max_new_tokens": 4, "device": "cpu", "dtype": "float32",
          "max_failed_fraction": 0.1, "n_boot": 10, "validate": True, "validate_k": 2, "validate_random": 1,
-         "ablation": "mean", "ablation_positions": "latent", "compare_with": ""}
+         "ablation": "mean", "ablation_positions": "thoughts", "compare_with": ""}
     return {**p, **overrides}
 
 
@@ -295,8 +295,8 @@ def _jsonl(tmp_path, name, lines):
     ({"split": "dev"}, r"--dataset: split must be one of train, test"),
     ({"compare_with": "123456789"}, r"--compare_with: run AttentionFlow/123456789 not found"),
     ({"validate_k": 0}, r"--validate_k and --validate_random must be positive"),
-    ({"ablation": "noise"}, r"--ablation must be one of mean, zero, got 'noise'"),
-    ({"ablation_positions": "bot"}, r"--ablation_positions must be one of latent, all"),
+    ({"ablation": "noise"}, r"--ablation must be one of mean, zero, resample, got 'noise'"),
+    ({"ablation_positions": "bot"}, r"--ablation_positions must be one of thoughts, all"),
 ])
 def test_check_settings_messages(overrides, message, tiny_gpt2):
     base, ckpt = tiny_gpt2
@@ -350,7 +350,7 @@ def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
     and the rest equal a direct extraction."""
     from codi_attn.extract import extract
 
-    problems = [{"id": f"train_{k}", "question": q, "solution": "#### 1"} for k, q in enumerate(
+    problems = [{"id": f"train_{k}", "question": q, "answer": "1", "solution": "#### 1"} for k, q in enumerate(
         ["Tom has 3 apples. How many?", "Ann has 5 pens and buys 2. How many?", "What is 4 plus 4?",
          "Sue has 9 coins. She loses 1. How many?", "A robe takes 2 bolts. How many?"])]
     monkeypatch.setenv("CODI_ATTN_FAIL_PROBLEMS", "train_1")

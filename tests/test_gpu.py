@@ -1,4 +1,5 @@
-"""The CUDA path: same attention as on the CPU, batch == batch-of-one, bf16 sane. Skipped without a GPU."""
+"""The CUDA path: same attention as on the CPU, batch == batch-of-one, bf16 sane, hooks and the shared prefill
+bit for bit. Skipped without a GPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from codi_attn.extract import extract
 from codi_attn.model import load_codi
 
-from test_extract import QUESTIONS
+from reference import QUESTIONS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,3 +39,18 @@ def test_cuda_bf16_default(family_dirs):
     assert np.isfinite(ex.attention).all()
     np.testing.assert_allclose(ex.mass.sum(-1), 1.0, atol=2e-2)
     assert np.all(ex.attention[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0)
+
+
+def test_cuda_hooks_and_shared_prefill_bit_for_bit(family_dirs):
+    """On the GPU too: a no-op ablation and a reused prefill reproduce the plain run exactly."""
+    from codi_attn.ablation import AblateHeads
+    from codi_attn.hooks import RecordThoughts
+    from codi_attn.runner import Runner
+
+    family, (base, ckpt) = family_dirs
+    model = load_codi(family, base=str(base), ckpt=str(ckpt), device="cuda")
+    runner = Runner(model, batch_size=4, max_new_tokens=4)
+    plain, noop = RecordThoughts(len(QUESTIONS)), RecordThoughts(len(QUESTIONS))
+    first, second = runner.run_conditions(QUESTIONS, [[plain], [AblateHeads(model, ()), noop]])
+    np.testing.assert_array_equal(first.tokens, second.tokens)
+    np.testing.assert_array_equal(plain.hidden, noop.hidden)

@@ -75,7 +75,7 @@ def test_design_scores_known_answers(kind):
 
 
 @pytest.mark.parametrize("kind, expected", [("sequential", "sequential"), ("uniform", "diffuse"),
-                                            ("hub0", "hub"), ("hub1", "hub"), ("skip", "skip"), ("self", "self")])
+                                            ("hub0", "hub"), ("hub1", "hub"), ("skip", "long-range"), ("self", "self")])
 def test_functional_types(kind, expected):
     r = M.analyze(patterned([kind] * 2), n_boot=0)
     assert set(r.types["type"]) == {expected}

@@ -175,8 +175,8 @@ def test_unreachable_hub_id_says_what_to_pass(tmp_path):
 def test_missing_demo_model_says_how_to_rebuild(monkeypatch, tmp_path):
     import codi_attn.model as model_mod
 
-    monkeypatch.setattr(model_mod, "DEMO_DIR", tmp_path / "demo_model")
-    with pytest.raises(CODILoadError, match="demo model is missing.*python -m codi_attn.train"):
+    monkeypatch.setattr(model_mod, "DEMO_DIR", tmp_path / "weights")
+    with pytest.raises(CODILoadError, match="demo model is missing.*python -m codi_attn.demo.train"):
         model_mod.resolve_sources("demo")
 
 

@@ -16,7 +16,7 @@ def test_readme_python_example_runs(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert re.search(r"\(1, 2, 4, 6, 6\)", run.stdout)
-    assert "'sink':" in run.stdout and "'latents':" in run.stdout
+    assert "'sink':" in run.stdout and "'thoughts':" in run.stdout
 
 
 def test_quick_start_has_two_shell_blocks():

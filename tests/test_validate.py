@@ -10,14 +10,24 @@ import pandas as pd
 import pytest
 import torch
 
-from codi_attn.extract import N_LATENTS, Extraction, extract
-from codi_attn.validate import (COLUMNS, GROUPS, answer_token_kl, answers_changed, bootstrap_interval,
+from codi_attn.conventions import N_THOUGHTS
+from codi_attn.data import gold_answer
+from codi_attn.extract import extract
+from codi_attn.hooks import AnswerLogits, FeedThoughts, RecordThoughts, swap_partners
+from codi_attn.runner import Generation, Runner, number_tokens
+from codi_attn.validate import (COLUMNS, GROUPS, Outcome, answer_token_kl, answers_changed, bootstrap_interval,
                                 intermediate_results, logit_lens, random_controls, resample_indices, run_validation,
                                 token_kl, token_number)
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber."]
-GOLDS = ["12*4=<<12*4=48>>48 clips\n48+24=<<48+24=72>>72\n#### 72", "12*6=<<12*6=72>>72\n#### 72", "#### 5"]
+SOLUTIONS = ["12*4=<<12*4=48>>48 clips\n48+24=<<48+24=72>>72\n#### 72", "12*6=<<12*6=72>>72\n#### 72", "#### 5"]
+GOLDS = [gold_answer(s) for s in SOLUTIONS]
+
+
+def validate(model, **kwargs):
+    """run_validation on the three problems."""
+    return run_validation(model, QUESTIONS, GOLDS, SOLUTIONS, ranked(model), **kwargs)
 
 
 def ranked(model, seed: int = 0) -> pd.DataFrame:
@@ -66,8 +76,6 @@ def forced_answer(model, text: str):
 def fixed_prefix_then_number(model, prefix: str):
     """Make greedy decoding spell `prefix` (as CODI's 'The answer is:'), then pick a number token: every number
     token gets the same large boost, so which one wins, and the distribution among them, stay the model's."""
-    from codi_attn.extract import number_tokens
-
     script = model.tokenizer(prefix, add_special_tokens=False)["input_ids"]
     after = dict(zip([model.eot_id, *script[:-1]], script))
     numbers = number_tokens(model)
@@ -85,12 +93,12 @@ def test_answer_token_kl_sees_interventions_behind_a_fixed_prefix(gpt2_model):
     """CODI answers start with a fixed 'The answer is:'; the KL is taken where the number starts, on every
     problem (same prefix everywhere), and is 0 for the no-op and positive for blocking and the swap."""
     with fixed_prefix_then_number(gpt2_model, "The answer is:"):
-        base = extract(gpt2_model, QUESTIONS, max_new_tokens=8, keep_logits=True)
-        result = run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model), k=1, n_random=1, batch_size=3,
-                                max_new_tokens=8, n_boot=50)
+        answer = AnswerLogits(len(QUESTIONS), numbers=number_tokens(gpt2_model))
+        base = Runner(gpt2_model, max_new_tokens=8).run(QUESTIONS, [answer])
+        result = validate(gpt2_model, k=1, n_random=1, batch_size=3, max_new_tokens=8, n_boot=50)
     assert all(text.startswith("The answer is:") for text in base.text)
     prefix = len(gpt2_model.tokenizer("The answer is:", add_special_tokens=False)["input_ids"])
-    assert (base.answer_step == prefix).all()
+    assert (answer.step == prefix).all()
     df = result.validation.set_index("condition")
     assert (df["kl_compared"] == 1.0).all(), "the same prefix everywhere: every problem is compared"
     assert df.loc["no-op", "kl_answer_token"] == 0.0
@@ -140,18 +148,17 @@ def test_answer_token_kl_compares_only_the_same_context():
     base_logits = log([[0.5, 0.5], [0.9, 0.1], [0.5, 0.5], [0.5, 0.5]])
     cond_logits = log([[0.25, 0.75], [0.9, 0.1], [0.5, 0.5], [0.5, 0.5]])
     tokens = np.array([[7, 8, 1], [7, 8, 1], [7, 8, 1], [7, -1, -1]])
-    base = Extraction(np.zeros(0), np.zeros(0), [""] * 4, np.zeros(4), np.zeros(4, bool), answer_logits=base_logits,
-                      answer_step=np.array([2, 2, 2, -1]), tokens=tokens)
+    base = Outcome(Generation(tokens, [""] * 4, np.zeros(4)), np.zeros(4, bool), base_logits, np.array([2, 2, 2, -1]))
     cond_tokens = np.array([[7, 8, 3], [7, 9, 1], [7, 8, 1], [7, -1, -1]])
-    cond = Extraction(np.zeros(0), np.zeros(0), [""] * 4, np.zeros(4), np.zeros(4, bool), answer_logits=cond_logits,
-                      answer_step=np.array([2, 2, -1, -1]), tokens=cond_tokens)
+    cond = Outcome(Generation(cond_tokens, [""] * 4, np.zeros(4)), np.zeros(4, bool), cond_logits,
+                   np.array([2, 2, -1, -1]))
     kl = answer_token_kl(base, cond)
     np.testing.assert_allclose(kl[0], 0.5 * log(0.5 / 0.25) + 0.5 * log(0.5 / 0.75), atol=1e-12)
     assert np.isnan(kl[1:]).all()  # other prefix (8 vs 9); stopped before step 2; baseline without a step
 
 
 def test_intermediate_results_and_number_tokens():
-    assert intermediate_results(GOLDS[0]) == {48.0, 72.0}
+    assert intermediate_results(SOLUTIONS[0]) == {48.0, 72.0}
     assert intermediate_results("<<1,200*2=2,400>> and <<5*.25=1.25>> <<x=oops>>\n#### 2400") == {2400.0, 1.25}
     assert intermediate_results("#### 5") == set()
     assert token_number(" 72") == 72.0 and token_number("1,200") == 1200.0 and token_number(" clips") is None
@@ -164,11 +171,10 @@ def test_logit_lens_counts_thoughts_that_decode_to_intermediate_results(gpt2_mod
     embedding = gpt2_model.lm.get_output_embeddings().weight.detach()
     aim = {s: (8 * embedding[ids[0]] / embedding[ids[0]].norm() ** 2).numpy() for s, ids in numbers.items()}
     hidden = np.stack([np.stack([aim["48"], aim["72"], aim["5"], aim["48"], aim["72"], aim["5"]])] * 3)
-    ex = Extraction(np.zeros(0), np.zeros(0), [""] * 3, np.zeros(3), np.zeros(3, bool), thought_hidden=hidden)
-    lens = logit_lens(gpt2_model, ex, GOLDS)
-    assert list(lens["thought"]) == [f"z{j + 1}" for j in range(N_LATENTS)]
+    lens = logit_lens(gpt2_model, hidden, SOLUTIONS)
+    assert list(lens["thought"]) == [f"z{j + 1}" for j in range(N_THOUGHTS)]
     assert lens.loc[0, "top_tokens"] == "'48' 100%"  # the aim really hits the token
-    assert lens["number"].tolist() == [1.0] * N_LATENTS
+    assert lens["number"].tolist() == [1.0] * N_THOUGHTS
     # 48 is a step of problem 0 only; 72 a step and the answer of problems 0 and 1; 5 only problem 2's answer
     np.testing.assert_allclose(lens["intermediate"], [1 / 3, 2 / 3, 0, 1 / 3, 2 / 3, 0])
     np.testing.assert_allclose(lens["final_answer"], [0, 2 / 3, 1 / 3, 0, 2 / 3, 1 / 3])
@@ -180,7 +186,7 @@ def check_result(result, model, k: int, n_random: int) -> None:
     df = result.validation
     assert list(df.columns) == list(COLUMNS) and set(df["group"]) == set(GROUPS)
     assert Counter(df["group"]) == Counter({"baseline": 1, "no-op": 1, "top-k": 1, "top-k single": k,
-                                            "random control": n_random, "blocking": N_LATENTS + 1,
+                                            "random control": n_random, "blocking": N_THOUGHTS + 1,
                                             "latent swap": 1})
     assert result.noop_identical
     noop = result.group("no-op").iloc[0]
@@ -194,22 +200,23 @@ def check_result(result, model, k: int, n_random: int) -> None:
     for heads in result.group("random control")["heads"]:
         assert not set(heads.split()) & set(top)
     assert list(result.group("blocking")["blocked"])[:2] == ["z1", "z2"]
-    assert len(result.logit_lens) == N_LATENTS
+    assert len(result.logit_lens) == N_THOUGHTS
     assert pickle.loads(pickle.dumps(result)).validation.equals(df)
 
 
-def test_run_validation_end_to_end_gpt2_mean_latent(gpt2_model):
+def test_run_validation_end_to_end_gpt2_mean_thoughts(gpt2_model):
     ranking = ranked(gpt2_model)
-    result = run_validation(gpt2_model, QUESTIONS, GOLDS, ranking, k=2, n_random=2, batch_size=3, max_new_tokens=3,
-                            n_boot=200)
+    result = validate(gpt2_model, k=2, n_random=2, batch_size=3, max_new_tokens=3, n_boot=200)
     check_result(result, gpt2_model, k=2, n_random=2)
-    assert result.settings["ablation"] == "mean" and result.settings["positions"] == "latent"
+    assert result.settings["ablation"] == "mean" and result.settings["positions"] == "thoughts"
     top = result.group("top-k").iloc[0]["heads"].split()
     assert top == [f"L{r.layer}H{r.head}" for r in ranking.head(2).itertuples()]
-    base = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3)
+    own = RecordThoughts(len(QUESTIONS))
+    base = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, hooks=[own])
     assert result.group("baseline").iloc[0]["accuracy"] == base.correct.mean()
-    with_latents = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, keep_latents=True)
-    swapped = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, fed_latents=np.roll(with_latents.latents, -1, 0))
+    partners = swap_partners(SOLUTIONS)  # solutions of 2, 1 and 0 steps: each alone, so the next problem
+    np.testing.assert_array_equal(partners, [1, 2, 0])
+    swapped = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3, hooks=[FeedThoughts(own.z[partners])])
     swap = result.group("latent swap").iloc[0]
     assert swap["accuracy"] == swapped.correct.mean()
     assert swap["answers_changed"] == answers_changed(base.prediction, swapped.prediction).mean()
@@ -227,8 +234,8 @@ def test_run_validation_llama_zero_all_positions_on_real_decoded_answers(llama_m
     5) under every condition instead of 0 by fiat; k above a quarter of the heads is capped."""
     with forced_answer(llama_model, "The answer is: 72"):
         ex = extract(llama_model, QUESTIONS, GOLDS, max_new_tokens=10)
-        result = run_validation(llama_model, QUESTIONS, GOLDS, ranked(llama_model), k=20, n_random=1,
-                                ablation="zero", positions="all", batch_size=3, max_new_tokens=10, n_boot=100)
+        result = validate(llama_model, k=20, n_random=1, ablation="zero", positions="all", batch_size=3,
+                          max_new_tokens=10, n_boot=100)
     assert ex.text == ["The answer is: 72"] * 3
     np.testing.assert_array_equal(ex.prediction, [72.0] * 3)
     k = llama_model.n_layers * llama_model.n_heads // 4
@@ -240,15 +247,19 @@ def test_run_validation_llama_zero_all_positions_on_real_decoded_answers(llama_m
 
 def test_bad_settings_are_rejected(gpt2_model):
     with pytest.raises(ValueError, match="ablation"):
-        run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model), ablation="resample")
-    with pytest.raises(ValueError, match="one gold per question"):
-        run_validation(gpt2_model, QUESTIONS, GOLDS[:1], ranked(gpt2_model))
+        validate(gpt2_model, ablation="shuffle")
+    with pytest.raises(ValueError, match="positions"):
+        validate(gpt2_model, positions="latent")
+    with pytest.raises(ValueError, match="one gold answer and solution per question"):
+        run_validation(gpt2_model, QUESTIONS, GOLDS[:1], SOLUTIONS, ranked(gpt2_model))
     with pytest.raises(ValueError, match="lacks columns"):
-        run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model).drop(columns="composite"))
+        run_validation(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, ranked(gpt2_model).drop(columns="composite"))
+    with pytest.raises(ValueError, match="two problems or more"):
+        run_validation(gpt2_model, QUESTIONS[:1], GOLDS[:1], SOLUTIONS[:1], ranked(gpt2_model), ablation="resample")
 
 
 def test_one_problem_runs_without_the_latent_swap(gpt2_model):
-    result = run_validation(gpt2_model, QUESTIONS[:1], GOLDS[:1], ranked(gpt2_model), k=1, n_random=1,
+    result = run_validation(gpt2_model, QUESTIONS[:1], GOLDS[:1], SOLUTIONS[:1], ranked(gpt2_model), k=1, n_random=1,
                             batch_size=1, max_new_tokens=2, n_boot=50)
     assert result.group("latent swap").empty and "latent swap" not in set(result.validation["group"])
     assert any("no latent swap" in note for note in result.notes)
@@ -262,8 +273,7 @@ def test_verdict_says_when_random_draws_repeat(gpt2_model):
     """Identical random draws (e.g. the only heads left outside the top-k) must not read as a tight control."""
     from cards.validate_card import verdict
 
-    result = run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model), k=2, n_random=3, batch_size=3,
-                            max_new_tokens=2, n_boot=50)
+    result = validate(gpt2_model, k=2, n_random=3, batch_size=3, max_new_tokens=2, n_boot=50)
     rand = result.validation["group"] == "random control"
     result.validation.loc[rand, "heads"] = ["L0H1 L1H1", "L0H1 L1H2", "L0H3 L1H2"]
     assert not any("distinct" in line for line in verdict(result))
@@ -275,10 +285,9 @@ def test_card_reads_a_kl_that_no_problem_could_give(gpt2_model):
     """A condition whose runs all left the baseline's tokens before the number has no KL: the verdict, the
     table and the bar chart say n/a instead of a number or a silent zero."""
     from cards.validate_card import validate_card, verdict
-    from codi_attn.validate_plots import ablation_figure
+    from codi_attn.figures.validation import ablation_figure
 
-    result = run_validation(gpt2_model, QUESTIONS, GOLDS, ranked(gpt2_model), k=1, n_random=1, batch_size=3,
-                            max_new_tokens=2, n_boot=50)
+    result = validate(gpt2_model, k=1, n_random=1, batch_size=3, max_new_tokens=2, n_boot=50)
     top = result.validation["group"] == "top-k"
     result.validation.loc[top, ["kl_answer_token", "kl_compared"]] = [np.nan, 0.0]
     assert any("its answer-token KL is n/a" in line for line in verdict(result))
@@ -298,3 +307,10 @@ def test_swap_verdict_separates_loss_no_loss_and_too_few_problems(low, high, say
                      "answers_changed": 0.4, "kl_answer_token": 0.25, "kl_compared": 0.9})
     text = swap_verdict(row)
     assert says in text and "40% of answers changed" in text and "KL 0.25" in text
+
+
+def test_run_validation_resample_ablation(gpt2_model):
+    """Resample ablation runs end to end: the full table, the controls and the bit-for-bit no-op."""
+    result = validate(gpt2_model, k=2, n_random=1, ablation="resample", batch_size=2, max_new_tokens=3, n_boot=50)
+    check_result(result, gpt2_model, k=2, n_random=1)
+    assert result.settings["ablation"] == "resample"

@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from codi_attn import metrics as M
-from codi_attn import plots as P
+from codi_attn.figures import metrics as P
 from test_metrics import patterned, random_attention
 
 

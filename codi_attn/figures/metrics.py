@@ -18,11 +18,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from codi_attn.metrics import (BANDS, CRITICAL_COMPOSITE, LIFT_THRESHOLD, N_THOUGHTS,  # noqa: E402
-                               WEIGHTS, MetricsReport, baseline_of, thought, top_k)
+                               WEIGHTS, MetricsReport, baseline_of, top_k)
+from codi_attn.conventions import thought_name  # noqa: E402
 
 DPI = 100
-THOUGHTS = [thought(j) for j in range(N_THOUGHTS)]
-TYPE_COLORS = {"sequential": "#1f77b4", "self": "#9467bd", "hub": "#d62728", "skip": "#ff7f0e",
+THOUGHTS = [thought_name(j + 1) for j in range(N_THOUGHTS)]
+TYPE_COLORS = {"sequential": "#1f77b4", "self": "#9467bd", "hub": "#d62728", "long-range": "#ff7f0e",
                "mixed": "#bdbdbd", "diffuse": "#ececec"}
 MODEL_COLORS = ("#1b6ca8", "#d1495b")
 UPPER = np.triu(np.ones((N_THOUGHTS, N_THOUGHTS), bool), 1)
@@ -182,7 +183,7 @@ def hub_analysis(report: MetricsReport) -> Figure:
         cx.text(x_, np.nanmax([v, hi]) + 0.05, f"{share:.0%} of heads\nhub here", ha="center", fontsize=8)
     cx.set_ylim(0, max(LIFT_THRESHOLD, np.nanmax(q["lift_hi"].to_numpy(float), initial=0)) * 1.25)
     cx.set_xticks(q["position"], q["thought"])
-    hubs = ", ".join(thought(h) for h in report.hubs) or "none"
+    hubs = ", ".join(thought_name(h + 1) for h in report.hubs) or "none"
     cx.set_title(f"lift = observed / causal-uniform\nhub claimed: {hubs}", fontsize=10)
     cx.set_xlabel("key thought j (grey: too few rows to claim a hub)")
     cx.set_ylabel("lift")
@@ -226,7 +227,7 @@ def top_heads_overview(report: MetricsReport, k: int = 10) -> Figure:
 
 
 def head_detail(report: MetricsReport, label: str) -> Figure:
-    """One head: mean matrix, std across problems, log2 lift over causal-uniform, latent-block mass."""
+    """One head: mean matrix, std across problems, log2 lift over causal-uniform, thought-block mass."""
     h = report.ranked_heads.set_index("label").loc[label]
     layer, head = int(h["layer"]), int(h["head"])
     m = report.means[report.basis][layer, head]
@@ -246,7 +247,7 @@ def head_detail(report: MetricsReport, label: str) -> Figure:
     dx.set_ylim(0, max(1e-3, rows.max(), report.means["raw"].sum(-1).mean((0, 1)).max()) * 1.2)
     dx.set_xlabel("query thought i")
     dx.set_ylabel("share of the whole row on z1..z6")
-    dx.set_title("latent-block mass of each query row", fontsize=10)
+    dx.set_title("thought-block mass of each query row", fontsize=10)
     dx.legend(fontsize=8)
     def ci(s: str) -> str:
         return f"{s} {h[s]:.2f} [{h[s + '_lo']:.2f}, {h[s + '_hi']:.2f}]"

@@ -1,11 +1,11 @@
-"""The synthetic GSM8K-style generator: determinism, disjoint splits, correct answers."""
+"""The demo task (codi_attn.demo.task): synthetic GSM8K-style problems, determinism, disjoint splits, answers."""
 
 import re
 
 import pytest
 
-from codi_attn import synthetic
-from codi_attn.synthetic import synthetic_records, train_stream
+from codi_attn.demo import task
+from codi_attn.demo.task import synthetic_records, train_stream
 
 STEP = re.compile(r"^(\d+)([+\-*])(\d+)=<<(\d+)([+\-*])(\d+)=(\d+)>>(\d+)$")
 SENTENCE_OPS = [  # (regex on a question sentence, operation)
@@ -51,7 +51,7 @@ def check_record(rec: dict) -> int:
         assert (a1, op1, b1) == (a2, op2, b2) == (str(v), op, str(b))
         assert int(r) == int(r2) == eval(f"{a1}{op1}{b1}")  # the calculator annotation is right
         assert prev is None or int(a1) == prev  # each step continues from the last result
-        assert 0 <= int(r) <= synthetic.MAX_VALUE
+        assert 0 <= int(r) <= task.MAX_VALUE
         prev = int(r)
     assert last == f"#### {prev}"
     return len(lines)
@@ -67,7 +67,7 @@ def test_deterministic():
 
 def test_test_split_default_size_and_mix():
     test = synthetic_records("test")
-    assert len(test) == synthetic.TEST_SIZE == 1000
+    assert len(test) == task.TEST_SIZE == 1000
     assert len({r["question"] for r in test}) == len(test)
     counts = [check_record(r) for r in test]
     assert counts[:6] == [5, 6, 7, 5, 6, 7]
@@ -77,7 +77,7 @@ def test_test_split_default_size_and_mix():
 
 def test_every_step_recomputed_train():
     for rec in synthetic_records("train", 2000):
-        assert check_record(rec) in synthetic.STEPS
+        assert check_record(rec) in task.STEPS
     stream = train_stream(seed=3, steps=(1, 2, 3, 4))
     assert {check_record(next(stream)) for _ in range(500)} == {1, 2, 3, 4}
 

@@ -1,7 +1,6 @@
-"""CODI training: tokenizer, objective, latent loop, saved layout, shipped demo model."""
+"""Demo model training: tokenizer and encoding, the thoughts loop with gradients, the objective, the saved layout."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,10 +8,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from codi_attn import synthetic
-from codi_attn import train as T
-
-DEMO = Path(T.__file__).parent / "demo_model"
+from codi_attn.answers import parse_answer
+from codi_attn.demo import task
+from codi_attn.demo import train as T
+from codi_attn.demo.codi import load_model, new_model, save_model
+from codi_attn.demo.tokenizer import EOS, Encoded, build_tokenizer, encode
+from codi_attn.hooks import FeedThoughts
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,18 +27,18 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return T.build_tokenizer()
+    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny(tok):
     torch.manual_seed(0)
-    return T.new_model(len(tok), d=32, n_layer=2, n_head=2, n_positions=96).eval()
+    return new_model(len(tok), d=32, n_layer=2, n_head=2, n_positions=96).eval()
 
 
-def batch(tok, k: int, n: int = 4) -> T.Encoded:
-    stream = synthetic.train_stream(seed=5, steps=(k,))
-    return T.encode(tok, [next(stream) for _ in range(n)])
+def batch(tok, k: int, n: int = 4) -> Encoded:
+    stream = task.train_stream(seed=5, steps=(k,))
+    return encode(tok, [next(stream) for _ in range(n)])
 
 
 def test_tokenizer(tok):
@@ -47,16 +48,10 @@ def test_tokenizer(tok):
     assert len(ids) == 12 and max(ids) < V  # one token per word, number and symbol; no BOS
     answer = tok.encode("The answer is: 7")
     assert len(answer) == 2
-    assert T.parse_answer(tok.decode(answer + [tok.eos_token_id], skip_special_tokens=True)) == 7.0
-    assert all(len(tok.encode(str(v))) == 1 for v in range(synthetic.MAX_VALUE + 1))
+    assert parse_answer(tok.decode(answer + [tok.eos_token_id], skip_special_tokens=True)) == 7.0
+    assert all(len(tok.encode(str(v))) == 1 for v in range(task.MAX_VALUE + 1))
     assert tok.unk_token_id not in tok.encode(" ".join(r["question"] + " " + r["answer"]
-                                                      for r in synthetic.synthetic_records("test")))
-
-
-def test_parse_answer():
-    assert T.parse_answer("The answer is: 1,234") == 1234.0
-    assert T.parse_answer("<< 3 - 5 = -2 >> The answer is: -2") == -2.0
-    assert T.parse_answer("no number") is None
+                                                      for r in task.synthetic_records("test")))
 
 
 def test_encode_fixed_lengths(tok):
@@ -67,7 +62,7 @@ def test_encode_fixed_lengths(tok):
         assert b.answer.shape == (4, 3) and (b.answer[:, -1] == tok.eos_token_id).all()
 
 
-def test_latent_loop_matches_one_forward(tok, tiny):
+def test_thought_loop_matches_one_forward(tok, tiny):
     """think() feeds z_k = prj(h_{k-1}) at positions Q+1..Q+6 after question + BOT at 0..Q:
     the same as one forward over the whole sequence of embeddings (codi-spec section 3)."""
     b = batch(tok, 3, n=2)
@@ -84,7 +79,36 @@ def test_latent_loop_matches_one_forward(tok, tiny):
             emb = torch.cat([emb, tiny.prj(h)], 1)
         full = lm(inputs_embeds=torch.cat([emb, lm.transformer.wte(eot)], 1)).logits[:, -1]
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fed, emb[:, Q + 1:], atol=1e-5, rtol=1e-5)  # the returned latents are the fed ones
+    torch.testing.assert_close(fed, emb[:, Q + 1:], atol=1e-5, rtol=1e-5)  # the returned thoughts are the fed ones
+
+
+def test_thoughts_carry_gradients(tok, tiny):
+    """Training backpropagates through the chain of thoughts: z6 depends differentiably on z1."""
+    b = batch(tok, 2, n=2)
+    first = {}
+    _, fed = tiny.think(b.question, hooks=[("thought.1.z", lambda v, p, batch: first.update(z=v))])
+    direction = torch.randn(fed.shape[-1], generator=torch.Generator().manual_seed(0))  # (a plain sum of a
+    grad = torch.autograd.grad((fed[:, -1] @ direction).sum(), first["z"])[0]  # LayerNorm output has no gradient)
+    assert grad.abs().sum() > 0
+
+
+def test_fed_thoughts_are_used_as_given(tok, tiny):
+    """The runner's FeedThoughts hook on think(): its own thoughts reproduce the plain run exactly; another
+    problem's change what follows (so the 'swap' control really swaps)."""
+    b = batch(tok, 3, n=3)
+    eot = torch.full((3, 1), tiny.eot_id)
+    with torch.no_grad():
+        cache, own = tiny.think(b.question)
+        base = tiny.codi(input_ids=eot, cache=cache).logits[:, -1]
+        cache, fed = tiny.think(b.question, hooks=[FeedThoughts(own)])
+        assert torch.equal(fed, own)
+        torch.testing.assert_close(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=0, rtol=0)
+        cache, _ = tiny.think(b.question, hooks=[FeedThoughts(own.roll(1, 0))])
+        assert not torch.allclose(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=1e-4)
+        cache, _ = tiny.think(b.question, hooks=[FeedThoughts(own)], rows=[1, 2, 0])  # rows index the given z
+        assert not torch.allclose(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=1e-4)
+    with pytest.raises(ValueError, match="matches no hook point"):
+        tiny.think(b.question, hooks=[("thought.1.head_in.0", lambda v, p, b: None)])  # think offers z and hidden
 
 
 def test_shared_question_pass_is_the_official_loss(tok, tiny):
@@ -114,7 +138,7 @@ def test_short_training_reduces_loss(tok):
 
 
 def test_saved_layout(tok, tiny, tmp_path):
-    T.save_model(tiny, tok, tmp_path)
+    save_model(tiny, tok, tmp_path)
     V, d = len(tok), 32
     state = load_file(tmp_path / "ckpt" / "model.safetensors")
     assert state["codi.transformer.wte.weight"].shape == (V + 3, d)
@@ -125,74 +149,13 @@ def test_saved_layout(tok, tiny, tmp_path):
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["vocab_size"] == V and config["model_type"] == "gpt2"
     base_tok = AutoTokenizer.from_pretrained(tmp_path / "base")
-    assert base_tok.eos_token == T.EOS and len(base_tok) == V
+    assert base_tok.eos_token == EOS and len(base_tok) == V
     base_tok.add_special_tokens({"pad_token": "[PAD]"})
     assert base_tok.pad_token_id == V  # pad/bot/eot = V, V+1, V+2 as the loader makes them
-    model, _ = T.load_model(tmp_path)  # strict
+    model, _ = load_model(tmp_path)  # strict
     b = batch(tok, 2)
     with torch.no_grad():
         torch.testing.assert_close(model.codi(input_ids=b.question).logits, tiny.codi(input_ids=b.question).logits)
-
-
-needs_demo = pytest.mark.skipif(not (DEMO / "metrics.json").exists(), reason="demo model not trained yet")
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    model, tok = T.load_model(DEMO)  # strict: every key used, none missing
-    return model, tok, json.loads((DEMO / "metrics.json").read_text())
-
-
-@needs_demo
-def test_shipped_small_and_meets_targets(shipped):
-    m = shipped[2]
-    assert (DEMO / "ckpt" / "model.safetensors").stat().st_size < 10e6
-    assert m["test"]["prj"] >= 0.6
-    assert m["test"]["zeros"] <= m["test"]["prj"] / 2 and m["test"]["bot"] <= m["test"]["prj"] / 2
-
-
-@needs_demo
-def test_shipped_reproduces_recorded_subset_accuracy(shipped):
-    model, tok, m = shipped
-    subset = synthetic.synthetic_records("test", m["subset"]["n"])
-    acc = T.accuracy(model, tok, subset, "prj")
-    assert acc == pytest.approx(m["subset"]["prj"], abs=0.011)  # one problem of slack for other CPUs
-
-
-@needs_demo
-def test_shipped_latent_ablation_lowers_accuracy(shipped):
-    model, tok, m = shipped
-    subset = synthetic.synthetic_records("test", m["subset"]["n"])
-    zeros = T.accuracy(model, tok, subset, "zeros")
-    assert zeros == pytest.approx(m["subset"]["zeros"], abs=0.011)
-    assert zeros <= T.accuracy(model, tok, subset, "prj") / 2
-
-
-def test_swap_partners_are_other_problems_of_the_same_shape(tok):
-    records = synthetic.synthetic_records("test", 40)
-    partner = T.swap_partners(T.length_groups(tok, records))
-    shape = [(T.encode(tok, [r]).question.shape[1], T.encode(tok, [r]).cot.shape[1]) for r in records]
-    assert sorted(partner) == list(range(len(records)))  # every problem has a partner
-    assert sorted(partner.values()) == list(range(len(records)))  # a permutation: all latents used once
-    for i, j in partner.items():
-        assert j != i and shape[j] == shape[i] and records[j]["question"] != records[i]["question"]
-
-
-def test_fed_latents_are_used_as_given(tok, tiny):
-    """Feeding a problem its own latents reproduces the 'prj' run exactly; feeding another problem's
-    changes what follows (so the 'swap' control really swaps)."""
-    b = batch(tok, 3, n=3)
-    eot = torch.full((3, 1), tiny.eot_id)
-    with torch.no_grad():
-        cache, own = tiny.think(b.question)
-        base = tiny.codi(input_ids=eot, cache=cache).logits[:, -1]
-        cache, fed = tiny.think(b.question, latents=own)
-        assert torch.equal(fed, own)
-        torch.testing.assert_close(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=0, rtol=0)
-        cache, _ = tiny.think(b.question, latents=own.roll(1, 0))
-        assert not torch.allclose(tiny.codi(input_ids=eot, cache=cache).logits[:, -1], base, atol=1e-4)
-    with pytest.raises(ValueError, match="latents must be"):
-        tiny.think(b.question, latents="random")
 
 
 def test_curriculum_needs_one_weight_per_number_of_operations():

@@ -19,7 +19,7 @@ GROUP_COLORS = {"baseline": "#7f7f7f", "no-op": "#bdbdbd", "top-k": "#d1495b", "
 
 def _describe(result: ValidationResult, heads: bool) -> str:
     s = result.settings
-    where = "at the six latent steps" if s["positions"] == "latent" else "at every position"
+    where = "at the six thought steps" if s["positions"] == "thoughts" else "at every position"
     return f"{s['model']}, {s['n_problems']} problems" + (f"; {s['ablation']} ablation {where}" if heads else "")
 
 
@@ -77,4 +77,4 @@ def blocking_figure(result: ValidationResult) -> Figure:
     """Each thought blocked (later queries give its key zero weight), all six, and the latent swap."""
     return condition_figure(result, ("blocking", "latent swap"),
                             "Blocking thoughts (a blocked thought's key gets zero weight from every later query)\n"
-                            "and swapping them (each problem fed its neighbour's six thoughts)")
+                            "and swapping them (each problem fed the six thoughts of another problem with as many solution steps)")

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Cost of the causal validation suite as a multiple of one extraction on the same problems.
+
+Runs `codi_attn.extract.extract` once on N problems, then `codi_attn.validate.run_validation` with the flow's
+defaults (k = 10 capped at a quarter of the heads, 5 random controls, mean ablation at the thought positions,
+blocking, latent swap, no-op) on the same problems and batch size, and reports the time of each and their ratio
+(`validation_over_extraction`), measured in one process on one machine.
+
+    python benchmarks/bench_validation.py --model demo --n-problems 100 --json /tmp/val_demo.json
+    python benchmarks/bench_validation.py --shape gpt2 --n-problems 32 --max-new-tokens 16 --json /tmp/val_gpt2.json
+
+`--model demo` runs the shipped demo model on its held-out synthetic split (real answers, so decoding stops at
+the stop token); `--shape gpt2|tiny` runs a random-weight model of that shape on GSM8K questions, which decodes
+the whole --max-new-tokens budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_extract import DEFAULT_GSM8K, build_model, machine_info  # noqa: E402
+
+
+def problems(args) -> tuple[list[str], list[str], list[str]]:
+    """(questions, gold answers, solutions) of the seed-42 sample."""
+    from codi_attn.data import load_records, sample_problems
+
+    records = load_records("synthetic", "test") if args.model == "demo" else load_records(str(args.gsm8k), "train")
+    split = "test" if args.model == "demo" else "train"
+    sample = sample_problems(records, args.n_problems, seed=42, split=split)
+    return [p.question for p in sample], [p.answer for p in sample], [p.solution for p in sample]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=("demo",), default=None, help="the shipped demo model (default)")
+    p.add_argument("--shape", choices=("tiny", "gpt2", "llama"), default=None,
+                   help="a random-weight model of this shape instead of the demo")
+    p.add_argument("--n-problems", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="decode budget (random weights use all of it)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.model is None and args.shape is None:
+        args.model = "demo"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from codi_attn.extract import extract
+    from codi_attn.metrics import analyze
+    from codi_attn.model import load_codi
+    from codi_attn.validate import run_validation
+
+    if args.model == "demo":
+        model = load_codi("demo", device="cpu", dtype="float32")
+    else:
+        import tempfile
+
+        model = build_model(args.shape, "cpu", "float32", Path(tempfile.mkdtemp()))
+    questions, golds, solutions = problems(args)
+    kwargs = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    t0 = time.perf_counter()
+    ex = extract(model, questions, golds, **kwargs)
+    t_extract = time.perf_counter() - t0
+    ranked = analyze(ex.attention, ex.mass, n_boot=0).ranked_heads
+    t0 = time.perf_counter()
+    result = run_validation(model, questions, solutions, ranked, **kwargs)
+    t_validation = time.perf_counter() - t0
+    n_conditions = len(result.validation) - 1  # the baseline row is the reference run itself
+    out = {"model": model.name, "n_problems": len(questions), "batch_size": args.batch_size,
+           "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
+           "extraction_s": round(t_extract, 3), "validation_s": round(t_validation, 3),
+           "validation_over_extraction": round(t_validation / t_extract, 2),
+           "conditions": n_conditions, "accuracy": float(np.mean(ex.correct)),
+           "machine": machine_info(torch.device("cpu")), "python": platform.python_version()}
+    print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,678 @@
+"""One CODI latent runner with named hook points (codi-spec section 3), in the TransformerLens / nnsight style.
+
+Per batch of left-padded questions: the prefill of question + BOT (sdpa, body only, in groups of similar length
+whose KV caches are joined at the batch width), six thought steps of one position each under eager attention
+(the kernel that returns weights; used for every run, so that all conditions share the baseline's numerics),
+then EOT and greedy decoding (sdpa, LM head on the last position only). The KV cache writes each new position
+into room reserved up front. Left padding with a 2-D attention mask and per-problem position ids gives every
+problem its batch-of-one result (codi-spec trap 8).
+
+Hook points (k = thought 1..6, l = layer, t = decode step; W = the batch's prompt width: BOT at column W - 1,
+thought j's key at column W + j - 1; V' = embedding rows, V + 3):
+
+    prefill                  [B, d]          final-norm hidden state at BOT; z1 = prj(it)          read, replace
+    prefill.head_in.{l}      [B, W, H, dh]   input of layer l's attention output projection, split per query head,
+                                             at every prompt position (left padding included)       read, replace
+    prefill.resid.{l}        [B, W, d]       residual stream after block l                          read, replace
+    thought.{k}.z            [B, d]          the vector fed as thought k                            read, replace
+    thought.{k}.attn.{l}     [B, H, W + k]   layer l's attention weights of thought k's query row   read
+    thought.{k}.head_in.{l}  [B, H, dh]      per-head output-projection input at thought k         read, replace
+    thought.{k}.resid.{l}    [B, d]          residual stream after block l at thought k             read, replace
+    thought.{k}.mask         [B, W + k]      1 where later queries may attend a key (after step k)  read, replace
+    thought.{k}.hidden       [B, d]          final-norm hidden state at thought k; z_{k+1} = prj(it) read, replace
+    decode.{t}.head_in.{l}   [B, H, dh]      in the forward that yields step t's logits: it feeds EOT
+    decode.{t}.resid.{l}     [B, d]          (t = 0) or the token chosen at step t - 1              read, replace
+    decode.{t}.logits        [B, V']         float32 logits of generated token t, EOT at -inf       read, replace
+    decode.{t}.token         [B]             the token chosen at step t (argmax of the logits)      read, replace
+
+A hook is `fn(value, point, batch) -> None | tensor`: None reads, a tensor of `value`'s shape replaces (cast to
+its dtype). `point` (a `Point`) says where it is (k, l, t come from the name, never from counting calls);
+`batch` (a `PaddedBatch`) gives the rows of the batch in the caller's problem list (`batch.rows`), the prompt
+width, the attention mask and which problems have finished decoding. Attach hooks as `Hook` objects (a
+`points` tuple of names or fnmatch patterns such as "thought.*.head_in.3", and `__call__`) or as
+(pattern, fn) pairs. Never modify `value` in place: return the replacement.
+
+The prefill runs in groups of rows of similar length, so `prefill.head_in.{l}` and `prefill.resid.{l}` fire once
+per group, with a `PrefillGroup` as `batch` (its rows, width and mask); every other point fires once per batch.
+
+`Runner.run` runs one set of hooks; `Runner.run_conditions` runs several on the same batches and computes each
+batch's prefill once for every condition without prefill hooks (the cache is rewound to the prompt between
+them): the thoughts and the decoding are what such conditions change.
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from codi_attn.answers import normalize_question, parse_answer
+from codi_attn.conventions import N_THOUGHTS, THOUGHTS
+from codi_attn.model import CODIModel
+from codi_attn.presets import FAMILIES
+
+PREFILL_EFFICIENCY = 0.95  # each prefill group's real tokens are at least this share of its padded tokens
+LAYER_KINDS = ("attn", "head_in", "resid")
+READ_ONLY = ("attn",)
+_NAME = re.compile(r"^(?:(prefill)(?:\.(head_in|resid)\.(\d+))?"
+                   r"|thought\.(\d+)\.(?:(z|mask|hidden)|(attn|head_in|resid)\.(\d+))"
+                   r"|decode\.(\d+)\.(?:(logits|token)|(head_in|resid)\.(\d+)))$")
+
+
+# ------------------------------------------------------------------------------------------------ hook points
+
+
+@dataclass(frozen=True)
+class Point:
+    """A hook point: its name and what the name says (phase 'prefill' | 'thought' | 'decode', kind, k, l, t)."""
+
+    name: str
+    phase: str
+    kind: str  # 'hidden' (prefill: at BOT), 'z', 'attn', 'head_in', 'resid', 'mask', 'hidden', 'logits', 'token'
+    thought: int | None = None  # k, 1..6
+    layer: int | None = None
+    step: int | None = None  # decode step t
+
+
+@lru_cache(maxsize=None)
+def point(name: str) -> Point:
+    """The Point a hook-point name denotes; ValueError for a name that is not one."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a hook point name (see codi_attn.runner's docstring for the list)")
+    (pre, pre_kind, pre_layer, k, k_kind, k_layer_kind, k_layer, t, t_kind, t_layer_kind, t_layer) = m.groups()
+    if pre:
+        return Point(name, "prefill", pre_kind or "hidden", layer=None if pre_layer is None else int(pre_layer))
+    if k is not None:
+        if int(k) not in THOUGHTS:
+            raise ValueError(f"{name!r}: thoughts are numbered 1..{N_THOUGHTS}")
+        layer = None if k_layer is None else int(k_layer)
+        return Point(name, "thought", k_kind or k_layer_kind, thought=int(k), layer=layer)
+    layer = None if t_layer is None else int(t_layer)
+    return Point(name, "decode", t_kind or t_layer_kind, layer=layer, step=int(t))
+
+
+def point_names(n_layers: int, max_new_tokens: int) -> list[str]:
+    """Every hook point of a run with n_layers layers and up to max_new_tokens decode steps."""
+    layers = range(n_layers)
+    names = ["prefill"] + [f"prefill.{kind}.{l}" for kind in ("head_in", "resid") for l in layers]
+    for k in THOUGHTS:
+        names += [f"thought.{k}.{kind}" for kind in ("z", "mask", "hidden")]
+        names += [f"thought.{k}.{kind}.{l}" for kind in LAYER_KINDS for l in layers]
+    for t in range(max(max_new_tokens, 1)):
+        names += [f"decode.{t}.{kind}" for kind in ("logits", "token")]
+        names += [f"decode.{t}.{kind}.{l}" for kind in ("head_in", "resid") for l in layers]
+    return names
+
+
+HookFn = Callable[[torch.Tensor, Point, "PaddedBatch"], "torch.Tensor | None"]
+
+
+class Hook:
+    """Base of the hook objects: attach at `points` (names or fnmatch patterns) and implement `__call__`; an
+    optional `flush(batch)` is called once after each batch's run (e.g. to copy what was recorded to the host)."""
+
+    points: tuple[str, ...] = ()
+
+    def __call__(self, value: torch.Tensor, point: Point, batch: "PaddedBatch") -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class Hooks:
+    """The hooks of one condition, looked up by point name (the patterns are matched against every name once)."""
+
+    def __init__(self, hooks: Iterable[Hook | tuple[str, HookFn]], names: Sequence[str]):
+        self.pairs: list[tuple[str, HookFn]] = []
+        for hook in hooks:
+            if isinstance(hook, tuple) and len(hook) == 2 and isinstance(hook[0], str) and callable(hook[1]):
+                self.pairs.append(hook)
+            elif callable(hook) and getattr(hook, "points", None):
+                self.pairs += [(pattern, hook) for pattern in hook.points]
+            else:
+                raise TypeError(f"a hook is a Hook object with `points` or a (pattern, fn) pair, got {hook!r}")
+        self.matched: set[str] = set()
+        for pattern in dict.fromkeys(p for p, _ in self.pairs):
+            regex = re.compile(fnmatch.translate(pattern))
+            found = [name for name in names if regex.match(name)]
+            if not found:
+                raise ValueError(f"hook pattern {pattern!r} matches no hook point of this run (names such as "
+                                 f"'prefill', 'thought.1.z', 'thought.3.head_in.0', 'decode.0.logits'; decode steps "
+                                 f"go up to max_new_tokens - 1)")
+            self.matched.update(found)
+        points = [point(name) for name in self.matched]
+        self.layer_sites = {(p.kind, p.layer) for p in points if p.layer is not None}  # module hooks needed
+        self.prefill_layers = any(p.phase == "prefill" and p.layer is not None for p in points)
+        self._cache: dict[str, list[HookFn]] = {}
+
+    def get(self, name: str) -> list[HookFn]:
+        """The hooks at `name`, in attachment order."""
+        if name not in self.matched:
+            return []
+        fns = self._cache.get(name)
+        if fns is None:
+            fns = self._cache[name] = [fn for pattern, fn in self.pairs if fnmatch.fnmatchcase(name, pattern)]
+        return fns
+
+    def flush(self, batch: "PaddedBatch") -> None:
+        """Tell every hook object with a `flush(batch)` method that the batch's run is over."""
+        for fn in dict.fromkeys(fn for _, fn in self.pairs):
+            if hasattr(fn, "flush"):
+                fn.flush(batch)
+
+    def __call__(self, name: str, value: torch.Tensor, batch: "PaddedBatch") -> torch.Tensor:
+        """`value` after every hook at `name`, in order (each sees the previous one's replacement)."""
+        fns = self.get(name)
+        if not fns:
+            return value
+        where = point(name)
+        for fn in fns:
+            out = fn(value, where, batch)
+            if out is None:
+                continue
+            if where.kind in READ_ONLY:
+                raise ValueError(f"hook point {name} is read-only (attention weights are captured, not replaced)")
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(value.shape):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"hook {fn!r} at {name} returned {shape}; a replacement must have the shape "
+                                 f"{tuple(value.shape)}")
+            value = out.to(dtype=value.dtype, device=value.device)
+        return value
+
+
+NO_HOOKS = Hooks((), ())
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def thought_steps(prj: nn.Module, step: Callable[[torch.Tensor, int], torch.Tensor], hidden: torch.Tensor,
+                  hooks: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The six thoughts (codi-spec section 3): z_k = prj(h_{k-1}) with h_0 the hidden state at BOT, fed one at a
+    time by `step(z_k, k) -> h_k`; `hooks(name, value)` may read or replace thought.{k}.z and thought.{k}.hidden.
+    Returns the fed vectors z1..z6. Used by the runner and, with gradients, by the demo model's training."""
+    fed = []
+    for k in THOUGHTS:
+        z = prj(hidden)
+        if hooks is not None:
+            z = hooks(f"thought.{k}.z", z)
+        fed.append(z)
+        hidden = step(z, k)
+        if hooks is not None:
+            hidden = hooks(f"thought.{k}.hidden", hidden)
+    return fed
+
+
+def greedy_steps(logits: torch.Tensor, feed: Callable[[torch.Tensor, int], torch.Tensor], budget: int,
+                 stop_ids: Sequence[int], eot_id: int, hooks: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                 done: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy decoding as the original CODI decoder: the EOT id is excluded from the argmax, a row stops at a stop
+    id. logits [B, V'] yield token 0; `feed(token, t) -> logits` feeds the token chosen at step t - 1 and returns
+    step t's logits. `done` [B] bool (updated in place) says which rows have stopped. Returns the chosen ids
+    [B, budget], -1 after a row's stop token (which is kept)."""
+    n = logits.shape[0]
+    generated = torch.full((n, budget), -1, dtype=torch.long, device=logits.device)
+    stop = torch.tensor(list(stop_ids), device=logits.device)
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device) if done is None else done
+    for t in range(budget):
+        logits = logits.float()
+        logits[:, eot_id] = -math.inf
+        if hooks is not None:
+            logits = hooks(f"decode.{t}.logits", logits)
+        token = logits.argmax(-1)
+        if hooks is not None:
+            token = hooks(f"decode.{t}.token", token)
+        generated[:, t] = torch.where(done, -1, token)
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or t == budget - 1:
+            break
+        logits = feed(token, t + 1)
+    return generated
+
+
+# ------------------------------------------------------------------------------------------------ batch state
+
+
+def tokenize_questions(model: CODIModel, questions: Sequence[str]) -> list[list[int]]:
+    """Token ids of each normalised question (BOS as the tokenizer adds it) followed by BOT."""
+    ids = []
+    for k, question in enumerate(questions):
+        text = normalize_question(question) if isinstance(question, str) else ""
+        if not text:
+            raise ValueError(f"question {k} is empty")
+        tokens = model.tokenizer(text)["input_ids"] + [model.bot_id]
+        if len(tokens) + N_THOUGHTS + 1 > model.max_positions:
+            raise ValueError(f"question {k} has {len(tokens) - 1} tokens; with BOT, six thoughts and EOT it "
+                             f"exceeds the model's context of {model.max_positions} positions")
+        ids.append(tokens)
+    return ids
+
+
+def decode_answer(model: CODIModel, ids: np.ndarray | Sequence[int]) -> str:
+    """Decoded text of generated ids up to the stop token, special tokens and CODI's extra ids skipped."""
+    keep = []
+    for i in np.asarray(ids).tolist():
+        if i < 0 or i in model.stop_ids:
+            break
+        if i < len(model.tokenizer):
+            keep.append(i)
+    return model.tokenizer.decode(keep, skip_special_tokens=True)
+
+
+def number_tokens(model: CODIModel) -> torch.Tensor:
+    """[V'] bool: tokens that can start an answer's number: decoded text with a digit, or a bare minus sign.
+    Special tokens and CODI's extra ids (pad, BOT, EOT) are not."""
+    tokenizer = model.tokenizer
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    special = set(tokenizer.all_special_ids)
+
+    def starts_number(text: str) -> bool:
+        return any(c in "0123456789" for c in text) or text.strip() == "-"
+
+    mask = torch.zeros(model.lm.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    mask[: len(texts)] = torch.tensor([i not in special and starts_number(t) for i, t in enumerate(texts)])
+    return mask.to(model.device)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes new positions into buffers of `capacity` positions reserved at the first update.
+
+    transformers' DynamicLayer concatenates (copies) the whole cache at every step; with a few hundred prompt
+    positions and one new position per thought or decode step, that copy dominated those steps on CPU.
+    `keys`/`values` are views of the used part, so everything that reads the cache sees a DynamicLayer.
+    The buffers grow (one copy) if a batch needs more than `capacity` positions; `rewind` forgets positions.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.used = capacity, 0
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("PreallocatedLayer only appends positions or rewinds (crop, reset and batch "
+                                  "reordering would leave its buffers stale)")
+
+    crop = reset = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def reserve(self, like: torch.Tensor, batch: int, length: int) -> None:
+        """Start with `length` positions of uninitialised keys and values for `batch` rows, with the heads,
+        head size, dtype and device of `like` [*, H, *, D]: the caller fills them in place through `keys` /
+        `values` (no zero-filled copy of the whole width)."""
+        self.lazy_initialization(like, like)
+        shape = (batch, *like.shape[1:-2], max(self.capacity, length), like.shape[-1])
+        self.buffers = (like.new_empty(shape), like.new_empty(shape))
+        self._view(length)
+
+    def _view(self, used: int) -> None:
+        self.used = used
+        self.keys, self.values = (buffer[..., :used, :] for buffer in self.buffers)
+
+    def rewind(self, length: int) -> None:
+        """Keep only the first `length` positions (their keys and values are untouched)."""
+        if length > self.used:
+            raise ValueError(f"cannot rewind {self.used} cached positions to {length}")
+        self._view(length)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.buffers is None:
+            self.reserve(key_states, key_states.shape[0], 0)
+        n = key_states.shape[-2]
+        if self.used + n > self.buffers[0].shape[-2]:
+            size = 2 * (self.used + n)
+            grown = tuple(t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in self.buffers)
+            for new, old in zip(grown, self.buffers):
+                new[..., : self.used, :] = old[..., : self.used, :]
+            self.buffers = grown
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[..., self.used: self.used + n, :] = new
+        self._view(self.used + n)
+        return self.keys, self.values
+
+
+def preallocated_cache(config, capacity: int) -> DynamicCache:
+    """A DynamicCache for `config` whose layers reserve `capacity` positions (`PreallocatedLayer`)."""
+    cache = DynamicCache(config=config)
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if kinds != {"DynamicLayer"}:  # e.g. sliding windows, which drop old keys: the join would misalign
+        raise NotImplementedError(f"{config.model_type} asks for KV cache layers {sorted(kinds)}; the runner "
+                                  "supports full-attention models (plain DynamicLayer) only")
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def prefill_groups(lengths: Sequence[int], efficiency: float = PREFILL_EFFICIENCY) -> list[list[int]]:
+    """Row indices grouped greedily by ascending length so that each group's real tokens are at least
+    `efficiency` of its padded tokens (its size x its longest length); one group when the rows are that even."""
+    groups: list[list[int]] = []
+    total = 0
+    for k in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        if groups and total + lengths[k] >= efficiency * lengths[k] * (len(groups[-1]) + 1):
+            groups[-1].append(k)
+            total += lengths[k]
+        else:
+            groups.append([k])
+            total = lengths[k]
+    return groups
+
+
+def decode_budget(model: CODIModel, prompt_len: int, max_new_tokens: int) -> int:
+    """Tokens to decode after EOT: max_new_tokens, capped by the context left after the thoughts and EOT."""
+    return max(0, min(max_new_tokens, model.max_positions - prompt_len - N_THOUGHTS - 1))
+
+
+@dataclass
+class PrefillGroup:
+    """What prefill hooks see as `batch`: one prefill group, rows of similar length left-padded to `width`."""
+
+    model: CODIModel
+    rows: np.ndarray  # [G] the problems' indices in the caller's list
+    width: int
+    lengths: torch.Tensor  # [G] real prompt tokens (BOT included) per row
+    prompt_mask: torch.Tensor  # [G, width] 1 = real token
+    phase: str = "prefill"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class PaddedBatch:
+    """KV-cached state of one left-padded batch, as hooks see it.
+
+    rows: [B] the problems' indices in the caller's list; width: W, the prompt width (BOT at column W - 1,
+    thought k's key at `key_column(k)`); lengths [B]: real prompt tokens per row; mask [B, S]: the attention mask
+    so far (1 = attend); done [B] bool: rows that have emitted their stop token; phase: the forward running
+    ('prefill', 'thought.{k}', 'decode.{t}'). `budget` tokens are decoded; the cache reserves room after the
+    prompt for the six thoughts, EOT and every decoded token but the last (which is never fed back).
+    """
+
+    def __init__(self, model: CODIModel, token_ids: list[list[int]], max_new_tokens: int,
+                 rows: Sequence[int] | None = None):
+        self.model = model
+        width = max(map(len, token_ids))
+        self.budget = decode_budget(model, width, max_new_tokens)
+        dev = model.device
+        self.rows = np.arange(len(token_ids)) if rows is None else np.asarray(rows)
+        self.lengths = torch.tensor([len(t) for t in token_ids], device=dev)
+        self.width = width
+        ids = torch.full((len(token_ids), width), model.pad_id, dtype=torch.long, device=dev)
+        for b, t in enumerate(token_ids):
+            ids[b, width - len(t):] = torch.tensor(t, device=dev)
+        self.input_ids = ids
+        self.prompt_mask = (torch.arange(width, device=dev)[None] >= (width - self.lengths)[:, None]).long()
+        self.mask = self.prompt_mask
+        self.done = torch.zeros(len(token_ids), dtype=torch.bool, device=dev)
+        self.phase = "prefill"
+        self.view: PaddedBatch | PrefillGroup = self  # what hooks see: the batch, or the prefill group running
+        self.cache = preallocated_cache(model.lm.config, width + N_THOUGHTS + max(self.budget, 1))
+        # transformers renamed past_key_values to cache (5.2x); an unknown name would be swallowed silently
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.base_model.forward).parameters \
+            else "past_key_values"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def key_column(self, k: int) -> int:
+        """Column of thought k's key in `mask` (and in the cache)."""
+        return self.width + k - 1
+
+    def prefill(self) -> torch.Tensor:
+        """Forward the questions + BOT and fill the cache; the last hidden state of each problem [B, d].
+
+        Runs in groups of similar length (`prefill_groups`), each left-padded only to its own longest question
+        (`view` is the group's `PrefillGroup` meanwhile), and writes each group's keys and values into the
+        batch cache at the batch width, zeros to their left (masked out in every later step; zeros, not garbage,
+        so that no NaN can leak through a masked score): each problem still gets its batch-of-one result.
+        """
+        body, config = self.model.lm.base_model, self.model.lm.config
+        lengths = self.lengths.tolist()
+        groups = prefill_groups(lengths)
+        if len(groups) == 1:  # already even: one forward straight into the batch cache, rows in batch order
+            groups = [list(range(len(lengths)))]
+        self.phase = "prefill"
+        hidden = self.input_ids.new_empty(len(lengths), config.hidden_size, dtype=self.model.dtype)
+        for group in groups:
+            index = torch.tensor(group, device=self.input_ids.device)
+            w = max(lengths[k] for k in group)
+            mask = self.prompt_mask[index, self.width - w:]
+            self.view = PrefillGroup(self.model, self.rows[group], w, self.lengths[index], mask)
+            cache = self.cache if len(groups) == 1 else DynamicCache(config=config)
+            out = body(input_ids=self.input_ids[index, self.width - w:], attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{self.cache_arg: cache})
+            hidden[index] = out.last_hidden_state[:, -1]
+            self.view = self
+            if len(groups) == 1:
+                break
+            pad = self.width - w
+            for joined, part in zip(self.cache.layers, cache.layers):
+                if not joined.is_initialized:
+                    joined.reserve(part.keys, len(lengths), self.width)
+                for whole, piece in ((joined.keys, part.keys), (joined.values, part.values)):
+                    whole[index, ..., pad:, :] = piece  # views of the buffers: written in place
+                    if pad:
+                        whole[index, ..., :pad, :] = 0
+        return hidden
+
+    def rewind(self) -> None:
+        """Back to the state right after the prefill: the cache keeps the prompt, mask and done are reset."""
+        for layer in self.cache.layers:
+            layer.rewind(self.width)
+        self.mask, self.phase = self.prompt_mask, "prefill"
+        self.done = torch.zeros_like(self.done)
+
+    def forward(self, embeds: torch.Tensor, phase: str) -> torch.Tensor:
+        """Run the body (no LM head) on one new position per problem, embeds [B, d]; its hidden state [B, d]."""
+        self.phase = phase
+        positions = self.mask.sum(-1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = self.model.lm.base_model(inputs_embeds=embeds[:, None], attention_mask=self.mask,
+                                       position_ids=positions, use_cache=True, **{self.cache_arg: self.cache})
+        if self.cache.get_seq_length() != self.mask.shape[1]:
+            raise RuntimeError(f"the KV cache holds {self.cache.get_seq_length()} positions, expected "
+                               f"{self.mask.shape[1]}: this transformers version did not use it")
+        return out.last_hidden_state[:, -1]
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+
+
+@dataclass
+class Generation:
+    """What one run decoded for N problems, in the caller's order."""
+
+    tokens: np.ndarray  # [N, G] int64: generated ids, -1 after the stop token (G = the longest budget)
+    text: list[str]  # decoded answer text (special tokens skipped)
+    prediction: np.ndarray  # [N] float64: the last number in the text, nan where there is none
+
+
+@contextmanager
+def attention_implementation(lm, name: str) -> Iterator[None]:
+    """Temporarily switch the HF model's attention kernel (e.g. to eager, which returns weights)."""
+    before = lm.config._attn_implementation
+    lm.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(before)
+
+
+def layer_module(model: CODIModel, kind: str, layer: int) -> nn.Module:
+    """The module whose hook gives `kind` at `layer`: the block ('resid'), its attention ('attn') or the attention
+    output projection, whose input holds the per-head outputs ('head_in'; codi-spec trap 4)."""
+    family = FAMILIES.get(model.family)
+    if family is None:
+        raise ValueError(f"hook points support {', '.join(FAMILIES)} models, not {model.family!r}")
+    module = getattr(model.lm.base_model, family.blocks)[layer]
+    path = {"resid": "", "attn": family.attention, "head_in": family.out_proj}[kind]
+    for name in filter(None, path.split(".")):
+        module = getattr(module, name)
+    return module
+
+
+def head_dim(model: CODIModel) -> int:
+    """d_head: the output projection's input width over the number of query heads."""
+    proj = layer_module(model, "head_in", 0)
+    width = getattr(proj, "in_features", None) or getattr(proj, "nx", None)
+    if width is None or width % model.n_heads:
+        raise ValueError(f"cannot split the output projection's input ({width}) into {model.n_heads} heads")
+    return width // model.n_heads
+
+
+class Runner:
+    """Batched CODI latent inference with named hook points (see the module docstring).
+
+    runner = Runner(model, batch_size=16, max_new_tokens=256)
+    generation = runner.run(questions, hooks=[capture, ablate])
+    """
+
+    def __init__(self, model: CODIModel, batch_size: int = 16, max_new_tokens: int = 256):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        self.model, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
+        self._names = point_names(model.n_layers, max_new_tokens)
+        self._d_head = head_dim(model)
+
+    def batches(self, questions: Sequence[str]) -> list[tuple[list[int], list[list[int]]]]:
+        """(rows, token ids) of each batch: problems sorted by length (less padding), batch_size at a time."""
+        token_ids = tokenize_questions(self.model, questions)
+        order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
+        return [(rows, [token_ids[k] for k in rows])
+                for rows in (order[s: s + self.batch_size] for s in range(0, len(order), self.batch_size))]
+
+    def run(self, questions: Sequence[str], hooks: Iterable = (),
+            progress: Callable[[int], None] | None = None) -> Generation:
+        """CODI inference on `questions` with `hooks`; `progress(k)` after each batch of k problems."""
+        return self.run_conditions(questions, [hooks], progress)[0]
+
+    def run_conditions(self, questions: Sequence[str], conditions: Sequence[Iterable],
+                       progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """Run every hook set of `conditions` on the same batches; one Generation per condition.
+
+        Per batch the prefill runs once for all conditions without prefill hooks, the cache rewound to the
+        prompt before each; a condition with prefill hooks gets a prefill of its own, in one group.
+        """
+        conds = [Hooks(c, self._names) for c in conditions]
+        n = len(questions)
+        tokens: list[list[list[int]]] = [[[] for _ in range(n)] for _ in conds]
+        with torch.inference_mode(), self._module_hooks(conds):
+            for rows, ids in self.batches(questions):
+                shared = None
+                for c, hooks in enumerate(conds):
+                    if hooks.prefill_layers:
+                        batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
+                        self._active, self._batch = hooks, batch
+                        bot = batch.prefill()
+                    else:
+                        if shared is None:
+                            shared = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
+                            self._active, self._batch = NO_HOOKS, shared
+                            shared_bot = shared.prefill()
+                        else:
+                            shared.rewind()
+                        batch, bot = shared, shared_bot.clone()
+                    self._active, self._batch = hooks, batch
+                    generated = self._thoughts_and_decoding(batch, bot, hooks).cpu().numpy()
+                    hooks.flush(batch)
+                    for k, row in zip(rows, generated):
+                        tokens[c][k] = row.tolist()
+                if progress is not None:
+                    progress(len(rows))
+        return [self._generation(t) for t in tokens]
+
+    def _generation(self, tokens: list[list[int]]) -> Generation:
+        width = max(map(len, tokens), default=0)  # budgets can differ between batches (context left)
+        ids = np.array([t + [-1] * (width - len(t)) for t in tokens], dtype=np.int64).reshape(len(tokens), width)
+        text = [decode_answer(self.model, row) for row in ids]
+        parsed = [parse_answer(t) for t in text]
+        return Generation(ids, text, np.array([math.nan if p is None else p for p in parsed], dtype=np.float64))
+
+    def _thoughts_and_decoding(self, batch: PaddedBatch, bot: torch.Tensor, hooks: Hooks) -> torch.Tensor:
+        model = self.model
+
+        def dispatch(name: str, value: torch.Tensor) -> torch.Tensor:
+            return hooks(name, value, batch)
+
+        def thought(z: torch.Tensor, k: int) -> torch.Tensor:
+            hidden = batch.forward(z, f"thought.{k}")
+            batch.mask = dispatch(f"thought.{k}.mask", batch.mask)
+            return hidden
+
+        with attention_implementation(model.lm, "eager"):
+            thought_steps(model.prj, thought, dispatch("prefill", bot), dispatch)
+        if not batch.budget:  # no room to decode: EOT would yield logits nobody reads
+            return torch.zeros(len(batch), 0, dtype=torch.long)
+        embed, head = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
+
+        def feed(token: torch.Tensor, t: int) -> torch.Tensor:
+            return head(batch.forward(embed(token), f"decode.{t}"))
+
+        logits = feed(torch.full((len(batch),), model.eot_id, device=model.device), 0)
+        return greedy_steps(logits, feed, batch.budget, model.stop_ids, model.eot_id, dispatch, batch.done)
+
+    # ---- per-layer points: module hooks that dispatch to the current condition's hooks at the current phase
+
+    @contextmanager
+    def _module_hooks(self, conds: list[Hooks]) -> Iterator[None]:
+        handles = []
+        try:
+            for kind in LAYER_KINDS:
+                for layer in range(self.model.n_layers):
+                    if not any((kind, layer) in c.layer_sites for c in conds):
+                        continue
+                    module = layer_module(self.model, kind, layer)
+                    if kind == "head_in":
+                        handles.append(module.register_forward_pre_hook(self._head_in_hook(layer)))
+                    else:
+                        handles.append(module.register_forward_hook(self._output_hook(kind, layer)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _head_in_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple):
+            name = f"{self._batch.phase}.head_in.{layer}"
+            if not self._active.get(name):
+                return None
+            x = args[0]  # [B, S, H * dh]
+            b, s = x.shape[:2]
+            heads = x.view(b, s, self.model.n_heads, self._d_head)
+            value = heads if self._batch.phase == "prefill" else heads[:, -1]
+            out = self._active(name, value, self._batch.view)
+            if out is value:
+                return None
+            return (out.reshape(b, s, -1), *args[1:])
+
+        return hook
+
+    def _output_hook(self, kind: str, layer: int):
+        def hook(module: nn.Module, args: tuple, output):
+            name = f"{self._batch.phase}.{kind}.{layer}"
+            if not self._active.get(name):
+                return None
+            if kind == "attn":
+                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                if weights is None:
+                    raise RuntimeError("the attention kernel returned no weights (codi-spec trap 2): eager "
+                                       "attention must be in effect for the thought steps")
+                self._active(name, weights[:, :, -1, :], self._batch.view)
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output  # [B, S, d]
+            value = hidden if self._batch.phase == "prefill" else hidden[:, -1]
+            out = self._active(name, value, self._batch.view)
+            if out is value:
+                return None
+            if self._batch.phase != "prefill":
+                out = torch.cat([hidden[:, :-1], out[:, None]], dim=1)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return hook

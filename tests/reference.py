@@ -1,0 +1,41 @@
+"""Independent references the tests hold the library against, and the questions they share.
+
+Nothing here uses the runner: these computations read codi-spec's positions straight off one forward.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from codi_attn.conventions import N_THOUGHTS
+from codi_attn.runner import tokenize_questions
+
+QUESTIONS = [
+    "Natalia sold 48 clips in April. How many clips?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber.  How many bolts in total does it take?",
+    "Weng earns $12 an hour.",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+]
+
+
+def full_sequence_reference(model, question: str, thoughts: np.ndarray):
+    """6x6 block and mass split from ONE eager forward over [question, BOT, z1..z6] (no cache, no batching).
+
+    Independent of the runner's cache, padding and row bookkeeping: positions are read straight off
+    the codi-spec layout (question 0..Q-1, BOT at Q, z_k at Q+k).
+    """
+    ids = tokenize_questions(model, [question])[0]
+    q = len(ids) - 1
+    embed = model.lm.get_input_embeddings()
+    with torch.no_grad():
+        seq = torch.cat([embed(torch.tensor([ids])), torch.tensor(thoughts[None], dtype=model.dtype)], dim=1)
+        model.lm.set_attn_implementation("eager")
+        try:
+            out = model.lm.base_model(inputs_embeds=seq, output_attentions=True)
+        finally:
+            model.lm.set_attn_implementation("sdpa")
+    full = torch.stack(out.attentions, dim=1)[0].float().numpy()  # [L, H, S, S]
+    rows = full[:, :, q + 1: q + 1 + N_THOUGHTS, :]  # [L, H, 6, S]
+    block = rows[..., q + 1: q + 1 + N_THOUGHTS]
+    split = np.stack([rows[..., 0], rows[..., 1:q].sum(-1), rows[..., q], block.sum(-1)], axis=-1)
+    return block, split

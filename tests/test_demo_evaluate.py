@@ -1,0 +1,64 @@
+"""The shipped demo model and its evaluation: targets, the recorded accuracies, and the latent swap's partners."""
+
+import json
+
+import pytest
+import torch
+
+from codi_attn.demo import evaluate as E
+from codi_attn.demo import task
+from codi_attn.demo.codi import load_model
+from codi_attn.demo.tokenizer import gold_answer
+from codi_attn.hooks import FeedThoughts, swap_partners
+from codi_attn.presets import DEMO_DIR
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok = load_model(DEMO_DIR)  # strict: every key used, none missing
+    yield model, tok, json.loads((DEMO_DIR / "metrics.json").read_text())
+    torch.set_num_threads(before)
+
+
+def test_shipped_small_and_meets_targets(shipped):
+    m = shipped[2]
+    assert (DEMO_DIR / "ckpt" / "model.safetensors").stat().st_size < 10e6
+    assert m["test"]["prj"] >= 0.6
+    assert m["test"]["zeros"] <= m["test"]["prj"] / 2 and m["test"]["bot"] <= m["test"]["prj"] / 2
+    assert m["test"]["swap"] <= m["test"]["prj"] / 2  # its thoughts carry the problem
+
+
+def test_shipped_reproduces_recorded_subset_accuracy(shipped):
+    model, tok, m = shipped
+    subset = task.synthetic_records("test", m["subset"]["n"])
+    assert E.accuracy(model, tok, subset, "prj") == pytest.approx(m["subset"]["prj"], abs=0.011)  # one problem of
+    zeros = E.accuracy(model, tok, subset, "zeros")  # slack for other CPUs
+    assert zeros == pytest.approx(m["subset"]["zeros"], abs=0.011)
+
+
+def test_swap_mode_feeds_each_problem_its_partners_thoughts(shipped):
+    """'swap' is the flow's latent swap: feeding the partner's thoughts by hand gives the same answers."""
+    model, tok, _ = shipped
+    records = task.synthetic_records("test", 30)
+    partner = swap_partners([r["answer"] for r in records])
+    own = {}
+    for idx, b in E.batches_by_length(tok, records, 256):
+        for i, z in zip(idx, model.think(b.question)[1]):
+            own[i] = z
+    by_hand = []
+    with torch.no_grad():
+        for i, r in enumerate(records):
+            b = E.encode(tok, [r])
+            cache, _ = model.think(b.question, hooks=[FeedThoughts(own[int(partner[i])][None])])
+            row = E.greedy(model, cache, torch.full((1, 1), model.eot_id), 16, tok.eos_token_id)[0]
+            by_hand.append(E.parse_answer(tok.decode(row, skip_special_tokens=True)))
+    assert E.predict(model, tok, records, "swap") == by_hand
+    assert sum(p == gold_answer(r) for p, r in zip(by_hand, records)) < 0.5 * len(records)
+
+
+def test_unknown_mode_is_refused(shipped):
+    model, tok, _ = shipped
+    with pytest.raises(ValueError, match="mode must be one of"):
+        E.predict(model, tok, task.synthetic_records("test", 2), "random")

@@ -1,0 +1,142 @@
+"""The hook objects of codi_attn.hooks: thoughts recorded, fed and blocked (codi-spec trap 3), the answer-token
+logits, and the one definition of the latent swap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codi_attn.conventions import N_THOUGHTS
+from codi_attn.extract import extract
+from codi_attn.hooks import (AnswerLogits, BlockThoughts, FeedThoughts, RecordThoughts, solution_steps,
+                             swap_partners)
+from codi_attn.runner import Runner, number_tokens
+from reference import QUESTIONS, full_sequence_reference
+
+
+def test_recorded_thoughts_chain_through_the_projection(gpt2_model):
+    """hidden is the final-norm hidden state at each thought; prj of thought k's hidden state is thought k+1."""
+    record = RecordThoughts(2)
+    Runner(gpt2_model, max_new_tokens=1).run(QUESTIONS[:2], [record])
+    assert record.z.shape == record.hidden.shape == (2, N_THOUGHTS, gpt2_model.lm.config.hidden_size)
+    with torch.no_grad():
+        nxt = gpt2_model.prj(torch.tensor(record.hidden[:, :5])).numpy()
+    np.testing.assert_allclose(nxt, record.z[:, 1:], atol=1e-5)
+
+
+def test_fed_thoughts_replace_the_projection(any_model):
+    """Fed its own thoughts, a problem reproduces its run; fed another problem's, its attention changes, and the
+    capture still equals the independent full-sequence forward over the fed vectors."""
+    own = RecordThoughts(3)
+    base = extract(any_model, QUESTIONS[:3], batch_size=3, max_new_tokens=3, hooks=[own])
+    again = extract(any_model, QUESTIONS[:3], batch_size=3, max_new_tokens=3, hooks=[FeedThoughts(own.z)])
+    np.testing.assert_allclose(again.attention, base.attention, atol=1e-6)
+    assert again.text == base.text
+    swapped = np.roll(own.z, 1, axis=0)  # problem k gets the thoughts of problem k-1
+    fed = RecordThoughts(3)
+    other = extract(any_model, QUESTIONS[:3], batch_size=3, max_new_tokens=3, hooks=[FeedThoughts(swapped), fed])
+    np.testing.assert_array_equal(fed.z, swapped)
+    assert np.abs(other.attention - base.attention).max() > 1e-3
+    for k, question in enumerate(QUESTIONS[:3]):
+        block, split = full_sequence_reference(any_model, question, swapped[k])
+        np.testing.assert_allclose(other.attention[k], block, atol=1e-5)
+        np.testing.assert_allclose(other.mass[k], split, atol=1e-5)
+
+
+def test_feeding_one_thought_leaves_the_earlier_ones(gpt2_model):
+    own = RecordThoughts(2)
+    Runner(gpt2_model, max_new_tokens=1).run(QUESTIONS[:2], [own])
+    patched, fed = np.roll(own.z, 1, axis=0), RecordThoughts(2)
+    Runner(gpt2_model, max_new_tokens=1).run(QUESTIONS[:2], [FeedThoughts(patched, thoughts=[3]), fed])
+    np.testing.assert_array_equal(fed.z[:, :2], own.z[:, :2])
+    np.testing.assert_array_equal(fed.z[:, 2], patched[:, 2])
+    assert not np.allclose(fed.z[:, 3:], own.z[:, 3:])
+
+
+def test_fed_thoughts_must_have_the_right_shape(gpt2_model):
+    d = gpt2_model.lm.config.hidden_size
+    with pytest.raises(ValueError, match=r"fed thoughts must be \[problems, 6, hidden size\]"):
+        FeedThoughts(np.zeros((2, 5, d), np.float32))
+    with pytest.raises(ValueError, match="thought numbers 1..6"):
+        FeedThoughts(np.zeros((2, 6, d), np.float32), thoughts=[0])
+    with pytest.raises(ValueError, match="fed thoughts have size 3"):
+        Runner(gpt2_model, max_new_tokens=1).run(QUESTIONS[:1], [FeedThoughts(np.zeros((1, 6, 3), np.float32))])
+
+
+def test_blocked_thought_gets_exactly_zero_weight(any_model):
+    """Trap 3: a blocked key receives exactly 0 from every later query; the rest of each row renormalises."""
+    base = extract(any_model, QUESTIONS[:2], batch_size=2, max_new_tokens=2)
+    blocked = extract(any_model, QUESTIONS[:2], batch_size=2, max_new_tokens=2, hooks=[BlockThoughts([2])])
+    assert np.all(blocked.attention[..., 2:, 1] == 0.0)
+    assert np.all(blocked.attention[..., 1, 1] > 0)  # its own step still sees itself
+    np.testing.assert_allclose(blocked.mass.sum(-1), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(blocked.attention[..., :2, :], base.attention[..., :2, :])  # earlier rows untouched
+    assert not np.allclose(blocked.attention[..., 2:, :], base.attention[..., 2:, :])
+
+
+def test_blocked_thoughts_are_validated():
+    with pytest.raises(ValueError, match="thought numbers 1..6"):
+        BlockThoughts([7])
+    with pytest.raises(ValueError, match="at least one"):
+        BlockThoughts([])
+
+
+def test_answer_token_steps_and_logits(gpt2_model):
+    """Where the number starts (the first generated token whose decoded text has a digit or is a minus sign; -1
+    with nan logits if none), checked against the decoded tokens; the logits kept there pick that token; the
+    steps handed back in keep the logits at exactly those steps, and reproduce the detected ones bit for bit."""
+    runner = Runner(gpt2_model, batch_size=2, max_new_tokens=6)
+    found = AnswerLogits(len(QUESTIONS), numbers=number_tokens(gpt2_model))
+    gen = runner.run(QUESTIONS, [found])
+    assert gen.tokens.shape == (len(QUESTIONS), 6) and found.logits.shape[1] == gpt2_model.lm.config.vocab_size
+    decoded = gpt2_model.tokenizer.decode
+    n_found = 0
+    for k in range(len(QUESTIONS)):
+        generated = [t for t in gen.tokens[k].tolist() if t >= 0]
+        starts = [i for i, t in enumerate(generated)
+                  if any(c in "0123456789" for c in decoded([t])) or decoded([t]).strip() == "-"]
+        if not starts:
+            assert found.step[k] == -1 and np.isnan(found.logits[k]).all()
+            continue
+        n_found += 1
+        assert found.step[k] == starts[0] and found.logits[k].argmax() == generated[starts[0]]
+    assert n_found, "the fixture generates a digit for some question: the detection path runs"
+    again = AnswerLogits(len(QUESTIONS), steps=found.step)
+    runner.run(QUESTIONS, [again])
+    np.testing.assert_array_equal(again.logits, found.logits)
+    steps = np.array([0, 3, 5, -1])
+    fixed = AnswerLogits(len(QUESTIONS), steps=steps)
+    gen = runner.run(QUESTIONS, [fixed])
+    for k, step in enumerate(steps):
+        if step < 0 or gen.tokens[k, step] < 0:  # none asked, or decoding stopped before it
+            assert fixed.step[k] == -1 and np.isnan(fixed.logits[k]).all()
+        else:
+            assert fixed.step[k] == step and fixed.logits[k].argmax() == gen.tokens[k, step]
+    with pytest.raises(ValueError, match="one decode step per problem"):
+        AnswerLogits(len(QUESTIONS), steps=steps[:2])
+    with pytest.raises(ValueError, match="either numbers"):
+        AnswerLogits(len(QUESTIONS))
+
+
+def test_swap_partners_match_the_number_of_solution_steps():
+    solutions = ["<<1+1=2>>\n#### 2", "<<2*3=6>> <<6-1=5>>\n#### 5", "<<4-1=3>>\n#### 3", "#### 7",
+                 "<<1+2=3>> <<3+3=6>>\n#### 6", "<<5+5=10>>\n#### 10"]
+    assert [solution_steps(s) for s in solutions] == [1, 2, 1, 0, 2, 1]
+    partner = swap_partners(solutions)
+    np.testing.assert_array_equal(partner, [2, 4, 5, 4, 1, 0])  # next with as many steps; 7 is alone: next one
+    assert all(partner[i] != i for i in range(len(solutions)))
+    np.testing.assert_array_equal(swap_partners(["#### 1", "#### 2"]), [1, 0])
+    with pytest.raises(ValueError, match="two problems or more"):
+        swap_partners(["#### 1"])
+
+
+def test_swap_partners_pair_the_demo_tasks_problems_of_one_length():
+    """On the demo task every group of one number of operations has one question length: the swap feeds
+    thoughts computed on a question of the same shape."""
+    from codi_attn.demo.task import synthetic_records
+
+    records = synthetic_records("test", 60)
+    partner = swap_partners([r["answer"] for r in records])
+    for i, j in enumerate(partner):
+        assert j != i and solution_steps(records[i]["answer"]) == solution_steps(records[j]["answer"])
+        assert len(records[i]["question"].split()) == len(records[j]["question"].split())

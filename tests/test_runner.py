@@ -1,0 +1,391 @@
+"""The latent runner: hook points (names, shapes, each fired once for its k, l, t), no-op and reused-prefill
+invariants bit for bit, batching (codi-spec trap 8), the cache, decoding, and hooks on a prepacked model."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from codi_attn import runner as runner_mod
+from codi_attn.conventions import N_THOUGHTS, THOUGHTS
+from codi_attn.runner import (PREFILL_EFFICIENCY, PaddedBatch, PreallocatedLayer, Runner, decode_answer, head_dim,
+                              number_tokens, point, point_names, prefill_groups, tokenize_questions)
+
+QUESTIONS = [
+    "Natalia sold 48 clips in April. How many clips?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber.  How many bolts in total does it take?",
+    "Weng earns $12 an hour.",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+]
+
+
+class Spy:
+    """Records (name, shape, batch rows) of every call at the points it is attached to; replaces nothing."""
+
+    def __init__(self, *points: str):
+        self.points = points
+        self.calls: list[tuple[str, tuple, tuple]] = []
+
+    def __call__(self, value, point, batch):
+        self.calls.append((point.name, tuple(value.shape), tuple(int(r) for r in batch.rows)))
+
+
+def test_point_names_parse_into_k_l_t():
+    assert point("thought.3.head_in.2") == runner_mod.Point("thought.3.head_in.2", "thought", "head_in", 3, 2)
+    assert point("decode.7.logits").step == 7 and point("decode.7.logits").kind == "logits"
+    assert point("prefill").kind == "hidden" and point("prefill.resid.1").layer == 1
+    for bad in ("thought.0.z", "thought.7.z", "decode.x.logits", "thought.1.attn", "prefill.attn.0", "z"):
+        with pytest.raises(ValueError):
+            point(bad)
+    names = point_names(2, 3)
+    assert len(names) == len(set(names)) and "decode.2.token" in names and "decode.3.token" not in names
+
+
+def test_every_point_fires_once_per_batch_with_its_shape(gpt2_model):
+    """Each point fires exactly once per batch for its (k, l, t) with the documented shape; prefill layer points
+    fire once per prefill group, the groups covering the batch's rows once."""
+    m = gpt2_model
+    spy = Spy("*")
+    budget, h, d, dh = 3, m.n_heads, m.lm.config.hidden_size, head_dim(m)
+    gen = Runner(m, batch_size=4, max_new_tokens=budget).run(QUESTIONS, [spy])
+    steps = gen.tokens.shape[1]
+    ids = tokenize_questions(m, QUESTIONS)
+    width = max(map(len, ids))
+    counts = Counter(name for name, _, _ in spy.calls)
+    shapes = {name: shape for name, shape, _ in spy.calls}
+    b = len(QUESTIONS)
+    assert counts["prefill"] == 1 and shapes["prefill"] == (b, d)
+    groups = prefill_groups([len(t) for t in ids])
+    for layer in range(m.n_layers):
+        calls = [(shape, rows) for name, shape, rows in spy.calls if name == f"prefill.head_in.{layer}"]
+        assert len(calls) == len(groups) > 1
+        assert sorted(r for _, rows in calls for r in rows) == list(range(b))
+        assert all(shape[0] == len(rows) and shape[2:] == (h, dh) for shape, rows in calls)
+    for k in THOUGHTS:
+        assert shapes[f"thought.{k}.z"] == shapes[f"thought.{k}.hidden"] == (b, d)
+        assert shapes[f"thought.{k}.mask"] == (b, width + k)
+        for layer in range(m.n_layers):
+            assert shapes[f"thought.{k}.attn.{layer}"] == (b, h, width + k)
+            assert shapes[f"thought.{k}.head_in.{layer}"] == (b, h, dh)
+            assert shapes[f"thought.{k}.resid.{layer}"] == (b, d)
+    for t in range(steps):
+        assert shapes[f"decode.{t}.logits"] == (b, m.lm.get_output_embeddings().weight.shape[0])
+        assert shapes[f"decode.{t}.token"] == (b,)
+        assert all(counts[f"decode.{t}.{kind}.{layer}"] == 1 for kind in ("head_in", "resid")
+                   for layer in range(m.n_layers))
+    assert all(c == 1 for name, c in counts.items() if not name.startswith("prefill."))
+    assert not any(name.startswith(f"decode.{steps}.") for name in counts)  # the last token is never fed
+
+
+def test_points_fire_in_the_order_the_model_computes_them(gpt2_model):
+    spy = Spy("thought.1.*", "thought.2.z")
+    Runner(gpt2_model, max_new_tokens=1).run(QUESTIONS[:1], [spy])
+    order = [name for name, _, _ in spy.calls]
+    layers = [f"thought.1.{kind}.{l}" for l in range(gpt2_model.n_layers) for kind in ("head_in", "attn", "resid")]
+    assert order == ["thought.1.z", *layers, "thought.1.mask", "thought.1.hidden", "thought.2.z"]
+
+
+def test_no_op_hooks_reproduce_the_plain_run_bit_for_bit(any_model):
+    """Hooks that return their input unchanged, or a copy of it written back, at every point change nothing."""
+    plain = Runner(any_model, batch_size=3, max_new_tokens=4).run(QUESTIONS)
+    copy_back = [("*.head_in.*", lambda v, p, b: v.clone()), ("*.resid.*", lambda v, p, b: v.clone()),
+                 ("thought.*.z", lambda v, p, b: v.clone()), ("decode.*.logits", lambda v, p, b: v.clone()),
+                 ("thought.*.mask", lambda v, p, b: v.clone()), ("prefill", lambda v, p, b: v.clone())]
+    for hooks in ([Spy("*")], copy_back):
+        again = Runner(any_model, batch_size=3, max_new_tokens=4).run(QUESTIONS, hooks)
+        np.testing.assert_array_equal(again.tokens, plain.tokens)
+        assert again.text == plain.text
+
+
+def test_reused_prefill_equals_a_fresh_one_bit_for_bit(gpt2_model):
+    """run_conditions shares each batch's prefill (rewinding the cache) between conditions without prefill hooks;
+    every condition's results equal its own run, bit for bit, whatever ran before it on the same prefill."""
+    from codi_attn.hooks import BlockThoughts, RecordThoughts
+
+    def hooks():
+        return [[RecordThoughts(4)], [BlockThoughts([2]), RecordThoughts(4)], [RecordThoughts(4)]]
+
+    runner = Runner(gpt2_model, batch_size=3, max_new_tokens=4)
+    shared = hooks()
+    together = runner.run_conditions(QUESTIONS, shared)
+    for c, (condition, generation) in enumerate(zip(hooks(), together)):
+        alone = runner.run(QUESTIONS, condition)
+        np.testing.assert_array_equal(generation.tokens, alone.tokens)
+        theirs = next(h for h in condition if isinstance(h, RecordThoughts))
+        ours = next(h for h in shared[c] if isinstance(h, RecordThoughts))
+        np.testing.assert_array_equal(ours.z, theirs.z)
+        np.testing.assert_array_equal(ours.hidden, theirs.hidden)
+    assert not np.array_equal(shared[1][1].hidden, shared[0][0].hidden)  # the blocking did act in between
+
+
+def test_prefill_is_computed_once_per_batch_for_conditions_that_share_it(gpt2_model, monkeypatch):
+    calls = []
+    original = PaddedBatch.prefill
+
+    def counting(self):
+        calls.append(len(self))
+        return original(self)
+
+    monkeypatch.setattr(PaddedBatch, "prefill", counting)
+    runner = Runner(gpt2_model, batch_size=2, max_new_tokens=2)
+    runner.run_conditions(QUESTIONS, [[], [Spy("thought.*.z")], [Spy("decode.*.logits")]])
+    assert calls == [2, 2]  # two batches, one prefill each
+    calls.clear()
+    runner.run_conditions(QUESTIONS, [[], [Spy("prefill.resid.0")]])  # prefill hooks need a prefill of their own
+    assert calls == [2, 2, 2, 2]
+
+
+def test_replacements_are_checked_and_read_only_points_refuse(gpt2_model):
+    runner = Runner(gpt2_model, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"must have the shape \(1, "):
+        runner.run(QUESTIONS[:1], [("thought.2.z", lambda v, p, b: v[:, :3])])
+    with pytest.raises(ValueError, match="read-only"):
+        runner.run(QUESTIONS[:1], [("thought.2.attn.0", lambda v, p, b: v * 0)])
+    with pytest.raises(ValueError, match="matches no hook point"):
+        runner.run(QUESTIONS[:1], [("thought.0.z", lambda v, p, b: None)])
+    with pytest.raises(ValueError, match="matches no hook point"):
+        runner.run(QUESTIONS[:1], [("decode.5.logits", lambda v, p, b: None)])  # beyond max_new_tokens
+    with pytest.raises(TypeError, match="a hook is"):
+        runner.run(QUESTIONS[:1], [lambda v, p, b: None])
+
+
+def test_a_replaced_thought_is_what_gets_fed(gpt2_model):
+    """thought.{k}.z replacement: the next point sees it, and replacing z1 by itself changes nothing."""
+    seen = {}
+
+    def double(v, p, b):
+        return 2 * v
+
+    runner = Runner(gpt2_model, max_new_tokens=1)
+    runner.run(QUESTIONS[:1], [("thought.1.z", double), ("thought.1.z", lambda v, p, b: seen.update(z=v))])
+    plain = {}
+    runner.run(QUESTIONS[:1], [("thought.1.z", lambda v, p, b: plain.update(z=v))])
+    torch.testing.assert_close(seen["z"], 2 * plain["z"], rtol=0, atol=0)
+
+
+def test_replaced_residual_and_logits_steer_the_run(gpt2_model):
+    """resid replacement changes what follows; logits replacement decides the token."""
+    runner = Runner(gpt2_model, max_new_tokens=3)
+    hidden = {}
+    for name, hooks in (("base", []), ("zeroed", [("thought.2.resid.0", lambda v, p, b: torch.zeros_like(v))])):
+        runner.run(QUESTIONS[:2], [*hooks, ("thought.2.hidden", lambda v, p, b, n=name: hidden.update({n: v}))])
+    assert not torch.equal(hidden["base"], hidden["zeroed"])
+    target = gpt2_model.tokenizer("7", add_special_tokens=False)["input_ids"][0]
+
+    def force(v, p, b):
+        v = v.clone()
+        v[:, target] = 1e9
+        return v
+
+    forced = runner.run(QUESTIONS[:2], [("decode.*.logits", force)])
+    assert (forced.tokens == target).all() and forced.text == ["777"] * 2
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_batch_equals_batch_of_one(any_model, batch_size):
+    """Trap 8: left padding with masks and positions gives every problem its batch-of-one result (thoughts,
+    hidden states, answers), with the grouped prefill exercised."""
+    from codi_attn.hooks import RecordThoughts
+
+    lengths = [len(t) for t in tokenize_questions(any_model, QUESTIONS)]
+    assert len(set(lengths)) == len(QUESTIONS), "questions must have uneven lengths"
+    if batch_size == len(QUESTIONS):
+        assert len(prefill_groups(lengths)) > 1, "the grouped prefill (caches joined) must be exercised"
+    batched = RecordThoughts(len(QUESTIONS))
+    gen = Runner(any_model, batch_size, 6).run(QUESTIONS, [batched])
+    for k, question in enumerate(QUESTIONS):
+        single = RecordThoughts(1)
+        alone = Runner(any_model, 1, 6).run([question], [single])
+        np.testing.assert_allclose(batched.z[k], single.z[0], atol=1e-4)
+        np.testing.assert_allclose(batched.hidden[k], single.hidden[0], atol=1e-4)
+        assert gen.text[k] == alone.text[0]
+
+
+def test_hooks_see_the_callers_rows(gpt2_model):
+    """Batches are sorted by length; batch.rows maps each row back to the caller's list."""
+    seen = {}
+
+    def remember(v, p, b):
+        for row, value in zip(b.rows, v):
+            seen[int(row)] = value.clone()
+
+    Runner(gpt2_model, batch_size=2, max_new_tokens=1).run(QUESTIONS, [("thought.1.z", remember)])
+    for k, question in enumerate(QUESTIONS):
+        alone = {}
+        Runner(gpt2_model, 1, 1).run([question], [("thought.1.z", lambda v, p, b: alone.update(z=v[0]))])
+        torch.testing.assert_close(seen[k], alone["z"], atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_on_a_prepacked_model_behave_as_on_the_unpacked_one(gpt2_model, unpacked_models):
+    """head_in replacement and resid reads on oneDNN-prepacked layers equal those on PyTorch's layers."""
+    from codi_attn.ablation import AblateHeads
+    from codi_attn.hooks import RecordThoughts
+
+    assert "oneDNN" in gpt2_model.source["linear"] or not torch.backends.mkldnn.is_available()
+    results = []
+    for m in (gpt2_model, unpacked_models["gpt2"]):
+        record, resid = RecordThoughts(3), {}
+        gen = Runner(m, 3, 3).run(QUESTIONS[:3], [AblateHeads(m, [(0, 1), (1, 2)], "zero", "all"), record,
+                                                  ("thought.3.resid.1", lambda v, p, b: resid.update(r=v))])
+        results.append((gen, record, resid["r"]))
+    (a, ra, xa), (b, rb, xb) = results
+    np.testing.assert_allclose(ra.hidden, rb.hidden, atol=1e-4)
+    torch.testing.assert_close(xa, xb, atol=1e-4, rtol=1e-4)
+    assert a.text == b.text
+
+
+@pytest.mark.parametrize("lengths", [[5], [30, 10, 11, 29, 12, 31, 100], [7, 7, 7], list(range(1, 40))])
+def test_prefill_groups_cover_every_row_once_with_little_padding(lengths):
+    groups = prefill_groups(lengths)
+    assert sorted(k for group in groups for k in group) == list(range(len(lengths)))
+    for group in groups:
+        real, padded = sum(lengths[k] for k in group), len(group) * max(lengths[k] for k in group)
+        assert real >= PREFILL_EFFICIENCY * padded
+
+
+def test_prefill_groups_by_hand():
+    assert prefill_groups([7, 7, 7]) == [[0, 1, 2]]
+    # sorted 10 11 12 29 30 31 100; at 0.9: 33 real of 36 padded keeps 10-12 together, at 0.95 it does not
+    assert prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.9) == [[1, 2, 4], [3, 0, 5], [6]]
+    assert prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.95) == [[1, 2], [4], [3, 0, 5], [6]]
+
+
+def test_preallocated_layer_equals_concatenation_grows_and_rewinds():
+    """Writing into reserved room (and growing past it) gives exactly what DynamicLayer's torch.cat gives;
+    rewinding keeps the first positions untouched."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    room, plain = PreallocatedLayer(capacity=6), DynamicLayer()
+    for n in (4, 1, 1, 3, 1):  # prefill, then one-position steps; 4 + 1 + 1 exactly fills, 3 more must grow
+        k, v = torch.randn(2, 3, n, 5), torch.randn(2, 3, n, 5)
+        got, want = room.update(k, v), plain.update(k, v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert room.get_seq_length() == plain.get_seq_length()
+    assert room.buffers[0].shape[-2] >= 10
+    prompt = room.keys[..., :4, :].clone()
+    room.rewind(4)
+    assert room.get_seq_length() == 4 and torch.equal(room.keys, prompt)
+    with pytest.raises(ValueError, match="cannot rewind"):
+        room.rewind(5)
+
+
+def test_runner_cache_is_preallocated(gpt2_model, monkeypatch):
+    """The cache layers are PreallocatedLayers with room for the thoughts, EOT and the decode budget."""
+    seen = []
+    original = runner_mod.preallocated_cache
+
+    def spy(config, capacity):
+        seen.append(original(config, capacity))
+        return seen[-1]
+
+    monkeypatch.setattr(runner_mod, "preallocated_cache", spy)
+    Runner(gpt2_model, batch_size=2, max_new_tokens=4).run(QUESTIONS[:2])
+    layers = seen[0].layers
+    assert all(isinstance(layer, PreallocatedLayer) for layer in layers)
+    width = max(len(t) for t in tokenize_questions(gpt2_model, QUESTIONS[:2]))
+    assert {layer.buffers[0].shape[-2] for layer in layers} == {width + N_THOUGHTS + 4}  # last token not fed
+
+
+@pytest.mark.parametrize("order", ["one group", "several groups"])
+def test_padded_batch_prefill_gives_every_row_its_own_result(gpt2_model, order):
+    """PaddedBatch.prefill, rows NOT sorted by length: each row's last hidden state and its cached keys and
+    values (at its own positions) equal a batch-of-one prefill; cache positions left of its group hold zeros."""
+    ids = tokenize_questions(gpt2_model, QUESTIONS)
+    rows = [ids[1], ids[1][1:]] if order == "one group" else [ids[1], ids[2], ids[3], ids[1][1:], ids[0]]
+    groups = prefill_groups([len(r) for r in rows])
+    assert len(groups) == 1 if order == "one group" else len(groups) > 1 and max(map(len, groups)) > 1
+    with torch.no_grad():
+        batch = PaddedBatch(gpt2_model, rows, max_new_tokens=3)
+        hidden = batch.prefill()
+        for b, row in enumerate(rows):
+            single = PaddedBatch(gpt2_model, [row], max_new_tokens=3)
+            torch.testing.assert_close(hidden[b], single.prefill()[0], atol=1e-5, rtol=1e-5)
+            for joined, alone in zip(batch.cache.layers, single.cache.layers):
+                pad = batch.width - len(row)
+                torch.testing.assert_close(joined.keys[b, :, pad:], alone.keys[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(joined.values[b, :, pad:], alone.values[0], atol=1e-5, rtol=1e-5)
+                group = next(g for g in groups if b in g)
+                outside = batch.width - max(len(rows[k]) for k in group)
+                assert not joined.keys[b, :, :outside].any() and not joined.values[b, :, :outside].any()
+
+
+def test_preallocated_layer_refuses_what_would_leave_it_stale():
+    layer = PreallocatedLayer(capacity=4)
+    layer.update(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, 3))
+    for call in (lambda: layer.crop(-1), layer.reset, lambda: layer.batch_select_indices(torch.tensor([0]))):
+        with pytest.raises(NotImplementedError, match="only appends"):
+            call()
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import MistralConfig
+
+    with pytest.raises(NotImplementedError, match="full-attention models"):
+        runner_mod.preallocated_cache(MistralConfig(sliding_window=4, num_hidden_layers=2), 8)
+
+
+def test_decoding_stops_at_stop_token(gpt2_model, monkeypatch):
+    """Greedy decoding ends at the stop token: making every token a stop token yields no text."""
+    first = Runner(gpt2_model, max_new_tokens=3).run(QUESTIONS[:1])
+    assert gpt2_model.tokenizer(first.text[0])["input_ids"], "random fixture decodes something first"
+    monkeypatch.setattr(gpt2_model, "stop_ids", tuple(range(len(gpt2_model.tokenizer) + 3)))
+    stopped = Runner(gpt2_model, max_new_tokens=3).run(QUESTIONS[:1])
+    assert stopped.text == [""] and (stopped.tokens[0, 1:] == -1).all() and stopped.tokens[0, 0] >= 0
+
+
+def test_eot_is_never_decoded(gpt2_model):
+    """The original decoder excludes EOT from the argmax, even where the model would pick it."""
+    def prefer_eot(v, p, b):
+        v = v.clone()
+        v[:, gpt2_model.eot_id] = 1e9  # the runner masks EOT before the logits point: -inf stays -inf
+        return v
+
+    seen = []
+    Runner(gpt2_model, max_new_tokens=2).run(QUESTIONS[:1], [("decode.*.logits", lambda v, p, b: seen.append(v))])
+    assert all(torch.isinf(v[:, gpt2_model.eot_id]).all() for v in seen)
+
+
+@pytest.mark.parametrize("question", ["", "   "])
+def test_empty_question_is_rejected(gpt2_model, question):
+    with pytest.raises(ValueError, match="question 1 is empty"):
+        Runner(gpt2_model).run(["How many?", question])
+
+
+def test_question_longer_than_context_is_rejected(gpt2_model):
+    with pytest.raises(ValueError, match=r"question 0 has \d+ tokens.*context of 512"):
+        Runner(gpt2_model).run(["one two three " * 400])
+
+
+def test_bad_batch_size(gpt2_model):
+    with pytest.raises(ValueError, match="batch_size"):
+        Runner(gpt2_model, batch_size=0)
+
+
+def test_decode_answer_stops_at_stop_and_skips_extra_ids(gpt2_model):
+    ids = gpt2_model.tokenizer("7 clips", add_special_tokens=False)["input_ids"]
+    row = [gpt2_model.bot_id, *ids, gpt2_model.stop_ids[0], *ids, -1]
+    assert decode_answer(gpt2_model, np.array(row)) == gpt2_model.tokenizer.decode(ids)
+
+
+def test_number_tokens_are_digits_or_a_minus_sign_never_special_tokens(gpt2_model):
+    """Where an answer's number starts: decoded text with a digit or a bare minus; special tokens whose names
+    hold digits (LLaMA-3's reserved tokens) and CODI's pad/BOT/EOT are not."""
+    import copy
+    from types import SimpleNamespace
+
+    tokenizer = copy.deepcopy(gpt2_model.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reserved_special_token_7|>"]})
+    fake = SimpleNamespace(tokenizer=tokenizer, lm=gpt2_model.lm, device=gpt2_model.device)
+    mask = number_tokens(fake)
+    reserved = tokenizer.convert_tokens_to_ids("<|reserved_special_token_7|>")
+    assert not mask[reserved] and not mask[[gpt2_model.pad_id, gpt2_model.bot_id, gpt2_model.eot_id]].any()
+    for text in ("7", "48", "-"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and mask[ids[0]], text
+    for text in (" clips", "The", ":"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert not mask[ids].any(), text
