@@ -74,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     ex = extract(model, questions, golds, **kwargs)
     t_extract = time.perf_counter() - t0
     ranked = analyze(ex.attention, ex.mass, n_boot=0).ranked_heads
+    import inspect
+
     t0 = time.perf_counter()
-    result = run_validation(model, questions, solutions, ranked, **kwargs)
+    if "solutions" in inspect.signature(run_validation).parameters:
+        result = run_validation(model, questions, golds, solutions, ranked, **kwargs)
+    else:  # the API before the runner (commit 2e7240a and earlier), for before/after comparisons
+        result = run_validation(model, questions, solutions, ranked, **kwargs)
     t_validation = time.perf_counter() - t0
     n_conditions = len(result.validation) - 1  # the baseline row is the reference run itself
     out = {"model": model.name, "n_problems": len(questions), "batch_size": args.batch_size,

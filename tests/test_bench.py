@@ -14,11 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_extract.py"
-GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"  # the benchmark's default problems
 KEYS = {"reference_problems_per_s", "plain_problems_per_s", "project_problems_per_s", "speedup", "capture_overhead",
         "peak_rss_mb", "achieved_gflops", "peak_gflops", "batch_size", "agreement", "machine", "memory"}
 
-pytestmark = pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason=f"{GSM8K_TRAIN} is missing")
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +28,17 @@ def bench():
     return module
 
 
-def _args(out: Path, *extra: str) -> list[str]:
-    return ["--shape", "tiny", "--n-problems", "5", "--batch-size", "2,4", "--max-new-tokens", "2", "--threads", "1",
-            "--peak-size", "256", "--device", "cpu", "--dtype", "float32", "--gsm8k", str(GSM8K_TRAIN),
-            "--json", str(out), *extra]
+@pytest.fixture
+def args(gsm8k_train):
+    def make(out: Path, *extra: str) -> list[str]:
+        return ["--shape", "tiny", "--n-problems", "5", "--batch-size", "2,4", "--max-new-tokens", "2", "--threads",
+                "1", "--peak-size", "256", "--device", "cpu", "--dtype", "float32", "--gsm8k", str(gsm8k_train),
+                "--json", str(out), *extra]
+
+    return make
 
 
-def test_tiny_benchmark_writes_json_and_checks_reference(bench, tmp_path, monkeypatch):
+def test_tiny_benchmark_writes_json_and_checks_reference(bench, tmp_path, monkeypatch, args):
     import torch
 
     threads = torch.get_num_threads()
@@ -44,7 +46,7 @@ def test_tiny_benchmark_writes_json_and_checks_reference(bench, tmp_path, monkey
     real = bench.agreement
     monkeypatch.setattr(bench, "agreement", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = tmp_path / "bench.json"
-    assert bench.main(_args(out, "--reference-problems", "3")) == 0
+    assert bench.main(args(out, "--reference-problems", "3")) == 0
     res = json.loads(out.read_text())
     assert KEYS <= set(res), KEYS - set(res)
     assert calls, "the (a)-vs-(c) agreement check did not run"
@@ -61,7 +63,7 @@ def test_tiny_benchmark_writes_json_and_checks_reference(bench, tmp_path, monkey
     assert torch.get_num_threads() == threads  # --threads does not leak out of an in-process run
 
 
-def test_reference_mismatch_is_caught(bench, tmp_path, monkeypatch):
+def test_reference_mismatch_is_caught(bench, tmp_path, monkeypatch, args):
     """A reference that reads the wrong key column (the off-by-one of codi-spec trap 1) must fail the check."""
     real = bench.reference_extract
 
@@ -72,7 +74,7 @@ def test_reference_mismatch_is_caught(bench, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "reference_extract", shifted)
     out = tmp_path / "bad.json"
-    assert bench.main(_args(out, "--reference-problems", "2")) == bench.EXIT_MISMATCH
+    assert bench.main(args(out, "--reference-problems", "2")) == bench.EXIT_MISMATCH
     res = json.loads(out.read_text())
     assert res["agreement"]["ok"] is False and "project_problems_per_s" not in res
 

@@ -1,22 +1,15 @@
 """codi_attn.data: reading GSM8K records, the seed-42 sample, the fingerprint, bad input."""
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from codi_attn.data import (DatasetError, Problem, dataset_fingerprint, gold_answer, load_records,
                             resolve_n, sample_problems)
 
-TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
-if not TRAIN.exists():  # the repo may sit somewhere else than beside shared/
-    TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
-needs_train = pytest.mark.skipif(not TRAIN.exists(), reason="shared GSM8K train.jsonl not found")
-
-
 @pytest.fixture(scope="module")
-def train_records():
-    return load_records(str(TRAIN), "train")
+def train_records(real_gsm8k):
+    return load_records(str(real_gsm8k), "train")
 
 
 def _write_jsonl(path, lines):
@@ -27,7 +20,6 @@ def _write_jsonl(path, lines):
 REC = {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"}
 
 
-@needs_train
 def test_seed42_sample_matches_design(train_records):
     assert len(train_records) == 7473
     problems = sample_problems(train_records, 100, seed=42, split="train")
@@ -42,7 +34,6 @@ def test_seed42_sample_matches_design(train_records):
     assert all(p.question and p.answer for p in problems)
 
 
-@needs_train
 def test_sample_leaves_global_random_state_alone(train_records):
     random.seed(7)
     before = random.random()
@@ -51,7 +42,6 @@ def test_sample_leaves_global_random_state_alone(train_records):
     assert random.random() == before
 
 
-@needs_train
 def test_whole_split_and_fingerprint(train_records):
     everything = sample_problems(train_records, None)
     assert len(everything) == 7473 and everything[0].id == "train_0" and everything[-1].id == "train_7472"

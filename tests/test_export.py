@@ -1,5 +1,5 @@
 """python -m codi_attn export: a finished AttentionFlow run as results/<model>/ and figures/<model>/ files.
-Uses the clean gpt2 run of test_flow.py (run once per session)."""
+Uses the clean gpt2 flow run (conftest.py's clean_run, once per session)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,7 @@ import pytest
 
 from codi_attn.__main__ import main
 from codi_attn.export import ExportError, export_run
-from test_flow import ROOT, clean_run_once, use_datastore  # the flow run shared with test_flow.py
-
-
-@pytest.fixture(scope="session")
-def clean_run(tiny_gpt2, tmp_path_factory):
-    return clean_run_once(tiny_gpt2, tmp_path_factory)
+from flowrun import ROOT, use_datastore  # clean_run (conftest.py): the flow run shared with test_flow.py
 
 
 PNG = b"\x89PNG\r\n\x1a\n"

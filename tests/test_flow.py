@@ -1,5 +1,5 @@
 """AttentionFlow end to end: real Metaflow runs (metaflow.Runner) on tiny release-layout CODI fixtures and
-the shared GSM8K train file, each in its own datastore, checked through the Client API.
+GSM8K-format train records (the `gsm8k_train` fixture), each in its own datastore, checked through the Client API.
 
 Runs: one clean gpt2 run (shared by the tests here and in test_export.py), one run whose shard 1 is
 SIGKILLed and its resume, one llama run with a failing problem that compares with the gpt2 run.
@@ -7,94 +7,16 @@ SIGKILLed and its resume, one llama run with a failing problem that compares wit
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from codi_attn import settings, shards
 from codi_attn.prepack import can_prepack
+from flowrun import FLOW_FILE, N, SHARD, card_data, run_flow, seed42_ids, tiny_params, use_datastore
 
-os.environ.setdefault("USERNAME", "codi-attn-tests")  # Metaflow refuses to run as root without it
-
-ROOT = Path(__file__).resolve().parents[1]
-FLOW_FILE = ROOT / "flows" / "attention_flow.py"
-GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-if not GSM8K_TRAIN.exists():
-    GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
 STEPS = ["start", "sample", "extract", "aggregate", "metrics", "validate_heads", "compare", "end"]
-N, SHARD = 6, 4  # two shards: 4 + 2 problems
-
-pytestmark = pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason="shared GSM8K train.jsonl not found")
-
-
-
-
-def run_flow(root: Path, *, resume: bool = False, env: dict | None = None, **params):
-    """Run (or resume) the flow in the datastore under `root`; returns the ExecutingRun."""
-    from metaflow import Runner
-
-    root.mkdir(parents=True, exist_ok=True)
-    full_env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": os.environ["USERNAME"],
-                "CODI_ATTN_FAIL_SHARD": "", "CODI_ATTN_FAIL_PROBLEMS": "", **(env or {})}
-    with Runner(str(FLOW_FILE), show_output=False, env=full_env, cwd=str(root), pylint=False) as runner:
-        result = runner.resume(**params) if resume else runner.run(**params)
-        result.stdout_text, result.stderr_text = result.stdout, result.stderr
-    use_datastore(root)
-    return result
-
-
-def use_datastore(root: Path) -> None:
-    """Point this process's Client API at the datastore under `root`."""
-    from metaflow import metadata, namespace
-
-    metadata(f"local@{root}")
-    namespace(None)
-
-
-def tiny_params(base, ckpt, **extra):
-    return {"model": "gpt2", "base": str(base), "ckpt": str(ckpt), "dataset": str(GSM8K_TRAIN),
-            "n_problems": str(N), "shard_size": SHARD, "batch_size": 3, "max_new_tokens": 4, "device": "cpu",
-            "dtype": "float32", "n_boot": 10, "validate_k": 2, "validate_random": 1, **extra}
-
-
-def card_data(task) -> str:
-    """The JSON text of a task's first card (the HTML embeds it base64-encoded)."""
-    import base64
-    import re
-
-    from metaflow.cards import get_cards
-
-    html = get_cards(task)[0].get()
-    blobs = re.findall(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
-    assert blobs, f"no card data in the card of {task.pathspec}"
-    return "".join(base64.b64decode(b).decode("utf-8") for b in blobs)
-
-
-def seed42_ids(n: int) -> list[str]:
-    random.seed(42)
-    return [f"train_{i}" for i in sorted(random.sample(range(7473), n))]
-
-
-_CLEAN = {}
-
-
-def clean_run_once(tiny_gpt2, tmp_path_factory):
-    """One uninterrupted gpt2 run per test session, shared with test_export.py: (Run, datastore root,
-    (base, ckpt))."""
-    if "run" not in _CLEAN:
-        root = tmp_path_factory.mktemp("clean_ds")
-        result = run_flow(root, **tiny_params(*tiny_gpt2))
-        assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
-        _CLEAN["run"] = (result.run, root, tiny_gpt2)
-    return _CLEAN["run"]
-
-
-@pytest.fixture(scope="session")
-def clean_run(tiny_gpt2, tmp_path_factory):
-    return clean_run_once(tiny_gpt2, tmp_path_factory)
 
 
 def test_artifacts_shapes_dtypes_and_sample(clean_run):
@@ -136,7 +58,7 @@ def test_artifacts_shapes_dtypes_and_sample(clean_run):
     assert d.validation.loc[0, "accuracy"] == d.accuracy  # the baseline is re-run on the same problems
 
 
-def test_arrays_equal_direct_extraction(clean_run):
+def test_arrays_equal_direct_extraction(clean_run, gsm8k_train):
     """The flow's per-problem arrays are exactly what codi_attn.extract gives for those problems, in order."""
     from codi_attn.data import load_records, sample_problems
     from codi_attn.extract import extract
@@ -144,7 +66,7 @@ def test_arrays_equal_direct_extraction(clean_run):
 
     run, root, (base, ckpt) = clean_run
     use_datastore(root)
-    problems = sample_problems(load_records(str(GSM8K_TRAIN), "train"), N)
+    problems = sample_problems(load_records(str(gsm8k_train), "train"), N)
     model = load_codi("gpt2", base=str(base), ckpt=str(ckpt), device="cpu", dtype="float32")
     ex = extract(model, [p.question for p in problems], [p.solution for p in problems], batch_size=1,
                  max_new_tokens=4)
@@ -200,13 +122,13 @@ def test_card_cli_view_and_get(clean_run, tmp_path):
     assert len(out.read_text()) > 1000
 
 
-def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path):
+def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path, gsm8k_train):
     """Shard 1 is SIGKILLed after its first batch; resume reruns only it; arrays equal the clean run's."""
     from metaflow import Run
 
     clean, clean_root, (base, ckpt) = clean_run
     root = tmp_path / "resume_ds"
-    params = tiny_params(base, ckpt)
+    params = tiny_params(base, ckpt, gsm8k_train)
     # one worker: shard 0 finishes before shard 1 dies (Metaflow kills the siblings still running when a
     # task fails; resume would rerun those too, which is right but not what this test pins down)
     failed = run_flow(root, env={"CODI_ATTN_FAIL_SHARD": "1:kill"}, max_workers=1, **params)
@@ -238,13 +160,13 @@ def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path):
     assert d.ranked_heads.equals(c.ranked_heads)
 
 
-def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_llama):
+def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_llama, gsm8k_train):
     """A llama run in the clean run's datastore: one problem raises and is recorded, the rest go on;
     compare finds the gpt2 run on the same sample."""
     clean, root, _ = clean_run
     bad = seed42_ids(N)[1]
     result = run_flow(root, env={"CODI_ATTN_FAIL_PROBLEMS": bad},
-                      **tiny_params(*tiny_llama, model="llama", max_failed_fraction=0.5))
+                      **tiny_params(*tiny_llama, gsm8k_train, model="llama", max_failed_fraction=0.5))
     assert result.status == "successful", result.stderr_text[-3000:]
     d = result.run.data
     assert [f["id"] for f in d.failed_problems] == [bad]
@@ -257,136 +179,14 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert "Model comparison: llama vs gpt2" in card_data(result.run["compare"].task)
 
 
-def test_bad_input_fails_in_start(tmp_path, tiny_gpt2):
-    result = run_flow(tmp_path / "ds", **tiny_params(*tiny_gpt2, n_problems="8000"))
+def test_bad_input_fails_in_start(tmp_path, tiny_gpt2, gsm8k_train):
+    result = run_flow(tmp_path / "ds", **tiny_params(*tiny_gpt2, gsm8k_train, n_problems="8000"))
     assert result.status == "failed"
     output = result.stdout_text + result.stderr_text
     assert "AttentionFlow cannot start" in output
     assert "n_problems=8000 is larger than the split, which has 7473" in output
     assert "Traceback" not in output
     assert [s.id for s in result.run] == ["start"]  # nothing ran after start
-
-
-def _settings(**overrides):
-    p = {"model": "gpt2", "ckpt": "", "base": "", "dataset": str(GSM8K_TRAIN), "split": "train", "n_problems": "6",
-         "seed": 42, "shard_size": 4, "batch_size": 2, "max_new_tokens": 4, "device": "cpu", "dtype": "float32",
-         "max_failed_fraction": 0.1, "n_boot": 10, "validate": True, "validate_k": 2, "validate_random": 1,
-         "ablation": "mean", "ablation_positions": "thoughts", "compare_with": ""}
-    return {**p, **overrides}
-
-
-def _jsonl(tmp_path, name, lines):
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-@pytest.mark.parametrize("overrides, message", [
-    ({"n_problems": "7474"}, r"n_problems=7474 is larger than the split, which has 7473"),
-    ({"shard_size": 0}, r"--shard_size must be a positive integer, got 0"),
-    ({"shard_size": -3}, r"--shard_size must be a positive integer"),
-    ({"batch_size": 0}, r"--batch_size must be a positive integer"),
-    ({"max_failed_fraction": 1.5}, r"--max_failed_fraction must be between 0 and 1"),
-    ({"dataset": "/nonexistent/train.jsonl"}, r"dataset file /nonexistent/train\.jsonl does not exist"),
-    ({"model": "bert"}, r"--model: unknown preset 'bert'"),
-    ({"ckpt": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
-    ({"dtype": "int8"}, r"--dtype: unknown dtype 'int8'"),
-    ({"device": "gpu:x"}, r"--device: "),
-    ({"split": "dev"}, r"--dataset: split must be one of train, test"),
-    ({"compare_with": "123456789"}, r"--compare_with: run AttentionFlow/123456789 not found"),
-    ({"validate_k": 0}, r"--validate_k and --validate_random must be positive"),
-    ({"ablation": "noise"}, r"--ablation must be one of mean, zero, resample, got 'noise'"),
-    ({"ablation_positions": "bot"}, r"--ablation_positions must be one of thoughts, all"),
-])
-def test_check_settings_messages(overrides, message, tiny_gpt2):
-    base, ckpt = tiny_gpt2
-    params = {"base": str(base), "ckpt": str(ckpt), **overrides}
-    with pytest.raises(ValueError, match=message):
-        settings.check_settings(_settings(**params))
-
-
-def test_check_settings_reports_every_problem(tiny_gpt2):
-    with pytest.raises(ValueError) as err:
-        settings.check_settings(_settings(ckpt="/nonexistent/ckpt", shard_size=0, n_problems="9999"))
-    lines = str(err.value).splitlines()
-    assert lines == ["--shard_size must be a positive integer, got 0",
-                     "--model/--ckpt/--base: checkpoint directory not found: /nonexistent/ckpt",
-                     "--n_problems: n_problems=9999 is larger than the split, which has 7473 problems "
-                     "(use 0 or 'all' for the whole split)"]
-
-
-def test_check_settings_bad_files(tmp_path, tiny_gpt2):
-    base, ckpt = map(str, tiny_gpt2)
-    good = '{"question": "q?", "answer": "x\\n#### 1"}'
-    bad_line = _jsonl(tmp_path, "bad.jsonl", [good, good, '{"question": '])
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: malformed JSON"):
-        settings.check_settings(_settings(base=base, ckpt=ckpt, dataset=bad_line, n_problems="1"))
-    no_answer = _jsonl(tmp_path, "noanswer.jsonl", [good, '{"question": "q?"}'])
-    with pytest.raises(ValueError, match=r"noanswer\.jsonl, line 2: record has no 'answer' key"):
-        settings.check_settings(_settings(base=base, ckpt=ckpt, dataset=no_answer, n_problems="1"))
-    unreadable = tmp_path / "unreadable.jsonl"
-    unreadable.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(ValueError, match=r"unreadable\.jsonl cannot be read"):
-        settings.check_settings(_settings(base=base, ckpt=ckpt, dataset=str(unreadable)))
-    ok = settings.check_settings(_settings(base=base, ckpt=ckpt, n_problems="all"))
-    assert ok["n"] is None and ok["n_records"] == 7473
-
-
-def test_shard_note_warns_past_metaflows_foreach_limit():
-    assert settings.shard_note(100, 50) is None and settings.shard_note(5000, 50) is None
-    note = settings.shard_note(7473, 50)
-    assert "150 extract tasks" in note and "run --max-num-splits 150" in note and "--shard_size 75" in note
-
-
-def test_dataset_auto():
-    assert settings.resolve_dataset("auto", "demo", "", "") == "synthetic"
-    assert settings.resolve_dataset("auto", "demo", "/my/ckpt", "") == "gsm8k"
-    assert settings.resolve_dataset("auto", "llama", "", "") == "gsm8k"
-    assert settings.resolve_dataset("x.jsonl", "demo", "", "") == "x.jsonl"
-
-
-def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
-    """A batch that raises is retried problem by problem: only the bad problem is lost, order is kept,
-    and the rest equal a direct extraction."""
-    from codi_attn.extract import extract
-
-    problems = [{"id": f"train_{k}", "question": q, "answer": "1", "solution": "#### 1"} for k, q in enumerate(
-        ["Tom has 3 apples. How many?", "Ann has 5 pens and buys 2. How many?", "What is 4 plus 4?",
-         "Sue has 9 coins. She loses 1. How many?", "A robe takes 2 bolts. How many?"])]
-    monkeypatch.setenv("CODI_ATTN_FAIL_PROBLEMS", "train_1")
-    seen = []
-    out = shards.extract_shard(gpt2_model, problems, batch_size=3, max_new_tokens=3,
-                                 on_batch=lambda done, failed: seen.append((done, failed)))
-    assert seen == [(3, 1), (5, 1)]
-    assert out["ids"] == ["train_0", "train_2", "train_3", "train_4"]
-    assert [f["id"] for f in out["failed"]] == ["train_1"] and "RuntimeError" in out["failed"][0]["error"]
-    keep = [problems[k] for k in (0, 2, 3, 4)]
-    ex = extract(gpt2_model, [p["question"] for p in keep], None, batch_size=4, max_new_tokens=3)
-    assert out["attention"].dtype == np.float16
-    np.testing.assert_array_equal(out["attention"], ex.attention.astype(np.float16))
-    assert out["texts"] == ex.text
-    with pytest.raises(RuntimeError, match="1 of 5 problems failed, more than --max_failed_fraction=0.1"):
-        shards.check_failures(out["failed"], 5, 0.1, 0)
-    shards.check_failures(out["failed"], 5, 0.2, 0)  # exactly at the bound is fine
-
-
-def test_merge_shards_checks_coverage():
-    a = np.zeros((1, 1, 1, 6, 6), np.float16)
-    m = np.zeros((1, 1, 1, 6, 4), np.float16)
-
-    def shard(ids, failed=()):
-        return {"ids": list(ids), "attention": np.repeat(a, len(ids), 0), "mass": np.repeat(m, len(ids), 0),
-                "texts": list(ids), "predictions": np.zeros(len(ids)), "correct": np.zeros(len(ids), bool),
-                "failed": [{"id": f, "error": "x"} for f in failed]}
-
-    merged = shards.merge_shards(["a", "b", "c"], [shard(["c"]), shard(["a"], failed=["b"])])
-    assert merged["ids"] == ["a", "c"] and merged["texts"] == ["a", "c"] and merged["failed"][0]["id"] == "b"
-    with pytest.raises(RuntimeError, match=r"duplicated \['a'\]"):
-        shards.merge_shards(["a", "b"], [shard(["a", "b"]), shard(["a"])])
-    with pytest.raises(RuntimeError, match=r"lost \['b'\]"):
-        shards.merge_shards(["a", "b"], [shard(["a"])])
-    with pytest.raises(RuntimeError, match=r"unknown \['z'\]"):
-        shards.merge_shards(["a"], [shard(["a", "z"])])
 
 
 def test_code_package_ships_project_code(tmp_path):
@@ -427,9 +227,3 @@ def test_default_run_is_the_offline_demo(tmp_path):
     assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 4  # a quarter of 4 x 4 heads
     assert "DEMO MODEL" in card_data(result.run["start"].task)
     assert "model:demo" in result.run.tags
-
-
-@pytest.mark.parametrize("n_shards, cpus, threads", [(2, 2, 1), (1, 8, 8), (3, 8, 2), (5, 2, 1), (100, 64, 4)])
-def test_cpu_threads_are_shared_by_the_shards_running_at_once(n_shards, cpus, threads):
-    """Up to 16 shards (Metaflow's default --max-workers) run at once; each gets its share of the cores."""
-    assert shards.cpu_threads_per_shard(n_shards, cpus) == threads

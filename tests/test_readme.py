@@ -9,14 +9,18 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example_runs(tmp_path):
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "build_tiny_codi" in b]
-    assert blocks, "README has the library example"
-    code = blocks[0].replace("/tmp/codi-tiny", str(tmp_path / "codi-tiny"))
+def test_readme_python_examples_run(tmp_path):
+    """The library example, then the runner example on its model, as one script."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    first = next(i for i, b in enumerate(blocks) if "build_tiny_codi" in b)
+    assert "Runner(model" in blocks[first + 1], "the runner example follows the library example"
+    code = (blocks[first] + blocks[first + 1]).replace("/tmp/codi-tiny", str(tmp_path / "codi-tiny"))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert re.search(r"\(1, 2, 4, 6, 6\)", run.stdout)
     assert "'sink':" in run.stdout and "'thoughts':" in run.stdout
+    assert re.search(r"\(2, 6, \d+\)", run.stdout)  # RecordThoughts: problems, thoughts, d
+    assert len(re.findall(r"^[1-6] tensor\(", run.stdout, flags=re.M)) == 6  # one residual norm per thought
 
 
 def test_quick_start_has_two_shell_blocks():

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from codi_attn.conventions import N_THOUGHTS, THOUGHTS, thought_name  # noqa: E402
+
 MASS_LABELS = {"sink": "first token", "question": "rest of question", "bot": "BOT", "thoughts": "thoughts"}
 
 
@@ -24,12 +26,12 @@ def mean_matrix_figure(attention_avg: np.ndarray, title: str = "thought -> thoug
     m = attention_avg.mean(axis=(0, 1))
     masked = np.ma.masked_where(np.triu(np.ones_like(m, dtype=bool), 1), m)
     im = ax.imshow(masked, cmap="viridis", vmin=0)
-    for i in range(6):
+    for i in range(N_THOUGHTS):
         for j in range(i + 1):
             ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=8,
                     color="white" if m[i, j] < 0.6 * m.max() else "black")
-    ax.set_xticks(range(6), [f"z{j + 1}" for j in range(6)])
-    ax.set_yticks(range(6), [f"z{i + 1}" for i in range(6)])
+    ax.set_xticks(range(N_THOUGHTS), [thought_name(k) for k in THOUGHTS])
+    ax.set_yticks(range(N_THOUGHTS), [thought_name(k) for k in THOUGHTS])
     ax.set_xlabel("key thought j")
     ax.set_ylabel("query thought i")
     ax.set_title(title, fontsize=9)
@@ -50,7 +52,7 @@ def incoming_figure(stats: dict):
     for j in keep:
         ax.text(j, max(observed[j], stats["incoming_baseline"][j]), f"{stats['incoming_lift'][j]:.2f}x",
                 ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(keep, [f"z{j + 1}" for j in keep])
+    ax.set_xticks(keep, [thought_name(j + 1) for j in keep])
     ax.set_ylabel("mean weight from rows i >= j + 2")
     ax.set_title("incoming attention per thought, with lift over the baseline", fontsize=9)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncol=2, loc="outside lower center")

@@ -1,0 +1,57 @@
+"""Sharded extraction (codi_attn.shards): failures kept per problem, the join in sample order, CPU threads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codi_attn import shards
+
+
+def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
+    """A batch that raises is retried problem by problem: only the bad problem is lost, order is kept,
+    and the rest equal a direct extraction."""
+    from codi_attn.extract import extract
+
+    problems = [{"id": f"train_{k}", "question": q, "answer": "1", "solution": "#### 1"} for k, q in enumerate(
+        ["Tom has 3 apples. How many?", "Ann has 5 pens and buys 2. How many?", "What is 4 plus 4?",
+         "Sue has 9 coins. She loses 1. How many?", "A robe takes 2 bolts. How many?"])]
+    monkeypatch.setenv("CODI_ATTN_FAIL_PROBLEMS", "train_1")
+    seen = []
+    out = shards.extract_shard(gpt2_model, problems, batch_size=3, max_new_tokens=3,
+                                 on_batch=lambda done, failed: seen.append((done, failed)))
+    assert seen == [(3, 1), (5, 1)]
+    assert out["ids"] == ["train_0", "train_2", "train_3", "train_4"]
+    assert [f["id"] for f in out["failed"]] == ["train_1"] and "RuntimeError" in out["failed"][0]["error"]
+    keep = [problems[k] for k in (0, 2, 3, 4)]
+    ex = extract(gpt2_model, [p["question"] for p in keep], None, batch_size=4, max_new_tokens=3)
+    assert out["attention"].dtype == np.float16
+    np.testing.assert_array_equal(out["attention"], ex.attention.astype(np.float16))
+    assert out["texts"] == ex.text
+    with pytest.raises(RuntimeError, match="1 of 5 problems failed, more than --max_failed_fraction=0.1"):
+        shards.check_failures(out["failed"], 5, 0.1, 0)
+    shards.check_failures(out["failed"], 5, 0.2, 0)  # exactly at the bound is fine
+
+
+def test_merge_shards_checks_coverage():
+    a = np.zeros((1, 1, 1, 6, 6), np.float16)
+    m = np.zeros((1, 1, 1, 6, 4), np.float16)
+
+    def shard(ids, failed=()):
+        return {"ids": list(ids), "attention": np.repeat(a, len(ids), 0), "mass": np.repeat(m, len(ids), 0),
+                "texts": list(ids), "predictions": np.zeros(len(ids)), "correct": np.zeros(len(ids), bool),
+                "failed": [{"id": f, "error": "x"} for f in failed]}
+
+    merged = shards.merge_shards(["a", "b", "c"], [shard(["c"]), shard(["a"], failed=["b"])])
+    assert merged["ids"] == ["a", "c"] and merged["texts"] == ["a", "c"] and merged["failed"][0]["id"] == "b"
+    with pytest.raises(RuntimeError, match=r"duplicated \['a'\]"):
+        shards.merge_shards(["a", "b"], [shard(["a", "b"]), shard(["a"])])
+    with pytest.raises(RuntimeError, match=r"lost \['b'\]"):
+        shards.merge_shards(["a", "b"], [shard(["a"])])
+    with pytest.raises(RuntimeError, match=r"unknown \['z'\]"):
+        shards.merge_shards(["a"], [shard(["a", "z"])])
+
+
+@pytest.mark.parametrize("n_shards, cpus, threads", [(2, 2, 1), (1, 8, 8), (3, 8, 2), (5, 2, 1), (100, 64, 4)])
+def test_cpu_threads_are_shared_by_the_shards_running_at_once(n_shards, cpus, threads):
+    """Up to 16 shards (Metaflow's default --max-workers) run at once; each gets its share of the cores."""
+    assert shards.cpu_threads_per_shard(n_shards, cpus) == threads
