@@ -5,7 +5,6 @@ import numpy as np
 from metaflow.cards import Markdown, Table
 
 from cards.common import image
-from codi_attn.figures.extraction import incoming_figure, mass_figure, mean_matrix_figure
 
 
 def numerics(model_info: dict) -> str:
@@ -20,6 +19,8 @@ def numerics(model_info: dict) -> str:
 def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: float, attention_avg: np.ndarray,
                    failed: list[dict], artifacts: list[tuple[str, str, str]]) -> list:
     """Totals, the mass split, the mean 6x6 matrix, incoming attention and the artifact table."""
+    from codi_attn.figures.extraction import incoming_figure, mass_figure, mean_matrix_figure
+
     n = stats["n_problems"]
     mass = stats["mass_mean"]
     parts = [

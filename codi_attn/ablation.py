@@ -77,9 +77,10 @@ class AblateHeads(Hook):
             if positions != "thoughts":
                 raise ValueError("resample ablation is defined at the thought positions only (a question position "
                                  "has no counterpart in another problem)")
-            if inputs is None or partners is None or inputs.ndim != 5 or inputs.shape[1:] != (N_THOUGHTS, *expected_shape(model)):
-                raise ValueError(f"resample ablation needs inputs [N, {N_THOUGHTS}, {', '.join(map(str, expected_shape(model)))}] "
-                                 "(HeadInputs) and partners [N]")
+            shape = (N_THOUGHTS, *expected_shape(model))
+            if inputs is None or partners is None or inputs.ndim != 5 or inputs.shape[1:] != shape:
+                raise ValueError(f"resample ablation needs inputs [N, {', '.join(map(str, shape))}] (HeadInputs) "
+                                 "and partners [N]")
             if len(partners) != inputs.shape[0]:
                 raise ValueError(f"{len(partners)} partners for the inputs of {inputs.shape[0]} problems")
             layers = sorted(self.by_layer)

@@ -158,3 +158,54 @@ def swap_partners(solutions: Sequence[str]) -> np.ndarray:
             for j, i in enumerate(members):
                 partner[i] = members[(j + 1) % len(members)]
     return partner
+
+
+class AnswerShift(Hook):
+    """How a condition moves the baseline's answer token, per problem, without keeping [N, V'] logits.
+
+    At the baseline's answer step `steps` [N] (-1: none), where the condition generated the baseline's `tokens`
+    [N, G] up to there (the same context), it records `kl` [N], KL(baseline || condition) of the next-token
+    distribution (EOT excluded, as in decoding; nats), and `logit_diff` [N], the condition's logit of the
+    baseline's answer token minus that of the baseline's runner-up (`answer` and `runner_up` [N] token ids).
+    nan where there is no such step or another context. `base_logits` [N, V'] are the baseline's logits there.
+    """
+
+    points = ("decode.*.logits", "decode.*.token")
+
+    def __init__(self, base_logits: np.ndarray, steps: np.ndarray, tokens: np.ndarray, answer: np.ndarray,
+                 runner_up: np.ndarray):
+        n = len(steps)
+        self.base_logits, self.steps, self.tokens = base_logits, np.asarray(steps), np.asarray(tokens)
+        self.answer, self.runner_up = np.asarray(answer), np.asarray(runner_up)
+        self.kl = np.full(n, np.nan)
+        self.logit_diff = np.full(n, np.nan)
+        self._batch: PaddedBatch | None = None
+        self._same: torch.Tensor | None = None  # [B] the context so far equals the baseline's
+
+    def __call__(self, value: torch.Tensor, point: Point, batch: PaddedBatch) -> None:
+        t, rows = point.step, batch.rows
+        if self._batch is not batch:
+            self._batch = batch
+            self._same = torch.ones(len(rows), dtype=torch.bool, device=value.device)
+        if point.kind == "logits":
+            at = np.flatnonzero(self.steps[rows] == t)
+            keep = at[self._same[at].cpu().numpy()] if len(at) else at
+            if len(keep):
+                logits = value[torch.as_tensor(keep, device=value.device)].double()
+                base = torch.as_tensor(self.base_logits[rows[keep]], device=value.device, dtype=torch.float64)
+                log_q, log_p = torch.log_softmax(logits, -1), torch.log_softmax(base, -1)
+                p = log_p.exp()
+                kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1).clamp(min=0.0)
+                pick = torch.arange(len(keep), device=value.device)
+                answer = torch.as_tensor(self.answer[rows[keep]], device=value.device)
+                runner_up = torch.as_tensor(self.runner_up[rows[keep]], device=value.device)
+                self.kl[rows[keep]] = kl.cpu().numpy()
+                self.logit_diff[rows[keep]] = (logits[pick, answer] - logits[pick, runner_up]).cpu().numpy()
+            return None
+        width = self.tokens.shape[1]
+        base = torch.as_tensor(self.tokens[rows, t] if t < width else np.full(len(rows), -1), device=value.device)
+        self._same &= value == base
+        return None
+
+    def flush(self, batch: PaddedBatch) -> None:
+        self._batch = self._same = None

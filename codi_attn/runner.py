@@ -394,7 +394,7 @@ class PaddedBatch:
     """
 
     def __init__(self, model: CODIModel, token_ids: list[list[int]], max_new_tokens: int,
-                 rows: Sequence[int] | None = None):
+                 rows: Sequence[int] | None = None, preallocate: bool = True):
         self.model = model
         width = max(map(len, token_ids))
         self.budget = decode_budget(model, width, max_new_tokens)
@@ -411,7 +411,11 @@ class PaddedBatch:
         self.done = torch.zeros(len(token_ids), dtype=torch.bool, device=dev)
         self.phase = "prefill"
         self.view: PaddedBatch | PrefillGroup = self  # what hooks see: the batch, or the prefill group running
-        self.cache = preallocated_cache(model.lm.config, width + N_THOUGHTS + max(self.budget, 1))
+        # room reserved up front, written in place; without it (gradients: autograd cannot follow in-place writes
+        # into tensors earlier steps read) a plain DynamicCache and a one-group prefill
+        self.cache = preallocated_cache(model.lm.config, width + N_THOUGHTS + max(self.budget, 1)) if preallocate \
+            else DynamicCache(config=model.lm.config)
+        self.preallocate = preallocate
         # transformers renamed past_key_values to cache (5.2x); an unknown name would be swallowed silently
         self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.base_model.forward).parameters \
             else "past_key_values"
@@ -433,7 +437,7 @@ class PaddedBatch:
         """
         body, config = self.model.lm.base_model, self.model.lm.config
         lengths = self.lengths.tolist()
-        groups = prefill_groups(lengths)
+        groups = prefill_groups(lengths) if self.preallocate else [list(range(len(lengths)))]
         if len(groups) == 1:  # already even: one forward straight into the batch cache, rows in batch order
             groups = [list(range(len(lengths)))]
         self.phase = "prefill"
@@ -462,6 +466,8 @@ class PaddedBatch:
 
     def rewind(self) -> None:
         """Back to the state right after the prefill: the cache keeps the prompt, mask and done are reset."""
+        if not self.preallocate:
+            raise RuntimeError("only a preallocated cache rewinds")
         for layer in self.cache.layers:
             layer.rewind(self.width)
         self.mask, self.phase = self.prompt_mask, "prefill"
@@ -530,14 +536,22 @@ class Runner:
 
     runner = Runner(model, batch_size=16, max_new_tokens=256)
     generation = runner.run(questions, hooks=[capture, ablate])
+
+    gradients=True runs with autograd on (and a plain DynamicCache, every condition with its own prefill): hooks
+    may make a point's value a leaf that requires grad and differentiate a later value with respect to it, e.g.
+    in `flush` (attribution patching). It needs PyTorch's linear layers (`load_codi(..., prepack=False)`).
     """
 
-    def __init__(self, model: CODIModel, batch_size: int = 16, max_new_tokens: int = 256):
+    def __init__(self, model: CODIModel, batch_size: int = 16, max_new_tokens: int = 256, gradients: bool = False):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        if gradients and "prepacked" in str(model.source.get("linear", "")):
+            raise ValueError("gradients need PyTorch's linear layers, and this model's are oneDNN-prepacked "
+                             "(inference only): load it with load_codi(..., prepack=False)")
         self.model, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
+        self.gradients = gradients
         self._names = point_names(model.n_layers, max_new_tokens)
         self._d_head = head_dim(model)
 
@@ -563,12 +577,14 @@ class Runner:
         conds = [Hooks(c, self._names) for c in conditions]
         n = len(questions)
         tokens: list[list[list[int]]] = [[[] for _ in range(n)] for _ in conds]
-        with torch.inference_mode(), self._module_hooks(conds):
+        grad_mode = torch.enable_grad() if self.gradients else torch.inference_mode()
+        with grad_mode, self._module_hooks(conds):
             for rows, ids in self.batches(questions):
                 shared = None
                 for c, hooks in enumerate(conds):
-                    if hooks.prefill_layers:
-                        batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
+                    if hooks.prefill_layers or self.gradients:  # a prefill of its own
+                        batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows,
+                                            preallocate=not self.gradients)
                         self._active, self._batch = hooks, batch
                         bot = batch.prefill()
                     else:

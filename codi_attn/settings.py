@@ -54,6 +54,20 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         elif p["ablation"] == "resample" and p["ablation_positions"] != "thoughts":
             errors.append("--ablation resample is defined at the thought positions only: use "
                           "--ablation_positions thoughts (or --ablation mean / zero for all positions)")
+    if p["heads"]:
+        kinds = tuple(k.strip() for k in p["head_kinds"].split(",") if k.strip())
+        where = tuple(w.strip() for w in p["head_positions"].split(",") if w.strip())
+        if not kinds or any(k not in ABLATIONS for k in kinds) or len(set(kinds)) < len(kinds):
+            errors.append(f"--head_kinds must list distinct kinds among {', '.join(ABLATIONS)}, got "
+                          f"{p['head_kinds']!r}")
+        if not where or any(w not in POSITIONS for w in where) or len(set(where)) < len(where):
+            errors.append(f"--head_positions must list distinct places among {', '.join(POSITIONS)}, got "
+                          f"{p['head_positions']!r}")
+        out["head_kinds"], out["head_positions"] = kinds, where
+        out["head_scan"] = parse_head_scan(p["head_scan"], errors)
+        if p["head_group_size"] <= 0 or p["head_random_sets"] <= 0:
+            errors.append(f"--head_group_size and --head_random_sets must be positive, got {p['head_group_size']} "
+                          f"and {p['head_random_sets']}")
     if p["n_boot"] < 0:
         errors.append(f"--n_boot must be 0 or more, got {p['n_boot']}")
     if not 0.0 <= p["max_failed_fraction"] <= 1.0:
@@ -76,6 +90,18 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     if errors:
         raise SettingsError("\n".join(errors))
     return out
+
+
+def parse_head_scan(spec: str, errors: list[str]) -> tuple[str, int | None]:
+    """--head_scan: 'all' -> ('all', None); 'top:M' -> ('top', M); a bad value adds an error line."""
+    text = spec.strip().lower()
+    if text == "all":
+        return ("all", None)
+    head, _, m = text.partition(":")
+    if head == "top" and m.isdigit() and int(m) > 0:
+        return ("top", int(m))
+    errors.append(f"--head_scan must be all or top:M with M a positive number of heads, got {spec!r}")
+    return ("all", None)
 
 
 def shard_note(n_problems: int, shard_size: int) -> str | None:

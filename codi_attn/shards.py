@@ -9,7 +9,6 @@ from collections import Counter
 import numpy as np
 
 from codi_attn.conventions import MASS_PARTS, N_THOUGHTS
-from codi_attn.extract import extract
 from codi_attn.metrics import baseline_of, incoming
 
 # Test hooks, read only by the tests (tests/test_flow.py); a normal run never sets them.
@@ -52,6 +51,8 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
     Returns ids, attention float16 [n, L, H, 6, 6], mass float16 [n, L, H, 6, 4], texts, predictions
     float64 [n], correct bool [n] for the n problems that succeeded (in input order), and failed.
     """
+    from codi_attn.extract import extract  # here: the join steps read this module without loading torch
+
     fail_ids = set(filter(None, os.environ.get(FAIL_PROBLEMS_ENV, "").split(",")))
 
     def run(chunk):

@@ -51,6 +51,13 @@ class AttentionFlow(FlowSpec):
                  attention and mass split per (problem, layer, head) in float16; resumable per shard
       aggregate  join: all problems in sample order, mean/std matrices, summary stats, accuracy
       metrics    rank heads (flow, hub, skip, composite) with causal-uniform baselines and intervals
+      attribute_heads  attribution patching: an estimate of every head's effect in one backward pass; picks
+                 the heads to scan exactly and splits them into groups
+      scan_heads foreach head group: each head ablated alone (mean, zero, resample) on the sample, one baseline
+                 and one prefill per batch shared; resumable per group
+      join_heads the causal head report: effects with intervals, critical heads, the attention metrics held
+                 against the effects, top heads selected on one half and tested on the other against
+                 random head sets
       validate_heads  ablate the top heads against random same-layer heads, block each thought, swap
                  thoughts between problems (with a no-op control); logit lens of the thoughts
       compare    against the latest run of every other model on the same sample
@@ -104,6 +111,23 @@ class AttentionFlow(FlowSpec):
     ablation_positions = Parameter("ablation_positions", default="thoughts", type=str,
                                    help="Where heads are ablated: thoughts (the six thought steps) or all (every "
                                         "position: question, thoughts, EOT and decoding; mean and zero only).")
+    heads = Parameter("heads", default=True, type=bool,
+                      help="Run the causal head analysis (attribute_heads, scan_heads, join_heads: every head "
+                           "ablated alone, attribution patching, held-out top heads against random head sets); "
+                           "--heads false skips it.")
+    head_kinds = Parameter("head_kinds", default="mean,zero,resample", type=str,
+                           help="Ablation kinds of the head scan, comma separated: mean, zero, resample (the first "
+                                "is the one the card's verdict, the critical heads and the held-out test use).")
+    head_positions = Parameter("head_positions", default="thoughts", type=str,
+                               help="Where the head scan ablates: thoughts (the six thought steps), all (every "
+                                    "position; mean and zero only), or thoughts,all.")
+    head_scan = Parameter("head_scan", default="all", type=str,
+                          help="Which heads the exact scan ablates: all, or top:M (the M heads the attribution "
+                               "estimate ranks most harmful, for models with many heads on a small machine).")
+    head_group_size = Parameter("head_group_size", default=32, type=int,
+                                help="Heads per scan_heads task (a failed group is rerun alone by resume).")
+    head_random_sets = Parameter("head_random_sets", default=50, type=int,
+                                 help="Random head sets the held-out top heads are compared with (per selection).")
     compare_with = Parameter("compare_with", default="", type=str,
                              help="Run ids or pathspecs to compare with (comma separated); default: the latest "
                                   "successful run of each other model on the same sample.")
@@ -111,15 +135,21 @@ class AttentionFlow(FlowSpec):
     def _params(self) -> dict:
         names = ("model", "ckpt", "base", "dataset", "split", "n_problems", "seed", "shard_size", "batch_size",
                  "max_new_tokens", "device", "dtype", "max_failed_fraction", "n_boot", "validate", "validate_k",
-                 "validate_random", "ablation", "ablation_positions", "compare_with")
+                 "validate_random", "ablation", "ablation_positions", "heads", "head_kinds", "head_positions",
+                 "head_scan", "head_group_size", "head_random_sets", "compare_with")
         return {k: getattr(self, k) for k in names}
 
-    def _load_model(self):
-        """The CODI model of this run, as the parameters name it."""
+    def _load_model(self, prepack: bool = True):
+        """The CODI model of this run, as the parameters name it (prepack=False: layers autograd can go through)."""
         from codi_attn.model import load_codi
 
         return load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
-                         device=self.device)
+                         device=self.device, prepack=prepack)
+
+    def _sample(self) -> list[dict]:
+        """The extracted problems, in sample order."""
+        by_id = {p["id"]: p for p in self.problems}
+        return [by_id[i] for i in self.problem_ids]
 
     @card(type="blank")
     @step
@@ -261,6 +291,80 @@ class AttentionFlow(FlowSpec):
         for w in self.metric_warnings:
             print(f"WARNING: {w}")
         current.card.extend(metrics_card(self.metrics_report))
+        self.next(self.attribute_heads)
+
+    @resources(gpu=1, cpu=4, memory=32000)
+    @card(type="blank")
+    @step
+    def attribute_heads(self):
+        """Attribution patching: every head's estimated effect from one backward pass; the heads to scan, in groups."""
+        from metaflow.cards import Markdown
+
+        self.head_estimates, self.head_groups = None, [[]]
+        if self.heads:
+            from codi_attn.heads import plan_scan
+
+            s = self.settings
+            problems = self._sample()
+            self.head_estimates, self.head_groups = plan_scan(
+                self._load_model(prepack=False), problems, s["head_kinds"], s["head_positions"], s["head_scan"],
+                self.head_group_size, self.batch_size, self.max_new_tokens)
+        current.card.append(Markdown("# Attribute heads\n\n" + (
+            f"Attribution estimates for every head; {sum(map(len, self.head_groups))} heads to scan exactly in "
+            f"{len(self.head_groups)} group(s)." if self.heads else "Skipped (`--heads false`).")))
+        self.next(self.scan_heads, foreach="head_groups")
+
+    @resources(gpu=1, cpu=4, memory=32000)
+    @card(type="blank")
+    @step
+    def scan_heads(self):
+        """One group of heads: each ablated alone, once per kind and positions, on the whole sample."""
+        from metaflow.cards import Markdown
+
+        self.head_scan_part, self.group_index = None, self.index
+        group = [tuple(h) for h in self.input]
+        if group:
+            import torch
+
+            from codi_attn.heads import scan_heads
+            from codi_attn.shards import cpu_threads_per_shard
+
+            s = self.settings
+            model = self._load_model()
+            if model.device.type == "cpu":  # groups run side by side on a local machine: share its cores
+                torch.set_num_threads(cpu_threads_per_shard(len(self.head_groups)))
+            problems = self._sample()
+            self.head_scan_part = scan_heads(
+                model, [p["question"] for p in problems], [p["answer"] for p in problems],
+                [p["solution"] for p in problems], group, s["head_kinds"], s["head_positions"], self.batch_size,
+                self.max_new_tokens)
+        current.card.append(Markdown(f"# Scan heads: group {self.index + 1} of {len(self.head_groups)}\n\n"
+                                     f"{len(group)} heads: {' '.join(f'L{l}H{h}' for l, h in group) or 'none'}."))
+        self.next(self.join_heads)
+
+    @resources(gpu=1, cpu=4, memory=32000)
+    @card(type="blank")
+    @step
+    def join_heads(self, inputs):
+        """Join the head groups: the causal head report (effects, critical heads, metrics vs effects, held-out test)."""
+        from metaflow.cards import Markdown
+
+        self.merge_artifacts(inputs, exclude=["head_scan_part", "group_index"])
+        parts = [i.head_scan_part for i in sorted(inputs, key=lambda i: i.group_index) if i.head_scan_part is not None]
+        self.head_ablations = self.causal_report = self.head_effects = None
+        if parts:
+            from cards.heads_card import heads_card
+            from codi_attn.heads import causal_analysis
+
+            s = self.settings
+            self.head_ablations, self.causal_report = causal_analysis(
+                self._load_model(), self._sample(), parts, self.attention_raw, self.attention_mass,
+                self.head_estimates, s["head_kinds"][0], s["head_positions"][0], self.head_random_sets, self.seed,
+                self.n_boot, self.batch_size, self.max_new_tokens)
+            self.head_effects = self.causal_report.head_effects
+            current.card.extend(heads_card(self.causal_report, self.ranked_heads))
+        else:
+            current.card.append(Markdown("# Which heads carry the thoughts?\n\nSkipped (`--heads false`)."))
         self.next(self.validate_heads)
 
     @resources(gpu=1, cpu=4, memory=32000)
@@ -279,8 +383,7 @@ class AttentionFlow(FlowSpec):
             current.card.append(Markdown("# Causal validation\n\nSkipped (`--validate false`)."))
             self.next(self.compare)
             return
-        by_id = {p["id"]: p for p in self.problems}
-        problems = [by_id[i] for i in self.problem_ids]
+        problems = self._sample()
         model = self._load_model()
         done = [0]
 
@@ -303,8 +406,6 @@ class AttentionFlow(FlowSpec):
         """Compare with the latest run of every other model on the same sample (found through the Client API)."""
         from metaflow.cards import Markdown
 
-        from cards.compare_card import compare_card
-        from codi_attn.metrics import compare_reports
         from codi_attn.runs import find_comparison_runs
 
         runs = find_comparison_runs(current.flow_name, current.run_id, self.model, self.dataset_fingerprint,
@@ -312,6 +413,9 @@ class AttentionFlow(FlowSpec):
         self.compared_runs = [r.pathspec for r in runs]
         self.comparison = {}  # pathspec of the other run -> compare_reports DataFrame
         for run in runs:
+            from cards.compare_card import compare_card
+            from codi_attn.metrics import compare_reports
+
             other = run.data.metrics_report
             names = (self.model, run.data.model)
             if names[0] == names[1]:

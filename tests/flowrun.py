@@ -36,7 +36,7 @@ def use_datastore(root: Path) -> None:
 def tiny_params(base, ckpt, dataset, **extra):
     return {"model": "gpt2", "base": str(base), "ckpt": str(ckpt), "dataset": str(dataset),
             "n_problems": str(N), "shard_size": SHARD, "batch_size": 3, "max_new_tokens": 4, "device": "cpu",
-            "dtype": "float32", "n_boot": 10, "validate_k": 2, "validate_random": 1, **extra}
+            "dtype": "float32", "n_boot": 10, "validate_k": 2, "validate_random": 1, "head_random_sets": 4, **extra}
 
 
 def card_data(task) -> str:

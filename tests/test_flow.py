@@ -16,7 +16,8 @@ import torch
 from codi_attn.prepack import can_prepack
 from flowrun import FLOW_FILE, N, SHARD, card_data, run_flow, seed42_ids, tiny_params, use_datastore
 
-STEPS = ["start", "sample", "extract", "aggregate", "metrics", "validate_heads", "compare", "end"]
+STEPS = ["start", "sample", "extract", "aggregate", "metrics", "attribute_heads", "scan_heads", "join_heads",
+         "validate_heads", "compare", "end"]
 
 
 def test_artifacts_shapes_dtypes_and_sample(clean_run):
@@ -109,6 +110,21 @@ def test_cards_on_every_step(clean_run):
     assert "Head metrics: gpt2" in card_data(run["metrics"].task)
 
 
+def test_causal_head_analysis_in_the_run(clean_run):
+    """attribute_heads, scan_heads and join_heads: every head and kind has a row, the estimate beside the exact
+    effect, the held-out test ran, and the card says what was found."""
+    run, root, _ = clean_run
+    use_datastore(root)
+    d = run.data
+    effects = d.head_effects
+    assert len(effects) == 2 * 4 * 3 and set(effects["kind"]) == {"mean", "zero", "resample"}
+    assert effects["estimate"].notna().all() and effects["delta_accuracy"].between(-1, 1).all()
+    assert d.causal_report.held_out is not None and len(d.causal_report.held_out.summary) == 2
+    assert sorted(map(tuple, sum(d.head_groups, []))) == [(l, h) for l in range(2) for h in range(4)]
+    card = card_data(run["join_heads"].task)
+    assert "Which heads carry the thoughts?" in card and "causally critical" in card
+
+
 def test_card_cli_view_and_get(clean_run, tmp_path):
     import subprocess
     import sys
@@ -128,7 +144,7 @@ def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path, gsm8k_tra
 
     clean, clean_root, (base, ckpt) = clean_run
     root = tmp_path / "resume_ds"
-    params = tiny_params(base, ckpt, gsm8k_train)
+    params = tiny_params(base, ckpt, gsm8k_train, heads=False, validate=False)  # tested on the clean run
     # one worker: shard 0 finishes before shard 1 dies (Metaflow kills the siblings still running when a
     # task fails; resume would rerun those too, which is right but not what this test pins down)
     failed = run_flow(root, env={"CODI_ATTN_FAIL_SHARD": "1:kill"}, max_workers=1, **params)
@@ -166,7 +182,8 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     clean, root, _ = clean_run
     bad = seed42_ids(N)[1]
     result = run_flow(root, env={"CODI_ATTN_FAIL_PROBLEMS": bad},
-                      **tiny_params(*tiny_llama, gsm8k_train, model="llama", max_failed_fraction=0.5))
+                      **tiny_params(*tiny_llama, gsm8k_train, model="llama", max_failed_fraction=0.5, heads=False,
+                                    validate=False))
     assert result.status == "successful", result.stderr_text[-3000:]
     d = result.run.data
     assert [f["id"] for f in d.failed_problems] == [bad]
@@ -218,7 +235,7 @@ def test_default_run_is_the_offline_demo(tmp_path):
     if not Path(PRESETS["demo"].ckpt).exists():
         pytest.skip("the demo model is not in this checkout yet")
     result = run_flow(tmp_path / "ds", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-                      n_problems="4", shard_size=4, n_boot=0)
+                      n_problems="4", shard_size=4, n_boot=0, heads=False)  # heads: test_causal_head_analysis_in_the_run
     assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
     assert "DEMO MODEL" in result.stdout_text
     d = result.run.data

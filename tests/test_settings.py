@@ -30,7 +30,9 @@ def _settings(train_file, **overrides):
     p = {"model": "gpt2", "ckpt": "", "base": "", "dataset": str(train_file), "split": "train", "n_problems": "6",
          "seed": 42, "shard_size": 4, "batch_size": 2, "max_new_tokens": 4, "device": "cpu", "dtype": "float32",
          "max_failed_fraction": 0.1, "n_boot": 10, "validate": True, "validate_k": 2, "validate_random": 1,
-         "ablation": "mean", "ablation_positions": "thoughts", "compare_with": ""}
+         "ablation": "mean", "ablation_positions": "thoughts", "heads": True, "head_kinds": "mean,zero,resample",
+         "head_positions": "thoughts", "head_scan": "all", "head_group_size": 32, "head_random_sets": 50,
+         "compare_with": ""}
     return {**p, **overrides}
 
 

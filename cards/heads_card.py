@@ -1,0 +1,147 @@
+"""Card of the causal head analysis: which heads carry the thoughts, and how far the attention metrics predict it."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from metaflow.cards import Markdown
+
+from cards.common import cell, image, table
+from codi_attn.heads import CRITICAL_DROP, CausalReport
+from codi_attn.metrics import CRITICAL_COMPOSITE as COMPOSITE_CRITICAL
+
+
+def _points(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.1f}"
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"[{_points(lo)}, {_points(hi)}]"
+
+
+def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
+    """The findings in plain words, one sentence per bullet."""
+    s = report.settings
+    out = []
+    critical = report.critical()
+    composite = ranked_heads[ranked_heads["composite"] > COMPOSITE_CRITICAL]["label"].tolist()
+    names = ", ".join(critical["label"]) or "none"
+    out.append(f"{len(critical)} of {s['n_layers'] * s['n_heads']} heads are causally critical ({s['kind']} ablation "
+               f"alone costs at least {100 * CRITICAL_DROP:.0f} points, interval excluding 0): {names}. "
+               f"Composite above {COMPOSITE_CRITICAL}: {', '.join(composite) or 'none'}; in both: "
+               f"{', '.join(sorted(set(critical['label']) & set(composite))) or 'none'}.")
+    corr = report.correlations
+    row = corr[(corr["metric"] == "composite") & (corr["effect"] == "accuracy drop")]
+    if len(row):
+        r = row.iloc[0]
+        predicts = r.ci_low > 0
+        out.append(f"Across heads the composite score and the accuracy drop have Spearman {r.spearman:+.2f} "
+                   f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]: the attention ranking "
+                   + ("predicts the causal effect." if predicts else "**does not predict** the causal effect."))
+    best = corr[corr["effect"] == "accuracy drop"].sort_values("spearman", ascending=False)
+    if len(best):
+        b = best.iloc[0]
+        out.append(f"The attention metric closest to the effect is {b.metric}: Spearman {b.spearman:+.2f} "
+                   f"[{b.ci_low:+.2f}, {b.ci_high:+.2f}]"
+                   + ("." if b.ci_low > 0 else "; its interval includes 0, so no attention metric here predicts "
+                      "which heads matter."))
+    held = report.held_out
+    if held is not None:
+        for r in held.summary.itertuples():
+            out.append(f"Selected on half A by {r.selection} ({r.heads}), the top-{held.k} ablated together on half B "
+                       f"({len(held.problems_b)} problems) change accuracy by {_points(r.delta_accuracy)} points "
+                       f"{_interval(r.delta_ci_low, r.delta_ci_high)}, vs {100 * r.random_mean:+.1f} ± "
+                       f"{100 * r.random_sd:.1f} for {r.distinct} random sets"
+                       f"{' of the same layers' if r.layer_matched else ' from all layers'}: a larger drop than "
+                       f"{r.percentile:.0f}% of them.")
+    for r in report.agreement.itertuples():
+        out.append(f"Attribution patching ({r.kind}) ranks the heads' logit-difference effects with Spearman "
+                   f"{r.spearman:+.2f} against the exact scan ({r.n_heads} heads).")
+    out += [f"Note: {n}." for n in report.notes]
+    return out
+
+
+def _effects_table(report: CausalReport, kind: str, n: int = 30) -> list:
+    from codi_attn.heads import causal_order
+
+    df = report.head_effects
+    df = causal_order(df[(df["kind"] == kind) & (df["positions"] == report.settings["positions"])]).head(n)
+    shown = pd.DataFrame({
+        "head": df["label"], "accuracy": [f"{100 * v:.1f}%" for v in df["accuracy"]],
+        "Δ points": [_points(v) for v in df["delta_accuracy"]],
+        "Δ 95% CI": [_interval(lo, hi) for lo, hi in zip(df["delta_ci_low"], df["delta_ci_high"])],
+        "answers changed": [f"{100 * v:.0f}%" for v in df["answers_changed"]],
+        "KL answer token": [cell(v) for v in df["kl_answer_token"]],
+        "Δ logit diff": [cell(v) for v in df["logit_diff_change"]],
+        "attribution estimate": [cell(v) for v in df["estimate"]],
+        "composite": [cell(v) for v in df["composite"]], "critical": df["critical"]})
+    return [table(shown)]
+
+
+def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
+    """Components of the causal-heads card."""
+    from codi_attn.figures.heads import attribution_scatter, composite_scatter, effect_maps, held_out_figure
+
+    s = report.settings
+    where = "the six thought steps" if s["positions"] == "thoughts" else "every position"
+    parts = [
+        Markdown(f"# Which heads carry the thoughts?\n\n{s['model']} ({s['n_layers']} layers x {s['n_heads']} "
+                 f"heads), {s['n_problems']} problems. Each head is ablated alone ({', '.join(s['kinds'])}: its slice "
+                 "of the attention output projection's input replaced by its mean over the problems, by 0, or by "
+                 f"its input on another problem with as many solution steps) at {where}, against one baseline run "
+                 "of the same problems. Δ: accuracy change in points with a 95 % paired bootstrap interval; KL and "
+                 "Δ logit diff (the baseline's answer token minus its runner-up) at the token where the baseline's "
+                 "answer number starts."),
+        Markdown("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(report, ranked_heads))),
+        Markdown("## Every head"),
+        image(effect_maps(report)),
+        Markdown("## Does the attention ranking find them?"),
+        image(composite_scatter(report)),
+        table(report.correlations.assign(spearman=report.correlations["spearman"].round(3),
+                                          ci_low=report.correlations["ci_low"].round(3),
+                                          ci_high=report.correlations["ci_high"].round(3))),
+    ]
+    if report.held_out is not None:
+        held = report.held_out
+        parts += [Markdown(f"## Held out: selected on half A ({len(held.problems_a)} problems), measured on half B "
+                           f"({len(held.problems_b)})"),
+                  image(held_out_figure(held)),
+                  table(_held_out_table(held))]
+    if len(report.agreement):
+        parts += [Markdown("## Attribution patching against the exact scan"), image(attribution_scatter(report))]
+    parts += [Markdown(f"## Critical heads side by side\n\nCausal: Δ ≤ -{100 * CRITICAL_DROP:.0f} points with the "
+                       f"interval below 0 ({s['kind']} ablation). Composite: the design's score above "
+                       f"{COMPOSITE_CRITICAL}."),
+              table(_side_by_side(report, ranked_heads))]
+    for kind in s["kinds"]:
+        parts += [Markdown(f"## Heads by effect: {kind} ablation (most harmful first)"), *_effects_table(report, kind)]
+    return parts
+
+
+def _held_out_table(held) -> pd.DataFrame:
+    return pd.DataFrame({
+        "selected by": held.summary["selection"], "heads": held.summary["heads"],
+        "Δ points on half B": [_points(v) for v in held.summary["delta_accuracy"]],
+        "95% CI": [_interval(lo, hi) for lo, hi in zip(held.summary["delta_ci_low"], held.summary["delta_ci_high"])],
+        "random sets: mean ± sd": [f"{100 * m:+.1f} ± {100 * sd:.1f}" for m, sd in
+                                   zip(held.summary["random_mean"], held.summary["random_sd"])],
+        "drop larger than": [f"{p:.0f}% of them" for p in held.summary["percentile"]],
+        "distinct sets": held.summary["distinct"],
+        "random sets from": ["the same layers" if m else "all layers" for m in held.summary["layer_matched"]],
+    })
+
+
+def _side_by_side(report: CausalReport, ranked_heads: pd.DataFrame) -> pd.DataFrame:
+    causal = report.critical()
+    composite = ranked_heads[ranked_heads["composite"] > COMPOSITE_CRITICAL]
+    n = max(len(causal), len(composite), 1)
+    def pad(values) -> list:
+        values = list(values)
+        return values + [""] * (n - len(values))
+
+    return pd.DataFrame({
+        "causal critical": pad(causal["label"]),
+        "Δ points": pad(_points(v) for v in causal["delta_accuracy"]),
+        "composite critical": pad(composite["label"]),
+        "composite": pad(f"{v:.3f}" for v in composite["composite"]),
+    })

@@ -1,0 +1,606 @@
+"""Which heads carry the thoughts: the causal effect of every query head, an attribution estimate for all of them
+at once, and how far each attention metric predicts the effect.
+
+Scan (exact). Every head (layer, head) is ablated alone, once per kind (`mean`, `zero`, `resample`, as
+codi_attn.ablation defines them), at the six thought steps (positions "thoughts") or everywhere ("all"), on the
+same problems as one baseline run; all conditions of a batch share its prefill. Per head and kind: accuracy and
+its change with a paired bootstrap interval, the share of answers changed, and at the baseline's answer token
+(where its number starts; codi_attn.hooks.AnswerShift) the KL from the baseline and the change of the logit
+difference between the baseline's answer token and its runner-up. A `HeadScan` keeps the per-problem outcomes,
+so effects on any subset of the problems come without running anything again; scans of head groups (shards)
+merge into the scan of all heads.
+
+Attribution patching (estimate). One forward with gradients and one backward per batch (codi_attn.runner's
+`gradients=True`) give d(logit difference)/d(head input) at every thought and layer; the estimated effect of
+replacing the input a of a head by a' (its mean, 0 or the partner's input) is sum over the thoughts of
+(a' - a) . gradient (Nand 2023; Syed, Rager and Conmy 2023). It ranks hundreds of heads for the price of one
+run; it is checked against the exact scan (Spearman) where both ran.
+
+Held out. The problems are split in two halves (seeded); heads are selected on half A (the k most harmful by
+the scan's effect on A, and the k best by the composite computed on A's attention) and measured on half B, ablated
+together, against at least 50 random sets of k heads drawn on B (layer-matched where the model has enough other
+heads in those layers, otherwise from all layers), so selection and test never share a problem.
+
+Critical heads (causally): the accuracy drop's interval excludes 0 and the drop is at least CRITICAL_DROP.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from codi_attn.ablation import AblateHeads, HeadInputs, HeadMeans, check_heads
+from codi_attn.conventions import ABLATIONS, MASS_PARTS, N_THOUGHTS, POSITIONS, THOUGHTS, Head, head_label
+from codi_attn.extract import correctness
+from codi_attn.hooks import AnswerLogits, AnswerShift, swap_partners
+from codi_attn.model import CODIModel
+from codi_attn.runner import Hook, PaddedBatch, Point, Runner, head_dim, number_tokens
+from codi_attn.validate import CI_LEVEL, K_SHARE, answers_changed, bootstrap_interval, resample_indices
+
+CRITICAL_DROP = 0.05  # a causally critical head costs at least 5 points of accuracy (and its interval excludes 0)
+N_RANDOM_SETS = 50
+MAX_K = 10
+METRICS = ("flow", "hub", "skip", "composite", "incoming", "thought_share")  # attention metrics held against effects
+EFFECT_COLUMNS = ("layer", "head", "label", "kind", "positions", "n_problems", "accuracy", "delta_accuracy",
+                  "delta_ci_low", "delta_ci_high", "answers_changed", "kl_answer_token", "logit_diff_change",
+                  "logit_diff_ci_low", "logit_diff_ci_high", "compared", "critical")
+
+
+# ---------------------------------------------------------------- the baseline every condition is measured against
+
+
+@dataclass
+class Baseline:
+    """One run of the unablated model on the scan's problems, and what the ablations need from it."""
+
+    correct: np.ndarray  # [N] bool
+    prediction: np.ndarray  # [N] float64
+    tokens: np.ndarray  # [N, G] generated ids
+    answer_logits: np.ndarray  # [N, V'] at the answer token (nan where none)
+    answer_step: np.ndarray  # [N] decode step where the answer's number starts, -1: none
+    answer: np.ndarray  # [N] the token generated there
+    runner_up: np.ndarray  # [N] the second most likely token there
+    logit_diff: np.ndarray  # [N] logit(answer) - logit(runner_up), nan where no step
+    means: dict[str, np.ndarray] = field(default_factory=dict)  # positions -> HeadMeans.means
+    inputs: np.ndarray | None = None  # [N, 6, L, H, d_head] head inputs at the thoughts (resample)
+    partners: np.ndarray | None = None  # [N] swap partners (resample sources)
+
+    def shift_hook(self) -> AnswerShift:
+        return AnswerShift(self.answer_logits, self.answer_step, self.tokens, self.answer, self.runner_up)
+
+
+def run_baseline(runner: Runner, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+                 kinds: Sequence[str], positions: Sequence[str]) -> Baseline:
+    """The baseline run, recording the head means (per kind and positions needed) and the head inputs."""
+    model, n = runner.model, len(questions)
+    answer = AnswerLogits(n, numbers=number_tokens(model))
+    means = {p: HeadMeans(model, p) for p in positions if "mean" in kinds}
+    inputs = HeadInputs(model, n) if "resample" in kinds else None
+    generation = runner.run(questions, [answer, *means.values(), *([inputs] if inputs else [])])
+    logits = np.nan_to_num(answer.logits, nan=-np.inf)
+    top2 = np.argsort(-logits, axis=-1)[:, :2]
+    rows = np.flatnonzero(answer.step >= 0)
+    diff = np.full(n, np.nan)
+    diff[rows] = logits[rows, top2[rows, 0]] - logits[rows, top2[rows, 1]]
+    return Baseline(correctness(generation.prediction, golds), generation.prediction, generation.tokens,
+                    answer.logits, answer.step, top2[:, 0], top2[:, 1], diff,
+                    {p: m.means for p, m in means.items()}, None if inputs is None else inputs.inputs,
+                    swap_partners(solutions) if "resample" in kinds else None)
+
+
+def ablation(model: CODIModel, base: Baseline, heads: Sequence[Head], kind: str, positions: str) -> AblateHeads:
+    """The AblateHeads hook of `kind` at `positions`, with the baseline's means or inputs."""
+    means = None
+    if kind == "mean":
+        means = base.means["thoughts" if positions == "thoughts" else "all"]
+    return AblateHeads(model, heads, kind, positions, means=means, inputs=base.inputs, partners=base.partners)
+
+
+# ---------------------------------------------------------------- the exact scan
+
+
+@dataclass
+class HeadScan:
+    """Per-problem outcomes of every single-head ablation of a scan: row c of each array is condition c."""
+
+    heads: list[Head]  # [C] the ablated head of each condition
+    kinds: list[str]  # [C]
+    positions: list[str]  # [C]
+    base_correct: np.ndarray  # [N] bool
+    base_prediction: np.ndarray  # [N]
+    base_logit_diff: np.ndarray  # [N]
+    correct: np.ndarray  # [C, N] bool
+    prediction: np.ndarray  # [C, N] float64
+    kl: np.ndarray  # [C, N] float32, nan: not compared (another context, or no answer step)
+    logit_diff: np.ndarray  # [C, N] float32
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def effects(self, problems: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """One row per condition (EFFECT_COLUMNS) on `problems` (indices; default all), bootstrap intervals paired
+        over the problems (the same resamples for every condition)."""
+        idx = np.arange(len(self.base_correct)) if problems is None else np.asarray(problems)
+        boot = resample_indices(len(idx), n_boot, seed)
+        base = self.base_correct[idx].astype(float)
+        rows = []
+        for c, (layer, head) in enumerate(self.heads):
+            correct = self.correct[c, idx].astype(float)
+            delta = correct - base
+            lo, hi = bootstrap_interval(delta, boot)
+            ld = self.logit_diff[c, idx] - self.base_logit_diff[idx]
+            seen = ~np.isnan(ld)
+            ld_lo, ld_hi = bootstrap_interval(np.nan_to_num(ld), boot) if seen.all() else _nan_interval(ld, boot)
+            kl = self.kl[c, idx]
+            rows.append({
+                "layer": layer, "head": head, "label": head_label(layer, head), "kind": self.kinds[c],
+                "positions": self.positions[c], "n_problems": len(idx), "accuracy": float(correct.mean()),
+                "delta_accuracy": float(delta.mean()), "delta_ci_low": lo, "delta_ci_high": hi,
+                "answers_changed": float(answers_changed(self.base_prediction[idx], self.prediction[c, idx]).mean()),
+                "kl_answer_token": float(np.nanmean(kl)) if (~np.isnan(kl)).any() else math.nan,
+                "logit_diff_change": float(np.nanmean(ld)) if seen.any() else math.nan,
+                "logit_diff_ci_low": ld_lo, "logit_diff_ci_high": ld_hi, "compared": float(seen.mean()),
+                "critical": bool(hi < 0 and delta.mean() <= -CRITICAL_DROP),
+            })
+        return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
+
+
+def _nan_interval(values: np.ndarray, boot: np.ndarray) -> tuple[float, float]:
+    """Bootstrap interval of the nan-mean (resamples with no value left give nan and are dropped)."""
+    with np.errstate(invalid="ignore"):
+        means = np.array([np.nanmean(values[b]) if (~np.isnan(values[b])).any() else np.nan for b in boot])
+    means = means[~np.isnan(means)]
+    if not len(means):
+        return math.nan, math.nan
+    q = 100 * (1 - CI_LEVEL) / 2
+    lo, hi = np.percentile(means, [q, 100 - q])
+    return float(lo), float(hi)
+
+
+def all_heads(model: CODIModel) -> list[Head]:
+    return [(layer, head) for layer in range(model.n_layers) for head in range(model.n_heads)]
+
+
+def scan_heads(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+               heads: Sequence[Head] | None = None, kinds: Sequence[str] = ("mean",),
+               positions: Sequence[str] = ("thoughts",), batch_size: int = 16, max_new_tokens: int = 256,
+               progress: Callable[[int], None] | None = None) -> HeadScan:
+    """Ablate each of `heads` (default: every head) alone, once per kind and positions, on `questions`."""
+    heads = list(all_heads(model) if heads is None else heads)
+    check_heads(model, heads)
+    for kind in kinds:
+        if kind not in ABLATIONS:
+            raise ValueError(f"ablation kinds are {ABLATIONS}, got {kind!r}")
+    for where in positions:
+        if where not in POSITIONS:
+            raise ValueError(f"positions must be among {POSITIONS}, got {where!r}")
+    if "resample" in kinds and len(questions) < 2:
+        raise ValueError("resample ablation needs two problems or more")
+    runner = Runner(model, batch_size, max_new_tokens)
+    base = run_baseline(runner, questions, golds, solutions, kinds, positions)
+    conds = [(h, k, p) for h in heads for k in kinds for p in positions if not (k == "resample" and p == "all")]
+    shifts = [base.shift_hook() for _ in conds]
+    generations = runner.run_conditions(
+        questions, [[ablation(model, base, [h], k, p), shift] for (h, k, p), shift in zip(conds, shifts)], progress)
+    return HeadScan(
+        heads=[h for h, _, _ in conds], kinds=[k for _, k, _ in conds], positions=[p for _, _, p in conds],
+        base_correct=base.correct, base_prediction=base.prediction, base_logit_diff=base.logit_diff,
+        correct=np.array([correctness(g.prediction, golds) for g in generations]).reshape(len(conds), -1),
+        prediction=np.array([g.prediction for g in generations]).reshape(len(conds), -1),
+        kl=np.array([s.kl for s in shifts], np.float32).reshape(len(conds), -1),
+        logit_diff=np.array([s.logit_diff for s in shifts], np.float32).reshape(len(conds), -1),
+        settings={"n_problems": len(questions), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                  "model": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads})
+
+
+def merge_scans(scans: Sequence[HeadScan]) -> HeadScan:
+    """The scans of head groups (shards on the same problems) as one scan; their baselines must agree exactly."""
+    first = scans[0]
+    for other in scans[1:]:
+        if not (np.array_equal(other.base_correct, first.base_correct)
+                and np.array_equal(other.base_prediction, first.base_prediction, equal_nan=True)):
+            raise ValueError("head-scan shards ran different baselines (another model or other problems?)")
+    seen = Counter((h, k, p) for s in scans for h, k, p in zip(s.heads, s.kinds, s.positions))
+    twice = [c for c, n in seen.items() if n > 1]
+    if twice:
+        raise ValueError(f"head-scan shards overlap: {head_label(*twice[0][0])} {twice[0][1]} ran twice")
+    cat = (lambda name: np.concatenate([getattr(s, name) for s in scans]))
+    return HeadScan(sum((s.heads for s in scans), []), sum((s.kinds for s in scans), []),
+                    sum((s.positions for s in scans), []), first.base_correct, first.base_prediction,
+                    first.base_logit_diff, cat("correct"), cat("prediction"), cat("kl"), cat("logit_diff"),
+                    dict(first.settings))
+
+
+# ---------------------------------------------------------------- attribution patching
+
+
+class HeadGradients(Hook):
+    """Attribution patching on a gradients=True runner: the logit difference at each problem's answer step is
+    differentiated with respect to every head input at the thoughts at once (one backward per batch, in `flush`;
+    the total derivative at each site, through every later path, as attribution patching takes it), and
+    `estimate[kind]` [N, L, H] accumulates sum_k (a'_k - a_k) . gradient_k, the first-order change of the logit
+    difference when the head's input is replaced by a' (mean, zero, resample). Like every attribution estimate it
+    leaves out that ablating a head at all six thoughts also changes its own later inputs."""
+
+    def __init__(self, model: CODIModel, base: Baseline, kinds: Sequence[str]):
+        self.model, self.base, self.kinds = model, base, tuple(kinds)
+        self.points = ("thought.*.head_in.*", "decode.*.logits", "decode.*.token")
+        n = len(base.correct)
+        self.estimate = {k: np.zeros((n, model.n_layers, model.n_heads), np.float64) for k in self.kinds}
+        self._leaves: dict[tuple[int, int], torch.Tensor] = {}
+        self._values: dict[tuple[int, int], torch.Tensor] = {}
+        self._metric: list[torch.Tensor] = []
+
+    def __call__(self, value: torch.Tensor, point: Point, batch: PaddedBatch) -> torch.Tensor | None:
+        if point.kind == "head_in":  # value + a zero leaf: the leaf's gradient is the total derivative at this
+            # site (every path to the metric, later thoughts included), and value keeps its own history
+            leaf = torch.zeros_like(value, requires_grad=True)
+            self._leaves[point.thought, point.layer] = leaf
+            self._values[point.thought, point.layer] = value.detach()
+            return value + leaf
+        if point.kind == "token":  # the baseline's own tokens: the context of its answer step, whatever rounding does
+            width = self.base.tokens.shape[1]
+            forced = self.base.tokens[batch.rows, point.step] if point.step < width else np.full(len(batch), -1)
+            forced = torch.as_tensor(forced, device=value.device)
+            return torch.where(forced >= 0, forced, value)
+        at = np.flatnonzero(self.base.answer_step[batch.rows] == point.step)
+        if len(at):
+            rows = torch.as_tensor(at, device=value.device)
+            answer = torch.as_tensor(self.base.answer[batch.rows[at]], device=value.device)
+            runner_up = torch.as_tensor(self.base.runner_up[batch.rows[at]], device=value.device)
+            self._metric.append((value[rows, answer] - value[rows, runner_up]).sum())
+        return None
+
+    def flush(self, batch: PaddedBatch) -> None:
+        if self._metric:
+            keys = sorted(self._leaves)
+            grads = torch.autograd.grad(torch.stack(self._metric).sum(), [self._leaves[key] for key in keys],
+                                        allow_unused=True)
+            for (k, layer), grad in zip(keys, grads):
+                if grad is None:
+                    continue
+                a = self._values[k, layer]  # [B, H, d_head]
+                for kind in self.kinds:
+                    delta = self._replacement(kind, k, layer, batch, a) - a
+                    self.estimate[kind][batch.rows, layer] += (delta * grad).sum(-1).double().cpu().numpy()
+        self._leaves, self._values, self._metric = {}, {}, []
+
+    def _replacement(self, kind: str, k: int, layer: int, batch: PaddedBatch, a: torch.Tensor) -> torch.Tensor:
+        if kind == "zero":
+            return torch.zeros_like(a)
+        if kind == "mean":
+            return torch.as_tensor(self.base.means["thoughts"][k - 1, layer], dtype=a.dtype, device=a.device)
+        source = self.base.partners[batch.rows]
+        return torch.as_tensor(self.base.inputs[source, k - 1, layer], dtype=a.dtype, device=a.device)
+
+
+def attribution(model: CODIModel, questions: Sequence[str], base: Baseline, kinds: Sequence[str] = ("mean",),
+                batch_size: int = 16) -> pd.DataFrame:
+    """Attribution-patching estimate of every head's effect at the thoughts: one row per head and kind with the
+    mean estimated change of the answer's logit difference (`estimate`) over the problems with an answer step.
+
+    `model` must have PyTorch's linear layers (load_codi(..., prepack=False)); decoding runs up to the last answer
+    step only."""
+    budget = int(base.answer_step.max()) + 1 if (base.answer_step >= 0).any() else 0
+    if not budget:
+        raise ValueError("no problem has an answer step (a number in its decoded answer): nothing to attribute")
+    hook = HeadGradients(model, base, kinds)
+    with frozen(model):  # the graph starts at the head inputs: no weight gradients, no activations kept for them
+        Runner(model, batch_size, budget, gradients=True).run(questions, [hook])
+    has = base.answer_step >= 0
+    rows = []
+    for kind in kinds:
+        mean = hook.estimate[kind][has].mean(0)
+        for layer, head in all_heads(model):
+            rows.append({"layer": layer, "head": head, "label": head_label(layer, head), "kind": kind,
+                         "estimate": float(mean[layer, head])})
+    return pd.DataFrame(rows)
+
+
+@contextmanager
+def frozen(model: CODIModel) -> Iterator[None]:
+    """The model's parameters with requires_grad off for a while (restored after)."""
+    params = [p for p in (*model.lm.parameters(), *model.prj.parameters()) if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+# ---------------------------------------------------------------- held-out selection and controls
+
+
+def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Problem indices in two disjoint halves (A: selection, B: test), each sorted; A gets the smaller half."""
+    if n < 2:
+        raise ValueError("a held-out test needs two problems or more")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def random_head_sets(top: Sequence[Head], n_layers: int, n_heads: int, n_sets: int, rng: np.random.Generator
+                     ) -> tuple[list[tuple[Head, ...]], bool]:
+    """n_sets distinct sets of len(top) heads, none in `top`: with `top`'s layer multiset where those layers have
+    enough other heads for n_sets distinct layer-matched sets (the flag), otherwise drawn from all the other heads.
+    Fewer sets come back only when fewer distinct ones exist at all."""
+    excluded, k = set(top), len(top)
+    need = Counter(layer for layer, _ in top)
+    pools = {layer: [(layer, h) for h in range(n_heads) if (layer, h) not in excluded] for layer in need}
+    everything = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
+    matched_sets = math.prod(math.comb(len(pools[layer]), count) for layer, count in need.items())
+    matched = matched_sets >= n_sets
+    possible = matched_sets if matched else math.comb(len(everything), k)
+    sets: list[tuple[Head, ...]] = []
+    seen = set()
+    for _ in range(50 * n_sets):
+        if len(sets) == min(n_sets, possible):
+            break
+        if matched:
+            chosen = [pools[layer][i] for layer, count in sorted(need.items())
+                      for i in rng.choice(len(pools[layer]), size=count, replace=False)]
+        else:
+            chosen = [everything[i] for i in rng.choice(len(everything), size=k, replace=False)]
+        key = tuple(sorted(chosen))
+        if key not in seen:
+            seen.add(key)
+            sets.append(key)
+    return sets, matched
+
+
+def causal_order(effects: pd.DataFrame) -> pd.DataFrame:
+    """Heads from the most harmful to ablate to the least: accuracy change, then logit-difference change, then
+    label (stable)."""
+    return effects.sort_values(["delta_accuracy", "logit_diff_change", "label"], na_position="last", kind="stable")
+
+
+@dataclass
+class HeldOut:
+    """Top heads selected on half A of the problems, ablated together on half B, against random sets on B."""
+
+    problems_a: np.ndarray  # indices of the selection half
+    problems_b: np.ndarray  # indices of the test half
+    k: int
+    kind: str
+    positions: str
+    sets: pd.DataFrame  # one row per set: name, group, heads, layer_matched, accuracy on B, delta, CI, ...
+    summary: pd.DataFrame  # per selection ('causal', 'composite'): delta on B, random mean, percentile, n distinct
+    n_random: int  # random sets asked for per selection
+
+
+def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+             scan: HeadScan, attention: np.ndarray, kind: str = "mean", positions: str = "thoughts",
+             k: int | None = None, n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000,
+             batch_size: int = 16, max_new_tokens: int = 256) -> HeldOut:
+    """Select the k heads most harmful to ablate (scan effects on half A) and the k best by composite (on A's
+    attention), ablate each set on half B, against n_random random sets per selection (see `random_head_sets`)."""
+    from codi_attn.metrics import head_scores
+
+    n = len(questions)
+    a, b = split_halves(n, seed)
+    k = k or default_k(model)
+    sel = scan.effects(a, n_boot=0)
+    sel = sel[(sel["kind"] == kind) & (sel["positions"] == positions)]
+    if len(sel) < k:
+        raise ValueError(f"the held-out selection needs at least k = {k} heads scanned with {kind} ablation at "
+                         f"{positions}, the scan has {len(sel)}")
+    causal = [(int(r.layer), int(r.head)) for r in causal_order(sel).head(k).itertuples()]
+    scores = head_scores(attention[a]).sort_values("composite", ascending=False, kind="stable")
+    composite = [(int(r.layer), int(r.head)) for r in scores.head(k).itertuples()]
+    rng = np.random.default_rng(seed)
+    named: list[tuple[str, str, tuple[Head, ...], bool]] = [("causal top-k", "causal", tuple(causal), True),
+                                                           ("composite top-k", "composite", tuple(composite), True)]
+    distinct = {}
+    for group, top in (("causal", causal), ("composite", composite)):
+        sets, matched = random_head_sets(top, model.n_layers, model.n_heads, n_random, rng)
+        distinct[group] = (len(sets), matched)
+        named += [(f"random {i + 1} ({group})", f"random ({group})", s, matched) for i, s in enumerate(sets)]
+    qs, gs, ss = ([x[i] for i in b] for x in (questions, golds, solutions))
+    runner = Runner(model, batch_size, max_new_tokens)
+    base = run_baseline(runner, qs, gs, ss, (kind,), (positions,))
+    shifts = [base.shift_hook() for _ in named]
+    generations = runner.run_conditions(qs, [[ablation(model, base, list(heads), kind, positions), shift]
+                                             for (_, _, heads, _), shift in zip(named, shifts)])
+    boot = resample_indices(len(b), n_boot, seed)
+    rows = []
+    for (name, group, heads, matched), gen, shift in zip(named, generations, shifts):
+        delta = correctness(gen.prediction, gs).astype(float) - base.correct.astype(float)
+        lo, hi = bootstrap_interval(delta, boot)
+        ld = shift.logit_diff - base.logit_diff
+        rows.append({"name": name, "group": group, "heads": " ".join(head_label(*h) for h in heads),
+                     "layer_matched": matched, "accuracy": float(correctness(gen.prediction, gs).mean()),
+                     "delta_accuracy": float(delta.mean()), "delta_ci_low": lo, "delta_ci_high": hi,
+                     "answers_changed": float(answers_changed(base.prediction, gen.prediction).mean()),
+                     "logit_diff_change": float(np.nanmean(ld)) if (~np.isnan(ld)).any() else math.nan})
+    sets = pd.DataFrame(rows)
+    summary = []
+    for group in ("causal", "composite"):
+        top = sets[sets["group"] == group].iloc[0]
+        rand = sets[sets["group"] == f"random ({group})"]["delta_accuracy"].to_numpy()
+        more_harmful = float((rand > top["delta_accuracy"]).mean() + 0.5 * (rand == top["delta_accuracy"]).mean()) \
+            if len(rand) else math.nan
+        summary.append({"selection": group, "heads": top["heads"], "delta_accuracy": top["delta_accuracy"],
+                        "delta_ci_low": top["delta_ci_low"], "delta_ci_high": top["delta_ci_high"],
+                        "random_mean": float(rand.mean()) if len(rand) else math.nan,
+                        "random_sd": float(rand.std(ddof=0)) if len(rand) else math.nan,
+                        "percentile": 100 * more_harmful, "n_random": len(rand), "distinct": distinct[group][0],
+                        "layer_matched": distinct[group][1]})
+    return HeldOut(a, b, k, kind, positions, sets, pd.DataFrame(summary), n_random)
+
+
+def default_k(model: CODIModel) -> int:
+    """Top heads compared: a quarter of the heads, at most MAX_K (as the validation)."""
+    return max(1, min(MAX_K, model.n_layers * model.n_heads // K_SHARE))
+
+
+# ---------------------------------------------------------------- attention metrics against the causal effect
+
+
+def head_metrics(attention: np.ndarray, mass: np.ndarray | None) -> pd.DataFrame:
+    """Per head (layer, head order): the attention metrics of METRICS on these problems."""
+    from codi_attn.metrics import head_scores, incoming, renormalise
+
+    scores = head_scores(attention).sort_values(["layer", "head"]).reset_index(drop=True)
+    m = renormalise(attention.astype(np.float64)).mean(0)  # [L, H, 6, 6]
+    scores["incoming"] = np.nanmean(incoming(m), axis=-1).ravel()
+    share = attention.sum(-1) if mass is None else mass[..., MASS_PARTS.index("thoughts")]
+    scores["thought_share"] = share.astype(np.float64).mean((0, 3)).ravel()
+    return scores
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if np.std(rx) == 0 or np.std(ry) == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def metric_correlations(scan: HeadScan, attention: np.ndarray, mass: np.ndarray | None, kind: str = "mean",
+                        positions: str = "thoughts", n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Spearman correlation over heads of each attention metric with the causal effect (the accuracy drop and the
+    logit-difference drop when the head is ablated), with a 95 % interval from resampling the problems (effects
+    and metrics recomputed on each resample)."""
+    sel = [c for c in range(len(scan)) if scan.kinds[c] == kind and scan.positions[c] == positions]
+    order = np.lexsort(([scan.heads[c][1] for c in sel], [scan.heads[c][0] for c in sel]))
+    sel = [sel[i] for i in order]  # layer, head order, as head_metrics
+    n = attention.shape[0]
+
+    def effects(idx: np.ndarray) -> dict[str, np.ndarray]:
+        base = scan.base_correct[idx].astype(float).mean()
+        ld = scan.logit_diff[sel][:, idx] - scan.base_logit_diff[idx]
+        seen = ~np.isnan(ld)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a head with no compared problem: nan
+            ld_mean = np.where(seen, ld, 0.0).sum(1) / seen.sum(1)
+        return {"accuracy drop": base - scan.correct[sel][:, idx].mean(1), "logit-diff drop": -ld_mean}
+
+    point = head_metrics(attention, mass)
+    full = effects(np.arange(n))
+    draws = {(m, e): [] for m in METRICS for e in full}
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        metrics, eff = head_metrics(attention[idx], None if mass is None else mass[idx]), effects(idx)
+        for (m, e), values in draws.items():
+            values.append(_spearman(metrics[m].to_numpy(), eff[e]))
+    rows = []
+    q = 100 * (1 - CI_LEVEL) / 2
+    for (m, e), values in draws.items():
+        values = np.array(values, float)
+        values = values[~np.isnan(values)]
+        lo, hi = (np.percentile(values, [q, 100 - q]) if len(values) else (math.nan, math.nan))
+        rows.append({"metric": m, "effect": e, "spearman": _spearman(point[m].to_numpy(), full[e]),
+                     "ci_low": float(lo), "ci_high": float(hi), "n_heads": len(sel)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class CausalReport:
+    """Everything the causal-heads card shows; picklable (a Metaflow artifact)."""
+
+    head_effects: pd.DataFrame  # one row per head, kind and positions: EFFECT_COLUMNS, estimate, METRICS
+    agreement: pd.DataFrame  # per kind: Spearman of the attribution estimate with the exact logit-diff change
+    correlations: pd.DataFrame  # metric_correlations
+    held_out: HeldOut | None
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+
+    def critical(self, kind: str | None = None, positions: str | None = None) -> pd.DataFrame:
+        """The causally critical heads (interval excludes 0, drop >= CRITICAL_DROP), most harmful first."""
+        df = self.head_effects
+        kind, positions = kind or self.settings["kind"], positions or self.settings["positions"]
+        df = df[(df["kind"] == kind) & (df["positions"] == positions)]
+        return causal_order(df[df["critical"]])
+
+
+def causal_report(scan: HeadScan, attention: np.ndarray, mass: np.ndarray | None, estimates: pd.DataFrame | None,
+                  held: HeldOut | None, kind: str = "mean", positions: str = "thoughts", n_boot: int = 1000,
+                  n_boot_correlations: int = 200, seed: int = 0) -> CausalReport:
+    """Assemble the report: effects of every scanned condition with the attention metrics and the attribution
+    estimate beside them, the estimate's agreement with the exact scan, and the metric correlations."""
+    effects = scan.effects(n_boot=n_boot, seed=seed)
+    metrics = head_metrics(attention, mass)[["layer", "head", *METRICS]]
+    effects = effects.merge(metrics, on=["layer", "head"], how="left")
+    agreement = []
+    if estimates is not None:
+        effects = effects.merge(estimates[["layer", "head", "kind", "estimate"]], on=["layer", "head", "kind"],
+                                how="left")
+        for k in sorted(set(estimates["kind"])):
+            both = effects[(effects["kind"] == k) & (effects["positions"] == "thoughts")].dropna(
+                subset=["estimate", "logit_diff_change"])
+            agreement.append({"kind": k, "n_heads": len(both),
+                              "spearman": _spearman(both["estimate"].to_numpy(), both["logit_diff_change"].to_numpy())
+                              if len(both) > 2 else math.nan})
+    else:
+        effects["estimate"] = math.nan
+    notes = []
+    sel = effects[(effects["kind"] == kind) & (effects["positions"] == positions)]
+    if len(sel) < 3:
+        correlations = pd.DataFrame(columns=["metric", "effect", "spearman", "ci_low", "ci_high", "n_heads"])
+        notes.append(f"too few heads scanned with {kind} ablation at {positions} for rank correlations")
+    else:
+        correlations = metric_correlations(scan, attention, mass, kind, positions, n_boot_correlations, seed)
+    if held is not None:
+        for row in held.summary.itertuples():
+            if not row.layer_matched:
+                notes.append(f"the random sets for the {row.selection} top-{held.k} come from all layers: its "
+                             f"layers have too few other heads for {held.n_random} distinct layer-matched sets")
+            if row.distinct < held.n_random:
+                notes.append(f"only {row.distinct} distinct random sets exist for the {row.selection} top-{held.k}")
+    settings = {**scan.settings, "kind": kind, "positions": positions, "kinds": list(dict.fromkeys(scan.kinds)),
+                "all_positions": list(dict.fromkeys(scan.positions)), "n_boot": n_boot, "critical_drop": CRITICAL_DROP,
+                "seed": seed}
+    return CausalReport(effects, pd.DataFrame(agreement), correlations, held, settings, notes)
+
+
+# ---------------------------------------------------------------- the flow's steps
+
+
+def problem_texts(problems: Sequence[dict]) -> tuple[list[str], list[str], list[str]]:
+    """(questions, gold answers, solutions) of the flow's problem records."""
+    return [p["question"] for p in problems], [p["answer"] for p in problems], [p["solution"] for p in problems]
+
+
+def plan_scan(model: CODIModel, problems: Sequence[dict], kinds: Sequence[str], positions: Sequence[str],
+              scan: tuple[str, int | None], group_size: int, batch_size: int = 16, max_new_tokens: int = 256
+              ) -> tuple[pd.DataFrame, list[list[Head]]]:
+    """The attribute_heads step: attribution estimates of every head (at the thoughts, for each kind), and the
+    heads the exact scan ablates, in groups of group_size: all of them, or for scan = ("top", M) the M with the
+    most harmful estimate under the first kind. `model` needs PyTorch's linear layers."""
+    questions, golds, solutions = problem_texts(problems)
+    base = run_baseline(Runner(model, batch_size, max_new_tokens), questions, golds, solutions, kinds, ("thoughts",))
+    estimates = attribution(model, questions, base, kinds, batch_size)
+    heads = all_heads(model)
+    if scan[0] == "top":
+        first = estimates[estimates["kind"] == kinds[0]].sort_values(["estimate", "label"], kind="stable")
+        heads = [(int(r.layer), int(r.head)) for r in first.head(scan[1]).itertuples()]
+    return estimates, [heads[i: i + group_size] for i in range(0, len(heads), group_size)]
+
+
+def causal_analysis(model: CODIModel, problems: Sequence[dict], parts: Sequence[HeadScan], attention: np.ndarray,
+                    mass: np.ndarray | None, estimates: pd.DataFrame | None, kind: str, positions: str,
+                    n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000, batch_size: int = 16,
+                    max_new_tokens: int = 256) -> tuple[HeadScan, CausalReport]:
+    """The join_heads step: the scan of all groups, the held-out test and the report."""
+    questions, golds, solutions = problem_texts(problems)
+    scan = merge_scans(parts)
+    attention = np.asarray(attention, np.float32)
+    mass = None if mass is None else np.asarray(mass, np.float32)
+    held = held_out(model, questions, golds, solutions, scan, attention, kind, positions, n_random=n_random,
+                    seed=seed, n_boot=max(n_boot, 1), batch_size=batch_size, max_new_tokens=max_new_tokens) \
+        if len(questions) >= 4 else None
+    report = causal_report(scan, attention, mass, estimates, held, kind, positions, max(n_boot, 1), seed=seed)
+    if held is None:
+        report.notes.append("no held-out test: it needs four problems or more (two per half)")
+    return scan, report

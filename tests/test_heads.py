@@ -1,0 +1,201 @@
+"""Which heads carry the thoughts (codi_attn.heads): the exact scan against independent computations, attribution
+patching against the exact first-order change, random sets, the held-out split, shards, correlations, the card."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from codi_attn import heads as H
+from codi_attn.extract import extract
+from codi_attn.runner import Runner, head_dim, layer_module
+
+QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
+             "A robe takes 2 bolts of blue fiber and half that much white fiber.", "Tom has 3 apples. How many?"]
+SOLUTIONS = ["<<12*4=48>>\n#### 48", "<<12*6=72>>\n#### 72", "<<2/2=1>>\n#### 3", "#### 3"]
+GOLDS = ["48", "72", "3", "3"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo model with PyTorch's linear layers, and 24 of its held-out problems."""
+    from codi_attn.data import load_records, sample_problems
+    from codi_attn.model import load_codi
+
+    problems = sample_problems(load_records("synthetic", "test"), 24, seed=42, split="test")
+    model = load_codi("demo", device="cpu", dtype="float32", prepack=False)
+    return model, [p.question for p in problems], [p.answer for p in problems], [p.solution for p in problems]
+
+
+def test_scan_zero_everywhere_equals_zeroing_the_weight_rows(demo):
+    """The scan's per-problem answers for zero ablation at all positions equal runs with the head's rows of the
+    output projection's weight zeroed (no hook at all), for heads of every layer."""
+    model, questions, golds, solutions = demo
+    chosen = [(0, 1), (1, 2), (2, 0), (3, 3)]
+    scan = H.scan_heads(model, questions, golds, solutions, chosen, ("zero",), ("all",), batch_size=8,
+                        max_new_tokens=8)
+    d = head_dim(model)
+    for c, (layer, head) in enumerate(scan.heads):
+        proj = layer_module(model, "head_in", layer)
+        saved = proj.weight.detach().clone()
+        with torch.no_grad():
+            proj.weight[head * d:(head + 1) * d] = 0.0
+        try:
+            zeroed = extract(model, questions, golds, batch_size=8, max_new_tokens=8)
+        finally:
+            with torch.no_grad():
+                proj.weight.copy_(saved)
+        np.testing.assert_array_equal(scan.correct[c], zeroed.correct)
+        np.testing.assert_array_equal(scan.prediction[c], zeroed.prediction)
+
+
+def test_scan_effects_are_the_per_problem_changes(demo):
+    """Effects: accuracy and its change are the means of the per-problem outcomes, the interval contains the
+    point, answers changed counts changed predictions; a subset gives the subset's numbers."""
+    model, questions, golds, solutions = demo
+    scan = H.scan_heads(model, questions, golds, solutions, [(2, 0), (0, 1)], ("mean", "resample"), batch_size=8,
+                        max_new_tokens=8)
+    eff = scan.effects(n_boot=200)
+    assert len(eff) == 4 and list(eff.columns) == list(H.EFFECT_COLUMNS)
+    for c, row in eff.iterrows():
+        assert row["accuracy"] == scan.correct[c].mean()
+        assert row["delta_accuracy"] == pytest.approx(scan.correct[c].mean() - scan.base_correct.mean())
+        assert row["delta_ci_low"] <= row["delta_accuracy"] <= row["delta_ci_high"]
+        changed = ~((scan.prediction[c] == scan.base_prediction)
+                    | (np.isnan(scan.prediction[c]) & np.isnan(scan.base_prediction)))
+        assert row["answers_changed"] == changed.mean()
+    half = scan.effects(np.arange(12), n_boot=0)
+    assert (half["n_problems"] == 12).all()
+    assert half.loc[0, "accuracy"] == scan.correct[0, :12].mean()
+    assert eff.loc[0, "critical"] == (eff.loc[0, "delta_ci_high"] < 0 and eff.loc[0, "delta_accuracy"] <= -0.05)
+
+
+def test_shards_merge_into_the_unsharded_scan(gpt2_model):
+    """Scanning head groups and merging them gives the scan of all heads, array for array."""
+    every = H.all_heads(gpt2_model)
+    kwargs = dict(kinds=("mean", "zero"), batch_size=2, max_new_tokens=3)
+    whole = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, every, **kwargs)
+    parts = [H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, every[i: i + 3], **kwargs)
+             for i in range(0, len(every), 3)]
+    merged = H.merge_scans(parts)
+    assert merged.heads == whole.heads and merged.kinds == whole.kinds
+    for name in ("correct", "prediction", "kl", "logit_diff"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    pd.testing.assert_frame_equal(merged.effects(n_boot=50), whole.effects(n_boot=50))
+    with pytest.raises(ValueError, match="overlap"):
+        H.merge_scans([parts[0], parts[0]])
+    other = H.scan_heads(gpt2_model, QUESTIONS[::-1], GOLDS[::-1], SOLUTIONS[::-1], every[:1], **kwargs)
+    with pytest.raises(ValueError, match="different baselines"):
+        H.merge_scans([parts[0], other])
+
+
+def test_attribution_equals_the_exact_first_order_change(demo, monkeypatch):
+    """In the linear regime the estimate is exact: replacing a head's input a by a + eps * d at every thought
+    changes the answer's logit difference by sum_k eps * d . gradient_k, as the estimate says (to O(eps^2))."""
+    model, questions, golds, solutions = demo
+    layer, head, eps = 2, 0, 1e-2
+    d = head_dim(model)
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    base = H.run_baseline(Runner(model, 8, 8), questions, golds, solutions, ("zero",), ("thoughts",))
+    monkeypatch.setattr(H.HeadGradients, "_replacement", lambda self, kind, k, l, batch, a: a + eps * direction)
+    estimate = H.attribution(model, questions, base, ("zero",), batch_size=8)
+    shifted = base.shift_hook()
+
+    def nudge(value, point, batch):
+        value = value.clone()
+        value[:, head] += eps * direction
+        return value
+
+    Runner(model, 8, 8).run(questions, [(f"thought.*.head_in.{layer}", nudge), shifted])
+    exact = np.nanmean(shifted.logit_diff - base.logit_diff)
+    got = estimate.set_index("label").loc[f"L{layer}H{head}", "estimate"]
+    assert abs(exact) > 1e-4, "the nudge must move the logit difference measurably"
+    assert got == pytest.approx(exact, rel=0.05)
+
+
+def test_gradients_refuse_a_prepacked_model(gpt2_model):
+    if "prepacked" not in gpt2_model.source["linear"]:
+        pytest.skip("this PyTorch build has no oneDNN prepacking")
+    with pytest.raises(ValueError, match="prepack=False"):
+        Runner(gpt2_model, gradients=True)
+
+
+def test_random_sets_are_distinct_and_layer_matched_or_say_they_are_not():
+    rng = np.random.default_rng(0)
+    top = [(0, 1), (2, 3), (2, 4)]
+    sets, matched = H.random_head_sets(top, n_layers=4, n_heads=12, n_sets=50, rng=rng)
+    assert matched and len(sets) == 50 == len(set(sets))
+    for s in sets:
+        assert sorted(l for l, _ in s) == [0, 2, 2] and not set(s) & set(top)
+    # two of layer 1's three other heads: only 3 layer-matched sets exist, fewer than 50: drawn from all layers
+    sets, matched = H.random_head_sets([(1, 0), (1, 1), (1, 2)], n_layers=3, n_heads=5, n_sets=50, rng=rng)
+    assert not matched and len(sets) == 50 == len(set(sets))
+    assert any(len({l for l, _ in s}) > 1 for s in sets)
+    sets, _ = H.random_head_sets([(0, 0)], n_layers=1, n_heads=4, n_sets=50, rng=rng)
+    assert sorted(sets) == [((0, 1),), ((0, 2),), ((0, 3),)]  # all there are
+
+
+@pytest.mark.parametrize("n", [2, 7, 100])
+def test_held_out_halves_never_share_a_problem(n):
+    a, b = H.split_halves(n, seed=3)
+    assert not set(a) & set(b) and sorted([*a, *b]) == list(range(n)) and len(a) == n // 2
+    assert np.array_equal(a, H.split_halves(n, seed=3)[0])
+
+
+def test_held_out_selects_on_a_and_measures_on_b(gpt2_model):
+    scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
+    attention = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=1).attention
+    held = H.held_out(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, scan, attention, k=2, n_random=5, n_boot=50,
+                      batch_size=2, max_new_tokens=3)
+    a = H.split_halves(len(QUESTIONS))[0]
+    chosen = H.causal_order(scan.effects(a, n_boot=0)).head(2)["label"].tolist()
+    assert held.summary.set_index("selection").loc["causal", "heads"] == " ".join(chosen)
+    assert set(held.sets["group"]) == {"causal", "composite", "random (causal)", "random (composite)"}
+    assert (held.summary["n_random"] == 5).all() and (held.summary["percentile"].between(0, 100)).all()
+
+
+def test_correlations_find_a_planted_relation():
+    """Heads whose ablation costs more have a higher composite by construction: Spearman 1 on both effects."""
+    from codi_attn.metrics import head_scores
+
+    rng = np.random.default_rng(0)
+    n, layers, n_heads = 40, 2, 3
+    attention = np.zeros((n, layers, n_heads, 6, 6), np.float32)
+    for l in range(layers):
+        for h in range(n_heads):
+            strength = 0.1 + 0.8 * (l * n_heads + h) / (layers * n_heads)  # later heads: more to the previous one
+            m = np.tril(np.full((6, 6), (1 - strength) / 6))
+            m[np.arange(1, 6), np.arange(5)] += strength
+            attention[:, l, h] = m * rng.uniform(0.95, 1.05, (n, 1, 1))
+    order = head_scores(attention).sort_values(["layer", "head"])["composite"].rank().to_numpy()
+    heads = [(l, h) for l in range(layers) for h in range(n_heads)]
+    base = np.ones(n, bool)
+    correct = np.array([rng.random(n) > 0.1 * r for r in order])  # higher composite, more answers lost
+    logit_diff = np.array([np.full(n, -0.1 * r) for r in order], np.float32)
+    scan = H.HeadScan(heads, ["mean"] * 6, ["thoughts"] * 6, base, np.zeros(n), np.zeros(n), correct,
+                      np.zeros((6, n)), np.zeros((6, n), np.float32), logit_diff)
+    corr = H.metric_correlations(scan, attention, None, n_boot=30).set_index(["metric", "effect"])
+    assert corr.loc[("composite", "logit-diff drop"), "spearman"] == pytest.approx(1.0)
+    assert corr.loc[("composite", "accuracy drop"), "spearman"] > 0.8
+    assert set(corr.index.get_level_values(0)) == set(H.METRICS)
+
+
+def test_report_card_and_figures(gpt2_model):
+    from cards.heads_card import heads_card, verdict
+    from codi_attn.metrics import head_scores
+
+    problems = [{"question": q, "answer": g, "solution": s} for q, g, s in zip(QUESTIONS, GOLDS, SOLUTIONS)]
+    ex = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3)
+    scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean", "zero"), batch_size=2,
+                        max_new_tokens=3)
+    scan, report = H.causal_analysis(gpt2_model, problems, [scan], ex.attention, ex.mass, None, "mean", "thoughts",
+                                     n_random=4, n_boot=50, batch_size=2, max_new_tokens=3)
+    assert len(report.head_effects) == 2 * 8 and {"composite", "incoming", "thought_share"} <= set(
+        report.head_effects.columns)
+    ranked = head_scores(ex.attention)
+    lines = verdict(report, ranked)
+    assert any("causally critical" in line for line in lines) and any("Spearman" in line for line in lines)
+    rendered = [c.render() for c in heads_card(report, ranked)]
+    images = [r for r in rendered if r["type"] == "image"]
+    assert len(images) == 3 and all(r["src"].startswith("data:image/png") for r in images)
