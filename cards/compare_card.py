@@ -85,3 +85,21 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
                              f"{nb} measured": cb["measured"], f"{nb} result": cb["result"]})
         parts += [Markdown("## Success criteria, both models"), table(both)]
     return parts
+
+
+def causal_comparison_card(df: pd.DataFrame) -> list:
+    """The causal critical heads of the compared models side by side (codi_attn.heads.compare_causal)."""
+    shown = pd.DataFrame({
+        "model": df["model"], "critical heads": [f"{c} of {h} ({100 * s:.1f}%)" for c, h, s in
+                                                 zip(df["critical"], df["heads"], df["critical_share"])],
+        "early / middle / late": [f"{e} / {m} / {l}" for e, m, l in
+                                  zip(df["critical_early"], df["critical_middle"], df["critical_late"])],
+        "which": df["critical_heads"].str.slice(0, 200),
+        "composite vs effect (Spearman)": [f"{v:+.2f} {ci}" for v, ci in zip(df["composite_spearman"],
+                                                                               df["composite_spearman_ci"])],
+        "held-out causal top-k: Δ points (percentile)": [
+            f"{100 * d:+.1f} ({p:.0f}%)" for d, p in zip(df["held_out_delta"], df["held_out_percentile"])],
+    })
+    return [Markdown(f"## Causal critical heads ({df['kind'].iloc[0]} ablation at the {df['positions'].iloc[0]})\n\n"
+                     "Critical: ablating the head alone costs at least 5 points, the interval excluding 0; depth "
+                     "in thirds of the normalised layer index, so models of different depth compare."), table(shown)]

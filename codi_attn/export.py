@@ -102,10 +102,21 @@ def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool 
     for key, frame in d.rankings.items():
         frame.to_csv(res / f"{_slug(key)}.csv", index=False)
         written.append(res / f"{_slug(key)}.csv")
-    for other, frame in d.comparison.items():
-        path = res / f"comparison_{_slug(other.replace('/', '_'))}.csv"
-        frame.to_csv(path, index=False)
-        written.append(path)
+    report = getattr(d, "causal_report", None) if "causal_report" in d else None
+    if report is not None:
+        tables = {"head_effects": report.head_effects, "head_correlations": report.correlations,
+                  "head_attribution_agreement": report.agreement}
+        if report.held_out is not None:
+            tables |= {"held_out_sets": report.held_out.sets, "held_out_summary": report.held_out.summary}
+        for key, frame in tables.items():
+            frame.to_csv(res / f"{key}.csv", index=False)
+            written.append(res / f"{key}.csv")
+    comparisons = [("comparison", d.comparison), ("causal_comparison", getattr(d, "causal_comparison", {}))]
+    for prefix, frames in comparisons:
+        for other, frame in frames.items():
+            path = res / f"{prefix}_{_slug(other.replace('/', '_'))}.csv"
+            frame.to_csv(path, index=False)
+            written.append(path)
     written.append(_write_json(res / "attention_stats.json", d.attention_stats))
     written.append(_write_json(res / "failed_problems.json", d.failed_problems))
     written.append(_write_json(res / "summary.json", {
@@ -138,4 +149,14 @@ def write_figures(d, fig_dir: Path) -> list[Path]:
         "layer_head_maps": metric_figures.layer_head_maps(report),
         "type_map": metric_figures.type_map(report),
     }
+    causal = getattr(d, "causal_report", None) if "causal_report" in d else None
+    if causal is not None:
+        from codi_attn.figures import heads as head_figures
+
+        figs |= {"head_effects": head_figures.effect_maps(causal),
+                 "composite_vs_effect": head_figures.composite_scatter(causal)}
+        if causal.held_out is not None:
+            figs["held_out_top_heads"] = head_figures.held_out_figure(causal.held_out)
+        if len(causal.agreement):
+            figs["attribution_vs_exact"] = head_figures.attribution_scatter(causal)
     return [_save_figure(fig, fig_dir / f"{key}.png") for key, fig in figs.items()]

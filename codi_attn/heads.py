@@ -604,3 +604,32 @@ def causal_analysis(model: CODIModel, problems: Sequence[dict], parts: Sequence[
     if held is None:
         report.notes.append("no held-out test: it needs four problems or more (two per half)")
     return scan, report
+
+
+def compare_causal(reports: Sequence[CausalReport], names: Sequence[str]) -> pd.DataFrame:
+    """Causal critical heads of several models side by side: one row per model (count and share of critical heads,
+    their labels, the share in each third of the depth, the composite-vs-effect Spearman, the held-out causal
+    top-k's change and its percentile among the random sets)."""
+    from codi_attn.metrics import layer_band
+
+    rows = []
+    for report, name in zip(reports, names):
+        s = report.settings
+        critical = report.critical()
+        bands = Counter(layer_band(int(layer), s["n_layers"]) for layer in critical["layer"])
+        corr = report.correlations
+        comp = corr[(corr["metric"] == "composite") & (corr["effect"] == "accuracy drop")]
+        held = None if report.held_out is None else report.held_out.summary.set_index("selection").loc["causal"]
+        rows.append({
+            "model": name, "heads": s["n_layers"] * s["n_heads"], "critical": len(critical),
+            "critical_share": len(critical) / (s["n_layers"] * s["n_heads"]),
+            "critical_heads": " ".join(critical["label"]),
+            **{f"critical_{band}": bands.get(band, 0) for band in ("early", "middle", "late")},
+            "composite_spearman": float(comp["spearman"].iloc[0]) if len(comp) else math.nan,
+            "composite_spearman_ci": (f"[{comp['ci_low'].iloc[0]:+.2f}, {comp['ci_high'].iloc[0]:+.2f}]"
+                                      if len(comp) else ""),
+            "held_out_delta": math.nan if held is None else float(held["delta_accuracy"]),
+            "held_out_percentile": math.nan if held is None else float(held["percentile"]),
+            "kind": s["kind"], "positions": s["positions"],
+        })
+    return pd.DataFrame(rows)

@@ -412,6 +412,7 @@ class AttentionFlow(FlowSpec):
                                     self.compare_with)
         self.compared_runs = [r.pathspec for r in runs]
         self.comparison = {}  # pathspec of the other run -> compare_reports DataFrame
+        self.causal_comparison = {}  # pathspec of the other run -> compare_causal DataFrame (both ran the heads)
         for run in runs:
             from cards.compare_card import compare_card
             from codi_attn.metrics import compare_reports
@@ -424,6 +425,13 @@ class AttentionFlow(FlowSpec):
             parts = compare_card((self.metrics_report, other), names)
             parts.insert(1, Markdown(f"Other run: `{run.pathspec}` (same sample: dataset fingerprint "
                                      f"{self.dataset_fingerprint[:12]})."))
+            theirs = getattr(run.data, "causal_report", None) if "causal_report" in run.data else None
+            if self.causal_report is not None and theirs is not None:
+                from cards.compare_card import causal_comparison_card
+                from codi_attn.heads import compare_causal
+
+                self.causal_comparison[run.pathspec] = compare_causal((self.causal_report, theirs), names)
+                parts += causal_comparison_card(self.causal_comparison[run.pathspec])
             current.card.extend(parts)
         if not runs:
             others = " or ".join(m for m in ("gpt2", "llama") if m != self.model)

@@ -86,3 +86,19 @@ def test_help_names_every_option(bench, capsys):
     for option in ("--shape", "--n-problems", "--batch-size", "--max-new-tokens", "--device", "--dtype", "--json",
                    "--gsm8k", "--reference-problems"):
         assert option in text
+
+
+def test_causal_benchmark_reports_its_ratios(tmp_path, gsm8k_train):
+    """bench_causal.py: one extraction, then the validation and a scan of two heads on the same problems."""
+    import subprocess
+
+    out = tmp_path / "causal.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_causal.py"), "--shape", "tiny",
+                           "--n-problems", "3", "--max-new-tokens", "2", "--scan", "--scan-heads", "2",
+                           "--gsm8k", str(gsm8k_train), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["scan_heads"] == 2 and result["scan_conditions"] == 6  # mean, zero, resample
+    for key in ("validation_over_extraction", "scan_over_extraction", "scan_condition_over_extraction"):
+        assert result[key] > 0

@@ -46,8 +46,14 @@ def test_export_files_equal_artifacts(clean_run, tmp_path):
     assert summary["accuracy"] == d.accuracy and summary["n_failed"] == 0
     assert json.loads((res / "failed_problems.json").read_text()) == []
     assert json.loads((res / "attention_stats.json").read_text())["n_problems"] == len(d.problem_ids)
+    effects = pd.read_csv(res / "head_effects.csv")
+    assert list(effects["label"]) == list(d.head_effects["label"])
+    np.testing.assert_allclose(effects["delta_accuracy"], d.head_effects["delta_accuracy"])
+    assert len(pd.read_csv(res / "held_out_sets.csv")) == len(d.causal_report.held_out.sets)
+    assert (res / "head_correlations.csv").exists() and (res / "head_attribution_agreement.csv").exists()
     pngs = sorted(figs.glob("*.png"))
-    assert len(pngs) == 8 and all(p.read_bytes()[:8] == PNG for p in pngs)
+    assert len(pngs) == 12 and all(p.read_bytes()[:8] == PNG for p in pngs)
+    assert {"head_effects.png", "composite_vs_effect.png", "held_out_top_heads.png"} <= {p.name for p in pngs}
 
 
 def test_cli_export_subprocess(clean_run, tmp_path):

@@ -199,3 +199,25 @@ def test_report_card_and_figures(gpt2_model):
     rendered = [c.render() for c in heads_card(report, ranked)]
     images = [r for r in rendered if r["type"] == "image"]
     assert len(images) == 3 and all(r["src"].startswith("data:image/png") for r in images)
+
+
+def test_causal_comparison_across_models(gpt2_model, llama_model):
+    """compare_causal: one row per model with its critical heads, their depth thirds and the held-out result;
+    the compare card shows them."""
+    from cards.compare_card import causal_comparison_card
+
+    reports = []
+    for model in (gpt2_model, llama_model):
+        problems = [{"question": q, "answer": g, "solution": s} for q, g, s in zip(QUESTIONS, GOLDS, SOLUTIONS)]
+        ex = extract(model, QUESTIONS, GOLDS, max_new_tokens=2)
+        scan = H.scan_heads(model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("zero",), positions=("all",), batch_size=4,
+                            max_new_tokens=2)
+        reports.append(H.causal_analysis(model, problems, [scan], ex.attention, ex.mass, None, "zero", "all",
+                                         n_random=3, n_boot=20, batch_size=4, max_new_tokens=2)[1])
+    df = H.compare_causal(reports, ("gpt2", "llama"))
+    assert list(df["model"]) == ["gpt2", "llama"]
+    for report, row in zip(reports, df.itertuples()):
+        critical = report.critical()
+        assert row.critical == len(critical) and row.critical_heads == " ".join(critical["label"])
+        assert row.critical_early + row.critical_middle + row.critical_late == row.critical
+    assert causal_comparison_card(df)[1].render()["type"] == "table"

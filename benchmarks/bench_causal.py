@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Cost of the causal validation suite as a multiple of one extraction on the same problems.
+"""Cost of the causal analyses as multiples of one extraction on the same problems.
 
-Runs `codi_attn.extract.extract` once on N problems, then `codi_attn.validate.run_validation` with the flow's
-defaults (k = 10 capped at a quarter of the heads, 5 random controls, mean ablation at the thought positions,
-blocking, latent swap, no-op) on the same problems and batch size, and reports the time of each and their ratio
-(`validation_over_extraction`), measured in one process on one machine.
+Runs `codi_attn.extract.extract` once on N problems, then on the same problems and batch size
+  - `codi_attn.validate.run_validation` with the flow's defaults (k = 10 capped at a quarter of the heads,
+    5 random controls, mean ablation at the thought positions, blocking, latent swap, no-op):
+    `validation_over_extraction`;
+  - with --scan, `codi_attn.heads.scan_heads` (each head ablated alone, kinds mean, zero, resample, at the
+    thoughts) on every head or on the first --scan-heads of them: `scan_over_extraction`, and per head and
+    kind `scan_condition_over_extraction`;
+and reports the times and the ratios, measured in one process on one machine.
 
-    python benchmarks/bench_validation.py --model demo --n-problems 100 --json /tmp/val_demo.json
-    python benchmarks/bench_validation.py --shape gpt2 --n-problems 32 --max-new-tokens 16 --json /tmp/val_gpt2.json
+    python benchmarks/bench_causal.py --model demo --n-problems 100 --scan --json /tmp/causal_demo.json
+    python benchmarks/bench_causal.py --shape gpt2 --n-problems 32 --max-new-tokens 16 --scan --scan-heads 12
 
 `--model demo` runs the shipped demo model on its held-out synthetic split (real answers, so decoding stops at
 the stop token); `--shape gpt2|tiny` runs a random-weight model of that shape on GSM8K questions, which decodes
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -51,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256, help="decode budget (random weights use all of it)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K)
+    p.add_argument("--scan", action="store_true", help="also time the single-head scan (codi_attn.heads)")
+    p.add_argument("--scan-heads", type=int, default=0, help="heads the scan times (0: every head)")
+    p.add_argument("--skip-validation", action="store_true", help="time the scan only")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.model is None and args.shape is None:
@@ -70,25 +78,37 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.shape, "cpu", "float32", Path(tempfile.mkdtemp()))
     questions, golds, solutions = problems(args)
     kwargs = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    t0 = time.perf_counter()
-    ex = extract(model, questions, golds, **kwargs)
-    t_extract = time.perf_counter() - t0
+    t_extract = math.inf
+    for _ in range(3):  # the best of three: the first pays one-time costs, and it is the ratios' denominator
+        t0 = time.perf_counter()
+        ex = extract(model, questions, golds, **kwargs)
+        t_extract = min(t_extract, time.perf_counter() - t0)
     ranked = analyze(ex.attention, ex.mass, n_boot=0).ranked_heads
     import inspect
 
-    t0 = time.perf_counter()
-    if "solutions" in inspect.signature(run_validation).parameters:
-        result = run_validation(model, questions, golds, solutions, ranked, **kwargs)
-    else:  # the API before the runner (commit 2e7240a and earlier), for before/after comparisons
-        result = run_validation(model, questions, solutions, ranked, **kwargs)
-    t_validation = time.perf_counter() - t0
-    n_conditions = len(result.validation) - 1  # the baseline row is the reference run itself
     out = {"model": model.name, "n_problems": len(questions), "batch_size": args.batch_size,
            "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
-           "extraction_s": round(t_extract, 3), "validation_s": round(t_validation, 3),
-           "validation_over_extraction": round(t_validation / t_extract, 2),
-           "conditions": n_conditions, "accuracy": float(np.mean(ex.correct)),
-           "machine": machine_info(torch.device("cpu")), "python": platform.python_version()}
+           "extraction_s": round(t_extract, 3), "accuracy": float(np.mean(ex.correct))}
+    if not args.skip_validation:
+        t0 = time.perf_counter()
+        if "solutions" in inspect.signature(run_validation).parameters:
+            result = run_validation(model, questions, golds, solutions, ranked, **kwargs)
+        else:  # the API before the runner (commit 2e7240a and earlier), for before/after comparisons
+            result = run_validation(model, questions, solutions, ranked, **kwargs)
+        t_validation = time.perf_counter() - t0
+        out |= {"validation_s": round(t_validation, 3), "validation_over_extraction": round(t_validation / t_extract, 2),
+                "validation_conditions": len(result.validation) - 1}  # the baseline row is the reference run
+    if args.scan:
+        from codi_attn.heads import all_heads, scan_heads
+
+        heads = all_heads(model)[: args.scan_heads or None]
+        t0 = time.perf_counter()
+        scan = scan_heads(model, questions, golds, solutions, heads, ("mean", "zero", "resample"), **kwargs)
+        t_scan = time.perf_counter() - t0
+        out |= {"scan_heads": len(heads), "scan_conditions": len(scan), "scan_s": round(t_scan, 3),
+                "scan_over_extraction": round(t_scan / t_extract, 2),
+                "scan_condition_over_extraction": round(t_scan / t_extract / len(scan), 3)}
+    out |= {"machine": machine_info(torch.device("cpu")), "python": platform.python_version()}
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
