@@ -171,8 +171,9 @@ def all_heads(model: CODIModel) -> list[Head]:
 def scan_heads(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
                heads: Sequence[Head] | None = None, kinds: Sequence[str] = ("mean",),
                positions: Sequence[str] = ("thoughts",), batch_size: int = 16, max_new_tokens: int = 256,
-               progress: Callable[[int], None] | None = None) -> HeadScan:
-    """Ablate each of `heads` (default: every head) alone, once per kind and positions, on `questions`."""
+               progress: Callable[[int], None] | None = None, stack: int = 1) -> HeadScan:
+    """Ablate each of `heads` (default: every head) alone, once per kind and positions, on `questions`; `stack`
+    conditions run together in one forward (codi_attn.runner.Runner)."""
     heads = list(all_heads(model) if heads is None else heads)
     check_heads(model, heads)
     for kind in kinds:
@@ -183,7 +184,7 @@ def scan_heads(model: CODIModel, questions: Sequence[str], golds: Sequence[str],
             raise ValueError(f"positions must be among {POSITIONS}, got {where!r}")
     if "resample" in kinds and len(questions) < 2:
         raise ValueError("resample ablation needs two problems or more")
-    runner = Runner(model, batch_size, max_new_tokens)
+    runner = Runner(model, batch_size, max_new_tokens, stack=stack)
     base = run_baseline(runner, questions, golds, solutions, kinds, positions)
     conds = [(h, k, p) for h in heads for k in kinds for p in positions if not (k == "resample" and p == "all")]
     shifts = [base.shift_hook() for _ in conds]
@@ -380,7 +381,7 @@ class HeldOut:
 def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
              scan: HeadScan, attention: np.ndarray, kind: str = "mean", positions: str = "thoughts",
              k: int | None = None, n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000,
-             batch_size: int = 16, max_new_tokens: int = 256) -> HeldOut:
+             batch_size: int = 16, max_new_tokens: int = 256, stack: int = 1) -> HeldOut:
     """Select the k heads most harmful to ablate (scan effects on half A) and the k best by composite (on A's
     attention), ablate each set on half B, against n_random random sets per selection (see `random_head_sets`)."""
     from codi_attn.metrics import head_scores
@@ -405,7 +406,7 @@ def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], s
         distinct[group] = (len(sets), matched)
         named += [(f"random {i + 1} ({group})", f"random ({group})", s, matched) for i, s in enumerate(sets)]
     qs, gs, ss = ([x[i] for i in b] for x in (questions, golds, solutions))
-    runner = Runner(model, batch_size, max_new_tokens)
+    runner = Runner(model, batch_size, max_new_tokens, stack=stack)
     base = run_baseline(runner, qs, gs, ss, (kind,), (positions,))
     shifts = [base.shift_hook() for _ in named]
     generations = runner.run_conditions(qs, [[ablation(model, base, list(heads), kind, positions), shift]
@@ -591,14 +592,15 @@ def plan_scan(model: CODIModel, problems: Sequence[dict], kinds: Sequence[str], 
 def causal_analysis(model: CODIModel, problems: Sequence[dict], parts: Sequence[HeadScan], attention: np.ndarray,
                     mass: np.ndarray | None, estimates: pd.DataFrame | None, kind: str, positions: str,
                     n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000, batch_size: int = 16,
-                    max_new_tokens: int = 256) -> tuple[HeadScan, CausalReport]:
+                    max_new_tokens: int = 256, stack: int = 1) -> tuple[HeadScan, CausalReport]:
     """The join_heads step: the scan of all groups, the held-out test and the report."""
     questions, golds, solutions = problem_texts(problems)
     scan = merge_scans(parts)
     attention = np.asarray(attention, np.float32)
     mass = None if mass is None else np.asarray(mass, np.float32)
     held = held_out(model, questions, golds, solutions, scan, attention, kind, positions, n_random=n_random,
-                    seed=seed, n_boot=max(n_boot, 1), batch_size=batch_size, max_new_tokens=max_new_tokens) \
+                    seed=seed, n_boot=max(n_boot, 1), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    stack=stack) \
         if len(questions) >= 4 else None
     report = causal_report(scan, attention, mass, estimates, held, kind, positions, max(n_boot, 1), seed=seed)
     if held is None:

@@ -11,6 +11,7 @@ Hook points (k = thought 1..6, l = layer, t = decode step; W = the batch's promp
 thought j's key at column W + j - 1; V' = embedding rows, V + 3):
 
     prefill                  [B, d]          final-norm hidden state at BOT; z1 = prj(it)          read, replace
+    prefill.embed            [B, W, d]       the prompt's token embeddings (left padding included)   read, replace
     prefill.head_in.{l}      [B, W, H, dh]   input of layer l's attention output projection, split per query head,
                                              at every prompt position (left padding included)       read, replace
     prefill.resid.{l}        [B, W, d]       residual stream after block l                          read, replace
@@ -32,8 +33,9 @@ width, the attention mask and which problems have finished decoding. Attach hook
 `points` tuple of names or fnmatch patterns such as "thought.*.head_in.3", and `__call__`) or as
 (pattern, fn) pairs. Never modify `value` in place: return the replacement.
 
-The prefill runs in groups of rows of similar length, so `prefill.head_in.{l}` and `prefill.resid.{l}` fire once
-per group, with a `PrefillGroup` as `batch` (its rows, width and mask); every other point fires once per batch.
+The prefill runs in groups of rows of similar length, so `prefill.embed`, `prefill.head_in.{l}` and
+`prefill.resid.{l}` fire once per group, with a `PrefillGroup` as `batch` (its rows, width and mask); every
+other point fires once per batch.
 
 `Runner.run` runs one set of hooks; `Runner.run_conditions` runs several on the same batches and computes each
 batch's prefill once for every condition without prefill hooks (the cache is rewound to the prompt between
@@ -62,9 +64,10 @@ from codi_attn.model import CODIModel
 from codi_attn.presets import FAMILIES
 
 PREFILL_EFFICIENCY = 0.95  # each prefill group's real tokens are at least this share of its padded tokens
+CONDITION_ROWS = 256  # rows of one forward when the causal analyses stack conditions (conditions x batch size)
 LAYER_KINDS = ("attn", "head_in", "resid")
 READ_ONLY = ("attn",)
-_NAME = re.compile(r"^(?:(prefill)(?:\.(head_in|resid)\.(\d+))?"
+_NAME = re.compile(r"^(?:(prefill)(?:\.(embed)|\.(head_in|resid)\.(\d+))?"
                    r"|thought\.(\d+)\.(?:(z|mask|hidden)|(attn|head_in|resid)\.(\d+))"
                    r"|decode\.(\d+)\.(?:(logits|token)|(head_in|resid)\.(\d+)))$")
 
@@ -90,9 +93,10 @@ def point(name: str) -> Point:
     m = _NAME.match(name)
     if m is None:
         raise ValueError(f"{name!r} is not a hook point name (see codi_attn.runner's docstring for the list)")
-    (pre, pre_kind, pre_layer, k, k_kind, k_layer_kind, k_layer, t, t_kind, t_layer_kind, t_layer) = m.groups()
+    (pre, embed, pre_kind, pre_layer, k, k_kind, k_layer_kind, k_layer, t, t_kind, t_layer_kind, t_layer) = m.groups()
     if pre:
-        return Point(name, "prefill", pre_kind or "hidden", layer=None if pre_layer is None else int(pre_layer))
+        layer = None if pre_layer is None else int(pre_layer)
+        return Point(name, "prefill", embed or pre_kind or "hidden", layer=layer)
     if k is not None:
         if int(k) not in THOUGHTS:
             raise ValueError(f"{name!r}: thoughts are numbered 1..{N_THOUGHTS}")
@@ -105,7 +109,7 @@ def point(name: str) -> Point:
 def point_names(n_layers: int, max_new_tokens: int) -> list[str]:
     """Every hook point of a run with n_layers layers and up to max_new_tokens decode steps."""
     layers = range(n_layers)
-    names = ["prefill"] + [f"prefill.{kind}.{l}" for kind in ("head_in", "resid") for l in layers]
+    names = ["prefill", "prefill.embed"] + [f"prefill.{kind}.{l}" for kind in ("head_in", "resid") for l in layers]
     for k in THOUGHTS:
         names += [f"thought.{k}.{kind}" for kind in ("z", "mask", "hidden")]
         names += [f"thought.{k}.{kind}.{l}" for kind in LAYER_KINDS for l in layers]
@@ -151,7 +155,7 @@ class Hooks:
             self.matched.update(found)
         points = [point(name) for name in self.matched]
         self.layer_sites = {(p.kind, p.layer) for p in points if p.layer is not None}  # module hooks needed
-        self.prefill_layers = any(p.phase == "prefill" and p.layer is not None for p in points)
+        self.prefill_layers = any(p.phase == "prefill" and p.kind != "hidden" for p in points)  # own prefill
         self._cache: dict[str, list[HookFn]] = {}
 
     def get(self, name: str) -> list[HookFn]:
@@ -427,7 +431,7 @@ class PaddedBatch:
         """Column of thought k's key in `mask` (and in the cache)."""
         return self.width + k - 1
 
-    def prefill(self) -> torch.Tensor:
+    def prefill(self, hooks: Hooks | None = None) -> torch.Tensor:
         """Forward the questions + BOT and fill the cache; the last hidden state of each problem [B, d].
 
         Runs in groups of similar length (`prefill_groups`), each left-padded only to its own longest question
@@ -448,8 +452,13 @@ class PaddedBatch:
             mask = self.prompt_mask[index, self.width - w:]
             self.view = PrefillGroup(self.model, self.rows[group], w, self.lengths[index], mask)
             cache = self.cache if len(groups) == 1 else DynamicCache(config=config)
-            out = body(input_ids=self.input_ids[index, self.width - w:], attention_mask=mask,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{self.cache_arg: cache})
+            ids = self.input_ids[index, self.width - w:]
+            tokens = {"input_ids": ids}
+            if hooks is not None and hooks.get("prefill.embed"):  # [G, w, d] token embeddings: read or replace
+                tokens = {"inputs_embeds": hooks("prefill.embed", self.model.lm.get_input_embeddings()(ids),
+                                                 self.view)}
+            out = body(**tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=True, **{self.cache_arg: cache})
             hidden[index] = out.last_hidden_state[:, -1]
             self.view = self
             if len(groups) == 1:
@@ -463,6 +472,26 @@ class PaddedBatch:
                     if pad:
                         whole[index, ..., :pad, :] = 0
         return hidden
+
+    def repeat(self, times: int) -> "PaddedBatch":
+        """A batch of `times` copies of this one's rows after the prefill (condition-major: copy c holds rows
+        [c B, (c + 1) B)), with the prompt's keys and values copied into a cache of its own: for conditions that
+        run stacked in one forward. Its room for decoding is small and grows if needed."""
+        if not self.preallocate:
+            raise RuntimeError("only a preallocated cache repeats")
+        out = PaddedBatch.__new__(PaddedBatch)
+        out.__dict__.update(self.__dict__)
+        out.rows = np.tile(self.rows, times)
+        out.lengths, out.input_ids = self.lengths.repeat(times), self.input_ids.repeat(times, 1)
+        out.prompt_mask = out.mask = self.prompt_mask.repeat(times, 1)
+        out.done = torch.zeros(len(out.rows), dtype=torch.bool, device=self.done.device)
+        out.phase, out.view = "prefill", out
+        out.cache = preallocated_cache(self.model.lm.config, self.width + N_THOUGHTS + min(max(self.budget, 1), 32))
+        for mine, theirs in zip(out.cache.layers, self.cache.layers):
+            mine.reserve(theirs.keys, len(out.rows), self.width)
+            mine.keys.copy_(theirs.keys[..., : self.width, :].repeat(times, *[1] * (theirs.keys.dim() - 1)))
+            mine.values.copy_(theirs.values[..., : self.width, :].repeat(times, *[1] * (theirs.values.dim() - 1)))
+        return out
 
     def rewind(self) -> None:
         """Back to the state right after the prefill: the cache keeps the prompt, mask and done are reset."""
@@ -484,6 +513,66 @@ class PaddedBatch:
             raise RuntimeError(f"the KV cache holds {self.cache.get_seq_length()} positions, expected "
                                f"{self.mask.shape[1]}: this transformers version did not use it")
         return out.last_hidden_state[:, -1]
+
+
+class RowView:
+    """What the hooks of one stacked condition see as `batch`: rows [start, start + B) of a stacked batch."""
+
+    def __init__(self, batch: "PaddedBatch", start: int, size: int):
+        self._batch, self._rows = batch, slice(start, start + size)
+        self.rows, self.model, self.width, self.budget = batch.rows[self._rows], batch.model, batch.width, batch.budget
+        self.lengths, self.prompt_mask = batch.lengths[self._rows], batch.prompt_mask[self._rows]
+        self.view = self
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def phase(self) -> str:
+        return self._batch.phase
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._batch.mask[self._rows]
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self._batch.done[self._rows]
+
+    def key_column(self, k: int) -> int:
+        return self._batch.key_column(k)
+
+
+class Stack:
+    """The conditions that run together in one forward: (hooks, view) per condition, each condition owning the
+    rows of its view. A point's value is handed to each condition's hooks as its own rows, replacements written
+    back into those rows."""
+
+    def __init__(self, members: Sequence[tuple[Hooks, "PaddedBatch | RowView | PrefillGroup"]]):
+        self.members = list(members)
+
+    def get(self, name: str) -> bool:
+        return any(hooks.get(name) for hooks, _ in self.members)
+
+    def __call__(self, name: str, value: torch.Tensor, batch=None) -> torch.Tensor:
+        if len(self.members) == 1:  # the whole batch is one condition's
+            hooks, view = self.members[0]
+            return hooks(name, value, batch if batch is not None else view)
+        out = value
+        for hooks, view in self.members:
+            if not hooks.get(name):
+                continue
+            part = out[view._rows]
+            new = hooks(name, part, view)
+            if new is not part:
+                if out is value:
+                    out = value.clone()
+                out[view._rows] = new
+        return out
+
+    def flush(self) -> None:
+        for hooks, view in self.members:
+            hooks.flush(view)
 
 
 # ------------------------------------------------------------------------------------------------ the runner
@@ -531,18 +620,28 @@ def head_dim(model: CODIModel) -> int:
     return width // model.n_heads
 
 
+def stack_for(batch_size: int, rows: int = CONDITION_ROWS) -> int:
+    """How many conditions to stack so that one forward has about `rows` rows (at least 1; rows 0: no stacking)."""
+    return max(1, rows // batch_size) if rows > 0 else 1
+
+
 class Runner:
     """Batched CODI latent inference with named hook points (see the module docstring).
 
     runner = Runner(model, batch_size=16, max_new_tokens=256)
     generation = runner.run(questions, hooks=[capture, ablate])
 
+    stack=S runs up to S conditions of `run_conditions` together, in one forward over S copies of a batch's rows
+    (each condition's hooks see only its copy): the same results to rounding, and faster where one forward
+    does not fill the machine (small models, GPUs). Memory: the KV cache of S x batch_size rows.
+
     gradients=True runs with autograd on (and a plain DynamicCache, every condition with its own prefill): hooks
     may make a point's value a leaf that requires grad and differentiate a later value with respect to it, e.g.
     in `flush` (attribution patching). It needs PyTorch's linear layers (`load_codi(..., prepack=False)`).
     """
 
-    def __init__(self, model: CODIModel, batch_size: int = 16, max_new_tokens: int = 256, gradients: bool = False):
+    def __init__(self, model: CODIModel, batch_size: int = 16, max_new_tokens: int = 256, gradients: bool = False,
+                 stack: int = 1):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if max_new_tokens < 0:
@@ -550,8 +649,10 @@ class Runner:
         if gradients and "prepacked" in str(model.source.get("linear", "")):
             raise ValueError("gradients need PyTorch's linear layers, and this model's are oneDNN-prepacked "
                              "(inference only): load it with load_codi(..., prepack=False)")
+        if stack < 1:
+            raise ValueError(f"stack must be 1 or more, got {stack}")
         self.model, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
-        self.gradients = gradients
+        self.gradients, self.stack = gradients, stack
         self._names = point_names(model.n_layers, max_new_tokens)
         self._d_head = head_dim(model)
 
@@ -577,32 +678,47 @@ class Runner:
         conds = [Hooks(c, self._names) for c in conditions]
         n = len(questions)
         tokens: list[list[list[int]]] = [[[] for _ in range(n)] for _ in conds]
+        own = [c for c, hooks in enumerate(conds) if hooks.prefill_layers or self.gradients]  # a prefill of its own
+        shared_ones = [c for c in range(len(conds)) if c not in set(own)]
+        stacks = [shared_ones[i: i + self.stack] for i in range(0, len(shared_ones), self.stack)]
         grad_mode = torch.enable_grad() if self.gradients else torch.inference_mode()
         with grad_mode, self._module_hooks(conds):
             for rows, ids in self.batches(questions):
-                shared = None
-                for c, hooks in enumerate(conds):
-                    if hooks.prefill_layers or self.gradients:  # a prefill of its own
-                        batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows,
-                                            preallocate=not self.gradients)
-                        self._active, self._batch = hooks, batch
-                        bot = batch.prefill()
-                    else:
-                        if shared is None:
-                            shared = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
-                            self._active, self._batch = NO_HOOKS, shared
-                            shared_bot = shared.prefill()
-                        else:
+                for c in own:
+                    batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows, preallocate=not self.gradients)
+                    stack = Stack([(conds[c], batch)])
+                    self._active, self._batch = stack, batch
+                    self._run(batch, batch.prefill(conds[c]), stack, [c], tokens)
+                shared, fresh = None, True
+                for group in stacks:
+                    if shared is None:
+                        shared = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
+                        self._active, self._batch = Stack([(NO_HOOKS, shared)]), shared
+                        shared_bot = shared.prefill()
+                    if len(group) == 1:
+                        if not fresh:
                             shared.rewind()
-                        batch, bot = shared, shared_bot.clone()
-                    self._active, self._batch = hooks, batch
-                    generated = self._thoughts_and_decoding(batch, bot, hooks).cpu().numpy()
-                    hooks.flush(batch)
-                    for k, row in zip(rows, generated):
-                        tokens[c][k] = row.tolist()
+                        batch, bot, fresh = shared, shared_bot.clone(), False
+                        stack = Stack([(conds[group[0]], shared)])
+                    else:
+                        batch, bot = shared.repeat(len(group)), shared_bot.repeat(len(group), 1)
+                        stack = Stack([(conds[c], RowView(batch, i * len(rows), len(rows)))
+                                       for i, c in enumerate(group)])
+                    self._active, self._batch = stack, batch
+                    self._run(batch, bot, stack, group, tokens)
                 if progress is not None:
                     progress(len(rows))
         return [self._generation(t) for t in tokens]
+
+    def _run(self, batch: PaddedBatch, bot: torch.Tensor, stack: Stack, group: list[int],
+             tokens: list[list[list[int]]]) -> None:
+        """The thoughts and the decoding of one (stacked) batch; each condition's generated ids into tokens."""
+        generated = self._thoughts_and_decoding(batch, bot, stack).cpu().numpy()
+        stack.flush()
+        size = len(generated) // len(group)
+        for i, c in enumerate(group):
+            for k, row in zip(batch.rows[i * size: (i + 1) * size], generated[i * size: (i + 1) * size]):
+                tokens[c][k] = row.tolist()
 
     def _generation(self, tokens: list[list[int]]) -> Generation:
         width = max(map(len, tokens), default=0)  # budgets can differ between batches (context left)
@@ -611,11 +727,11 @@ class Runner:
         parsed = [parse_answer(t) for t in text]
         return Generation(ids, text, np.array([math.nan if p is None else p for p in parsed], dtype=np.float64))
 
-    def _thoughts_and_decoding(self, batch: PaddedBatch, bot: torch.Tensor, hooks: Hooks) -> torch.Tensor:
+    def _thoughts_and_decoding(self, batch: PaddedBatch, bot: torch.Tensor, stack: Stack) -> torch.Tensor:
         model = self.model
 
         def dispatch(name: str, value: torch.Tensor) -> torch.Tensor:
-            return hooks(name, value, batch)
+            return stack(name, value)
 
         def thought(z: torch.Tensor, k: int) -> torch.Tensor:
             hidden = batch.forward(z, f"thought.{k}")

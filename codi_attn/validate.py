@@ -297,12 +297,14 @@ def logit_lens(model: CODIModel, hidden: np.ndarray, solutions: Sequence[str], t
 def run_validation(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
                    ranked_heads: pd.DataFrame, k: int = 10, n_random: int = 5, ablation: str = "mean",
                    positions: str = "thoughts", batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
-                   n_boot: int = 1000, progress: Callable[[int], None] | None = None) -> ValidationResult:
+                   n_boot: int = 1000, progress: Callable[[int], None] | None = None, stack: int = 1
+                   ) -> ValidationResult:
     """Ablate the top-k heads of `ranked_heads` (columns layer, head, composite), k random same-layer heads,
     block each thought and swap the thoughts between problems, on `questions` with gold answers `golds` and
     GSM8K solutions `solutions` (for the logit lens and the swap partners).
 
-    `progress(k)` is called after each batch of k problems has run through every condition. k is capped at a
+    `progress(k)` is called after each batch of k problems has run through every condition; `stack` conditions
+    run together in one forward (codi_attn.runner.Runner). k is capped at a
     quarter of the model's heads (noted in `notes`), so that other heads are left for the random controls
     (matched by layer, so where the top heads crowd one layer the draws can still coincide: the card says so).
     """
@@ -347,7 +349,12 @@ def run_validation(model: CODIModel, questions: Sequence[str], golds: Sequence[s
 
     conds = conditions(top, controls, ablate, None if partners is None else base.thoughts[partners])
     recording = [_recording(model, n, steps=base.answer_step, everything=c.group == "no-op") for c in conds]
-    generations = runner.run_conditions(questions, [[*c.hooks, *r] for c, r in zip(conds, recording)], progress)
+    hooked = [[*c.hooks, *r] for c, r in zip(conds, recording)]
+    # the no-op alone, as the baseline ran (its bit-for-bit check must not depend on the kernels' handling of a
+    # bigger batch); the others `stack` at a time
+    generations = runner.run_conditions(questions, hooked[:1])
+    generations += Runner(model, batch_size, max_new_tokens, stack=stack).run_conditions(questions, hooked[1:],
+                                                                                          progress)
     outcomes = [_outcome(g, golds, r) for g, r in zip(generations, recording)]
     idx = resample_indices(n, n_boot, seed)
     rows = [measure(Condition("baseline", "baseline"), base, base, idx)]

@@ -124,9 +124,9 @@ def test_prefill_is_computed_once_per_batch_for_conditions_that_share_it(gpt2_mo
     calls = []
     original = PaddedBatch.prefill
 
-    def counting(self):
+    def counting(self, *args):
         calls.append(len(self))
-        return original(self)
+        return original(self, *args)
 
     monkeypatch.setattr(PaddedBatch, "prefill", counting)
     runner = Runner(gpt2_model, batch_size=2, max_new_tokens=2)
@@ -389,3 +389,26 @@ def test_number_tokens_are_digits_or_a_minus_sign_never_special_tokens(gpt2_mode
     for text in (" clips", "The", ":"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert not mask[ids].any(), text
+
+
+def test_stacked_conditions_equal_one_at_a_time(any_model):
+    """stack=S runs S conditions in one forward over copies of the batch: each condition's thoughts and tokens
+    equal its own run (to float rounding: a kernel may pick another path for another number of rows), a blocking
+    hook changes only its own condition, and decoding past the stacked cache's first room (32) grows it."""
+    from codi_attn.hooks import BlockThoughts, RecordThoughts
+
+    def conditions():
+        return [[RecordThoughts(4)], [BlockThoughts([2]), RecordThoughts(4)], [RecordThoughts(4)],
+                [("thought.3.z", lambda v, p, b: torch.zeros_like(v)), RecordThoughts(4)]]
+
+    alone, together = conditions(), conditions()
+    one = Runner(any_model, 3, 40).run_conditions(QUESTIONS, alone)
+    stacked = Runner(any_model, 3, 40, stack=3).run_conditions(QUESTIONS, together)
+    for a, b, ha, hb in zip(one, stacked, alone, together):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(ha[-1].hidden, hb[-1].hidden, atol=1e-5)
+    assert one[0].tokens.shape[1] == 40
+    np.testing.assert_allclose(together[0][0].hidden, together[2][0].hidden, atol=1e-5)  # one condition twice
+    assert not np.allclose(together[1][1].hidden, together[0][0].hidden)  # the blocking acted on its rows only
+    with pytest.raises(ValueError, match="stack"):
+        Runner(any_model, stack=0)
