@@ -58,6 +58,8 @@ class AttentionFlow(FlowSpec):
       join_heads the causal head report: effects with intervals, critical heads, the attention metrics held
                  against the effects, top heads selected on one half and tested on the other against
                  random head sets
+      analyse_thoughts  what each thought holds: attended question tokens, probes of the intermediate results
+                 with control tasks, a lens per layer, mean patching and clean -> corrupted patching
       validate_heads  ablate the top heads against random same-layer heads, block each thought, swap
                  thoughts between problems (with a no-op control); logit lens of the thoughts
       compare    against the latest run of every other model on the same sample
@@ -128,6 +130,14 @@ class AttentionFlow(FlowSpec):
                                 help="Heads per scan_heads task (a failed group is rerun alone by resume).")
     head_random_sets = Parameter("head_random_sets", default=50, type=int,
                                  help="Random head sets the held-out top heads are compared with (per selection).")
+    thought_analysis = Parameter("thought_analysis", default=True, type=bool,
+                                 help="Run the analyse_thoughts step (what each thought holds: attended question "
+                                      "tokens, linear probes of the intermediate results with control tasks, a lens "
+                                      "per layer, mean and clean->corrupted patching); false skips it.")
+    condition_rows = Parameter("condition_rows", default=256, type=int,
+                               help="Rows of one forward in the causal analyses, which run several conditions "
+                                    "together (conditions x --batch_size); 0 runs one condition at a time. Results "
+                                    "equal to float rounding; lower it if a GPU runs out of memory.")
     compare_with = Parameter("compare_with", default="", type=str,
                              help="Run ids or pathspecs to compare with (comma separated); default: the latest "
                                   "successful run of each other model on the same sample.")
@@ -136,7 +146,8 @@ class AttentionFlow(FlowSpec):
         names = ("model", "ckpt", "base", "dataset", "split", "n_problems", "seed", "shard_size", "batch_size",
                  "max_new_tokens", "device", "dtype", "max_failed_fraction", "n_boot", "validate", "validate_k",
                  "validate_random", "ablation", "ablation_positions", "heads", "head_kinds", "head_positions",
-                 "head_scan", "head_group_size", "head_random_sets", "compare_with")
+                 "head_scan", "head_group_size", "head_random_sets", "thought_analysis", "condition_rows",
+                 "compare_with")
         return {k: getattr(self, k) for k in names}
 
     def _load_model(self, prepack: bool = True):
@@ -145,6 +156,12 @@ class AttentionFlow(FlowSpec):
 
         return load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
                          device=self.device, prepack=prepack)
+
+    def _stack(self) -> int:
+        """Conditions per forward in the causal analyses (--condition_rows)."""
+        from codi_attn.runner import stack_for
+
+        return stack_for(self.batch_size, self.condition_rows)
 
     def _sample(self) -> list[dict]:
         """The extracted problems, in sample order."""
@@ -337,7 +354,7 @@ class AttentionFlow(FlowSpec):
             self.head_scan_part = scan_heads(
                 model, [p["question"] for p in problems], [p["answer"] for p in problems],
                 [p["solution"] for p in problems], group, s["head_kinds"], s["head_positions"], self.batch_size,
-                self.max_new_tokens)
+                self.max_new_tokens, stack=self._stack())
         current.card.append(Markdown(f"# Scan heads: group {self.index + 1} of {len(self.head_groups)}\n\n"
                                      f"{len(group)} heads: {' '.join(f'L{l}H{h}' for l, h in group) or 'none'}."))
         self.next(self.join_heads)
@@ -360,11 +377,36 @@ class AttentionFlow(FlowSpec):
             self.head_ablations, self.causal_report = causal_analysis(
                 self._load_model(), self._sample(), parts, self.attention_raw, self.attention_mass,
                 self.head_estimates, s["head_kinds"][0], s["head_positions"][0], self.head_random_sets, self.seed,
-                self.n_boot, self.batch_size, self.max_new_tokens)
+                self.n_boot, self.batch_size, self.max_new_tokens, stack=self._stack())
             self.head_effects = self.causal_report.head_effects
             current.card.extend(heads_card(self.causal_report, self.ranked_heads))
         else:
             current.card.append(Markdown("# Which heads carry the thoughts?\n\nSkipped (`--heads false`)."))
+        self.next(self.analyse_thoughts)
+
+    @resources(gpu=1, cpu=4, memory=32000)
+    @card(type="blank")
+    @step
+    def analyse_thoughts(self):
+        """What each thought holds: attended tokens, probes with control tasks, a lens per layer, patching."""
+        from metaflow.cards import Markdown
+
+        self.thought_report = None
+        if not self.thought_analysis:
+            current.card.append(Markdown("# What each thought holds\n\nSkipped (`--thought_analysis false`)."))
+            self.next(self.validate_heads)
+            return
+        from cards.thoughts_card import thoughts_card
+        from codi_attn.contents import analyse_thoughts
+
+        heads = [] if self.causal_report is None else [
+            (int(r.layer), int(r.head)) for r in self.causal_report.critical().itertuples()]
+        self.thought_report = analyse_thoughts(
+            self._load_model(), self._sample(), self.settings["dataset"] == "synthetic", heads, self.batch_size,
+            self.max_new_tokens, max(self.n_boot, 1), self.seed, self._stack())
+        for line in self.thought_report.findings:
+            print(f"thoughts: {line}")
+        current.card.extend(thoughts_card(self.thought_report))
         self.next(self.validate_heads)
 
     @resources(gpu=1, cpu=4, memory=32000)
@@ -395,7 +437,7 @@ class AttentionFlow(FlowSpec):
             model, [p["question"] for p in problems], [p["answer"] for p in problems],
             [p["solution"] for p in problems], self.ranked_heads, k=self.validate_k, n_random=self.validate_random,
             ablation=self.ablation, positions=self.ablation_positions, batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens, seed=self.seed, progress=progress)
+            max_new_tokens=self.max_new_tokens, seed=self.seed, progress=progress, stack=self._stack())
         self.validation = self.validation_result.validation
         current.card.extend(validate_card(self.validation_result))
         self.next(self.compare)

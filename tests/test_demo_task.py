@@ -97,3 +97,31 @@ def test_bad_split():
         synthetic_records("validation")
     with pytest.raises(ValueError):
         synthetic_records("test", 5000)
+
+
+def test_change_number_changes_one_number_and_recomputes_the_chain():
+    """A record with its start value or one operand changed: exactly that number of the question differs, and
+    the recomputed solution is the one the task renders for the changed chain."""
+    from codi_attn.demo.task import answer_if, apply_op, chain_of, change_number
+
+    checked = 0
+    for rec in synthetic_records("test", 40):
+        start, ops = chain_of(rec)
+        candidates = [(0, start)] + [(j, b) for j, (op, b) in enumerate(ops, 1) if op != "*"]
+        for which, old in candidates:
+            new = change_number(rec, which, old + 1)
+            if new is None:
+                continue
+            before, after = re.findall(r"\d+", rec["question"]), re.findall(r"\d+", new["question"])
+            assert len(before) == len(after) and sum(a != b for a, b in zip(before, after)) == 1
+            assert new["question"].split() != rec["question"].split()
+            s2, ops2 = chain_of(new)
+            v = s2
+            for op, b in ops2:
+                v = apply_op(v, op, b)
+            assert new["answer"].endswith(f"#### {v}") and (s2, ops2) != (start, ops)
+            checked += 1
+        value = apply_op(start, *ops[0])
+        assert answer_if(rec, 1, value) == int(rec["answer"].split("####")[-1])
+    assert checked > 40
+    assert change_number(synthetic_records("test", 1)[0], 0, 99) is None  # out of range

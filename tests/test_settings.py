@@ -32,7 +32,7 @@ def _settings(train_file, **overrides):
          "max_failed_fraction": 0.1, "n_boot": 10, "validate": True, "validate_k": 2, "validate_random": 1,
          "ablation": "mean", "ablation_positions": "thoughts", "heads": True, "head_kinds": "mean,zero,resample",
          "head_positions": "thoughts", "head_scan": "all", "head_group_size": 32, "head_random_sets": 50,
-         "compare_with": ""}
+         "thought_analysis": True, "condition_rows": 256, "compare_with": ""}
     return {**p, **overrides}
 
 

@@ -18,6 +18,7 @@ with other names.
 """
 
 import random
+import re
 from collections.abc import Iterator
 from functools import cache
 
@@ -127,3 +128,49 @@ def synthetic_records(split: str, n: int | None = None) -> list[dict]:
         stream = train_stream()
         return [next(stream) for _ in range(TRAIN_SIZE if n is None else n)]
     raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+
+
+def chain_of(record: dict) -> Chain:
+    """The chain (start, ((op, operand), ...)) a record was rendered from, read off its solution lines."""
+    steps = re.findall(r"<<(\d+)([+\-*])(\d+)=(\d+)>>", record["answer"])
+    if not steps:
+        raise ValueError("not a record of this task: its solution has no <<a op b=c>> steps")
+    return int(steps[0][0]), tuple((op, int(b)) for _, op, b, _ in steps)
+
+
+def change_number(record: dict, which: int, new: int) -> dict | None:
+    """The record with one number of its question changed (which = 0: the start value, which = j: the operand of
+    operation j, an added or subtracted amount) and its solution recomputed; None where that number is not in
+    the question (doubling and tripling) or a value would leave 0..MAX_VALUE (or the operand 1..MAX_OPERAND)."""
+    start, ops = chain_of(record)
+    if which == 0:
+        if not 1 <= new <= MAX_VALUE:
+            return None
+        start = new
+    else:
+        op, b = ops[which - 1]
+        if op == "*" or not 1 <= new <= MAX_OPERAND:
+            return None
+        ops = ops[: which - 1] + ((op, new),) + ops[which:]
+    v, lines = start, []
+    for op, b in ops:
+        r = apply_op(v, op, b)
+        if not 0 <= r <= MAX_VALUE:
+            return None
+        lines.append(f"{v}{op}{b}=<<{v}{op}{b}={r}>>{r}")
+        v = r
+    sentences = record["question"].split(". ")
+    old = re.search(r"\d+", sentences[which])
+    if old is None:
+        return None
+    sentences[which] = sentences[which][: old.start()] + str(new) + sentences[which][old.end():]
+    return {"question": ". ".join(sentences), "answer": "\n".join(lines + [f"#### {v}"])}
+
+
+def answer_if(record: dict, step: int, value: int) -> int:
+    """The final answer if step `step` (1-based) of the record's chain had the result `value`: the later
+    operations applied to it (no range check: a counterfactual, not a problem of the task)."""
+    _, ops = chain_of(record)
+    for op, b in ops[step:]:
+        value = apply_op(value, op, b)
+    return value

@@ -1,0 +1,63 @@
+"""Card of the analyse_thoughts step: what each thought holds."""
+from __future__ import annotations
+
+import pandas as pd
+from metaflow.cards import Markdown
+
+from cards.common import image, table
+from codi_attn.contents import ThoughtReport, best_probes
+
+
+def _pct(v: float) -> str:
+    return "n/a" if pd.isna(v) else f"{100 * v:.0f}%"
+
+
+def thoughts_card(report: ThoughtReport) -> list:
+    """Components of the card: conventions, findings, attended tokens, probes, lens, patching."""
+    from codi_attn.figures.thoughts import attended_examples, attended_kinds, lens_maps, patching_maps, probe_maps
+
+    s = report.settings
+    best = best_probes(report.probes)
+    parts = [
+        Markdown(f"# What each thought holds\n\n{s['model']}, {s['n_problems']} problems (baseline accuracy "
+                 f"{100 * report.baseline_accuracy:.1f}%). Thought k (z1..z6) is the vector fed at position Q+k; "
+                 "BOT is position Q, whose final hidden state gives z1; layer l is the residual stream after block "
+                 "l; step s is the s-th `<<...>>` calculation of the gold solution."),
+        Markdown("## Findings\n\n" + "\n".join(f"- {line}" for line in report.findings)
+                 + "".join(f"\n- Note: {n}." for n in report.notes)),
+        Markdown("## Attended tokens\n\nEach thought's attention on each question token, averaged over every layer "
+                 "and head (the CODI paper's figure)."),
+        image(attended_kinds(report)),
+        image(attended_examples(report)),
+        Markdown("## Linear probes\n\nStandardised ridge classifiers (scikit-learn), 5-fold cross-validated over "
+                 "problems; 95 % bootstrap intervals. Controls on the same inputs and folds: labels permuted across "
+                 "problems (chance), and Hewitt and Liang's control task, a random label fixed per value of the "
+                 "question's first number. Selectivity = accuracy - control. A target counts as decodable where "
+                 "the interval lies above the control, the permuted labels and the majority class; the best cell "
+                 "of a target is a maximum over the cells, so it leans optimistic."),
+        image(probe_maps(report)),
+    ]
+    if len(best):
+        shown = pd.DataFrame({
+            "target": best["target"], "best cell": [f"{p} layer {l}" for p, l in zip(best["position"], best["layer"])],
+            "accuracy": [f"{_pct(a)} [{_pct(lo)}, {_pct(hi)}]" for a, lo, hi in
+                         zip(best["accuracy"], best["ci_low"], best["ci_high"])],
+            "control": [_pct(v) for v in best["control"]], "permuted": [_pct(v) for v in best["permuted"]],
+            "majority": [_pct(v) for v in best["majority"]], "classes": best["classes"], "n": best["n"],
+            "decodable": best["decodable"]})
+        parts.append(table(shown))
+    parts += [Markdown("## Lens per layer\n\nThe residual after each block through the final norm and the LM head, "
+                       "ranked among the values the number tokens spell (a value scores the highest logit of its "
+                       "tokens). Matching rule: a token spells value v when its decoded text without spaces and "
+                       "commas is v written out; a value no single token spells is not ranked."),
+              image(lens_maps(report)),
+              Markdown("## Patching\n\nMean patching: thought k replaced by the mean thought k of the problems whose "
+                       "step s has the same value (the answer should stay) or one other value (if thought k holds "
+                       "step s, the answer moves to the counterfactual, the chain recomputed from that value). "
+                       "Clean -> corrupted: pairs whose questions differ in one number (same length, gold "
+                       "recomputed); the corrupted run patched with the clean run's residual at thought k after "
+                       "block l, or with the clean z_k; recovery = (LD_patched - LD_corrupted) / (LD_clean - "
+                       "LD_corrupted) of the mean logit difference between the clean and the corrupted answer "
+                       "token: 0 = nothing recovered, 1 = the clean run."),
+              image(patching_maps(report))]
+    return parts

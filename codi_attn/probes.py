@@ -1,0 +1,243 @@
+"""What the residual stream at each thought holds: linear probes with control tasks, and a logit lens per layer.
+
+Positions: p = 0 is BOT (the last prompt position, whose final hidden state gives z1), p = k the position where
+thought k is fed. `RecordResiduals` keeps the residual stream after every block at these seven positions.
+
+Probes (Hewitt & Liang 2019). For each target (the value of solution step s, `step s`; the final answer,
+`answer`; the operation of step s, `op s`), position and layer: a standardised ridge classifier
+(scikit-learn), 5-fold cross-validated over problems (no problem is in its own training fold); accuracy of the
+out-of-fold predictions with a 95 % bootstrap interval. Two controls on the same inputs and folds: the labels
+permuted across problems (the chance floor), and the control task: a random label fixed per value of a surface
+feature of the question (its first number), drawn with the target's label frequencies, which a probe can only
+learn by memorising that feature. Selectivity = accuracy - control accuracy.
+
+Lens per layer: the residual after block l at a position, through the final norm and the LM head, restricted to
+the number tokens; the rank (1 = top) of the target value among the values those tokens spell, a value scoring
+the highest logit of its tokens. Matching rule: a token spells value v when its decoded text, without spaces and
+commas, is v written out ("12" or " 12", not "12.0"); a value with no such token is not ranked (its rank is nan).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from codi_attn.conventions import N_THOUGHTS, THOUGHTS
+from codi_attn.model import CODIModel
+from codi_attn.runner import Hook, PaddedBatch, Point
+from codi_attn.solutions import numbers_in, solution_steps
+
+POSITIONS = ("BOT", *(f"z{k}" for k in THOUGHTS))  # p = 0..6
+N_FOLDS = 5
+MIN_PROBLEMS = 20  # a target is probed where at least this many problems have it
+CI_LEVEL = 0.95
+
+
+class RecordResiduals(Hook):
+    """`resid` [N, 7, L, d] float32: the residual stream after each block at BOT (p = 0) and at thought k (p = k)."""
+
+    points = ("prefill.resid.*", "thought.*.resid.*")
+
+    def __init__(self, model: CODIModel, n: int):
+        self.resid = np.zeros((n, N_THOUGHTS + 1, model.n_layers, model.lm.config.hidden_size), np.float32)
+
+    def __call__(self, value: torch.Tensor, point: Point, batch: PaddedBatch) -> None:
+        if point.phase == "prefill":  # one prefill group: rows end with BOT at the group's last column
+            self.resid[batch.rows, 0, point.layer] = value[:, -1].float().cpu().numpy()
+        else:
+            self.resid[batch.rows, point.thought, point.layer] = value.float().cpu().numpy()
+
+
+# ---------------------------------------------------------------- targets
+
+
+def targets(solutions: Sequence[str], max_steps: int = 7) -> dict[str, np.ndarray]:
+    """Labels per target over the problems (object arrays, None where a problem does not have it): `step s`
+    (the value of step s), `answer` (the last step's value), `op s` (its operation)."""
+    steps = [solution_steps(s) for s in solutions]
+    out: dict[str, np.ndarray] = {}
+    for s in range(1, max_steps + 1):
+        out[f"step {s}"] = np.array([st[s - 1].value if len(st) >= s else None for st in steps], dtype=object)
+    out["answer"] = np.array([st[-1].value if st else None for st in steps], dtype=object)
+    for s in range(1, max_steps + 1):
+        out[f"op {s}"] = np.array([st[s - 1].operation or None if len(st) >= s else None for st in steps],
+                                  dtype=object)
+    return out
+
+
+def surface_feature(questions: Sequence[str]) -> np.ndarray:
+    """The control task's surface feature: the first number written in each question (None if none)."""
+    return np.array([numbers_in(q)[0][2] if numbers_in(q) else None for q in questions], dtype=object)
+
+
+def control_labels(labels: np.ndarray, feature: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Hewitt & Liang's control task: one random label per value of the surface feature, drawn with the
+    labels' own frequencies, so the control has the target's classes but no relation to the model."""
+    values, counts = np.unique(labels.astype(str), return_counts=True)
+    by_value = {}
+    out = []
+    for f, label in zip(feature, labels):
+        key = str(f)
+        if key not in by_value:
+            by_value[key] = rng.choice(values, p=counts / counts.sum())
+        out.append(by_value[key])
+    return np.array(out)
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _interval(correct: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    if not len(correct):
+        return math.nan, math.nan
+    means = correct[rng.integers(0, len(correct), (n_boot, len(correct)))].mean(1)
+    q = 100 * (1 - CI_LEVEL) / 2
+    lo, hi = np.percentile(means, [q, 100 - q])
+    return float(lo), float(hi)
+
+
+def _one_hot(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, [n, classes] one-hot) of string labels."""
+    classes, codes = np.unique(labels, return_inverse=True)
+    return classes, np.eye(len(classes))[codes]
+
+
+def cross_validated(x: np.ndarray, label_sets: Sequence[np.ndarray], folds: list[tuple[np.ndarray, np.ndarray]]
+                    ) -> list[np.ndarray]:
+    """Out-of-fold correctness [n] of a standardised ridge classifier on x [n, d], for each label set [n].
+
+    All label sets are fitted at once: one scikit-learn Ridge on the concatenated one-hot codes, each set's class
+    the argmax of its block, which is exactly what RidgeClassifier predicts for that set alone (the ridge
+    solution is linear in the targets; a class absent from a training fold is never predicted)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    codes = [_one_hot(y) for y in label_sets]
+    y_all = np.concatenate([onehot for _, onehot in codes], axis=1)
+    bounds = np.cumsum([0] + [len(classes) for classes, _ in codes])
+    correct = [np.zeros(len(x), bool) for _ in label_sets]
+    for train, test in folds:
+        probe = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe.fit(x[train], y_all[train])
+            predicted = probe.predict(x[test])
+        for j, ((classes, _), y) in enumerate(zip(codes, label_sets)):
+            block = predicted[:, bounds[j]: bounds[j + 1]]
+            absent = y_all[train, bounds[j]: bounds[j + 1]].sum(0) == 0
+            block = np.where(absent, -np.inf, block)
+            correct[j][test] = classes[block.argmax(1)] == y[test]
+    return correct
+
+
+def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[str], n_boot: int = 200,
+               seed: int = 0, max_steps: int = 7) -> pd.DataFrame:
+    """One row per (target, position, layer): accuracy [CI], permuted-label accuracy, control-task accuracy,
+    selectivity, the majority-class rate and n. resid: RecordResiduals.resid [N, 7, L, d]. Targets that the
+    same problems have are fitted together (`cross_validated`)."""
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(seed)
+    feature = surface_feature(questions)
+    groups: dict[bytes, list[tuple[str, np.ndarray]]] = {}
+    for name, labels in targets(solutions, max_steps).items():
+        have = np.array([v is not None for v in labels])
+        y = np.array([str(v) for v in labels[have]])
+        if have.sum() >= MIN_PROBLEMS and len(np.unique(y)) >= 2:
+            groups.setdefault(have.tobytes(), []).append((name, y))
+    rows = []
+    for key, members in groups.items():
+        have = np.frombuffer(key, dtype=bool)
+        folds = list(KFold(min(N_FOLDS, int(have.sum())), shuffle=True, random_state=seed).split(np.flatnonzero(have)))
+        sets = []
+        for _, y in members:
+            sets += [y, rng.permutation(y), control_labels(y, feature[have], rng)]
+        x_all = resid[have]
+        for p, position in enumerate(POSITIONS):
+            for layer in range(resid.shape[2]):
+                correct = cross_validated(x_all[:, p, layer], sets, folds)
+                for j, (name, y) in enumerate(members):
+                    ok, perm, ctrl = correct[3 * j: 3 * j + 3]
+                    lo, hi = _interval(ok.astype(float), n_boot, rng)
+                    rows.append({"target": name, "position": position, "layer": layer, "n": int(have.sum()),
+                                 "classes": len(np.unique(y)), "accuracy": float(ok.mean()), "ci_low": lo,
+                                 "ci_high": hi, "permuted": float(perm.mean()), "control": float(ctrl.mean()),
+                                 "selectivity": float(ok.mean() - ctrl.mean()),
+                                 "majority": float(pd.Series(y).value_counts(normalize=True).iloc[0])})
+    order = {name: i for i, name in enumerate(targets([], max_steps))}
+    return pd.DataFrame(rows).sort_values(["target", "position", "layer"], key=lambda c: c.map(order)
+                                          if c.name == "target" else c.map({p: i for i, p in enumerate(POSITIONS)})
+                                          if c.name == "position" else c, kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- lens per layer
+
+
+def number_token_values(model: CODIModel) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, values) of the tokens that spell a number (the matching rule of the module docstring)."""
+    from codi_attn.validate import token_number
+
+    texts = model.tokenizer.batch_decode([[i] for i in range(len(model.tokenizer))])
+    special = set(model.tokenizer.all_special_ids)
+    pairs = [(i, token_number(t)) for i, t in enumerate(texts) if i not in special]
+    pairs = [(i, v) for i, v in pairs if v is not None]
+    return np.array([i for i, _ in pairs], dtype=np.int64), np.array([v for _, v in pairs], dtype=np.float64)
+
+
+def final_norm(model: CODIModel) -> torch.nn.Module:
+    """The LM's final norm (GPT-2 ln_f, LLaMA norm), applied before the LM head."""
+    body = model.lm.base_model
+    return body.ln_f if hasattr(body, "ln_f") else body.norm
+
+
+@torch.inference_mode()
+def lens_ranks(model: CODIModel, resid: np.ndarray, values: np.ndarray, batch: int = 64) -> np.ndarray:
+    """[N, 7, L] rank (1 = top) of values[n] among the values the number tokens spell, reading the residual after
+    each block at each position through the final norm and the LM head; a value scores the highest logit of the
+    tokens that spell it. nan where values[n] is None/nan or no token spells it."""
+    ids, token_values = number_token_values(model)
+    unique, group = np.unique(token_values, return_inverse=True)
+    head = model.lm.get_output_embeddings().weight[torch.as_tensor(ids, device=model.device)]  # [T, d]
+    group_t = torch.as_tensor(group, device=model.device)
+    norm = final_norm(model)
+    n, positions, layers, d = resid.shape
+    ranks = np.full((n, positions, layers), np.nan)
+    where = {float(v): k for k, v in enumerate(unique)}
+    target = np.array([where.get(float(v), -1) if v is not None and not pd.isna(v) else -1 for v in values])
+    for start in range(0, n, batch):
+        rows = np.arange(start, min(n, start + batch))
+        x = torch.as_tensor(resid[rows], dtype=model.dtype, device=model.device)
+        logits = (norm(x) @ head.T).float()  # [b, 7, L, T]
+        scores = logits.new_full((*logits.shape[:-1], len(unique)), -torch.inf)
+        scores.scatter_reduce_(-1, group_t.expand_as(logits), logits, "amax")  # [b, 7, L, U]
+        for i, row in enumerate(rows):
+            if target[row] < 0:
+                continue
+            own = scores[i, ..., target[row]]
+            ranks[row] = (1 + (scores[i] > own[..., None]).sum(-1)).cpu().numpy()
+    return ranks
+
+
+def lens_table(model: CODIModel, resid: np.ndarray, solutions: Sequence[str], max_steps: int = 7) -> pd.DataFrame:
+    """One row per (target value: each step's and the answer, position, layer): the share of problems whose
+    target ranks first among the number tokens, within the top 5, the median rank, and n ranked."""
+    rows = []
+    for name, labels in targets(solutions, max_steps).items():
+        if name.startswith("op"):
+            continue
+        ranks = lens_ranks(model, resid, labels)
+        ranked = ~np.isnan(ranks[:, 0, 0])
+        if not ranked.any():
+            continue
+        for p, position in enumerate(POSITIONS):
+            for layer in range(resid.shape[2]):
+                r = ranks[ranked, p, layer]
+                rows.append({"target": name, "position": position, "layer": layer, "n": int(ranked.sum()),
+                             "top1": float((r == 1).mean()), "top5": float((r <= 5).mean()),
+                             "median_rank": float(np.median(r))})
+    return pd.DataFrame(rows)

@@ -1,0 +1,98 @@
+"""Probes (codi_attn.probes): a planted linear feature is recovered and the controls stay at chance; the stacked
+fit is the per-target RidgeClassifier; lens ranks equal a direct LM-head computation; residuals are the model's."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from codi_attn.probes import (POSITIONS, RecordResiduals, control_labels, cross_validated, final_norm, lens_ranks,
+                              number_token_values, run_probes, targets)
+from codi_attn.runner import Runner
+from reference import QUESTIONS
+
+
+def planted(n: int = 120, d: int = 16, layers: int = 3, seed: int = 0):
+    """Residuals [n, 7, L, d] of noise, except that at z3 layer 1 the value of step 1 (5 classes) is written along
+    one direction each; solutions and questions to match (the first number: a surface feature unrelated to it)."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 5, n)
+    resid = rng.normal(size=(n, len(POSITIONS), layers, d)).astype(np.float32)
+    directions = rng.normal(size=(5, d)) * 3
+    resid[:, POSITIONS.index("z3"), 1] += directions[values]
+    solutions = [f"<<{v}+0={v}>>\n#### {v}" for v in values]
+    questions = [f"Tom has {rng.integers(1, 30)} apples." for _ in range(n)]
+    return resid, solutions, questions
+
+
+def test_probes_recover_a_planted_feature_and_controls_stay_at_chance():
+    resid, solutions, questions = planted()
+    df = run_probes(resid, solutions, questions, n_boot=100).set_index(["target", "position", "layer"])
+    hit = df.loc[("step 1", "z3", 1)]
+    assert hit["accuracy"] > 0.9 and hit["ci_low"] > hit["control"] and hit["selectivity"] > 0.5
+    elsewhere = df.loc["step 1"].drop(index=("z3", 1))
+    assert (elsewhere["accuracy"] < 0.45).all()  # 5 classes: ~0.2 by chance
+    assert (df.loc["step 1"]["permuted"] < 0.45).all() and hit["control"] < 0.6
+    assert set(df.index.get_level_values("target")) == {"step 1", "answer"}  # op 1 is always +: one class, skipped
+    assert (df["n"] == 120).all()
+
+
+def test_stacked_fit_equals_ridge_classifier_per_target():
+    """cross_validated fits all label sets at once; each set's predictions equal RidgeClassifier's on it alone."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 10))
+    sets = [rng.integers(0, k, 60).astype(str) for k in (2, 3, 7)]
+    sets[2][:3] = "rare"  # a class absent from some training folds
+    folds = list(KFold(5, shuffle=True, random_state=0).split(x))
+    got = cross_validated(x, sets, folds)
+    for y, correct in zip(sets, got):
+        expected = np.zeros(len(y), bool)
+        for train, test in folds:
+            clf = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0)).fit(x[train], y[train])
+            expected[test] = clf.predict(x[test]) == y[test]
+        np.testing.assert_array_equal(correct, expected)
+
+
+def test_control_labels_are_fixed_per_feature_value_with_the_targets_classes():
+    rng = np.random.default_rng(0)
+    labels = np.array(list("aabbbcc") * 10)
+    feature = np.array([i % 4 for i in range(70)], dtype=object)
+    control = control_labels(labels, feature, rng)
+    assert set(control) <= set(labels)
+    for value in range(4):
+        assert len(set(control[feature == value])) == 1
+
+
+def test_targets_read_the_solution():
+    t = targets(["<<2+3=5>>\n<<5*2=10>>\n#### 10", "<<4-1=3>>\n#### 3"], max_steps=2)
+    assert list(t["step 1"]) == [5.0, 3.0] and list(t["step 2"]) == [10.0, None]
+    assert list(t["answer"]) == [10.0, 3.0] and list(t["op 2"]) == ["*", None]
+
+
+def test_residuals_and_lens_ranks_equal_a_direct_computation(gpt2_model):
+    """RecordResiduals' last layer at thought k, through the final norm, is the thought's final hidden state; the
+    lens rank equals ranking the LM head's logits over the number tokens directly."""
+    from codi_attn.hooks import RecordThoughts
+
+    m = gpt2_model
+    resid, thoughts = RecordResiduals(m, 2), RecordThoughts(2)
+    Runner(m, max_new_tokens=1).run(QUESTIONS[:2], [resid, thoughts])
+    with torch.no_grad():
+        last = final_norm(m)(torch.as_tensor(resid.resid[:, 1:, -1])).numpy()
+    np.testing.assert_allclose(last, thoughts.hidden, atol=1e-5)
+    ids, values = number_token_values(m)
+    value = values[3]
+    ranks = lens_ranks(m, resid.resid, np.array([value, None], dtype=object))
+    assert np.isnan(ranks[1]).all()
+    head = m.lm.get_output_embeddings().weight.detach()
+    with torch.no_grad():
+        logits = (final_norm(m)(torch.as_tensor(resid.resid[0])) @ head[torch.as_tensor(ids)].T).numpy()
+    scores = pd.DataFrame(logits.reshape(-1, len(ids)).T).groupby(values).max()  # a value: its best token
+    direct = 1 + (scores.to_numpy() > scores.loc[value].to_numpy()).sum(0)
+    np.testing.assert_array_equal(ranks[0].ravel(), direct)

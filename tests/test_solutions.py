@@ -1,0 +1,50 @@
+"""GSM8K solutions as chains (codi_attn.solutions): steps, the evaluator, one question number changed with the
+solution recomputed, and the answer a changed step leads to."""
+from __future__ import annotations
+
+import pytest
+
+from codi_attn.solutions import answer_if, change_number, evaluate, numbers_in, solution_steps
+
+SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
+            "in April and May.\n#### 72")
+QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+            "clips did Natalia sell altogether in April and May?")
+
+
+def test_steps_and_operations():
+    steps = solution_steps(SOLUTION)
+    assert [(s.expression, s.value, s.operation) for s in steps] == [("48/2", 24.0, "/"), ("48+24", 72.0, "+")]
+    assert solution_steps("<<(3+4)*2=14>> <<1,200-200=1,000>> <<x=oops>>")[1].value == 1000.0
+    assert solution_steps("<<(3+4)*2=14>>")[0].operation == "*"
+    assert solution_steps("#### 5") == []
+
+
+def test_evaluate_is_plain_arithmetic_only():
+    assert evaluate("(3+4)*2-1/4") == 13.75 and evaluate("-3+1,000") == 997.0
+    for bad in ("__import__('os')", "2**8", "1/0", "a+1"):
+        with pytest.raises(ValueError):
+            evaluate(bad)
+
+
+def test_change_number_changes_exactly_one_number_and_recomputes_the_gold():
+    cf = change_number(QUESTION, SOLUTION, 0, 50)
+    assert cf is not None and cf.answer == 75.0 and cf.changed == (48.0, 50.0)
+    assert [v for _, _, v in numbers_in(cf.question)] == [50.0]
+    assert cf.question.replace("50", "48") == QUESTION  # nothing else moved
+    assert [s.value for s in cf.steps] == [25.0, 75.0] and cf.solution.endswith("#### 75")
+
+
+def test_change_number_refuses_what_it_cannot_tell():
+    assert change_number("Tom has 3 apples and 3 pears.", "<<3+3=6>>\n#### 6", 0, 4) is None  # 3 twice
+    assert change_number("Tom has 3 apples and 6 pears.", "<<3+3=6>>\n#### 6", 0, 4) is None  # a result = 6
+    assert change_number("Tom has 3 apples and 5 pears.", "<<5*2=10>>\n#### 10", 0, 4) is None  # 3 unused
+    assert change_number("Tom has 3 apples.", "<<3*2=6>>\n#### 6", 5, 4) is None  # no such number
+
+
+def test_answer_if_a_step_had_another_result():
+    assert answer_if(QUESTION, SOLUTION, 1, 30) == 78.0
+    assert answer_if(QUESTION, SOLUTION, 2, 10) == 10.0
+    assert answer_if("Tom has 2 bags.", "<<4-2=2>>\n<<2*5=10>>\n#### 10", 1, 3) is None  # the question writes 2
+    assert answer_if("Tom has 7 bags.", "<<9-7=2>>\n<<2+2=4>>\n<<4-2=2>>\n#### 2", 1, 3) is None  # 2 twice
+    assert answer_if(QUESTION, SOLUTION, 3, 1) is None
