@@ -19,8 +19,8 @@ from codi_attn.conventions import Head, head_label
 from codi_attn.extract import correctness
 from codi_attn.hooks import RecordThoughts
 from codi_attn.model import CODIModel
-from codi_attn.patching import make_pairs, mean_patching, pair_patching
-from codi_attn.probes import RecordResiduals, lens_table, run_probes
+from codi_attn.patching import MIN_SHARE, make_pairs, mean_patching, pair_patching
+from codi_attn.probes import MIN_PROBLEMS, RecordResiduals, lens_table, run_probes
 from codi_attn.runner import Runner, tokenize_questions
 
 N_EXAMPLES = 3  # problems whose attended tokens the card shows
@@ -72,8 +72,16 @@ def analyse_thoughts(model: CODIModel, problems: Sequence[dict], synthetic: bool
                             stack=stack)
     pairs = make_pairs(model, problems, synthetic)
     notes = []
+    if probes.empty:
+        notes.append(f"no probe: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values")
+    if patched.empty:
+        notes.append(f"no mean patching: no step is in {100 * MIN_SHARE:.0f}% of the problems and at least "
+                     f"{MIN_PROBLEMS} of them with the same and with another value")
     if pairs:
         pair_table, facts = pair_patching(model, problems, pairs, batch_size, max_new_tokens, n_boot, seed, stack=stack)
+        if not facts["valid"]:
+            notes.append(f"no clean/corrupted pair of the {len(pairs)} has answer tokens in both runs that differ: "
+                         "pair patching has nothing to recover")
     else:
         pair_table, facts = pd.DataFrame(columns=["thought", "layer", "n", "recovery", "ci_low", "ci_high",
                                                   "answers_clean"]), {"pairs": 0, "valid": 0}
@@ -136,10 +144,12 @@ def findings(report: ThoughtReport) -> list[str]:
                        f"{top.position} layer {top.layer}, {100 * top.accuracy:.0f}% [{100 * top.ci_low:.0f}, "
                        f"{100 * top.ci_high:.0f}] vs control {100 * top.control:.0f}% and majority "
                        f"{100 * top.majority:.0f}% (best of {cells} cells).")
-    if len(report.lens):
-        top = report.lens.sort_values("top1", ascending=False).iloc[0]
+    lens = report.lens[report.lens["n"] >= MIN_PROBLEMS] if len(report.lens) else report.lens
+    if len(lens):
+        top = lens.sort_values("top1", ascending=False).iloc[0]
         out.append(f"The lens per layer ranks a target value first among the number tokens at best for "
-                   f"{100 * top.top1:.0f}% of the problems ({top.target} at {top.position} layer {top.layer}).")
+                   f"{100 * top.top1:.0f}% of the {top.n} problems it ranks ({top.target} at {top.position} layer "
+                   f"{top.layer}; targets ranked on at least {MIN_PROBLEMS} problems).")
     mp = report.mean_patching
     if len(mp):
         same, diff = mp[mp["kind"] == "same"], mp[mp["kind"] == "different"]

@@ -111,6 +111,18 @@ def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool 
         for key, frame in tables.items():
             frame.to_csv(res / f"{key}.csv", index=False)
             written.append(res / f"{key}.csv")
+    thoughts = getattr(d, "thought_report", None) if "thought_report" in d else None
+    if thoughts is not None:
+        tables = {"thought_probes": thoughts.probes, "thought_lens": thoughts.lens,
+                  "thought_mean_patching": thoughts.mean_patching, "thought_pair_patching": thoughts.pair_patching,
+                  "thought_attended_by_kind": thoughts.attended_by_kind,
+                  "thought_attended_by_step": thoughts.attended_by_step}
+        for key, frame in tables.items():
+            frame.to_csv(res / f"{key}.csv", index=False)
+            written.append(res / f"{key}.csv")
+        written.append(_write_json(res / "thought_findings.json", {
+            "findings": thoughts.findings, "notes": thoughts.notes, "pairs": thoughts.pair_facts,
+            "baseline_accuracy": thoughts.baseline_accuracy, "settings": thoughts.settings}))
     comparisons = [("comparison", d.comparison), ("causal_comparison", getattr(d, "causal_comparison", {}))]
     for prefix, frames in comparisons:
         for other, frame in frames.items():
@@ -159,4 +171,13 @@ def write_figures(d, fig_dir: Path) -> list[Path]:
             figs["held_out_top_heads"] = head_figures.held_out_figure(causal.held_out)
         if len(causal.agreement):
             figs["attribution_vs_exact"] = head_figures.attribution_scatter(causal)
+    thoughts = getattr(d, "thought_report", None) if "thought_report" in d else None
+    if thoughts is not None:
+        from codi_attn.figures import thoughts as thought_figures
+
+        figs |= {"thought_attended_tokens": thought_figures.attended_examples(thoughts),
+                 "thought_attended_kinds": thought_figures.attended_kinds(thoughts),
+                 "thought_probes": thought_figures.probe_maps(thoughts),
+                 "thought_lens": thought_figures.lens_maps(thoughts),
+                 "thought_patching": thought_figures.patching_maps(thoughts)}
     return [_save_figure(fig, fig_dir / f"{key}.png") for key, fig in figs.items()]

@@ -59,9 +59,14 @@ def _interval(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tupl
 # ---------------------------------------------------------------- mean patching
 
 
+MIN_SHARE = 0.8  # mean patching patches a step that at least this share of the problems have
+MEAN_PATCHING_COLUMNS = ("thought", "step", "kind", "n", "accuracy", "ci_low", "ci_high", "counterfactual", "cf_low",
+                         "cf_high")
+
+
 def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarray, synthetic: bool,
                   batch_size: int = 16, max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0,
-                  max_steps: int = 7, min_share: float = 0.8, stack: int = 1) -> pd.DataFrame:
+                  max_steps: int = 7, min_share: float = MIN_SHARE, stack: int = 1) -> pd.DataFrame:
     """One row per (thought k, step s, same|different): accuracy [CI] and, for `different`, the share of answers
     equal to the counterfactual [CI], on the problems that have step s and a mean to take. thoughts: [N, 6, d],
     the thoughts the baseline fed (RecordThoughts.z). Steps are patched where at least `min_share` of the problems
@@ -113,7 +118,7 @@ def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarr
             row["counterfactual"] = float(moved.mean())
             row["cf_low"], row["cf_high"] = _interval(moved, n_boot, rng)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=MEAN_PATCHING_COLUMNS)
 
 
 # ---------------------------------------------------------------- pairs
@@ -240,7 +245,10 @@ def pair_patching(model: CODIModel, problems: Sequence[dict], pairs: Sequence[Pa
         conditions.append(hooks)
         names.append((name, ""))
     shifts = [AnswerShift(ans_x.logits, ans_x.step, gen_x.tokens, safe_c, safe_x) for _ in conditions]
-    generations = runner.run_conditions(corrupt_q, [[*c, s] for c, s in zip(conditions, shifts)])
+    # all pairs run (the same batches as the corrupted run: patching nothing reproduces it bit for bit), but
+    # only where some pair counts
+    generations = runner.run_conditions(corrupt_q, [[*c, s] for c, s in zip(conditions, shifts)]) if valid.any() \
+        else [None] * len(conditions)
     clean_answer = np.array([parse_answer(t) for t in gen_c.text], dtype=float)
     rows = []
     for (thought, layer), shift, gen in zip(names, shifts, generations):

@@ -135,6 +135,10 @@ def cross_validated(x: np.ndarray, label_sets: Sequence[np.ndarray], folds: list
     return correct
 
 
+PROBE_COLUMNS = ("target", "position", "layer", "n", "classes", "accuracy", "ci_low", "ci_high", "permuted", "control",
+                 "selectivity", "majority")
+
+
 def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[str], n_boot: int = 200,
                seed: int = 0, max_steps: int = 7) -> pd.DataFrame:
     """One row per (target, position, layer): accuracy [CI], permuted-label accuracy, control-task accuracy,
@@ -169,6 +173,8 @@ def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[
                                  "ci_high": hi, "permuted": float(perm.mean()), "control": float(ctrl.mean()),
                                  "selectivity": float(ok.mean() - ctrl.mean()),
                                  "majority": float(pd.Series(y).value_counts(normalize=True).iloc[0])})
+    if not rows:
+        return pd.DataFrame(columns=PROBE_COLUMNS)
     order = {name: i for i, name in enumerate(targets([], max_steps))}
     return pd.DataFrame(rows).sort_values(["target", "position", "layer"], key=lambda c: c.map(order)
                                           if c.name == "target" else c.map({p: i for i, p in enumerate(POSITIONS)})

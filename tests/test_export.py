@@ -51,9 +51,19 @@ def test_export_files_equal_artifacts(clean_run, tmp_path):
     np.testing.assert_allclose(effects["delta_accuracy"], d.head_effects["delta_accuracy"])
     assert len(pd.read_csv(res / "held_out_sets.csv")) == len(d.causal_report.held_out.sets)
     assert (res / "head_correlations.csv").exists() and (res / "head_attribution_agreement.csv").exists()
+    report = d.thought_report
+    probes = pd.read_csv(res / "thought_probes.csv")
+    assert len(probes) == len(report.probes)
+    np.testing.assert_allclose(probes["accuracy"], report.probes["accuracy"])
+    pairs = pd.read_csv(res / "thought_pair_patching.csv", dtype={"layer": str}, keep_default_na=False)
+    assert list(pairs["layer"]) == list(report.pair_patching["layer"])
+    assert json.loads((res / "thought_findings.json").read_text())["findings"] == report.findings
+    for key in ("thought_lens", "thought_mean_patching", "thought_attended_by_kind", "thought_attended_by_step"):
+        assert len(pd.read_csv(res / f"{key}.csv")) == len(getattr(report, key.removeprefix("thought_")))
     pngs = sorted(figs.glob("*.png"))
-    assert len(pngs) == 12 and all(p.read_bytes()[:8] == PNG for p in pngs)
-    assert {"head_effects.png", "composite_vs_effect.png", "held_out_top_heads.png"} <= {p.name for p in pngs}
+    assert len(pngs) == 17 and all(p.read_bytes()[:8] == PNG for p in pngs)
+    assert {"head_effects.png", "composite_vs_effect.png", "held_out_top_heads.png", "thought_probes.png",
+            "thought_patching.png", "thought_attended_tokens.png"} <= {p.name for p in pngs}
 
 
 def test_cli_export_subprocess(clean_run, tmp_path):

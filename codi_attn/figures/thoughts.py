@@ -12,7 +12,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from codi_attn.contents import ThoughtReport  # noqa: E402
 from codi_attn.conventions import THOUGHTS, thought_name  # noqa: E402
-from codi_attn.probes import POSITIONS  # noqa: E402
+from codi_attn.probes import MIN_PROBLEMS, POSITIONS  # noqa: E402
 
 DPI = 100
 KIND_COLORS = {"number": "#d1495b", "operation": "#edae49", "other": "#9e9e9e"}
@@ -67,7 +67,13 @@ def attended_kinds(report: ThoughtReport) -> Figure:
 
 
 def _target_grid(df: pd.DataFrame, value: str, title: str, cmap: str, vmin: float, vmax: float | None,
-                 annotate: str | None = None) -> Figure:
+                 annotate: str | None = None, empty: str = "") -> Figure:
+    if not len(df):
+        fig = Figure(figsize=(8, 1.2), dpi=DPI)
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{title}\n{empty}", ha="center", va="center", fontsize=10, transform=ax.transAxes)
+        return fig
     targets = list(dict.fromkeys(df["target"]))
     cols = min(5, max(1, len(targets)))
     rows = -(-len(targets) // cols)
@@ -105,13 +111,15 @@ def probe_maps(report: ThoughtReport) -> Figure:
     """Selectivity (probe accuracy - control-task accuracy) per position and layer, one panel per target; the
     numbers are the accuracies in %."""
     return _target_grid(report.probes, "selectivity", "linear probes: accuracy - control task (colour), accuracy % "
-                        "(text), 5-fold cross-validated over problems", "RdBu", -0.5, 0.5, annotate="accuracy")
+                        "(text), 5-fold cross-validated over problems", "RdBu", -0.5, 0.5, annotate="accuracy",
+                        empty=f"no target: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values")
 
 
 def lens_maps(report: ThoughtReport) -> Figure:
     """Share of problems whose target value is the top number token of the lens, per position and layer."""
     return _target_grid(report.lens, "top1", "lens per layer: share of problems whose value ranks first among the "
-                        "number tokens", "viridis", 0.0, None, annotate="top1")
+                        "number tokens", "viridis", 0.0, None, annotate="top1",
+                        empty="no target value is spelled by a single number token")
 
 
 def patching_maps(report: ThoughtReport) -> Figure:

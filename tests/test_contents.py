@@ -1,0 +1,101 @@
+"""The analyse_thoughts report (codi_attn.contents): every part on the demo model, findings that say what the
+tables say, decodability against every control, and honest notes where a sample is too small for a part."""
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from codi_attn import contents as C
+from codi_attn.conventions import N_THOUGHTS
+from codi_attn.probes import MIN_PROBLEMS, POSITIONS
+
+
+def _problems(dataset: str, split: str, n: int) -> list[dict]:
+    from codi_attn.data import load_records, sample_problems
+
+    return [asdict(p) for p in sample_problems(load_records(dataset, split), n, seed=42, split=split)]
+
+
+@pytest.fixture(scope="module")
+def demo_report():
+    from codi_attn.model import load_codi
+
+    model = load_codi("demo", device="cpu", dtype="float32")
+    problems = _problems("synthetic", "test", MIN_PROBLEMS)
+    return model, problems, C.analyse_thoughts(model, problems, True, [(1, 0), (0, 3)], batch_size=8,
+                                               max_new_tokens=8, n_boot=50, seed=0, stack=4)
+
+
+def test_demo_report_has_every_part(demo_report):
+    model, problems, report = demo_report
+    assert len(report.attended) == len(problems)
+    for w, p in zip(report.attended, problems):
+        assert w.dtype == np.float16 and w.shape[0] == N_THOUGHTS
+    shares = report.attended_by_kind[["share_number", "share_operation", "share_other"]].sum(1)
+    np.testing.assert_allclose(shares, 1.0, atol=1e-6)
+    assert report.attended_heads_by_kind is not None and report.settings["heads"] == ["L1H0", "L0H3"]
+    cells = len(POSITIONS) * model.n_layers
+    per_target = report.probes.groupby("target").size()
+    assert (per_target == cells).all() and {"step 1", "step 5", "answer", "op 1"} <= set(per_target.index)
+    assert (report.probes["n"] >= MIN_PROBLEMS).all()
+    assert set(report.mean_patching["kind"]) == {"same", "different"}
+    assert len(report.pair_patching) == N_THOUGHTS * (model.n_layers + 1) and report.pair_facts["valid"] > 0
+    assert report.notes == []
+    assert pickle.loads(pickle.dumps(report)).findings == report.findings
+
+
+def test_findings_say_what_the_tables_say(demo_report):
+    _, _, report = demo_report
+    k = report.attended_by_kind
+    assert report.findings[0].startswith(f"The thoughts read the question's numbers: "
+                                         f"{100 * k['share_number'].mean():.0f}% of their question attention")
+    best = C.best_probes(report.probes)
+    steps = best[best["target"].str.startswith("step")]
+    found = steps[steps["decodable"]]
+    line = next(f for f in report.findings if "intermediate results" in f)
+    if len(found):
+        assert line.startswith(f"Linear probes read the intermediate results above control for {len(found)} of "
+                               f"{len(steps)} targets")
+    else:
+        assert line.startswith("Linear probes find the intermediate results nowhere above control")
+    pp = report.pair_patching
+    r = pp[pp["layer"] != "z"].sort_values("recovery", ascending=False).iloc[0]
+    assert f"from {r.thought}'s residual after block {r.layer}" in report.findings[-1]
+
+
+def test_decodable_needs_the_interval_above_every_control():
+    row = pd.Series({"ci_low": 0.5, "control": 0.3, "permuted": 0.2, "majority": 0.4})
+    assert C.decodable(row)
+    for control in ("control", "permuted", "majority"):
+        assert not C.decodable(row.copy().set_axis(row.index).where(row.index != control, 0.5))
+
+
+def test_best_probe_is_the_most_selective_cell():
+    probes = pd.DataFrame({"target": ["step 1"] * 3 + ["answer"] * 2, "position": ["BOT", "z1", "z2", "z1", "z2"],
+                           "layer": [0, 1, 0, 0, 1], "selectivity": [0.1, 0.3, 0.2, -0.1, 0.0],
+                           "ci_low": [0.2, 0.6, 0.4, 0.1, 0.2], "control": [0.1] * 5, "permuted": [0.1] * 5,
+                           "majority": [0.3] * 5})
+    best = C.best_probes(probes)
+    assert list(best["target"]) == ["step 1", "answer"]
+    assert list(best["position"]) == ["z1", "z2"] and list(best["decodable"]) == [True, False]
+
+
+def test_small_sample_says_which_parts_it_cannot_show(gpt2_model, gsm8k_train):
+    """Six GSM8K problems on the tiny model: no probe, no mean patching; the notes say why, the card renders."""
+    from cards.thoughts_card import thoughts_card
+
+    report = C.analyse_thoughts(gpt2_model, _problems(str(gsm8k_train), "train", 6), False, batch_size=3,
+                                max_new_tokens=4, n_boot=10)
+    assert report.probes.empty and report.mean_patching.empty
+    assert report.notes[:2] == [
+        f"no probe: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values",
+        f"no mean patching: no step is in 80% of the problems and at least {MIN_PROBLEMS} of them with the same and "
+        "with another value"]
+    rendered = [part.render() for part in thoughts_card(report)]
+    text = "\n".join(r["source"] for r in rendered if r["type"] == "markdown")
+    assert all(f"Note: {n}." in text for n in report.notes)
+    assert sum(r["type"] == "image" for r in rendered) == 5
