@@ -62,3 +62,26 @@ def test_unknown_mode_is_refused(shipped):
     model, tok, _ = shipped
     with pytest.raises(ValueError, match="mode must be one of"):
         E.predict(model, tok, task.synthetic_records("test", 2), "random")
+
+
+def test_model_card_shows_a_runs_thought_findings(tmp_path):
+    """train --thoughts RUN: the run's analyse_thoughts findings go to thoughts.json, metrics.json and the card; a
+    run that skipped the step is refused."""
+    from types import SimpleNamespace
+
+    from codi_attn.demo.card import thoughts_entry, update_report
+
+    (tmp_path / "metrics.json").write_text((DEMO_DIR / "metrics.json").read_text())
+    findings = ["The thoughts read the question's numbers.", "Linear probes find nothing above control."]
+    report = SimpleNamespace(settings={"n_problems": 100}, findings=findings)
+    run = SimpleNamespace(pathspec="AttentionFlow/7", data=SimpleNamespace(thought_report=report))
+    (tmp_path / "thoughts.json").write_text(json.dumps(thoughts_entry(run)))
+    update_report(tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["thoughts"]["findings"] == findings
+    card = (tmp_path / "README.md").read_text()
+    assert ("## What its thoughts hold\nFrom the `analyse_thoughts` step of flow run `AttentionFlow/7` (100 problems "
+            "of the test split; its card has the figures and intervals):\n\n- The thoughts read the question's "
+            "numbers.\n- Linear probes find nothing above control.\n") in card
+    skipped = SimpleNamespace(pathspec="AttentionFlow/8", data=SimpleNamespace(thought_report=None))
+    with pytest.raises(SystemExit, match=r"run AttentionFlow/8 skipped analyse_thoughts \(--thought_analysis false\)"):
+        thoughts_entry(skipped)

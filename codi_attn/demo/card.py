@@ -46,6 +46,12 @@ def write_card(out: Path, m: dict) -> None:
                      f"{100 * drop:.1f} points: the thoughts carry "
                      + ("little problem-specific information; the answer comes mostly from reading the question "
                         "again while decoding." if drop < 0.05 else "problem-specific information."))
+    thoughts_section = ""
+    if m.get("thoughts"):
+        th = m["thoughts"]
+        thoughts_section = (f"\n## What its thoughts hold\nFrom the `analyse_thoughts` step of flow run `{th['run']}` "
+                            f"({th['n_problems']} problems of the test split; its card has the figures and intervals):"
+                            "\n\n" + "\n".join(f"- {line}" for line in th["findings"]) + "\n")
     text = f"""# Demo CODI model (synthetic arithmetic, trained offline)
 
 A {m['model']['params']:,}-parameter GPT-2-architecture CODI trained from scratch here, on
@@ -70,7 +76,7 @@ Zeroing the six thoughts (or replacing them with the BOT embedding) costs the st
 {100 * (t['prj'] - t['zeros']):.1f} ({100 * (t['prj'] - t['bot']):.1f}) points{dependence}
 {swap_line}
 No-CoT baseline: {nocot_line}
-
+{thoughts_section}
 ## Task
 `codi_attn/demo/task.py`: a start value 1..{m['task']['max_value']} and {ops_range(m)} chained operations
 (gets/buys/finds b more, gives away/sells/loses b, doubles, triples; b in 1..{m['task']['max_operand']}),
@@ -140,11 +146,20 @@ def len_test(m: dict) -> int:
     return m["test"]["n"]
 
 
+def thoughts_entry(run) -> dict:
+    """What a finished AttentionFlow run (a metaflow Run) found in the thoughts: <out>/thoughts.json's content."""
+    report = run.data.thought_report
+    if report is None:
+        raise SystemExit(f"run {run.pathspec} skipped analyse_thoughts (--thought_analysis false)")
+    return {"run": run.pathspec, "n_problems": report.settings["n_problems"], "findings": report.findings}
+
+
 def update_report(out: Path) -> None:
-    """Merge <out>/nocot.json (the baseline, when trained) into <out>/metrics.json and
-    rewrite <out>/README.md."""
+    """Merge <out>/nocot.json (the baseline, when trained) and <out>/thoughts.json (a flow run's findings, when
+    recorded) into <out>/metrics.json and rewrite <out>/README.md."""
     m = json.loads((out / "metrics.json").read_text())
-    if (out / "nocot.json").exists():
-        m["nocot"] = json.loads((out / "nocot.json").read_text())
+    for key in ("nocot", "thoughts"):
+        if (out / f"{key}.json").exists():
+            m[key] = json.loads((out / f"{key}.json").read_text())
     (out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
     write_card(out, m)

@@ -233,6 +233,9 @@ def main() -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="train nothing: re-evaluate the model saved in --out on the whole test split (every "
                         "mode, including the latent swap) and rewrite the test entry of its metrics.json and README")
+    p.add_argument("--thoughts", metavar="RUN_ID",
+                   help="train nothing: write the findings of a finished AttentionFlow run on this model (its "
+                        "analyse_thoughts step; a run id or 'latest') to <out>/thoughts.json and the card")
     p.add_argument("--baseline-steps", type=int, default=5000,
                    help="no-CoT steps: 5000 take about the CPU time of the 2000 CODI steps "
                         "(about 0.18 and 0.43 CPU seconds a step)")
@@ -240,6 +243,15 @@ def main() -> None:
     torch.set_num_threads(1)
     if a.evaluate:
         print(json.dumps(reevaluate(a.out)))
+        return
+    if a.thoughts:
+        from codi_attn.demo.card import thoughts_entry
+        from codi_attn.export import find_run
+
+        entry = thoughts_entry(find_run(a.thoughts))
+        (a.out / "thoughts.json").write_text(json.dumps(entry, indent=1) + "\n")
+        update_report(a.out)
+        print("\n".join(entry["findings"]))
         return
     t0 = time.time()
     r = Recipe(d=a.d, n_layer=a.layers, n_head=a.heads, steps=a.baseline_steps if a.baseline else a.steps,
