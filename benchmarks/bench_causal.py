@@ -8,10 +8,13 @@ Runs `codi_attn.extract.extract` once on N problems, then on the same problems a
   - with --scan, `codi_attn.heads.scan_heads` (each head ablated alone, kinds mean, zero, resample, at the
     thoughts) on every head or on the first --scan-heads of them: `scan_over_extraction`, and per head and
     kind `scan_condition_over_extraction`;
-and reports the times and the ratios, measured in one process on one machine.
+  - with --thoughts, `codi_attn.contents.analyse_thoughts`: `thoughts_over_extraction`;
+and reports the times and the ratios, measured in one process on one machine. The conditions run stacked
+--condition-rows rows to a forward (the flow's default) unless it is 0.
 
     python benchmarks/bench_causal.py --model demo --n-problems 100 --scan --json /tmp/causal_demo.json
     python benchmarks/bench_causal.py --shape gpt2 --n-problems 32 --max-new-tokens 16 --scan --scan-heads 12
+    python benchmarks/bench_causal.py --model demo --condition-rows 0 --thoughts   # one condition at a time
 
 `--model demo` runs the shipped demo model on its held-out synthetic split (real answers, so decoding stops at
 the stop token); `--shape gpt2|tiny` runs a random-weight model of that shape on GSM8K questions, which decodes
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scan", action="store_true", help="also time the single-head scan (codi_attn.heads)")
     p.add_argument("--scan-heads", type=int, default=0, help="heads the scan times (0: every head)")
     p.add_argument("--skip-validation", action="store_true", help="time the scan only")
+    p.add_argument("--condition-rows", type=int, default=None,
+                   help="rows of one forward when conditions run together (the flow's --condition_rows; default "
+                        "the flow's, 0: one condition at a time)")
+    p.add_argument("--thoughts", action="store_true",
+                   help="also time analyse_thoughts (codi_attn.contents; the demo model's synthetic records)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.model is None and args.shape is None:
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from codi_attn.extract import extract
     from codi_attn.metrics import analyze
     from codi_attn.model import load_codi
+    from codi_attn.runner import CONDITION_ROWS, stack_for
     from codi_attn.validate import run_validation
 
     if args.model == "demo":
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.shape, "cpu", "float32", Path(tempfile.mkdtemp()))
     questions, golds, solutions = problems(args)
     kwargs = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    rows = CONDITION_ROWS if args.condition_rows is None else args.condition_rows
+    stack = stack_for(args.batch_size, rows)
     t_extract = math.inf
     for _ in range(3):  # the best of three: the first pays one-time costs, and it is the ratios' denominator
         t0 = time.perf_counter()
@@ -88,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
     out = {"model": model.name, "n_problems": len(questions), "batch_size": args.batch_size,
            "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
-           "extraction_s": round(t_extract, 3), "accuracy": float(np.mean(ex.correct))}
+           "condition_rows": rows, "stack": stack, "extraction_s": round(t_extract, 3), "accuracy": float(np.mean(ex.correct))}
     if not args.skip_validation:
         t0 = time.perf_counter()
         if "solutions" in inspect.signature(run_validation).parameters:
-            result = run_validation(model, questions, golds, solutions, ranked, **kwargs)
+            extra = {"stack": stack} if "stack" in inspect.signature(run_validation).parameters else {}
+            result = run_validation(model, questions, golds, solutions, ranked, **kwargs, **extra)
         else:  # the API before the runner (commit 2e7240a and earlier), for before/after comparisons
             result = run_validation(model, questions, solutions, ranked, **kwargs)
         t_validation = time.perf_counter() - t0
@@ -103,11 +115,21 @@ def main(argv: list[str] | None = None) -> int:
 
         heads = all_heads(model)[: args.scan_heads or None]
         t0 = time.perf_counter()
-        scan = scan_heads(model, questions, golds, solutions, heads, ("mean", "zero", "resample"), **kwargs)
+        scan = scan_heads(model, questions, golds, solutions, heads, ("mean", "zero", "resample"), **kwargs,
+                           stack=stack)
         t_scan = time.perf_counter() - t0
         out |= {"scan_heads": len(heads), "scan_conditions": len(scan), "scan_s": round(t_scan, 3),
                 "scan_over_extraction": round(t_scan / t_extract, 2),
                 "scan_condition_over_extraction": round(t_scan / t_extract / len(scan), 3)}
+    if args.thoughts:
+        from codi_attn.contents import analyse_thoughts
+
+        records = [{"id": str(i), "question": q, "answer": g, "solution": s}
+                   for i, (q, g, s) in enumerate(zip(questions, golds, solutions))]
+        t0 = time.perf_counter()
+        analyse_thoughts(model, records, args.model == "demo", (), n_boot=200, stack=stack, **kwargs)
+        t_thoughts = time.perf_counter() - t0
+        out |= {"thoughts_s": round(t_thoughts, 3), "thoughts_over_extraction": round(t_thoughts / t_extract, 2)}
     out |= {"machine": machine_info(torch.device("cpu")), "python": platform.python_version()}
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
     if args.json:

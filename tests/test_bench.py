@@ -95,10 +95,12 @@ def test_causal_benchmark_reports_its_ratios(tmp_path, gsm8k_train):
     out = tmp_path / "causal.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_causal.py"), "--shape", "tiny",
                            "--n-problems", "3", "--max-new-tokens", "2", "--scan", "--scan-heads", "2",
-                           "--gsm8k", str(gsm8k_train), "--json", str(out)],
+                           "--thoughts", "--condition-rows", "0", "--gsm8k", str(gsm8k_train), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["scan_heads"] == 2 and result["scan_conditions"] == 6  # mean, zero, resample
-    for key in ("validation_over_extraction", "scan_over_extraction", "scan_condition_over_extraction"):
+    assert result["condition_rows"] == 0 and result["stack"] == 1
+    for key in ("validation_over_extraction", "scan_over_extraction", "scan_condition_over_extraction",
+                "thoughts_over_extraction"):
         assert result[key] > 0
