@@ -85,6 +85,10 @@ def test_check_settings_bad_files(tmp_path, tiny_gpt2, params):
     no_answer = _jsonl(tmp_path, "noanswer.jsonl", [good, '{"question": "q?"}'])
     with pytest.raises(ValueError, match=r"noanswer\.jsonl, line 2: record has no 'answer' key"):
         settings.check_settings(params(base=base, ckpt=ckpt, dataset=no_answer, n_problems="1"))
+    words = _jsonl(tmp_path, "words.jsonl", [good, '{"question": "q?", "answer": "x\\n#### seventy-two"}'])
+    with pytest.raises(ValueError, match=r"--dataset: .*words\.jsonl, line 2: the gold answer after '####' is not a "
+                                         r"number: 'seventy-two'"):
+        settings.check_settings(params(base=base, ckpt=ckpt, dataset=words, n_problems="1"))
     unreadable = tmp_path / "unreadable.jsonl"
     unreadable.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match=r"unreadable\.jsonl cannot be read"):
