@@ -151,24 +151,46 @@ def _checkpoint_file(ckpt: str) -> Path:
     raise CODILoadError(f"hub repo {ckpt} holds none of {', '.join(CKPT_FILES)}") from err
 
 
-def read_state_dict(ckpt: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors (`pytorch_model.bin` or `model.safetensors`), dtypes as stored."""
-    path = _checkpoint_file(ckpt)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (`pytorch_model.bin` or `model.safetensors`), dtypes as stored; a file that is
+    truncated or not a checkpoint raises CODILoadError naming it."""
+    import pickle
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _checkpoint_file(str(ckpt))
+    safetensors = path.suffix == ".safetensors"
+    try:
+        state = load_file(str(path)) if safetensors else torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError) as e:
+        what = str(e).splitlines()[0][:160] if str(e) else "no message"
+        raise CODILoadError(
+            f"checkpoint file {path} ({path.stat().st_size} bytes) cannot be read as "
+            f"{'safetensors' if safetensors else 'a torch.save state dict'} ({type(e).__name__}: {what}); it is "
+            f"truncated or not a checkpoint: download or copy it again") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CODILoadError(f"checkpoint file {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _describe(keys: list[str], n: int = 5) -> str:
     return f"{len(keys)} (first: {', '.join(sorted(keys)[:n])})"
 
 
-def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict check: every key used, none missing, shapes equal; tied tensors must agree in the file.
+def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """'key: a NaN, b inf' for every floating tensor of the state that holds NaN or inf."""
+    found = []
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append(f"{key}: {int(tensor.isnan().sum())} NaN, {int(tensor.isinf().sum())} inf")
+    return found
 
-    Raises CODILoadError naming the first few offending keys and their counts.
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: str = "the checkpoint") -> None:
+    """Strict check: every key used, none missing, shapes equal, every value finite; tied tensors must agree.
+
+    Raises CODILoadError naming `where`, the first few offending keys and their counts.
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
@@ -187,7 +209,11 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if missing and unexpected:
             hint = (f"\nA different key prefix? The model expects e.g. {sorted(missing)[0]!r}, "
                     f"the file has e.g. {sorted(unexpected)[0]!r}.")
-        raise CODILoadError("checkpoint does not match the CODI model:\n  " + "\n  ".join(problems) + hint)
+        raise CODILoadError(f"{where} does not match the CODI model:\n  " + "\n  ".join(problems) + hint)
+    non_finite = _non_finite(state)
+    if non_finite:  # before the ties: a NaN in a tied tensor is the problem, not the tie
+        raise CODILoadError(f"{where} holds NaN or inf in {len(non_finite)} tensor(s) (first: "
+                            f"{'; '.join(non_finite[:3])}); the weights are corrupt: download or copy them again")
     by_storage: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         by_storage.setdefault(tensor.data_ptr(), []).append(name)
@@ -195,7 +221,7 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         first = state[names[0]].float()
         for other in names[1:]:
             if not torch.allclose(first, state[other].float(), rtol=1e-2, atol=1e-2):
-                raise CODILoadError(f"tied tensors differ in the checkpoint: {names[0]} vs {other} "
+                raise CODILoadError(f"tied tensors differ in {where}: {names[0]} vs {other} "
                                     f"(max |diff| {(first - state[other].float()).abs().max():.3g})")
 
 
@@ -245,7 +271,8 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     if config.model_type not in FAMILIES:
         raise CODILoadError(f"unsupported model family {config.model_type!r} in {base}; "
                             f"supported: {', '.join(FAMILIES)}")
-    state = read_state_dict(ckpt)
+    ckpt_file = _checkpoint_file(ckpt)
+    state = read_state_dict(ckpt_file)
 
     vocab = config.vocab_size  # V: pad/bot/eot are V, V+1, V+2
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
@@ -264,7 +291,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     prj_w = state.get("prj.1.weight")
     prj = make_projection(d_model, prj_w.shape[0] if prj_w is not None else d_model)
     module = CODIModule(lm, prj)
-    check_state_dict(module, state)
+    check_state_dict(module, state, f"checkpoint {ckpt_file}")
     module.load_state_dict(state, strict=True)
     if rank is not None:
         lm = lm.merge_and_unload()
