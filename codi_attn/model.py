@@ -5,6 +5,7 @@ checked key by key and shape by shape. LoRA (when the checkpoint has it) is merg
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from codi_attn.prepack import linear_kernel, prepack_decoder
 from codi_attn.presets import DEMO_DIR, FAMILIES, PRESETS, get_preset
 
 CKPT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))  # any one set is a tokenizer
 
 
 class CODILoadError(ValueError):
@@ -65,9 +70,22 @@ class CODIModel:
         return self.lm.config.model_type
 
 
+def check_device(name: str) -> torch.device:
+    """The torch device `name`; ValueError when it is a CUDA device this machine does not have."""
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"{name!r} asks for a CUDA GPU and torch sees none here (torch.cuda.is_available() is "
+                             f"False); use --device cpu, or --device auto (the GPU wherever a task has one)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return dev
+
+
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """auto = CUDA + bf16 when a GPU is present, else CPU + fp32."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else check_device(device)
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
@@ -125,18 +143,72 @@ def _load_config_and_tokenizer(base: str):
     return config, tokenizer
 
 
-def _checkpoint_file(ckpt: str) -> Path:
-    """The state-dict file of a checkpoint given as a file, a directory or a hub id."""
+def _hub_cached(repo: str, name: str) -> Path | bool | None:
+    """A hub repo's file in the local hub cache, without network: its path, False when the cache knows the repo
+    lacks it, None when the cache cannot tell."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, name)
+    return Path(found) if isinstance(found, str) else (False if found is not None else None)
+
+
+def base_files(base: str) -> dict[str, Path] | None:
+    """config.json and the tokenizer files a load reads from `base` ({name: path}): a local directory, or a hub
+    id in the local hub cache (None when the cache does not hold its config and a tokenizer). A local directory
+    without config.json or a tokenizer raises CODILoadError naming the files expected."""
+    names = (CONFIG_FILE, *TOKENIZER_FILES)
+    if _is_local(base):
+        root = Path(base).expanduser()
+        if not root.is_dir():
+            raise CODILoadError(f"base model {base} is not a directory: pass the folder that holds its config.json "
+                                f"and tokenizer files")
+        found = {n: root / n for n in names if (root / n).is_file()}
+    else:
+        cached = {n: _hub_cached(base, n) for n in names}
+        found = {n: p for n, p in cached.items() if isinstance(p, Path)}
+        if CONFIG_FILE not in found or not any(all(n in found for n in t) for t in TOKENIZERS):
+            return None
+    if CONFIG_FILE not in found:
+        raise CODILoadError(f"base model directory {base} has no {CONFIG_FILE} (the base model's config)")
+    if not any(all(n in found for n in t) for t in TOKENIZERS):
+        raise CODILoadError(f"base model directory {base} has no tokenizer: expected tokenizer.json, or vocab.json "
+                            f"and merges.txt, or tokenizer.model")
+    return found
+
+
+def check_family(model: str, model_type: str | None, where: str | Path) -> None:
+    """CODILoadError unless the base config's model_type is a supported family and the preset's own."""
+    family = get_preset(model).family
+    if model_type not in FAMILIES:
+        raise CODILoadError(f"unsupported model family {model_type!r} in {where}; supported: {', '.join(FAMILIES)}")
+    if model_type != family:
+        other = next(p.name for p in PRESETS.values() if p.family == model_type)
+        raise CODILoadError(f"--model {model} is a {family} CODI model, but {where} has model_type {model_type!r}: "
+                            f"pass --model {other} for this base, or a {family} --base")
+
+
+def _checkpoint_file(ckpt: str, download: bool = True) -> Path | None:
+    """The state-dict file of a checkpoint given as a file, a directory or a hub id (download=False: from the
+    local hub cache only, None when it cannot tell which file the hub would give)."""
     path = Path(ckpt).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
-        for name in CKPT_FILES:
-            if (path / name).is_file():
-                return path / name
-        raise CODILoadError(f"checkpoint directory {ckpt} holds none of {', '.join(CKPT_FILES)}")
+        present = [path / name for name in CKPT_FILES if (path / name).is_file()]
+        if len(present) > 1:
+            raise CODILoadError(f"checkpoint directory {ckpt} holds both {' and '.join(p.name for p in present)}; "
+                                f"pass the one to load: " + " or ".join(f"--ckpt {p}" for p in present))
+        if not present:
+            raise CODILoadError(f"checkpoint directory {ckpt} holds none of {', '.join(CKPT_FILES)}")
+        return present[0]
     if _is_local(ckpt):
         raise CODILoadError(f"checkpoint directory not found: {ckpt}")
+    if not download:
+        for name in CKPT_FILES:  # the order hf_hub_download tries them in below
+            cached = _hub_cached(ckpt, name)
+            if cached is not False:
+                return cached
+        return None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -149,6 +221,25 @@ def _checkpoint_file(ckpt: str) -> Path:
         except Exception as e:  # offline, unknown repo, gated: all mean "pass a local dir"
             raise _hub_hint("checkpoint", ckpt, "--ckpt", e) from e
     raise CODILoadError(f"hub repo {ckpt} holds none of {', '.join(CKPT_FILES)}") from err
+
+
+def locate_sources(model: str, ckpt: str | None = None, base: str | None = None) -> dict[str, dict[str, Path] | None]:
+    """The files a load of this model reads, found without loading or downloading anything: {'base': {name: path},
+    'ckpt': {name: path}}, None for a hub id the local hub cache cannot answer for. On the way it checks what
+    can be checked cheaply (CODILoadError): config and tokenizer present, the config's family that of the
+    preset, one checkpoint file."""
+    base, ckpt = resolve_sources(model, ckpt, base)
+    found = {"base": base_files(base)}
+    if found["base"] is not None:
+        config = found["base"][CONFIG_FILE]
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError) as e:
+            raise CODILoadError(f"{config} cannot be read as JSON: {e}") from None
+        check_family(model, model_type, config)
+    ckpt_file = _checkpoint_file(ckpt, download=False)
+    found["ckpt"] = None if ckpt_file is None else {ckpt_file.name: ckpt_file}
+    return found
 
 
 def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
@@ -267,10 +358,9 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     preset = get_preset(model)
     base, ckpt = resolve_sources(model, ckpt, base)
     dev, dt = resolve_device_dtype(device, dtype)
+    base_files(base)  # a local base without config or tokenizer: named before transformers tries
     config, tokenizer = _load_config_and_tokenizer(base)
-    if config.model_type not in FAMILIES:
-        raise CODILoadError(f"unsupported model family {config.model_type!r} in {base}; "
-                            f"supported: {', '.join(FAMILIES)}")
+    check_family(model, config.model_type, base)
     ckpt_file = _checkpoint_file(ckpt)
     state = read_state_dict(ckpt_file)
 

@@ -22,12 +22,10 @@ def resolve_dataset(dataset: str, model: str, ckpt: str, base: str) -> str:
 
 
 def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
-    """Validate every parameter cheaply (nothing is loaded but the dataset records) and return the
-    settings the run uses, plus n (None = whole split) and n_records. Every problem found is
+    """Validate every parameter cheaply (nothing is loaded but the dataset records and the base's config.json;
+    model files are only looked for, in the local hub cache for hub ids) and return the settings the run uses, plus n (None = whole split) and n_records. Every problem found is
     reported at once, one line each naming the parameter, in a SettingsError."""
-    import torch  # here, not at import: reading the settings module stays cheap
-
-    from codi_attn.model import resolve_device_dtype, resolve_sources
+    from codi_attn.model import check_device, locate_sources, resolve_device_dtype, resolve_sources
 
     dataset = resolve_dataset(p["dataset"], p["model"], p["ckpt"], p["base"])
     split = p["split"] if p["split"] != "auto" else ("test" if dataset == DEMO_DATASET else "train")
@@ -76,12 +74,14 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         errors.append(f"--max_failed_fraction must be between 0 and 1, got {p['max_failed_fraction']}")
     check("--dtype", lambda: resolve_device_dtype("cpu", p["dtype"]))
     if p["device"] != "auto":
-        check("--device", lambda: torch.device(p["device"]))
+        check("--device", lambda: check_device(p["device"]))
     if p["model"] not in PRESETS:
         errors.append(f"--model: unknown preset {p['model']!r}; choose one of: {', '.join(PRESETS)}")
     else:
         sources = check("--model/--ckpt/--base", lambda: resolve_sources(p["model"], p["ckpt"] or None,
                                                                           p["base"] or None))
+        if sources:  # config, tokenizer and checkpoint files where they can be found without loading
+            check("--model/--ckpt/--base", lambda: locate_sources(p["model"], ckpt=sources[1], base=sources[0]))
         out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
     if p["compare_with"]:
         check("--compare_with", lambda: named_runs(flow_name, p["compare_with"]))

@@ -70,6 +70,29 @@ def tiny_llama(tmp_path_factory) -> tuple[Path, Path]:
     return build_tiny_codi(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=1, fmt="safetensors")
 
 
+@pytest.fixture
+def hub_cache(tiny_gpt2, tmp_path, monkeypatch) -> tuple[Path, str]:
+    """A local Hugging Face hub cache (the layout huggingface_hub writes) holding the tiny GPT-2 as two repos,
+    codi-test/base and codi-test/ckpt, at one revision; huggingface_hub looks there (HF_HUB_CACHE) for this
+    test. Returns (cache dir, revision). The cache knows codi-test/ckpt has no model.safetensors."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache, revision = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    for repo, src in (("base", tiny_gpt2[0]), ("ckpt", tiny_gpt2[1])):
+        folder = cache / f"models--codi-test--{repo}"
+        shutil.copytree(src, folder / "snapshots" / revision)
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(revision)
+    no_exist = cache / "models--codi-test--ckpt" / ".no_exist" / revision
+    no_exist.mkdir(parents=True)
+    (no_exist / "model.safetensors").write_text("")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache, revision
+
+
 @pytest.fixture(scope="session")
 def gpt2_model(tiny_gpt2):
     from codi_attn.model import load_codi

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codi_attn.fixtures import release_state_dict, save_checkpoint
-from codi_attn.model import CODILoadError, load_codi, read_state_dict
+from codi_attn.model import CODILoadError, load_codi, locate_sources, read_state_dict
 from codi_attn.presets import PRESETS
 
 
@@ -193,6 +193,34 @@ def test_missing_checkpoint_directory(tiny_gpt2):
 def test_checkpoint_directory_without_weights(tmp_path, tiny_gpt2):
     with pytest.raises(CODILoadError, match="holds none of model.safetensors, pytorch_model.bin"):
         load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tmp_path))
+
+
+def test_preset_of_another_family_is_refused_at_load(tiny_gpt2, tiny_llama):
+    with pytest.raises(CODILoadError, match=rf"^--model gpt2 is a gpt2 CODI model, but {tiny_llama[0]} has model_type "
+                                            r"'llama': pass --model llama for this base, or a gpt2 --base$"):
+        load_codi("gpt2", base=str(tiny_llama[0]), ckpt=str(tiny_gpt2[1]))
+
+
+def test_located_files_of_local_sources(tiny_gpt2):
+    base, ckpt = tiny_gpt2
+    found = locate_sources("gpt2", ckpt=str(ckpt), base=str(base))
+    assert found == {"base": {n: base / n for n in ("config.json", "tokenizer.json", "tokenizer_config.json")},
+                     "ckpt": {"pytorch_model.bin": ckpt / "pytorch_model.bin"}}
+
+
+def test_hub_ids_are_located_in_the_local_cache_without_network(hub_cache, tmp_path):
+    """A hub id is answered from the local hub cache (offline): the snapshot's files at the cached revision;
+    the checkpoint is the file hf_hub_download would give (the cache knows there is no model.safetensors)."""
+    cache, revision = hub_cache
+    found = locate_sources("gpt2", ckpt="codi-test/ckpt", base="codi-test/base")
+    snapshot = cache / "models--codi-test--base" / "snapshots" / revision
+    assert found["base"]["config.json"] == snapshot / "config.json" and set(found["base"]) == {
+        "config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert found["ckpt"] == {"pytorch_model.bin": cache / "models--codi-test--ckpt" / "snapshots" / revision /
+                             "pytorch_model.bin"}
+    (cache / "models--codi-test--ckpt" / ".no_exist" / revision / "model.safetensors").unlink()
+    unknown = locate_sources("gpt2", ckpt="codi-test/ckpt", base="codi-test/other")
+    assert unknown == {"base": None, "ckpt": None}  # is there a model.safetensors? only the hub can say
 
 
 def test_unknown_dtype():

@@ -97,6 +97,67 @@ def test_check_settings_bad_files(tmp_path, tiny_gpt2, params):
     assert ok["n"] is None and ok["n_records"] == 7473
 
 
+def test_preset_family_must_match_the_base_config(tiny_gpt2, tiny_llama, params):
+    """--model gpt2 on a LLaMA base (a GPT-2 checkpoint would fail later with a wall of missing keys)."""
+    base = tiny_llama[0]
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(base), ckpt=str(tiny_gpt2[1])))
+    assert str(err.value) == (f"--model/--ckpt/--base: --model gpt2 is a gpt2 CODI model, but {base}/config.json has "
+                              f"model_type 'llama': pass --model llama for this base, or a gpt2 --base")
+
+
+def test_checkpoint_dir_with_both_formats_says_which_to_pass(tmp_path, tiny_gpt2, params):
+    import shutil
+
+    ckpt = tmp_path / "both"
+    shutil.copytree(tiny_gpt2[1], ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(ckpt)))
+    assert str(err.value) == (f"--model/--ckpt/--base: checkpoint directory {ckpt} holds both model.safetensors and "
+                              f"pytorch_model.bin; pass the one to load: --ckpt {ckpt}/model.safetensors or "
+                              f"--ckpt {ckpt}/pytorch_model.bin")
+    ok = settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(ckpt / "pytorch_model.bin")))
+    assert ok["ckpt"] == str(ckpt / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("remove, expected", [
+    (("tokenizer.json",), "has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt, or "
+                          "tokenizer.model"),
+    (("config.json",), "has no config.json (the base model's config)"),
+])
+def test_base_without_tokenizer_or_config_names_the_files(tmp_path, tiny_gpt2, params, remove, expected):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_gpt2[0], base)
+    for name in remove:
+        (base / name).unlink()
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(base), ckpt=str(tiny_gpt2[1])))
+    assert str(err.value) == f"--model/--ckpt/--base: base model directory {base} {expected}"
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch, tiny_gpt2, params):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(tiny_gpt2[1]), device="cuda"))
+    assert str(err.value) == ("--device: 'cuda' asks for a CUDA GPU and torch sees none here "
+                              "(torch.cuda.is_available() is False); use --device cpu, or --device auto (the GPU "
+                              "wherever a task has one)")
+
+
+def test_cuda_index_past_the_gpus_is_refused(monkeypatch, tiny_gpt2, params):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^--device: 'cuda:1': this machine has 1 CUDA GPU\(s\), cuda:0 to cuda:0$"):
+        settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(tiny_gpt2[1]), device="cuda:1"))
+
+
 def test_shard_note_warns_past_metaflows_foreach_limit():
     assert settings.shard_note(100, 50) is None and settings.shard_note(5000, 50) is None
     note = settings.shard_note(7473, 50)
