@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from codi_attn.prepack import linear_kernel, prepack_decoder
+from codi_attn.provenance import fingerprint_files
 from codi_attn.presets import DEMO_DIR, FAMILIES, PRESETS, get_preset
 
 CKPT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -105,7 +106,7 @@ def fuse_gelu(config) -> bool:
     return False
 
 
-def _is_local(source: str) -> bool:
+def is_local(source: str) -> bool:
     """A source that names a path rather than a hub id."""
     return os.path.exists(os.path.expanduser(source)) or source.startswith(("/", "~", ".")) or source.count("/") > 1
 
@@ -118,7 +119,7 @@ def resolve_sources(model: str, ckpt: str | None = None, base: str | None = None
                             f"`python -m codi_attn.demo.train --out {DEMO_DIR}`")
     base, ckpt = base or preset.base, ckpt or preset.ckpt
     for what, src in (("base model", base), ("checkpoint", ckpt)):
-        if _is_local(src) and not Path(src).expanduser().is_dir() and not Path(src).expanduser().is_file():
+        if is_local(src) and not Path(src).expanduser().is_dir() and not Path(src).expanduser().is_file():
             raise CODILoadError(f"{what} directory not found: {src}")
     return base, ckpt
 
@@ -137,7 +138,7 @@ def _load_config_and_tokenizer(base: str):
         config = AutoConfig.from_pretrained(os.path.expanduser(base))
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(base))
     except (OSError, ValueError) as err:
-        if _is_local(base):
+        if is_local(base):
             raise CODILoadError(f"base model directory {base} has no readable config/tokenizer: {err}") from err
         raise _hub_hint("base model", base, "--base", err) from err
     return config, tokenizer
@@ -157,7 +158,7 @@ def base_files(base: str) -> dict[str, Path] | None:
     id in the local hub cache (None when the cache does not hold its config and a tokenizer). A local directory
     without config.json or a tokenizer raises CODILoadError naming the files expected."""
     names = (CONFIG_FILE, *TOKENIZER_FILES)
-    if _is_local(base):
+    if is_local(base):
         root = Path(base).expanduser()
         if not root.is_dir():
             raise CODILoadError(f"base model {base} is not a directory: pass the folder that holds its config.json "
@@ -201,7 +202,7 @@ def _checkpoint_file(ckpt: str, download: bool = True) -> Path | None:
         if not present:
             raise CODILoadError(f"checkpoint directory {ckpt} holds none of {', '.join(CKPT_FILES)}")
         return present[0]
-    if _is_local(ckpt):
+    if is_local(ckpt):
         raise CODILoadError(f"checkpoint directory not found: {ckpt}")
     if not download:
         for name in CKPT_FILES:  # the order hf_hub_download tries them in below
@@ -351,7 +352,8 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     """Load a CODI model by preset name, optionally overriding its checkpoint and base (local dir or hub id).
 
     prepack: on CPU in float32, pack the decoder's linear weights once for oneDNN (`codi_attn.prepack`); such a
-    model cannot be deep-copied, moved or cast (load it again instead, or pass prepack=False)."""
+    model cannot be deep-copied, moved or cast (load it again instead, or pass prepack=False).
+    `source['files']` records the files read: {'base': {name: {'path', 'size', 'sha256'}}, 'ckpt': {...}}."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -362,6 +364,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     config, tokenizer = _load_config_and_tokenizer(base)
     check_family(model, config.model_type, base)
     ckpt_file = _checkpoint_file(ckpt)
+    files = {"base": fingerprint_files(base_files(base)), "ckpt": fingerprint_files({ckpt_file.name: ckpt_file})}
     state = read_state_dict(ckpt_file)
 
     vocab = config.vocab_size  # V: pad/bot/eot are V, V+1, V+2
@@ -401,5 +404,5 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
         source={"base": base, "ckpt": ckpt, "lora_rank": rank, "lora_alpha": preset.lora_alpha if rank else None,
                 "activation": "gelu_pytorch_tanh (fused form of the config's gelu_new)" if fused
                 else getattr(config, "hidden_act", None) or config.activation_function,
-                "linear": linear},
+                "linear": linear, "files": files},
     )

@@ -27,6 +27,12 @@ class InvalidRun(MetaflowException):
     headline = "AttentionFlow cannot start"
 
 
+class CannotContinue(MetaflowException):
+    """A task that stops before doing or storing anything (inputs changed, no room): headline + message."""
+
+    headline = "AttentionFlow cannot go on"
+
+
 class ship_project_code(FlowMutator):
     """Put codi_attn/ and cards/ into the code package beside this file, so that tasks run remotely
     (--with kubernetes, --with batch) import them without installing codi-attn in the image."""
@@ -151,11 +157,18 @@ class AttentionFlow(FlowSpec):
         return {k: getattr(self, k) for k in names}
 
     def _load_model(self, prepack: bool = True):
-        """The CODI model of this run, as the parameters name it (prepack=False: layers autograd can go through)."""
-        from codi_attn.model import load_codi
+        """The CODI model of this run, as the parameters name it (prepack=False: layers autograd can go through),
+        its files checked against those the run started with before any work."""
+        from codi_attn.model import CODILoadError, load_codi
+        from codi_attn.provenance import ProvenanceError, check_files
 
-        return load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
-                         device=self.device, prepack=prepack)
+        try:
+            model = load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
+                              device=self.device, prepack=prepack)
+            check_files(self.provenance, model.source["files"], current.pathspec)
+        except (CODILoadError, ProvenanceError) as e:
+            raise CannotContinue(str(e)) from None
+        return model
 
     def _stack(self) -> int:
         """Conditions per forward in the causal analyses (--condition_rows)."""
@@ -171,14 +184,20 @@ class AttentionFlow(FlowSpec):
     @card(type="blank")
     @step
     def start(self):
-        """Validate every parameter (model source, dataset file, sizes), before any shard runs."""
+        """Validate every parameter (model source, dataset file, sizes), before any shard runs; fingerprint the
+        input files (provenance)."""
         from cards.sample_card import DEMO_BANNER, start_card
+        from codi_attn.provenance import run_provenance
         from codi_attn.settings import check_settings, shard_note
 
         try:
             self.settings = check_settings(self._params(), current.flow_name)
         except ValueError as e:  # SettingsError, DatasetError, CODILoadError: the message names the parameter
             raise InvalidRun(str(e)) from None
+        try:
+            self.provenance = run_provenance(self.settings)
+        except OSError as e:
+            raise InvalidRun(f"cannot read {e.filename} to fingerprint it: {e.strerror}") from None
         self.demo = self.model == "demo" and not (self.ckpt or self.base)
         if self.demo:
             print("\n" + "=" * 100 + f"\n{DEMO_BANNER}\n" + "=" * 100 + "\n")
@@ -254,11 +273,17 @@ class AttentionFlow(FlowSpec):
 
         from cards.aggregate_card import aggregate_card
         from codi_attn.conventions import MASS_PARTS
+        from codi_attn.provenance import ProvenanceError, pin_files
         from codi_attn.shards import attention_stats, merge_shards
 
         self.merge_artifacts(inputs, include=["settings", "demo", "problems", "problem_ids", "dataset_fingerprint",
                                               "shards"])
         shards = sorted(inputs, key=lambda inp: inp.shard_index)
+        try:  # every shard read the files the run started with (or, for a hub id start could not find, the same)
+            self.provenance = pin_files(shards[0].provenance, [(f"shard {s.shard_index + 1}", s.model_info["source"]["files"])
+                                                               for s in shards])
+        except ProvenanceError as e:
+            raise CannotContinue(str(e)) from None
         self.model_info = shards[0].model_info
         merged = merge_shards(self.problem_ids, [
             {"ids": s.shard_ids, "attention": s.attention, "mass": s.mass, "texts": s.texts,
@@ -277,7 +302,7 @@ class AttentionFlow(FlowSpec):
         self.attention_stats = attention_stats(self.attention_raw, self.attention_mass, MASS_PARTS)
         n, (L, H) = len(self.problem_ids), self.attention_avg.shape[:2]
         current.card.extend(aggregate_card(self.model_info, len(self.sampled_ids), self.attention_stats,
-                                           self.accuracy, self.attention_avg, self.failed_problems, [
+                                           self.accuracy, self.attention_avg, self.failed_problems, self.provenance, [
             ("problem_ids", f"list[str] [{n}]", "extracted problems, sample order"),
             ("attention_raw", f"float16 [{n}, {L}, {H}, 6, 6]", "A[n, l, h, i, j]: thought i -> thought j"),
             ("attention_mass", f"float16 [{n}, {L}, {H}, 6, 4]", f"row mass on {', '.join(MASS_PARTS)}"),
@@ -285,6 +310,7 @@ class AttentionFlow(FlowSpec):
             ("predictions, correct, texts", f"[{n}]", "parsed answer (nan = none), match with gold, decoded text"),
             ("accuracy", "float", "fraction of extracted problems answered correctly"),
             ("failed_problems", f"list[dict] [{len(self.failed_problems)}]", "id and error of problems that raised"),
+            ("provenance", "dict", "every input file read (base, ckpt, dataset): path, size, sha256, where found"),
             ("attention_stats", "dict", "mass split (overall, by layer), self-attention, incoming attention "
                                         "vs the causal-uniform baseline"),
         ]))

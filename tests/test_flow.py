@@ -101,6 +101,11 @@ def test_cards_on_every_step(clean_run):
     assert "No other model has a finished run on this sample" in card_data(run["compare"].task)
     assert "AttentionFlow cannot start" not in card_data(run["start"].task)
     assert "Aggregate: 6 of 6 problems" in card_data(run["aggregate"].task)
+    weights = run.data.provenance["ckpt"]["files"]["pytorch_model.bin"]
+    assert weights["sha256"] == run["extract"].task.data.model_info["source"]["files"]["ckpt"]["pytorch_model.bin"][
+        "sha256"]
+    assert "Input files" in card_data(run["aggregate"].task) and weights["sha256"][:16] in card_data(
+        run["aggregate"].task)
     linear = ("oneDNN, 8 weights prepacked, 2 with the MLP activation fused"
               if can_prepack(torch.device("cpu"), torch.float32) else "PyTorch default")
     assert (f"float32 on cpu; sdpa for the question and decoding, eager for the six thought steps; linear layers "
@@ -138,21 +143,58 @@ def test_card_cli_view_and_get(clean_run, tmp_path):
     assert len(out.read_text()) > 1000
 
 
-def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path, gsm8k_train):
-    """Shard 1 is SIGKILLed after its first batch; resume reruns only it; arrays equal the clean run's."""
-    from metaflow import Run
+@pytest.fixture(scope="module")
+def killed_run(tiny_gpt2, gsm8k_train, tmp_path_factory):
+    """A run whose shard 1 is SIGKILLed after its first batch, on a copy of the tiny checkpoint that the tests may
+    replace: (datastore root, the failed Run, the checkpoint copy's weights file)."""
+    import shutil
 
-    clean, clean_root, (base, ckpt) = clean_run
-    root = tmp_path / "resume_ds"
-    params = tiny_params(base, ckpt, gsm8k_train, heads=False, validate=False)  # tested on the clean run
+    root = tmp_path_factory.mktemp("resume_ds")
+    ckpt = shutil.copytree(tiny_gpt2[1], root / "ckpt")
+    params = tiny_params(tiny_gpt2[0], ckpt, gsm8k_train, heads=False, validate=False)  # tested on the clean run
     # one worker: shard 0 finishes before shard 1 dies (Metaflow kills the siblings still running when a
-    # task fails; resume would rerun those too, which is right but not what this test pins down)
+    # task fails; resume would rerun those too, which is right but not what the tests pin down)
     failed = run_flow(root, env={"CODI_ATTN_FAIL_SHARD": "1:kill"}, max_workers=1, **params)
     assert failed.status == "failed"
-    failed_run = failed.run
-    assert not failed_run.successful
+    assert not failed.run.successful
+    assert [t.data.shard_index for t in failed.run["extract"] if t.successful] == [0]  # shard 1 died
+    return root, failed.run, ckpt / "pytorch_model.bin"
+
+
+def test_resume_refuses_a_replaced_checkpoint(killed_run):
+    """The checkpoint file is replaced after shard 0 finished: the resumed shard 1 stops before extracting,
+    naming the file and what to do, and nothing after it runs (no array mixing two checkpoints is stored)."""
+    from codi_attn.fixtures import save_checkpoint
+    from codi_attn.model import read_state_dict
+
+    root, failed_run, weights = killed_run
+    original = weights.read_bytes()
+    state = read_state_dict(str(weights))
+    state["prj.3.bias"] += 1.0  # a checkpoint that loads fine, with other weights
+    try:
+        save_checkpoint(state, weights.parent)
+        resumed = run_flow(root, resume=True, origin_run_id=failed_run.id)
+    finally:
+        weights.write_bytes(original)
+    assert resumed.status == "failed"
+    output = resumed.stdout_text + resumed.stderr_text
+    assert "AttentionFlow cannot go on" in output and "Traceback" not in output
+    assert f"checkpoint file {weights} changed since the run started" in output
+    assert "start a new run (`run` instead of `resume`)" in output
+    run = resumed.run
+    assert "aggregate" not in [s.id for s in run]
+    rerun = [t for t in run["extract"] if t.origin_pathspec is None]
+    assert len(rerun) == 1 and not rerun[0].successful and "attention" not in rerun[0]
+
+
+def test_shard_death_then_resume_equals_clean_run(clean_run, killed_run):
+    """Shard 1 was SIGKILLed after its first batch; resume reruns only it; arrays equal the clean run's."""
+    from metaflow import Run
+
+    clean, clean_root, _ = clean_run
+    root, failed_run, _ = killed_run
+    use_datastore(root)
     shard_tasks = {t.data.shard_index: t for t in failed_run["extract"] if t.successful}
-    assert list(shard_tasks) == [0]  # shard 0 finished, shard 1 died
 
     resumed = run_flow(root, resume=True, origin_run_id=failed_run.id)
     assert resumed.status == "successful", resumed.stderr_text[-3000:]
