@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from codi_attn.conventions import ABLATIONS, POSITIONS
-from codi_attn.data import load_records, resolve_n
+from codi_attn.data import dataset_fingerprint, load_records, resolve_n, sample_problems
 from codi_attn.presets import PRESETS
-from codi_attn.runs import named_runs
+from codi_attn.runs import named_runs, sample_difference
 
 DEMO_DATASET = "synthetic"
 MAX_NUM_SPLITS = 100  # Metaflow's default --max-num-splits: a foreach wider than this stops the run
@@ -83,12 +83,15 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         if sources:  # config, tokenizer and checkpoint files where they can be found without loading
             check("--model/--ckpt/--base", lambda: locate_sources(p["model"], ckpt=sources[1], base=sources[0]))
         out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
-    if p["compare_with"]:
-        check("--compare_with", lambda: named_runs(flow_name, p["compare_with"]))
+    runs = check("--compare_with", lambda: named_runs(flow_name, p["compare_with"])) if p["compare_with"] else None
     records = check("--dataset", lambda: load_records(out["dataset"], split))
     if records is not None:
+        before = len(errors)
         out["n"] = check("--n_problems", lambda: resolve_n(p["n_problems"], len(records)))
         out["n_records"] = len(records)
+        if runs and len(errors) == before:  # the other runs must have sampled the problems this run will
+            fingerprint = dataset_fingerprint(sample_problems(records, out["n"], seed=p["seed"], split=split))
+            errors += [f"--compare_with: {d}" for d in (sample_difference(r, fingerprint, out) for r in runs) if d]
     if errors:
         raise SettingsError("\n".join(errors))
     return out

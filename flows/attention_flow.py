@@ -482,8 +482,9 @@ class AttentionFlow(FlowSpec):
         self.comparison = {}  # pathspec of the other run -> compare_reports DataFrame
         self.causal_comparison = {}  # pathspec of the other run -> compare_causal DataFrame (both ran the heads)
         for run in runs:
-            from cards.compare_card import compare_card
+            from cards.compare_card import basis_md, compare_card
             from codi_attn.metrics import compare_reports
+            from codi_attn.runs import comparison_basis
 
             other = run.data.metrics_report
             names = (self.model, run.data.model)
@@ -491,8 +492,7 @@ class AttentionFlow(FlowSpec):
                 names = (f"{self.model} (this run)", f"{run.data.model} ({run.id})")
             self.comparison[run.pathspec] = compare_reports(self.metrics_report, other, names)
             parts = compare_card((self.metrics_report, other), names)
-            parts.insert(1, Markdown(f"Other run: `{run.pathspec}` (same sample: dataset fingerprint "
-                                     f"{self.dataset_fingerprint[:12]})."))
+            parts.insert(1, basis_md(run.pathspec, comparison_basis(self, run.data)))
             theirs = getattr(run.data, "causal_report", None) if "causal_report" in run.data else None
             if self.causal_report is not None and theirs is not None:
                 from cards.compare_card import causal_comparison_card

@@ -235,7 +235,11 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert d.compared_runs == [clean.pathspec]
     diff = d.comparison[clean.pathspec]
     assert {"value_llama", "value_gpt2", "diff"} <= set(diff.columns)
-    assert "Model comparison: llama vs gpt2" in card_data(result.run["compare"].task)
+    card = card_data(result.run["compare"].task)
+    assert "Model comparison: llama vs gpt2" in card and "same sample" not in card
+    assert (f"Sample: dataset fingerprint {d.dataset_fingerprint[:12]} in both runs (dataset, split, n_problems and "
+            f"seed); extracted {N - 1} of {N} here, {N} of {N} there, {N - 1} in both") in card
+    assert "Settings that differ besides the model: --max_failed_fraction 0.5 here, 0.1 there" in card
 
 
 def test_bad_input_fails_in_start(tmp_path, tiny_gpt2, gsm8k_train):

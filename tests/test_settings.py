@@ -158,6 +158,24 @@ def test_cuda_index_past_the_gpus_is_refused(monkeypatch, tiny_gpt2, params):
         settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(tiny_gpt2[1]), device="cuda:1"))
 
 
+def test_compare_with_a_run_on_another_sample_is_refused(clean_run, gsm8k_train, params):
+    """start computes its own sample's fingerprint and refuses a --compare_with run that sampled other problems,
+    naming what differs; the clean run's own sample is accepted."""
+    from codi_attn.data import dataset_fingerprint, load_records, sample_problems
+    from flowrun import use_datastore
+
+    run, root, (base, ckpt) = clean_run
+    use_datastore(root)
+    same = params(base=str(base), ckpt=str(ckpt), compare_with=run.id)
+    assert settings.check_settings(same)["compare_with"] == run.id
+    with pytest.raises(ValueError) as err:
+        settings.check_settings({**same, "n_problems": "5"})
+    here = dataset_fingerprint(sample_problems(load_records(str(gsm8k_train), "train"), 5))
+    assert str(err.value) == (f"--compare_with: run {run.pathspec} has another sample (dataset fingerprint "
+                              f"{run.data.dataset_fingerprint[:12]} there, {here[:12]} here): --n_problems 5 here, 6 "
+                              f"there")
+
+
 def test_shard_note_warns_past_metaflows_foreach_limit():
     assert settings.shard_note(100, 50) is None and settings.shard_note(5000, 50) is None
     note = settings.shard_note(7473, 50)
