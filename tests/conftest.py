@@ -123,3 +123,27 @@ def unpacked_models(tiny_gpt2, tiny_llama) -> dict:
 def any_model(request):
     """Each tiny model family in turn."""
     return request.getfixturevalue(f"{request.param}_model")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, read_only=False) -> a folder on a tmpfs of `size` (e.g. '2m'), unmounted after the test: a disk
+    that fills up or cannot be written, for real. Mounting needs root; elsewhere the test is skipped, saying so."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a {size} tmpfs (needs root): {proc.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
