@@ -529,4 +529,7 @@ class AttentionFlow(FlowSpec):
 
 
 if __name__ == "__main__":
+    from codi_attn.datastore import explain_full_disk
+
+    explain_full_disk()  # a full disk under the datastore: one line naming it and what to do, no traceback
     AttentionFlow()

@@ -218,6 +218,37 @@ def test_shard_death_then_resume_equals_clean_run(clean_run, killed_run):
     assert d.ranked_heads.equals(c.ranked_heads)
 
 
+def test_full_datastore_stops_naming_it_and_resume_finishes(clean_run, small_disk, tiny_gpt2, gsm8k_train):
+    """The datastore on a real 5 MB tmpfs fills up mid-run: the run stops with one line naming the datastore and
+    what to do, no traceback; on the disk made larger, `resume` clones what was stored and finishes with arrays
+    equal to the clean run's (nothing stored before the disk filled was lost)."""
+    import subprocess
+
+    from metaflow import Run
+
+    clean, clean_root, _ = clean_run
+    disk = small_disk("5m")
+    params = tiny_params(*tiny_gpt2, gsm8k_train, heads=False, validate=False)
+    failed = run_flow(disk, **params)
+    assert failed.status == "failed"
+    output = failed.stdout_text + failed.stderr_text
+    assert (f"AttentionFlow cannot go on: No space left on device writing to the datastore (datastore {disk}/.metaflow)"
+            f"; what was stored before is whole. Free space on that disk (or copy {disk}/.metaflow to a larger disk "
+            f"and set METAFLOW_DATASTORE_SYSROOT_LOCAL to the folder holding the copy), then: python "
+            f"flows/attention_flow.py resume") in output
+    assert "Traceback" not in output and "Internal error" not in output
+    assert "start" in [s.id for s in failed.run] and not failed.run.successful
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    resumed = run_flow(disk, resume=True, origin_run_id=failed.run.id)
+    assert resumed.status == "successful", resumed.stderr_text[-3000:]
+    d = Run(resumed.run.pathspec).data
+    use_datastore(clean_root)
+    c = clean.data
+    use_datastore(disk)
+    for name in ("attention_raw", "attention_mass", "predictions", "correct"):
+        np.testing.assert_array_equal(getattr(d, name), getattr(c, name), err_msg=name)
+
+
 def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_llama, gsm8k_train):
     """A llama run in the clean run's datastore: one problem raises and is recorded, the rest go on;
     compare finds the gpt2 run on the same sample."""
