@@ -237,7 +237,7 @@ class AttentionFlow(FlowSpec):
         import torch
 
         from cards.extract_card import ExtractProgress
-        from codi_attn.shards import check_failures, cpu_threads_per_shard, extract_shard
+        from codi_attn.shards import check_failures, cpu_threads_per_shard, extract_shard, outcome_line
 
         self.shard_index = self.index
         problems = self.input
@@ -262,6 +262,8 @@ class AttentionFlow(FlowSpec):
         self.texts, self.predictions, self.correct = out["texts"], out["predictions"], out["correct"]
         self.failed_problems = out["failed"]
         progress.finish(self.shard_ids, self.correct, self.failed_problems, time.time() - started)
+        print(outcome_line(f"shard {self.index + 1}/{len(self.shards)}", len(problems), self.correct,
+                           self.failed_problems), flush=True)
         check_failures(self.failed_problems, len(problems), self.max_failed_fraction, self.index)
         self.next(self.aggregate)
 
@@ -274,7 +276,7 @@ class AttentionFlow(FlowSpec):
         from cards.aggregate_card import aggregate_card
         from codi_attn.conventions import MASS_PARTS
         from codi_attn.provenance import ProvenanceError, pin_files
-        from codi_attn.shards import attention_stats, merge_shards
+        from codi_attn.shards import attention_stats, merge_shards, outcome_line
 
         self.merge_artifacts(inputs, include=["settings", "demo", "problems", "problem_ids", "dataset_fingerprint",
                                               "shards"])
@@ -295,6 +297,7 @@ class AttentionFlow(FlowSpec):
         self.mass_parts = list(MASS_PARTS)
         self.texts, self.predictions, self.correct = merged["texts"], merged["predictions"], merged["correct"]
         self.failed_problems = merged["failed"]
+        print(outcome_line("run", len(self.sampled_ids), self.correct, self.failed_problems), flush=True)
         a = self.attention_raw.astype(np.float32)
         self.attention_avg = a.mean(axis=0)
         self.attention_std = a.std(axis=0)
@@ -524,8 +527,9 @@ class AttentionFlow(FlowSpec):
         top = list(self.ranked_heads["label"].head(5))
         current.card.extend(end_card(current.pathspec.rsplit("/", 2)[0], self.model, self.demo, self.accuracy,
                                      len(self.problem_ids), top, self.compared_runs))
-        print(f"AttentionFlow {current.run_id}: {len(self.problem_ids)} problems, accuracy {100 * self.accuracy:.1f}%"
-              f"; read it with Run('{current.flow_name}/{current.run_id}').data")
+        print(f"AttentionFlow {current.run_id}: {len(self.problem_ids)} of {len(self.sampled_ids)} problems extracted"
+              f", {len(self.failed_problems)} failed (failed_problems), accuracy {100 * self.accuracy:.1f}%; read it "
+              f"with Run('{current.flow_name}/{current.run_id}').data")
 
 
 if __name__ == "__main__":

@@ -260,6 +260,12 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert result.status == "successful", result.stderr_text[-3000:]
     d = result.run.data
     assert [f["id"] for f in d.failed_problems] == [bad]
+    output = result.stdout_text + result.stderr_text  # the console counts what the cards count, by problem id
+    assert f"shard 1/2: 3 of 4 problems extracted, 1 failed ({bad}); accuracy " in output
+    assert "shard 2/2: 2 of 2 problems extracted, 0 failed; accuracy " in output
+    assert f"run: {N - 1} of {N} problems extracted, 1 failed ({bad}); accuracy " in output
+    assert f"{N - 1} of {N} problems extracted, 1 failed (failed_problems), accuracy " in output
+    assert f"{N - 1} of {N} (1 failed)" in card_data(result.run["aggregate"].task)
     assert "fails on purpose" in d.failed_problems[0]["error"]
     assert d.problem_ids == [i for i in seed42_ids(N) if i != bad]
     assert d.attention_raw.shape[0] == N - 1
