@@ -16,9 +16,21 @@ def numerics(model_info: dict) -> str:
             + (f"; activation {activation}" if activation else ""))
 
 
+def provenance_table(provenance: dict) -> Table:
+    """One row per input file read (codi_attn.provenance): role, source, where it was found, path, size, sha256."""
+    from codi_attn.provenance import ROLES
+
+    rows = []
+    for role, entry in provenance.items():
+        files = entry["files"] or {"": {"path": "(no file)", "size": None, "sha256": ""}}
+        rows += [[ROLES[role], entry["source"], entry["where"], f["path"],
+                  "" if f["size"] is None else f"{f['size']:,} bytes", f["sha256"][:16]] for f in files.values()]
+    return Table(rows, headers=["input", "source", "found", "file", "size", "sha256 (first 16)"])
+
+
 def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: float, attention_avg: np.ndarray,
-                   failed: list[dict], artifacts: list[tuple[str, str, str]]) -> list:
-    """Totals, the mass split, the mean 6x6 matrix, incoming attention and the artifact table."""
+                   failed: list[dict], provenance: dict, artifacts: list[tuple[str, str, str]]) -> list:
+    """Totals, the mass split, the mean 6x6 matrix, incoming attention, the input files and the artifact table."""
     from codi_attn.figures.extraction import incoming_figure, mass_figure, mean_matrix_figure
 
     n = stats["n_problems"]
@@ -46,6 +58,8 @@ def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: floa
     if failed:
         parts += [Markdown("## Failed problems"),
                   Table([[f["id"], f["error"][:300]] for f in failed], headers=["id", "error"])]
+    parts += [Markdown("## Input files\n\nEvery file the run read, as start fingerprinted it; each task that loads the "
+                       "model checks the files it reads against these before any work."), provenance_table(provenance)]
     parts += [Markdown("## Artifacts of this step"), Table([list(a) for a in artifacts],
                                                           headers=["name", "shape / type", "meaning"])]
     return parts

@@ -87,6 +87,21 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
     return parts
 
 
+def basis_md(pathspec: str, basis: dict) -> Markdown:
+    """What the comparison with the run at `pathspec` rests on (codi_attn.runs.comparison_basis), as checked."""
+    (fa, fb), (sa, sb), (na, nb) = basis["fingerprints"], basis["sampled"], basis["extracted"]
+    (la, ha), (lb, hb) = basis["shapes"]
+    sample = (f"dataset fingerprint {fa[:12]} in both runs (dataset, split, n_problems and seed)"
+              if basis["same_sample"] else f"**different samples** (dataset fingerprint {fa[:12]} here, "
+                                           f"{fb[:12]} there): the differences below mix models and problems")
+    lines = [f"Other run: `{pathspec}`.",
+             f"- Sample: {sample}; extracted {na} of {sa} here, {nb} of {sb} there, {basis['in_both']} in both "
+             f"(each run's numbers are over its own extracted problems).",
+             f"- Model shape: {la} layers x {ha} heads here, {lb} x {hb} there.",
+             "- Settings that differ besides the model: " + ("; ".join(basis["differences"]) or "none") + "."]
+    return Markdown("\n".join(lines))
+
+
 def causal_comparison_card(df: pd.DataFrame) -> list:
     """The causal critical heads of the compared models side by side (codi_attn.heads.compare_causal)."""
     shown = pd.DataFrame({

@@ -13,7 +13,9 @@ EPILOG = """examples:
 
 out/results/<model>/ gets attention_raw.npy, attention_mass.npy, attention_avg.npy, attention_std.npy,
 problems.csv, ranked_heads.csv, heads_ranked_by_*.csv, criteria.csv, comparison_*.csv,
-attention_stats.json, failed_problems.json, summary.json; out/figures/<model>/ the cards' figures (.png)."""
+attention_stats.json, failed_problems.json, summary.json; out/figures/<model>/ the cards' figures (.png).
+Files are written to a hidden folder in OUT_DIR and moved into place when all are complete: a failed export
+leaves nothing behind; an existing export of that name is kept unless --overwrite."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                          "METAFLOW_DATASTORE_SYSROOT_LOCAL, else .metaflow in this folder or above)")
     ex.add_argument("--flow", default="AttentionFlow", help="flow name (default: %(default)s)")
     ex.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export of that name (once the new "
+                                                             "one is complete)")
     return ap
 
 
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         metadata(f"local@{args.datastore.resolve()}")
     try:
         run = find_run(args.run_id, args.flow)
-        paths = export_run(run, args.out_dir, name=args.name, figures=not args.no_figures)
+        paths = export_run(run, args.out_dir, name=args.name, figures=not args.no_figures,
+                           overwrite=args.overwrite)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

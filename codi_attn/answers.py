@@ -5,6 +5,7 @@ import math
 import re
 
 NUMBER = re.compile(r"-?\d+\.?\d*")
+GOLD = re.compile(r"-?(\d+\.?\d*|\.\d+)")  # the whole gold text, commas removed: 72, -4, 1000, 0.5
 
 
 def normalize_question(question: str) -> str:
@@ -25,12 +26,10 @@ def parse_answer(text: str) -> float | None:
 
 
 def parse_gold(answer: str) -> float | None:
-    """The gold number of a GSM8K answer: the text after '####' (or the whole text), commas removed."""
+    """The gold number of a GSM8K answer: the text after '####' (or the whole text), commas removed; None when
+    that text is not one number ('seventy-two', '1/2', '72 apples'): never a number picked out of it."""
     tail = answer.split("####")[-1].replace(",", "").strip()
-    try:
-        return float(tail)
-    except ValueError:
-        return parse_answer(tail)
+    return float(tail) if GOLD.fullmatch(tail) else None
 
 
 def is_correct(prediction: float | None, gold: float | None) -> bool:

@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from codi_attn.answers import parse_gold
+
 __all__ = ["Problem", "DatasetError", "load_records", "sample_problems", "dataset_fingerprint",
            "gold_answer", "resolve_n"]
 
@@ -50,7 +52,7 @@ def _check_split(split: str) -> None:
 
 
 def _check_record(rec, where: str) -> dict:
-    """Check one record: a dict with non-empty string 'question' and an 'answer' with '####'."""
+    """Check one record: a dict with non-empty string 'question' and an 'answer' ending in '#### N', N a number."""
     if not isinstance(rec, dict):
         raise DatasetError(f"{where}: expected a JSON object with 'question' and 'answer', "
                            f"got {type(rec).__name__}")
@@ -59,8 +61,12 @@ def _check_record(rec, where: str) -> dict:
             raise DatasetError(f"{where}: record has no {key!r} key (keys: {sorted(rec)})")
         if not isinstance(rec[key], str) or not rec[key].strip():
             raise DatasetError(f"{where}: {key!r} must be a non-empty string, got {rec[key]!r:.60}")
-    if not gold_answer(rec["answer"]):
+    gold = gold_answer(rec["answer"])
+    if not gold:
         raise DatasetError(f"{where}: 'answer' has no gold answer after '####': {rec['answer'][-60:]!r}")
+    if parse_gold(gold) is None:
+        raise DatasetError(f"{where}: the gold answer after '####' is not a number: {gold[:60]!r} (GSM8K golds "
+                           f"are plain numbers such as 72, -4 or 1,000)")
     return rec
 
 

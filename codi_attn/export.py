@@ -7,10 +7,15 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -60,96 +65,144 @@ def _jsonable(x):
     return x
 
 
-def _write_json(path: Path, obj) -> Path:
+def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
-    return path
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def _save_figure(fig, path: Path) -> Path:
+def _save_figure(fig, path: Path) -> None:
     fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
     fig.clear()
-    return path
 
 
-def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool = True) -> list[Path]:
-    """Write results/<name>/ and figures/<name>/ under out_dir from a finished run (name: the run's
-    model). Returns the written paths."""
+def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool = True,
+               overwrite: bool = False) -> list[Path]:
+    """Write results/<name>/ and figures/<name>/ under out_dir from a finished run (name: the run's model);
+    returns the written paths. Every file is written into a hidden folder in out_dir first and the folders are
+    renamed into place once all are complete: a failed export (full disk, read-only folder) leaves nothing
+    behind, and an earlier export of that name is replaced only with overwrite=True, after the new one is whole.
+    ExportError names the file or folder and what to do."""
     if not run.successful:
         raise ExportError(f"run {run.pathspec} did not finish; resume it first: "
                           f"python flows/attention_flow.py resume --origin-run-id {run.id}")
+    d, name, out = run.data, _slug(name or run.data.model), Path(out_dir)
+    folders = [Path("results") / name] + ([Path("figures") / name] if figures else [])
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder: pass a folder as OUT_DIR")
+    taken = [out / f for f in folders if (out / f).exists()]
+    if taken and not overwrite:
+        raise ExportError(f"{taken[0]} already exists: pass --overwrite to replace it (overwrite=True), or "
+                          f"--name NAME to export beside it")
+    writers = _result_writers(run, folders[0])
+    if figures:
+        writers |= figure_writers(d, folders[1])
+    staging = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".export-{name}-", dir=out))
+        for rel, write in writers.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                write(staging / rel)
+            except OSError as e:
+                raise _write_failure(e, out / rel, out) from None
+        _swap_in(staging, out, folders)
+    except OSError as e:  # making out_dir or the hidden folder, renaming into place
+        raise _write_failure(e, out, out) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [out / rel for rel in writers]
+
+
+def _write_failure(e: OSError, path: Path, out: Path) -> ExportError:
+    """One line for a write that failed: the final path, the system's reason, what to do; nothing was left."""
+    todo = {errno.ENOSPC: "free space on that disk or export to another OUT_DIR",
+            errno.EDQUOT: "free space in your quota or export to another OUT_DIR",
+            errno.EACCES: "export to a folder you can write",
+            errno.EPERM: "export to a folder you can write",
+            errno.EROFS: "export to a folder on a writable disk"}.get(e.errno, "fix that and export again")
+    return ExportError(f"cannot write {path}: {e.strerror or e}; {todo} (nothing was written to {out}, and no file "
+                       f"there was changed)")
+
+
+def _swap_in(staging: Path, out: Path, folders: list[Path]) -> None:
+    """Rename each complete folder from staging to out, an earlier one of that name into staging (removed with it);
+    if a rename fails, the folders already moved are put back."""
+    moved = []
+    try:
+        for i, rel in enumerate(folders):
+            (out / rel).parent.mkdir(exist_ok=True)
+            if (out / rel).exists():
+                os.rename(out / rel, staging / f"old-{i}")
+                moved.append((out / rel, staging / f"old-{i}"))
+            os.rename(staging / rel, out / rel)
+            moved.append((staging / rel, out / rel))
+    except OSError:
+        for src, dst in reversed(moved):
+            os.rename(dst, src)
+        raise
+
+
+def _result_writers(run, res: Path) -> dict[Path, Callable[[Path], None]]:
+    """results/<name>/: relative path -> the function that writes it."""
     d = run.data
-    name = _slug(name or d.model)
-    res = Path(out_dir) / "results" / name
-    res.mkdir(parents=True, exist_ok=True)
-    written = []
-    for key in ARRAYS:
-        np.save(res / f"{key}.npy", getattr(d, key))
-        written.append(res / f"{key}.npy")
+    writers = {res / f"{key}.npy": (lambda p, a=getattr(d, key): np.save(p, a)) for key in ARRAYS}
+
+    def csv(frame: pd.DataFrame) -> Callable[[Path], None]:
+        return lambda p: frame.to_csv(p, index=False)
+
+    def js(obj) -> Callable[[Path], None]:
+        return lambda p: _write_json(p, obj)
 
     gold = {p["id"]: p["answer"] for p in d.problems}
     questions = {p["id"]: p["question"] for p in d.problems}
     problems = pd.DataFrame({"id": d.problem_ids, "gold": [gold[i] for i in d.problem_ids],
                              "prediction": d.predictions, "correct": d.correct, "text": d.texts,
                              "question": [questions[i] for i in d.problem_ids]})
-    problems.to_csv(res / "problems.csv", index=False)
-    d.ranked_heads.to_csv(res / "ranked_heads.csv", index=False)
-    d.criteria.to_csv(res / "criteria.csv", index=False)
-    written += [res / "problems.csv", res / "ranked_heads.csv", res / "criteria.csv"]
-    for key, frame in d.rankings.items():
-        frame.to_csv(res / f"{_slug(key)}.csv", index=False)
-        written.append(res / f"{_slug(key)}.csv")
+    tables = {"problems": problems, "ranked_heads": d.ranked_heads, "criteria": d.criteria}
+    tables |= {_slug(key): frame for key, frame in d.rankings.items()}
     report = getattr(d, "causal_report", None) if "causal_report" in d else None
     if report is not None:
-        tables = {"head_effects": report.head_effects, "head_correlations": report.correlations,
-                  "head_attribution_agreement": report.agreement}
+        tables |= {"head_effects": report.head_effects, "head_correlations": report.correlations,
+                   "head_attribution_agreement": report.agreement}
         if report.held_out is not None:
             tables |= {"held_out_sets": report.held_out.sets, "held_out_summary": report.held_out.summary}
-        for key, frame in tables.items():
-            frame.to_csv(res / f"{key}.csv", index=False)
-            written.append(res / f"{key}.csv")
     thoughts = getattr(d, "thought_report", None) if "thought_report" in d else None
     if thoughts is not None:
-        tables = {"thought_probes": thoughts.probes, "thought_lens": thoughts.lens,
-                  "thought_mean_patching": thoughts.mean_patching, "thought_pair_patching": thoughts.pair_patching,
-                  "thought_attended_by_kind": thoughts.attended_by_kind,
-                  "thought_attended_by_step": thoughts.attended_by_step}
-        for key, frame in tables.items():
-            frame.to_csv(res / f"{key}.csv", index=False)
-            written.append(res / f"{key}.csv")
-        written.append(_write_json(res / "thought_findings.json", {
-            "findings": thoughts.findings, "notes": thoughts.notes, "pairs": thoughts.pair_facts,
-            "baseline_accuracy": thoughts.baseline_accuracy, "settings": thoughts.settings}))
+        tables |= {"thought_probes": thoughts.probes, "thought_lens": thoughts.lens,
+                   "thought_mean_patching": thoughts.mean_patching, "thought_pair_patching": thoughts.pair_patching,
+                   "thought_attended_by_kind": thoughts.attended_by_kind,
+                   "thought_attended_by_step": thoughts.attended_by_step}
     comparisons = [("comparison", d.comparison), ("causal_comparison", getattr(d, "causal_comparison", {}))]
-    for prefix, frames in comparisons:
-        for other, frame in frames.items():
-            path = res / f"{prefix}_{_slug(other.replace('/', '_'))}.csv"
-            frame.to_csv(path, index=False)
-            written.append(path)
-    written.append(_write_json(res / "attention_stats.json", d.attention_stats))
-    written.append(_write_json(res / "failed_problems.json", d.failed_problems))
-    written.append(_write_json(res / "summary.json", {
+    tables |= {f"{prefix}_{_slug(other.replace('/', '_'))}": frame
+               for prefix, frames in comparisons for other, frame in frames.items()}
+    writers |= {res / f"{key}.csv": csv(frame) for key, frame in tables.items()}
+    writers |= {res / "attention_stats.json": js(d.attention_stats),
+                res / "failed_problems.json": js(d.failed_problems),
+                res / "summary.json": js({
         "run": run.pathspec, "model": d.model, "model_info": d.model_info, "settings": d.settings,
         "demo_model": d.demo, "dataset_fingerprint": d.dataset_fingerprint, "n_sampled": len(d.sampled_ids),
         "n_extracted": len(d.problem_ids), "n_failed": len(d.failed_problems), "accuracy": d.accuracy,
         "mass_parts": d.mass_parts, "compared_runs": d.compared_runs, "warnings": d.metric_warnings,
         "arrays": {k: {"file": f"{k}.npy", "shape": list(getattr(d, k).shape), "meaning": v}
                    for k, v in ARRAYS.items()},
-        "tags": sorted(run.tags)}))
-    if figures:
-        written += write_figures(d, Path(out_dir) / "figures" / name)
-    return written
+        "tags": sorted(run.tags)})}
+    if thoughts is not None:
+        writers[res / "thought_findings.json"] = js({
+            "findings": thoughts.findings, "notes": thoughts.notes, "pairs": thoughts.pair_facts,
+            "baseline_accuracy": thoughts.baseline_accuracy, "settings": thoughts.settings})
+    return writers
 
 
-def write_figures(d, fig_dir: Path) -> list[Path]:
-    """The cards' figures as PNG files."""
+def figure_writers(d, fig_dir: Path) -> dict[Path, Callable[[Path], None]]:
+    """The cards' figures as PNG files: path under fig_dir -> the function that writes it."""
     from codi_attn.figures import metrics as metric_figures
     from codi_attn.figures.extraction import incoming_figure, mass_figure, mean_matrix_figure
 
-    fig_dir.mkdir(parents=True, exist_ok=True)
     report = d.metrics_report
     figs = {
         "mean_attention_matrix": mean_matrix_figure(d.attention_avg),
@@ -180,4 +233,4 @@ def write_figures(d, fig_dir: Path) -> list[Path]:
                  "thought_probes": thought_figures.probe_maps(thoughts),
                  "thought_lens": thought_figures.lens_maps(thoughts),
                  "thought_patching": thought_figures.patching_maps(thoughts)}
-    return [_save_figure(fig, fig_dir / f"{key}.png") for key, fig in figs.items()]
+    return {fig_dir / f"{key}.png": (lambda p, f=fig: _save_figure(f, p)) for key, fig in figs.items()}

@@ -5,6 +5,7 @@ checked key by key and shape by shape. LoRA (when the checkpoint has it) is merg
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -14,9 +15,14 @@ import torch
 from torch import nn
 
 from codi_attn.prepack import linear_kernel, prepack_decoder
+from codi_attn.provenance import fingerprint_files
 from codi_attn.presets import DEMO_DIR, FAMILIES, PRESETS, get_preset
 
 CKPT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))  # any one set is a tokenizer
 
 
 class CODILoadError(ValueError):
@@ -65,9 +71,22 @@ class CODIModel:
         return self.lm.config.model_type
 
 
+def check_device(name: str) -> torch.device:
+    """The torch device `name`; ValueError when it is a CUDA device this machine does not have."""
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"{name!r} asks for a CUDA GPU and torch sees none here (torch.cuda.is_available() is "
+                             f"False); use --device cpu, or --device auto (the GPU wherever a task has one)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return dev
+
+
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """auto = CUDA + bf16 when a GPU is present, else CPU + fp32."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else check_device(device)
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
@@ -87,7 +106,7 @@ def fuse_gelu(config) -> bool:
     return False
 
 
-def _is_local(source: str) -> bool:
+def is_local(source: str) -> bool:
     """A source that names a path rather than a hub id."""
     return os.path.exists(os.path.expanduser(source)) or source.startswith(("/", "~", ".")) or source.count("/") > 1
 
@@ -100,7 +119,7 @@ def resolve_sources(model: str, ckpt: str | None = None, base: str | None = None
                             f"`python -m codi_attn.demo.train --out {DEMO_DIR}`")
     base, ckpt = base or preset.base, ckpt or preset.ckpt
     for what, src in (("base model", base), ("checkpoint", ckpt)):
-        if _is_local(src) and not Path(src).expanduser().is_dir() and not Path(src).expanduser().is_file():
+        if is_local(src) and not Path(src).expanduser().is_dir() and not Path(src).expanduser().is_file():
             raise CODILoadError(f"{what} directory not found: {src}")
     return base, ckpt
 
@@ -119,24 +138,78 @@ def _load_config_and_tokenizer(base: str):
         config = AutoConfig.from_pretrained(os.path.expanduser(base))
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(base))
     except (OSError, ValueError) as err:
-        if _is_local(base):
+        if is_local(base):
             raise CODILoadError(f"base model directory {base} has no readable config/tokenizer: {err}") from err
         raise _hub_hint("base model", base, "--base", err) from err
     return config, tokenizer
 
 
-def _checkpoint_file(ckpt: str) -> Path:
-    """The state-dict file of a checkpoint given as a file, a directory or a hub id."""
+def _hub_cached(repo: str, name: str) -> Path | bool | None:
+    """A hub repo's file in the local hub cache, without network: its path, False when the cache knows the repo
+    lacks it, None when the cache cannot tell."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, name)
+    return Path(found) if isinstance(found, str) else (False if found is not None else None)
+
+
+def base_files(base: str) -> dict[str, Path] | None:
+    """config.json and the tokenizer files a load reads from `base` ({name: path}): a local directory, or a hub
+    id in the local hub cache (None when the cache does not hold its config and a tokenizer). A local directory
+    without config.json or a tokenizer raises CODILoadError naming the files expected."""
+    names = (CONFIG_FILE, *TOKENIZER_FILES)
+    if is_local(base):
+        root = Path(base).expanduser()
+        if not root.is_dir():
+            raise CODILoadError(f"base model {base} is not a directory: pass the folder that holds its config.json "
+                                f"and tokenizer files")
+        found = {n: root / n for n in names if (root / n).is_file()}
+    else:
+        cached = {n: _hub_cached(base, n) for n in names}
+        found = {n: p for n, p in cached.items() if isinstance(p, Path)}
+        if CONFIG_FILE not in found or not any(all(n in found for n in t) for t in TOKENIZERS):
+            return None
+    if CONFIG_FILE not in found:
+        raise CODILoadError(f"base model directory {base} has no {CONFIG_FILE} (the base model's config)")
+    if not any(all(n in found for n in t) for t in TOKENIZERS):
+        raise CODILoadError(f"base model directory {base} has no tokenizer: expected tokenizer.json, or vocab.json "
+                            f"and merges.txt, or tokenizer.model")
+    return found
+
+
+def check_family(model: str, model_type: str | None, where: str | Path) -> None:
+    """CODILoadError unless the base config's model_type is a supported family and the preset's own."""
+    family = get_preset(model).family
+    if model_type not in FAMILIES:
+        raise CODILoadError(f"unsupported model family {model_type!r} in {where}; supported: {', '.join(FAMILIES)}")
+    if model_type != family:
+        other = next(p.name for p in PRESETS.values() if p.family == model_type)
+        raise CODILoadError(f"--model {model} is a {family} CODI model, but {where} has model_type {model_type!r}: "
+                            f"pass --model {other} for this base, or a {family} --base")
+
+
+def _checkpoint_file(ckpt: str, download: bool = True) -> Path | None:
+    """The state-dict file of a checkpoint given as a file, a directory or a hub id (download=False: from the
+    local hub cache only, None when it cannot tell which file the hub would give)."""
     path = Path(ckpt).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
-        for name in CKPT_FILES:
-            if (path / name).is_file():
-                return path / name
-        raise CODILoadError(f"checkpoint directory {ckpt} holds none of {', '.join(CKPT_FILES)}")
-    if _is_local(ckpt):
+        present = [path / name for name in CKPT_FILES if (path / name).is_file()]
+        if len(present) > 1:
+            raise CODILoadError(f"checkpoint directory {ckpt} holds both {' and '.join(p.name for p in present)}; "
+                                f"pass the one to load: " + " or ".join(f"--ckpt {p}" for p in present))
+        if not present:
+            raise CODILoadError(f"checkpoint directory {ckpt} holds none of {', '.join(CKPT_FILES)}")
+        return present[0]
+    if is_local(ckpt):
         raise CODILoadError(f"checkpoint directory not found: {ckpt}")
+    if not download:
+        for name in CKPT_FILES:  # the order hf_hub_download tries them in below
+            cached = _hub_cached(ckpt, name)
+            if cached is not False:
+                return cached
+        return None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -151,24 +224,65 @@ def _checkpoint_file(ckpt: str) -> Path:
     raise CODILoadError(f"hub repo {ckpt} holds none of {', '.join(CKPT_FILES)}") from err
 
 
-def read_state_dict(ckpt: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors (`pytorch_model.bin` or `model.safetensors`), dtypes as stored."""
-    path = _checkpoint_file(ckpt)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def locate_sources(model: str, ckpt: str | None = None, base: str | None = None) -> dict[str, dict[str, Path] | None]:
+    """The files a load of this model reads, found without loading or downloading anything: {'base': {name: path},
+    'ckpt': {name: path}}, None for a hub id the local hub cache cannot answer for. On the way it checks what
+    can be checked cheaply (CODILoadError): config and tokenizer present, the config's family that of the
+    preset, one checkpoint file."""
+    base, ckpt = resolve_sources(model, ckpt, base)
+    found = {"base": base_files(base)}
+    if found["base"] is not None:
+        config = found["base"][CONFIG_FILE]
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError) as e:
+            raise CODILoadError(f"{config} cannot be read as JSON: {e}") from None
+        check_family(model, model_type, config)
+    ckpt_file = _checkpoint_file(ckpt, download=False)
+    found["ckpt"] = None if ckpt_file is None else {ckpt_file.name: ckpt_file}
+    return found
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+
+def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (`pytorch_model.bin` or `model.safetensors`), dtypes as stored; a file that is
+    truncated or not a checkpoint raises CODILoadError naming it."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _checkpoint_file(str(ckpt))
+    safetensors = path.suffix == ".safetensors"
+    try:
+        state = load_file(str(path)) if safetensors else torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError) as e:
+        what = str(e).splitlines()[0][:160] if str(e) else "no message"
+        raise CODILoadError(
+            f"checkpoint file {path} ({path.stat().st_size} bytes) cannot be read as "
+            f"{'safetensors' if safetensors else 'a torch.save state dict'} ({type(e).__name__}: {what}); it is "
+            f"truncated or not a checkpoint: download or copy it again") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CODILoadError(f"checkpoint file {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _describe(keys: list[str], n: int = 5) -> str:
     return f"{len(keys)} (first: {', '.join(sorted(keys)[:n])})"
 
 
-def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict check: every key used, none missing, shapes equal; tied tensors must agree in the file.
+def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """'key: a NaN, b inf' for every floating tensor of the state that holds NaN or inf."""
+    found = []
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append(f"{key}: {int(tensor.isnan().sum())} NaN, {int(tensor.isinf().sum())} inf")
+    return found
 
-    Raises CODILoadError naming the first few offending keys and their counts.
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: str = "the checkpoint") -> None:
+    """Strict check: every key used, none missing, shapes equal, every value finite; tied tensors must agree.
+
+    Raises CODILoadError naming `where`, the first few offending keys and their counts.
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
@@ -187,7 +301,11 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if missing and unexpected:
             hint = (f"\nA different key prefix? The model expects e.g. {sorted(missing)[0]!r}, "
                     f"the file has e.g. {sorted(unexpected)[0]!r}.")
-        raise CODILoadError("checkpoint does not match the CODI model:\n  " + "\n  ".join(problems) + hint)
+        raise CODILoadError(f"{where} does not match the CODI model:\n  " + "\n  ".join(problems) + hint)
+    non_finite = _non_finite(state)
+    if non_finite:  # before the ties: a NaN in a tied tensor is the problem, not the tie
+        raise CODILoadError(f"{where} holds NaN or inf in {len(non_finite)} tensor(s) (first: "
+                            f"{'; '.join(non_finite[:3])}); the weights are corrupt: download or copy them again")
     by_storage: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         by_storage.setdefault(tensor.data_ptr(), []).append(name)
@@ -195,7 +313,7 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         first = state[names[0]].float()
         for other in names[1:]:
             if not torch.allclose(first, state[other].float(), rtol=1e-2, atol=1e-2):
-                raise CODILoadError(f"tied tensors differ in the checkpoint: {names[0]} vs {other} "
+                raise CODILoadError(f"tied tensors differ in {where}: {names[0]} vs {other} "
                                     f"(max |diff| {(first - state[other].float()).abs().max():.3g})")
 
 
@@ -234,18 +352,20 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     """Load a CODI model by preset name, optionally overriding its checkpoint and base (local dir or hub id).
 
     prepack: on CPU in float32, pack the decoder's linear weights once for oneDNN (`codi_attn.prepack`); such a
-    model cannot be deep-copied, moved or cast (load it again instead, or pass prepack=False)."""
+    model cannot be deep-copied, moved or cast (load it again instead, or pass prepack=False).
+    `source['files']` records the files read: {'base': {name: {'path', 'size', 'sha256'}}, 'ckpt': {...}}."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     preset = get_preset(model)
     base, ckpt = resolve_sources(model, ckpt, base)
     dev, dt = resolve_device_dtype(device, dtype)
+    base_files(base)  # a local base without config or tokenizer: named before transformers tries
     config, tokenizer = _load_config_and_tokenizer(base)
-    if config.model_type not in FAMILIES:
-        raise CODILoadError(f"unsupported model family {config.model_type!r} in {base}; "
-                            f"supported: {', '.join(FAMILIES)}")
-    state = read_state_dict(ckpt)
+    check_family(model, config.model_type, base)
+    ckpt_file = _checkpoint_file(ckpt)
+    files = {"base": fingerprint_files(base_files(base)), "ckpt": fingerprint_files({ckpt_file.name: ckpt_file})}
+    state = read_state_dict(ckpt_file)
 
     vocab = config.vocab_size  # V: pad/bot/eot are V, V+1, V+2
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
@@ -264,7 +384,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     prj_w = state.get("prj.1.weight")
     prj = make_projection(d_model, prj_w.shape[0] if prj_w is not None else d_model)
     module = CODIModule(lm, prj)
-    check_state_dict(module, state)
+    check_state_dict(module, state, f"checkpoint {ckpt_file}")
     module.load_state_dict(state, strict=True)
     if rank is not None:
         lm = lm.merge_and_unload()
@@ -284,5 +404,5 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
         source={"base": base, "ckpt": ckpt, "lora_rank": rank, "lora_alpha": preset.lora_alpha if rank else None,
                 "activation": "gelu_pytorch_tanh (fused form of the config's gelu_new)" if fused
                 else getattr(config, "hidden_act", None) or config.activation_function,
-                "linear": linear},
+                "linear": linear, "files": files},
     )

@@ -12,6 +12,7 @@ class Preset:
     """A named CODI model: base model and checkpoint (hub ids or local dirs) plus training facts."""
 
     name: str
+    family: str  # the base config's model_type (a key of FAMILIES)
     base: str
     ckpt: str
     lora_alpha: float
@@ -45,6 +46,7 @@ FAMILIES: dict[str, Family] = {
 PRESETS: dict[str, Preset] = {
     "gpt2": Preset(
         name="gpt2",
+        family="gpt2",
         base="openai-community/gpt2",
         ckpt="zen-E/CODI-gpt2",
         lora_alpha=32,
@@ -53,6 +55,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "llama": Preset(
         name="llama",
+        family="llama",
         base="meta-llama/Llama-3.2-1B-Instruct",
         ckpt="zen-E/CODI-llama3.2-1b-Instruct",
         lora_alpha=32,
@@ -62,6 +65,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "demo": Preset(
         name="demo",
+        family="gpt2",
         base=str(DEMO_DIR / "base"),
         ckpt=str(DEMO_DIR / "ckpt"),
         lora_alpha=32,

@@ -245,19 +245,22 @@ def greedy_steps(logits: torch.Tensor, feed: Callable[[torch.Tensor, int], torch
 # ------------------------------------------------------------------------------------------------ batch state
 
 
+def question_tokens(model: CODIModel, question: str, name: str = "the question") -> list[int]:
+    """Token ids of one normalised question (BOS as the tokenizer adds it) followed by BOT; ValueError naming it
+    (`name`) when it is empty or too long for the model's context."""
+    text = normalize_question(question) if isinstance(question, str) else ""
+    if not text:
+        raise ValueError(f"{name} is empty")
+    tokens = model.tokenizer(text)["input_ids"] + [model.bot_id]
+    if len(tokens) + N_THOUGHTS + 1 > model.max_positions:
+        raise ValueError(f"{name} has {len(tokens) - 1} tokens; with BOT, six thoughts and EOT it exceeds the "
+                         f"model's context of {model.max_positions} positions")
+    return tokens
+
+
 def tokenize_questions(model: CODIModel, questions: Sequence[str]) -> list[list[int]]:
-    """Token ids of each normalised question (BOS as the tokenizer adds it) followed by BOT."""
-    ids = []
-    for k, question in enumerate(questions):
-        text = normalize_question(question) if isinstance(question, str) else ""
-        if not text:
-            raise ValueError(f"question {k} is empty")
-        tokens = model.tokenizer(text)["input_ids"] + [model.bot_id]
-        if len(tokens) + N_THOUGHTS + 1 > model.max_positions:
-            raise ValueError(f"question {k} has {len(tokens) - 1} tokens; with BOT, six thoughts and EOT it "
-                             f"exceeds the model's context of {model.max_positions} positions")
-        ids.append(tokens)
-    return ids
+    """question_tokens of each question; the error names the question's position k."""
+    return [question_tokens(model, question, f"question {k}") for k, question in enumerate(questions)]
 
 
 def decode_answer(model: CODIModel, ids: np.ndarray | Sequence[int]) -> str:

@@ -1,5 +1,44 @@
-"""Finding earlier AttentionFlow runs to compare with, through the Metaflow Client API."""
+"""Finding earlier AttentionFlow runs to compare with, through the Metaflow Client API, and what two runs share."""
 from __future__ import annotations
+
+SAMPLE_SETTINGS = {"dataset": "--dataset", "split": "--split", "n": "--n_problems", "seed": "--seed"}
+OWN_SETTINGS = ("model", "ckpt", "base", "compare_with", "n_problems", "n_records")  # differ by design, or shown
+
+
+def _shown(value) -> str:
+    return "all" if value is None else str(value)
+
+
+def setting_differences(here: dict, there: dict, keys=None) -> list[str]:
+    """'--name A here, B there' for each setting (of `keys`, default all but the model's own) that differs."""
+    keys = keys or [k for k in {**here, **there} if k not in OWN_SETTINGS]
+    flags = {**{k: f"--{k}" for k in keys}, **SAMPLE_SETTINGS}
+    return [f"{flags[k]} {_shown(here.get(k))} here, {_shown(there.get(k))} there" for k in keys
+            if here.get(k) != there.get(k)]
+
+
+def sample_difference(run, fingerprint: str, settings: dict) -> str | None:
+    """Why another run's problem sample is not this run's (None when their fingerprints are equal): the sample
+    settings that differ, or, when none does, that the dataset's records did."""
+    theirs = run.data.dataset_fingerprint
+    if theirs == fingerprint:
+        return None
+    why = "; ".join(setting_differences(settings, run.data.settings, list(SAMPLE_SETTINGS))) or (
+        "the same --dataset, --split, --n_problems and --seed, so the dataset's records differ")
+    return (f"run {run.pathspec} has another sample (dataset fingerprint {theirs[:12]} there, {fingerprint[:12]} "
+            f"here): {why}")
+
+
+def comparison_basis(here, there) -> dict:
+    """What two runs' comparison rests on (each a flow or run.data with the aggregate's artifacts): the sample
+    fingerprints, the problems each extracted and both did, the model shapes and the settings that differ."""
+    both = set(here.problem_ids) & set(there.problem_ids)
+    return {"same_sample": here.dataset_fingerprint == there.dataset_fingerprint,
+            "fingerprints": (here.dataset_fingerprint, there.dataset_fingerprint),
+            "sampled": (len(here.sampled_ids), len(there.sampled_ids)),
+            "extracted": (len(here.problem_ids), len(there.problem_ids)), "in_both": len(both),
+            "shapes": tuple((r.model_info["n_layers"], r.model_info["n_heads"]) for r in (here, there)),
+            "differences": setting_differences(here.settings, there.settings)}
 
 
 def named_runs(flow_name: str, compare_with: str) -> list:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from codi_attn.conventions import ABLATIONS, POSITIONS
-from codi_attn.data import load_records, resolve_n
+from codi_attn.data import dataset_fingerprint, load_records, resolve_n, sample_problems
 from codi_attn.presets import PRESETS
-from codi_attn.runs import named_runs
+from codi_attn.runs import named_runs, sample_difference
 
 DEMO_DATASET = "synthetic"
 MAX_NUM_SPLITS = 100  # Metaflow's default --max-num-splits: a foreach wider than this stops the run
@@ -22,12 +22,10 @@ def resolve_dataset(dataset: str, model: str, ckpt: str, base: str) -> str:
 
 
 def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
-    """Validate every parameter cheaply (nothing is loaded but the dataset records) and return the
-    settings the run uses, plus n (None = whole split) and n_records. Every problem found is
+    """Validate every parameter cheaply (nothing is loaded but the dataset records and the base's config.json;
+    model files are only looked for, in the local hub cache for hub ids) and return the settings the run uses, plus n (None = whole split) and n_records. Every problem found is
     reported at once, one line each naming the parameter, in a SettingsError."""
-    import torch  # here, not at import: reading the settings module stays cheap
-
-    from codi_attn.model import resolve_device_dtype, resolve_sources
+    from codi_attn.model import check_device, locate_sources, resolve_device_dtype, resolve_sources
 
     dataset = resolve_dataset(p["dataset"], p["model"], p["ckpt"], p["base"])
     split = p["split"] if p["split"] != "auto" else ("test" if dataset == DEMO_DATASET else "train")
@@ -76,19 +74,24 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         errors.append(f"--max_failed_fraction must be between 0 and 1, got {p['max_failed_fraction']}")
     check("--dtype", lambda: resolve_device_dtype("cpu", p["dtype"]))
     if p["device"] != "auto":
-        check("--device", lambda: torch.device(p["device"]))
+        check("--device", lambda: check_device(p["device"]))
     if p["model"] not in PRESETS:
         errors.append(f"--model: unknown preset {p['model']!r}; choose one of: {', '.join(PRESETS)}")
     else:
         sources = check("--model/--ckpt/--base", lambda: resolve_sources(p["model"], p["ckpt"] or None,
                                                                           p["base"] or None))
+        if sources:  # config, tokenizer and checkpoint files where they can be found without loading
+            check("--model/--ckpt/--base", lambda: locate_sources(p["model"], ckpt=sources[1], base=sources[0]))
         out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
-    if p["compare_with"]:
-        check("--compare_with", lambda: named_runs(flow_name, p["compare_with"]))
+    runs = check("--compare_with", lambda: named_runs(flow_name, p["compare_with"])) if p["compare_with"] else None
     records = check("--dataset", lambda: load_records(out["dataset"], split))
     if records is not None:
+        before = len(errors)
         out["n"] = check("--n_problems", lambda: resolve_n(p["n_problems"], len(records)))
         out["n_records"] = len(records)
+        if runs and len(errors) == before:  # the other runs must have sampled the problems this run will
+            fingerprint = dataset_fingerprint(sample_problems(records, out["n"], seed=p["seed"], split=split))
+            errors += [f"--compare_with: {d}" for d in (sample_difference(r, fingerprint, out) for r in runs) if d]
     if errors:
         raise SettingsError("\n".join(errors))
     return out

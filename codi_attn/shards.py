@@ -45,13 +45,15 @@ def cpu_threads_per_shard(n_shards: int, cpus: int | None = None, max_workers: i
 
 def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: int, on_batch=None,
                   shard_index: int = 0) -> dict:
-    """Extract the problems of one shard in batches. A batch that raises is retried problem by problem,
-    so one bad problem costs only itself; each failure is recorded as {'id', 'error'}.
+    """Extract the problems of one shard in batches. A question that is empty or too long fails alone, before
+    any batch; a batch that raises is retried problem by problem, so one bad problem costs only itself; each
+    failure is recorded as {'id', 'error'}, in input order.
 
     Returns ids, attention float16 [n, L, H, 6, 6], mass float16 [n, L, H, 6, 4], texts, predictions
     float64 [n], correct bool [n] for the n problems that succeeded (in input order), and failed.
     """
     from codi_attn.extract import extract  # here: the join steps read this module without loading torch
+    from codi_attn.runner import question_tokens
 
     fail_ids = set(filter(None, os.environ.get(FAIL_PROBLEMS_ENV, "").split(",")))
 
@@ -67,36 +69,50 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
     mass = np.zeros((n, *shape, len(MASS_PARTS)), np.float16)
     texts, predictions = [""] * n, np.full(n, np.nan)
     correct, ok = np.zeros(n, bool), np.zeros(n, bool)
-    failed = []
-    for start in range(0, n, batch_size):
-        chunk = list(range(start, min(n, start + batch_size)))
+    failed = {}  # position -> {'id', 'error'}
+    for k, p in enumerate(problems):  # an empty or too long question fails alone, named by its id
         try:
-            results = [(chunk, run(chunk))]
+            question_tokens(model, p["question"], f"the question of {p['id']}")
+        except ValueError as e:
+            failed[k] = {"id": p["id"], "error": f"ValueError: {e}"}
+    for start in range(0, n, batch_size):
+        chunk = [k for k in range(start, min(n, start + batch_size)) if k not in failed]
+        try:
+            results = [(chunk, run(chunk))] if chunk else []
         except Exception:  # find the problem(s) to blame, keep the others
             results = []
             for k in chunk:
                 try:
                     results.append(([k], run([k])))
                 except Exception as e:
-                    failed.append({"id": problems[k]["id"], "error": f"{type(e).__name__}: {e}"})
+                    failed[k] = {"id": problems[k]["id"], "error": f"{type(e).__name__}: {e}"}
         for idx, ex in results:
             attention[idx], mass[idx] = ex.attention, ex.mass
             predictions[idx], correct[idx], ok[idx] = ex.prediction, ex.correct, True
             for k, text in zip(idx, ex.text):
                 texts[k] = text
         if on_batch is not None:
-            on_batch(chunk[-1] + 1, len(failed))
+            on_batch(min(n, start + batch_size), len(failed))
         if start == 0:
             _fail_hook(shard_index)
     return {"ids": [p["id"] for p, good in zip(problems, ok) if good],
             "attention": attention[ok], "mass": mass[ok], "texts": [t for t, good in zip(texts, ok) if good],
-            "predictions": predictions[ok], "correct": correct[ok], "failed": failed}
+            "predictions": predictions[ok], "correct": correct[ok], "failed": [failed[k] for k in sorted(failed)]}
+
+
+def outcome_line(what: str, n: int, correct: np.ndarray, failed: list[dict], shown: int = 5) -> str:
+    """The console line of an extraction (a shard's or the run's) over n problems, as its card counts them:
+    extracted, failed with their ids, accuracy on the extracted (`correct` bool [n extracted])."""
+    ids = ", ".join(f["id"] for f in failed[:shown]) + (", ..." if len(failed) > shown else "")
+    acc = f"{100 * float(correct.mean()):.1f}%" if len(correct) else "n/a"
+    return (f"{what}: {len(correct)} of {n} problems extracted, {len(failed)} failed" + (f" ({ids})" if failed else "")
+            + f"; accuracy {acc} of the extracted")
 
 
 def check_failures(failed: list[dict], n: int, max_fraction: float, shard_index: int) -> None:
-    """Fail the shard when more than max_fraction of its n problems raised."""
+    """Fail the shard (shard_index from 0) when more than max_fraction of its n problems raised."""
     if len(failed) > max_fraction * n:
-        raise RuntimeError(f"shard {shard_index}: {len(failed)} of {n} problems failed, more than "
+        raise RuntimeError(f"shard {shard_index + 1}: {len(failed)} of {n} problems failed, more than "
                            f"--max_failed_fraction={max_fraction}; first: {failed[0]['id']}: {failed[0]['error']}")
 
 

@@ -27,6 +27,12 @@ class InvalidRun(MetaflowException):
     headline = "AttentionFlow cannot start"
 
 
+class CannotContinue(MetaflowException):
+    """A task that stops before doing or storing anything (inputs changed, no room): headline + message."""
+
+    headline = "AttentionFlow cannot go on"
+
+
 class ship_project_code(FlowMutator):
     """Put codi_attn/ and cards/ into the code package beside this file, so that tasks run remotely
     (--with kubernetes, --with batch) import them without installing codi-attn in the image."""
@@ -151,11 +157,18 @@ class AttentionFlow(FlowSpec):
         return {k: getattr(self, k) for k in names}
 
     def _load_model(self, prepack: bool = True):
-        """The CODI model of this run, as the parameters name it (prepack=False: layers autograd can go through)."""
-        from codi_attn.model import load_codi
+        """The CODI model of this run, as the parameters name it (prepack=False: layers autograd can go through),
+        its files checked against those the run started with before any work."""
+        from codi_attn.model import CODILoadError, load_codi
+        from codi_attn.provenance import ProvenanceError, check_files
 
-        return load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
-                         device=self.device, prepack=prepack)
+        try:
+            model = load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
+                              device=self.device, prepack=prepack)
+            check_files(self.provenance, model.source["files"], current.pathspec)
+        except (CODILoadError, ProvenanceError) as e:
+            raise CannotContinue(str(e)) from None
+        return model
 
     def _stack(self) -> int:
         """Conditions per forward in the causal analyses (--condition_rows)."""
@@ -171,14 +184,20 @@ class AttentionFlow(FlowSpec):
     @card(type="blank")
     @step
     def start(self):
-        """Validate every parameter (model source, dataset file, sizes), before any shard runs."""
+        """Validate every parameter (model source, dataset file, sizes), before any shard runs; fingerprint the
+        input files (provenance)."""
         from cards.sample_card import DEMO_BANNER, start_card
+        from codi_attn.provenance import run_provenance
         from codi_attn.settings import check_settings, shard_note
 
         try:
             self.settings = check_settings(self._params(), current.flow_name)
         except ValueError as e:  # SettingsError, DatasetError, CODILoadError: the message names the parameter
             raise InvalidRun(str(e)) from None
+        try:
+            self.provenance = run_provenance(self.settings)
+        except OSError as e:
+            raise InvalidRun(f"cannot read {e.filename} to fingerprint it: {e.strerror}") from None
         self.demo = self.model == "demo" and not (self.ckpt or self.base)
         if self.demo:
             print("\n" + "=" * 100 + f"\n{DEMO_BANNER}\n" + "=" * 100 + "\n")
@@ -218,7 +237,7 @@ class AttentionFlow(FlowSpec):
         import torch
 
         from cards.extract_card import ExtractProgress
-        from codi_attn.shards import check_failures, cpu_threads_per_shard, extract_shard
+        from codi_attn.shards import check_failures, cpu_threads_per_shard, extract_shard, outcome_line
 
         self.shard_index = self.index
         problems = self.input
@@ -243,6 +262,8 @@ class AttentionFlow(FlowSpec):
         self.texts, self.predictions, self.correct = out["texts"], out["predictions"], out["correct"]
         self.failed_problems = out["failed"]
         progress.finish(self.shard_ids, self.correct, self.failed_problems, time.time() - started)
+        print(outcome_line(f"shard {self.index + 1}/{len(self.shards)}", len(problems), self.correct,
+                           self.failed_problems), flush=True)
         check_failures(self.failed_problems, len(problems), self.max_failed_fraction, self.index)
         self.next(self.aggregate)
 
@@ -254,11 +275,17 @@ class AttentionFlow(FlowSpec):
 
         from cards.aggregate_card import aggregate_card
         from codi_attn.conventions import MASS_PARTS
-        from codi_attn.shards import attention_stats, merge_shards
+        from codi_attn.provenance import ProvenanceError, pin_files
+        from codi_attn.shards import attention_stats, merge_shards, outcome_line
 
         self.merge_artifacts(inputs, include=["settings", "demo", "problems", "problem_ids", "dataset_fingerprint",
                                               "shards"])
         shards = sorted(inputs, key=lambda inp: inp.shard_index)
+        try:  # every shard read the files the run started with (or, for a hub id start could not find, the same)
+            self.provenance = pin_files(shards[0].provenance, [(f"shard {s.shard_index + 1}", s.model_info["source"]["files"])
+                                                               for s in shards])
+        except ProvenanceError as e:
+            raise CannotContinue(str(e)) from None
         self.model_info = shards[0].model_info
         merged = merge_shards(self.problem_ids, [
             {"ids": s.shard_ids, "attention": s.attention, "mass": s.mass, "texts": s.texts,
@@ -270,6 +297,7 @@ class AttentionFlow(FlowSpec):
         self.mass_parts = list(MASS_PARTS)
         self.texts, self.predictions, self.correct = merged["texts"], merged["predictions"], merged["correct"]
         self.failed_problems = merged["failed"]
+        print(outcome_line("run", len(self.sampled_ids), self.correct, self.failed_problems), flush=True)
         a = self.attention_raw.astype(np.float32)
         self.attention_avg = a.mean(axis=0)
         self.attention_std = a.std(axis=0)
@@ -277,7 +305,7 @@ class AttentionFlow(FlowSpec):
         self.attention_stats = attention_stats(self.attention_raw, self.attention_mass, MASS_PARTS)
         n, (L, H) = len(self.problem_ids), self.attention_avg.shape[:2]
         current.card.extend(aggregate_card(self.model_info, len(self.sampled_ids), self.attention_stats,
-                                           self.accuracy, self.attention_avg, self.failed_problems, [
+                                           self.accuracy, self.attention_avg, self.failed_problems, self.provenance, [
             ("problem_ids", f"list[str] [{n}]", "extracted problems, sample order"),
             ("attention_raw", f"float16 [{n}, {L}, {H}, 6, 6]", "A[n, l, h, i, j]: thought i -> thought j"),
             ("attention_mass", f"float16 [{n}, {L}, {H}, 6, 4]", f"row mass on {', '.join(MASS_PARTS)}"),
@@ -285,6 +313,7 @@ class AttentionFlow(FlowSpec):
             ("predictions, correct, texts", f"[{n}]", "parsed answer (nan = none), match with gold, decoded text"),
             ("accuracy", "float", "fraction of extracted problems answered correctly"),
             ("failed_problems", f"list[dict] [{len(self.failed_problems)}]", "id and error of problems that raised"),
+            ("provenance", "dict", "every input file read (base, ckpt, dataset): path, size, sha256, where found"),
             ("attention_stats", "dict", "mass split (overall, by layer), self-attention, incoming attention "
                                         "vs the causal-uniform baseline"),
         ]))
@@ -456,8 +485,9 @@ class AttentionFlow(FlowSpec):
         self.comparison = {}  # pathspec of the other run -> compare_reports DataFrame
         self.causal_comparison = {}  # pathspec of the other run -> compare_causal DataFrame (both ran the heads)
         for run in runs:
-            from cards.compare_card import compare_card
+            from cards.compare_card import basis_md, compare_card
             from codi_attn.metrics import compare_reports
+            from codi_attn.runs import comparison_basis
 
             other = run.data.metrics_report
             names = (self.model, run.data.model)
@@ -465,8 +495,7 @@ class AttentionFlow(FlowSpec):
                 names = (f"{self.model} (this run)", f"{run.data.model} ({run.id})")
             self.comparison[run.pathspec] = compare_reports(self.metrics_report, other, names)
             parts = compare_card((self.metrics_report, other), names)
-            parts.insert(1, Markdown(f"Other run: `{run.pathspec}` (same sample: dataset fingerprint "
-                                     f"{self.dataset_fingerprint[:12]})."))
+            parts.insert(1, basis_md(run.pathspec, comparison_basis(self, run.data)))
             theirs = getattr(run.data, "causal_report", None) if "causal_report" in run.data else None
             if self.causal_report is not None and theirs is not None:
                 from cards.compare_card import causal_comparison_card
@@ -498,9 +527,13 @@ class AttentionFlow(FlowSpec):
         top = list(self.ranked_heads["label"].head(5))
         current.card.extend(end_card(current.pathspec.rsplit("/", 2)[0], self.model, self.demo, self.accuracy,
                                      len(self.problem_ids), top, self.compared_runs))
-        print(f"AttentionFlow {current.run_id}: {len(self.problem_ids)} problems, accuracy {100 * self.accuracy:.1f}%"
-              f"; read it with Run('{current.flow_name}/{current.run_id}').data")
+        print(f"AttentionFlow {current.run_id}: {len(self.problem_ids)} of {len(self.sampled_ids)} problems extracted"
+              f", {len(self.failed_problems)} failed (failed_problems), accuracy {100 * self.accuracy:.1f}%; read it "
+              f"with Run('{current.flow_name}/{current.run_id}').data")
 
 
 if __name__ == "__main__":
+    from codi_attn.datastore import explain_full_disk
+
+    explain_full_disk()  # a full disk under the datastore: one line naming it and what to do, no traceback
     AttentionFlow()

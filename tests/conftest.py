@@ -70,6 +70,29 @@ def tiny_llama(tmp_path_factory) -> tuple[Path, Path]:
     return build_tiny_codi(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=1, fmt="safetensors")
 
 
+@pytest.fixture
+def hub_cache(tiny_gpt2, tmp_path, monkeypatch) -> tuple[Path, str]:
+    """A local Hugging Face hub cache (the layout huggingface_hub writes) holding the tiny GPT-2 as two repos,
+    codi-test/base and codi-test/ckpt, at one revision; huggingface_hub looks there (HF_HUB_CACHE) for this
+    test. Returns (cache dir, revision). The cache knows codi-test/ckpt has no model.safetensors."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache, revision = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    for repo, src in (("base", tiny_gpt2[0]), ("ckpt", tiny_gpt2[1])):
+        folder = cache / f"models--codi-test--{repo}"
+        shutil.copytree(src, folder / "snapshots" / revision)
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(revision)
+    no_exist = cache / "models--codi-test--ckpt" / ".no_exist" / revision
+    no_exist.mkdir(parents=True)
+    (no_exist / "model.safetensors").write_text("")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache, revision
+
+
 @pytest.fixture(scope="session")
 def gpt2_model(tiny_gpt2):
     from codi_attn.model import load_codi
@@ -100,3 +123,27 @@ def unpacked_models(tiny_gpt2, tiny_llama) -> dict:
 def any_model(request):
     """Each tiny model family in turn."""
     return request.getfixturevalue(f"{request.param}_model")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, read_only=False) -> a folder on a tmpfs of `size` (e.g. '2m'), unmounted after the test: a disk
+    that fills up or cannot be written, for real. Mounting needs root; elsewhere the test is skipped, saying so."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a {size} tmpfs (needs root): {proc.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)

@@ -24,9 +24,18 @@ def test_parse_answer(text, expected):
     ("#### 1,000", 1000.0),
     ("so #### -4", -4.0),
     ("18", 18.0),
+    ("#### 0.5", 0.5),
 ])
 def test_parse_gold(answer, expected):
     assert parse_gold(answer) == expected
+
+
+@pytest.mark.parametrize("answer", ["#### seventy-two", "#### 1/2", "#### 72 apples", "#### $18", "#### nan",
+                                    "#### 1e3", "#### ", "so 3 + 4\n#### seven"])
+def test_gold_that_is_not_one_number_is_none(answer):
+    """No number is picked out of a gold that is not one: '1/2' is not 2, '72 apples' is not 72 (data.py
+    refuses such records, naming file and line)."""
+    assert parse_gold(answer) is None
 
 
 def test_answer_and_gold_meet():

@@ -132,6 +132,14 @@ def test_empty_question_and_no_gold(tmp_path):
         load_records(path, "train")
 
 
+@pytest.mark.parametrize("gold", ["seventy-two", "1/2"])
+def test_gold_that_is_not_a_number_names_file_and_line(tmp_path, gold):
+    path = _write_jsonl(tmp_path / "words.jsonl", [json.dumps(REC), json.dumps({**REC, "answer": f"x\n#### {gold}"})])
+    with pytest.raises(DatasetError, match=rf"words\.jsonl, line 2: the gold answer after '####' is not a number: "
+                                           rf"'{gold}'"):
+        load_records(path, "train")
+
+
 def test_not_an_object_and_empty_file(tmp_path):
     path = _write_jsonl(tmp_path / "list.jsonl", ["[1, 2]"])
     with pytest.raises(DatasetError, match="line 1: expected a JSON object"):

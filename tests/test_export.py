@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -54,7 +55,7 @@ def test_export_files_equal_artifacts(clean_run, tmp_path):
     report = d.thought_report
     probes = pd.read_csv(res / "thought_probes.csv")
     assert len(probes) == len(report.probes)
-    np.testing.assert_allclose(probes["accuracy"], report.probes["accuracy"])
+    np.testing.assert_allclose(probes["accuracy"].astype(float), report.probes["accuracy"].astype(float))
     pairs = pd.read_csv(res / "thought_pair_patching.csv", dtype={"layer": str}, keep_default_na=False)
     assert list(pairs["layer"]) == list(report.pair_patching["layer"])
     assert json.loads((res / "thought_findings.json").read_text())["findings"] == report.findings
@@ -95,3 +96,61 @@ def test_unfinished_run_is_refused():
     run = SimpleNamespace(successful=False, pathspec="AttentionFlow/7", id="7")
     with pytest.raises(ExportError, match="resume it first: python flows/attention_flow.py resume --origin-run-id 7"):
         export_run(run, "/nonexistent")
+
+
+def _files(folder) -> dict:
+    """Every file under folder (hidden ones too) -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_keeps_an_earlier_export_unless_overwrite(clean_run, tmp_path):
+    """A second export of the same name is refused naming the folder, and nothing changes; --overwrite replaces
+    it whole once the new one is complete; an OUT_DIR that is a file is refused naming it."""
+    run, root, _ = clean_run
+    use_datastore(root)
+    export_run(run, tmp_path, figures=False)
+    (tmp_path / "results" / "gpt2" / "notes.txt").write_text("mine")
+    before = _files(tmp_path)
+    with pytest.raises(ExportError) as err:
+        export_run(run, tmp_path, figures=False)
+    assert str(err.value) == (f"{tmp_path / 'results' / 'gpt2'} already exists: pass --overwrite to replace it "
+                              f"(overwrite=True), or --name NAME to export beside it")
+    assert _files(tmp_path) == before
+    paths = export_run(run, tmp_path, figures=False, overwrite=True)
+    after = _files(tmp_path)
+    assert set(after) == {str(p.relative_to(tmp_path)) for p in paths}  # notes.txt went with the old folder
+    assert all(after[k] == before[k] for k in after)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExportError, match=f"^{tmp_path / 'file'} is a file, not a folder: pass a folder as OUT_DIR$"):
+        export_run(run, tmp_path / "file")
+
+
+def test_export_into_a_read_only_folder_says_so(clean_run, small_disk):
+    run, root, _ = clean_run
+    use_datastore(root)
+    out = small_disk("1m", read_only=True)
+    with pytest.raises(ExportError) as err:
+        export_run(run, out, figures=False)
+    assert str(err.value) == (f"cannot write {out}: Read-only file system; export to a folder on a writable disk "
+                              f"(nothing was written to {out}, and no file there was changed)")
+
+
+def test_export_onto_a_full_disk_leaves_no_file_and_keeps_what_was_there(clean_run, small_disk):
+    """A real 2 MB tmpfs holding an earlier export, filled up to 16 KB: the new export stops naming the file it could
+    not write; no half-written file is left and every file that was there is unchanged."""
+    import shutil
+
+    run, root, _ = clean_run
+    use_datastore(root)
+    out = small_disk("2m")
+    export_run(run, out, name="earlier", figures=False)
+    (out / "filler").write_bytes(b"x" * (shutil.disk_usage(out).free - 16384))
+    before = _files(out)
+    with pytest.raises(ExportError) as err:
+        export_run(run, out)
+    message = str(err.value)
+    assert re.fullmatch(rf"cannot write {re.escape(str(out))}/(results|figures)/gpt2/\w+\.(npy|csv|json|png): No "
+                        rf"space left on device; free space on that disk or export to another OUT_DIR \(nothing was "
+                        rf"written to {re.escape(str(out))}, and no file there was changed\)", message), message
+    assert _files(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["filler", "results"]  # no hidden staging folder left

@@ -101,6 +101,11 @@ def test_cards_on_every_step(clean_run):
     assert "No other model has a finished run on this sample" in card_data(run["compare"].task)
     assert "AttentionFlow cannot start" not in card_data(run["start"].task)
     assert "Aggregate: 6 of 6 problems" in card_data(run["aggregate"].task)
+    weights = run.data.provenance["ckpt"]["files"]["pytorch_model.bin"]
+    assert weights["sha256"] == run["extract"].task.data.model_info["source"]["files"]["ckpt"]["pytorch_model.bin"][
+        "sha256"]
+    assert "Input files" in card_data(run["aggregate"].task) and weights["sha256"][:16] in card_data(
+        run["aggregate"].task)
     linear = ("oneDNN, 8 weights prepacked, 2 with the MLP activation fused"
               if can_prepack(torch.device("cpu"), torch.float32) else "PyTorch default")
     assert (f"float32 on cpu; sdpa for the question and decoding, eager for the six thought steps; linear layers "
@@ -138,21 +143,58 @@ def test_card_cli_view_and_get(clean_run, tmp_path):
     assert len(out.read_text()) > 1000
 
 
-def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path, gsm8k_train):
-    """Shard 1 is SIGKILLed after its first batch; resume reruns only it; arrays equal the clean run's."""
-    from metaflow import Run
+@pytest.fixture(scope="module")
+def killed_run(tiny_gpt2, gsm8k_train, tmp_path_factory):
+    """A run whose shard 1 is SIGKILLed after its first batch, on a copy of the tiny checkpoint that the tests may
+    replace: (datastore root, the failed Run, the checkpoint copy's weights file)."""
+    import shutil
 
-    clean, clean_root, (base, ckpt) = clean_run
-    root = tmp_path / "resume_ds"
-    params = tiny_params(base, ckpt, gsm8k_train, heads=False, validate=False)  # tested on the clean run
+    root = tmp_path_factory.mktemp("resume_ds")
+    ckpt = shutil.copytree(tiny_gpt2[1], root / "ckpt")
+    params = tiny_params(tiny_gpt2[0], ckpt, gsm8k_train, heads=False, validate=False)  # tested on the clean run
     # one worker: shard 0 finishes before shard 1 dies (Metaflow kills the siblings still running when a
-    # task fails; resume would rerun those too, which is right but not what this test pins down)
+    # task fails; resume would rerun those too, which is right but not what the tests pin down)
     failed = run_flow(root, env={"CODI_ATTN_FAIL_SHARD": "1:kill"}, max_workers=1, **params)
     assert failed.status == "failed"
-    failed_run = failed.run
-    assert not failed_run.successful
+    assert not failed.run.successful
+    assert [t.data.shard_index for t in failed.run["extract"] if t.successful] == [0]  # shard 1 died
+    return root, failed.run, ckpt / "pytorch_model.bin"
+
+
+def test_resume_refuses_a_replaced_checkpoint(killed_run):
+    """The checkpoint file is replaced after shard 0 finished: the resumed shard 1 stops before extracting,
+    naming the file and what to do, and nothing after it runs (no array mixing two checkpoints is stored)."""
+    from codi_attn.fixtures import save_checkpoint
+    from codi_attn.model import read_state_dict
+
+    root, failed_run, weights = killed_run
+    original = weights.read_bytes()
+    state = read_state_dict(str(weights))
+    state["prj.3.bias"] += 1.0  # a checkpoint that loads fine, with other weights
+    try:
+        save_checkpoint(state, weights.parent)
+        resumed = run_flow(root, resume=True, origin_run_id=failed_run.id)
+    finally:
+        weights.write_bytes(original)
+    assert resumed.status == "failed"
+    output = resumed.stdout_text + resumed.stderr_text
+    assert "AttentionFlow cannot go on" in output and "Traceback" not in output
+    assert f"checkpoint file {weights} changed since the run started" in output
+    assert "start a new run (`run` instead of `resume`)" in output
+    run = resumed.run
+    assert "aggregate" not in [s.id for s in run]
+    rerun = [t for t in run["extract"] if t.origin_pathspec is None]
+    assert len(rerun) == 1 and not rerun[0].successful and "attention" not in rerun[0]
+
+
+def test_shard_death_then_resume_equals_clean_run(clean_run, killed_run):
+    """Shard 1 was SIGKILLed after its first batch; resume reruns only it; arrays equal the clean run's."""
+    from metaflow import Run
+
+    clean, clean_root, _ = clean_run
+    root, failed_run, _ = killed_run
+    use_datastore(root)
     shard_tasks = {t.data.shard_index: t for t in failed_run["extract"] if t.successful}
-    assert list(shard_tasks) == [0]  # shard 0 finished, shard 1 died
 
     resumed = run_flow(root, resume=True, origin_run_id=failed_run.id)
     assert resumed.status == "successful", resumed.stderr_text[-3000:]
@@ -176,6 +218,37 @@ def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path, gsm8k_tra
     assert d.ranked_heads.equals(c.ranked_heads)
 
 
+def test_full_datastore_stops_naming_it_and_resume_finishes(clean_run, small_disk, tiny_gpt2, gsm8k_train):
+    """The datastore on a real 5 MB tmpfs fills up mid-run: the run stops with one line naming the datastore and
+    what to do, no traceback; on the disk made larger, `resume` clones what was stored and finishes with arrays
+    equal to the clean run's (nothing stored before the disk filled was lost)."""
+    import subprocess
+
+    from metaflow import Run
+
+    clean, clean_root, _ = clean_run
+    disk = small_disk("5m")
+    params = tiny_params(*tiny_gpt2, gsm8k_train, heads=False, validate=False)
+    failed = run_flow(disk, **params)
+    assert failed.status == "failed"
+    output = failed.stdout_text + failed.stderr_text
+    assert (f"AttentionFlow cannot go on: No space left on device writing to the datastore (datastore {disk}/.metaflow)"
+            f"; what was stored before is whole. Free space on that disk (or copy {disk}/.metaflow to a larger disk "
+            f"and set METAFLOW_DATASTORE_SYSROOT_LOCAL to the folder holding the copy), then: python "
+            f"flows/attention_flow.py resume") in output
+    assert "Traceback" not in output and "Internal error" not in output
+    assert "start" in [s.id for s in failed.run] and not failed.run.successful
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    resumed = run_flow(disk, resume=True, origin_run_id=failed.run.id)
+    assert resumed.status == "successful", resumed.stderr_text[-3000:]
+    d = Run(resumed.run.pathspec).data
+    use_datastore(clean_root)
+    c = clean.data
+    use_datastore(disk)
+    for name in ("attention_raw", "attention_mass", "predictions", "correct"):
+        np.testing.assert_array_equal(getattr(d, name), getattr(c, name), err_msg=name)
+
+
 def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_llama, gsm8k_train):
     """A llama run in the clean run's datastore: one problem raises and is recorded, the rest go on;
     compare finds the gpt2 run on the same sample."""
@@ -187,13 +260,23 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert result.status == "successful", result.stderr_text[-3000:]
     d = result.run.data
     assert [f["id"] for f in d.failed_problems] == [bad]
+    output = result.stdout_text + result.stderr_text  # the console counts what the cards count, by problem id
+    assert f"shard 1/2: 3 of 4 problems extracted, 1 failed ({bad}); accuracy " in output
+    assert "shard 2/2: 2 of 2 problems extracted, 0 failed; accuracy " in output
+    assert f"run: {N - 1} of {N} problems extracted, 1 failed ({bad}); accuracy " in output
+    assert f"{N - 1} of {N} problems extracted, 1 failed (failed_problems), accuracy " in output
+    assert f"{N - 1} of {N} (1 failed)" in card_data(result.run["aggregate"].task)
     assert "fails on purpose" in d.failed_problems[0]["error"]
     assert d.problem_ids == [i for i in seed42_ids(N) if i != bad]
     assert d.attention_raw.shape[0] == N - 1
     assert d.compared_runs == [clean.pathspec]
     diff = d.comparison[clean.pathspec]
     assert {"value_llama", "value_gpt2", "diff"} <= set(diff.columns)
-    assert "Model comparison: llama vs gpt2" in card_data(result.run["compare"].task)
+    card = card_data(result.run["compare"].task)
+    assert "Model comparison: llama vs gpt2" in card and "same sample" not in card
+    assert (f"Sample: dataset fingerprint {d.dataset_fingerprint[:12]} in both runs (dataset, split, n_problems and "
+            f"seed); extracted {N - 1} of {N} here, {N} of {N} there, {N - 1} in both") in card
+    assert "Settings that differ besides the model: --max_failed_fraction 0.5 here, 0.1 there" in card
 
 
 def test_bad_input_fails_in_start(tmp_path, tiny_gpt2, gsm8k_train):

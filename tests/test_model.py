@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codi_attn.fixtures import release_state_dict, save_checkpoint
-from codi_attn.model import CODILoadError, load_codi, read_state_dict
+from codi_attn.model import CODILoadError, load_codi, locate_sources, read_state_dict
 from codi_attn.presets import PRESETS
 
 
@@ -102,6 +102,51 @@ def test_untied_lm_head_that_disagrees_is_rejected(tmp_path, tiny_llama):
         load_codi("llama", base=str(tiny_llama[0]), ckpt=ckpt)
 
 
+@pytest.mark.parametrize("name, damage, what", [
+    ("pytorch_model.bin", lambda b: b[: len(b) // 2], "cannot be read as a torch.save state dict"),
+    ("pytorch_model.bin", lambda b: bytes(range(256)) * 20, "cannot be read as a torch.save state dict"),
+    ("pytorch_model.bin", lambda b: b"", "cannot be read as a torch.save state dict"),
+    ("model.safetensors", lambda b: b[: len(b) // 2], "cannot be read as safetensors"),
+    ("model.safetensors", lambda b: bytes(range(256)) * 20, "cannot be read as safetensors"),
+])
+def test_corrupt_checkpoint_file_is_named(tmp_path, tiny_gpt2, tiny_llama, name, damage, what):
+    """A truncated, garbage or empty weights file: one CODILoadError naming the file and what is wrong."""
+    family, (base, ckpt) = ("gpt2", tiny_gpt2) if name.endswith(".bin") else ("llama", tiny_llama)
+    bad = tmp_path / "ckpt" / name
+    bad.parent.mkdir()
+    bad.write_bytes(damage((ckpt / name).read_bytes()))
+    with pytest.raises(CODILoadError) as err:
+        load_codi(family, base=str(base), ckpt=str(bad.parent))
+    message = str(err.value)
+    assert f"checkpoint file {bad} ({bad.stat().st_size} bytes) {what}" in message
+    assert "truncated or not a checkpoint" in message and len(message.splitlines()) == 1
+
+
+def test_checkpoint_that_is_not_a_state_dict(tmp_path, tiny_gpt2):
+    path = tmp_path / "list.bin"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CODILoadError, match=rf"checkpoint file {path} holds a list, not a state dict of tensors"):
+        read_state_dict(str(path))
+
+
+@pytest.mark.parametrize("family, key", [("gpt2", "prj.3.bias"), ("llama", "codi.base_model.model.lm_head.weight")])
+def test_nan_or_inf_in_a_tensor_is_named(tmp_path, tiny_gpt2, tiny_llama, family, key):
+    """Non-finite weights are reported at load, naming the tensor; for LLaMA's tied lm_head this comes before
+    (instead of) a 'tied tensors differ' message."""
+    base, ckpt = tiny_gpt2 if family == "gpt2" else tiny_llama
+
+    def poison(state):
+        state[key][0, ...] = float("nan")
+        state[key].view(-1)[-1] = float("inf")
+
+    bad = write_variant(tmp_path, ckpt, poison)
+    with pytest.raises(CODILoadError) as err:
+        load_codi(family, base=str(base), ckpt=bad)
+    message = str(err.value)
+    assert f"checkpoint {bad}/pytorch_model.bin holds NaN or inf in 1 tensor(s) (first: {key}: " in message
+    assert "1 inf" in message and "tied tensors" not in message
+
+
 def test_checkpoint_without_lora_loads_strictly(tmp_path, tiny_gpt2):
     """A full-parameter CODI (the demo model's layout: codi. + HF keys, prj.*) takes the same strict path."""
     from codi_attn.fixtures import codi_module, tiny_config
@@ -148,6 +193,34 @@ def test_missing_checkpoint_directory(tiny_gpt2):
 def test_checkpoint_directory_without_weights(tmp_path, tiny_gpt2):
     with pytest.raises(CODILoadError, match="holds none of model.safetensors, pytorch_model.bin"):
         load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tmp_path))
+
+
+def test_preset_of_another_family_is_refused_at_load(tiny_gpt2, tiny_llama):
+    with pytest.raises(CODILoadError, match=rf"^--model gpt2 is a gpt2 CODI model, but {tiny_llama[0]} has model_type "
+                                            r"'llama': pass --model llama for this base, or a gpt2 --base$"):
+        load_codi("gpt2", base=str(tiny_llama[0]), ckpt=str(tiny_gpt2[1]))
+
+
+def test_located_files_of_local_sources(tiny_gpt2):
+    base, ckpt = tiny_gpt2
+    found = locate_sources("gpt2", ckpt=str(ckpt), base=str(base))
+    assert found == {"base": {n: base / n for n in ("config.json", "tokenizer.json", "tokenizer_config.json")},
+                     "ckpt": {"pytorch_model.bin": ckpt / "pytorch_model.bin"}}
+
+
+def test_hub_ids_are_located_in_the_local_cache_without_network(hub_cache, tmp_path):
+    """A hub id is answered from the local hub cache (offline): the snapshot's files at the cached revision;
+    the checkpoint is the file hf_hub_download would give (the cache knows there is no model.safetensors)."""
+    cache, revision = hub_cache
+    found = locate_sources("gpt2", ckpt="codi-test/ckpt", base="codi-test/base")
+    snapshot = cache / "models--codi-test--base" / "snapshots" / revision
+    assert found["base"]["config.json"] == snapshot / "config.json" and set(found["base"]) == {
+        "config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert found["ckpt"] == {"pytorch_model.bin": cache / "models--codi-test--ckpt" / "snapshots" / revision /
+                             "pytorch_model.bin"}
+    (cache / "models--codi-test--ckpt" / ".no_exist" / revision / "model.safetensors").unlink()
+    unknown = locate_sources("gpt2", ckpt="codi-test/ckpt", base="codi-test/other")
+    assert unknown == {"base": None, "ckpt": None}  # is there a model.safetensors? only the hub can say
 
 
 def test_unknown_dtype():

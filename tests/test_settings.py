@@ -85,12 +85,95 @@ def test_check_settings_bad_files(tmp_path, tiny_gpt2, params):
     no_answer = _jsonl(tmp_path, "noanswer.jsonl", [good, '{"question": "q?"}'])
     with pytest.raises(ValueError, match=r"noanswer\.jsonl, line 2: record has no 'answer' key"):
         settings.check_settings(params(base=base, ckpt=ckpt, dataset=no_answer, n_problems="1"))
+    words = _jsonl(tmp_path, "words.jsonl", [good, '{"question": "q?", "answer": "x\\n#### seventy-two"}'])
+    with pytest.raises(ValueError, match=r"--dataset: .*words\.jsonl, line 2: the gold answer after '####' is not a "
+                                         r"number: 'seventy-two'"):
+        settings.check_settings(params(base=base, ckpt=ckpt, dataset=words, n_problems="1"))
     unreadable = tmp_path / "unreadable.jsonl"
     unreadable.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match=r"unreadable\.jsonl cannot be read"):
         settings.check_settings(params(base=base, ckpt=ckpt, dataset=str(unreadable)))
     ok = settings.check_settings(params(base=base, ckpt=ckpt, n_problems="all"))
     assert ok["n"] is None and ok["n_records"] == 7473
+
+
+def test_preset_family_must_match_the_base_config(tiny_gpt2, tiny_llama, params):
+    """--model gpt2 on a LLaMA base (a GPT-2 checkpoint would fail later with a wall of missing keys)."""
+    base = tiny_llama[0]
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(base), ckpt=str(tiny_gpt2[1])))
+    assert str(err.value) == (f"--model/--ckpt/--base: --model gpt2 is a gpt2 CODI model, but {base}/config.json has "
+                              f"model_type 'llama': pass --model llama for this base, or a gpt2 --base")
+
+
+def test_checkpoint_dir_with_both_formats_says_which_to_pass(tmp_path, tiny_gpt2, params):
+    import shutil
+
+    ckpt = tmp_path / "both"
+    shutil.copytree(tiny_gpt2[1], ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(ckpt)))
+    assert str(err.value) == (f"--model/--ckpt/--base: checkpoint directory {ckpt} holds both model.safetensors and "
+                              f"pytorch_model.bin; pass the one to load: --ckpt {ckpt}/model.safetensors or "
+                              f"--ckpt {ckpt}/pytorch_model.bin")
+    ok = settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(ckpt / "pytorch_model.bin")))
+    assert ok["ckpt"] == str(ckpt / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("remove, expected", [
+    (("tokenizer.json",), "has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt, or "
+                          "tokenizer.model"),
+    (("config.json",), "has no config.json (the base model's config)"),
+])
+def test_base_without_tokenizer_or_config_names_the_files(tmp_path, tiny_gpt2, params, remove, expected):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_gpt2[0], base)
+    for name in remove:
+        (base / name).unlink()
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(base), ckpt=str(tiny_gpt2[1])))
+    assert str(err.value) == f"--model/--ckpt/--base: base model directory {base} {expected}"
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch, tiny_gpt2, params):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(tiny_gpt2[1]), device="cuda"))
+    assert str(err.value) == ("--device: 'cuda' asks for a CUDA GPU and torch sees none here "
+                              "(torch.cuda.is_available() is False); use --device cpu, or --device auto (the GPU "
+                              "wherever a task has one)")
+
+
+def test_cuda_index_past_the_gpus_is_refused(monkeypatch, tiny_gpt2, params):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^--device: 'cuda:1': this machine has 1 CUDA GPU\(s\), cuda:0 to cuda:0$"):
+        settings.check_settings(params(base=str(tiny_gpt2[0]), ckpt=str(tiny_gpt2[1]), device="cuda:1"))
+
+
+def test_compare_with_a_run_on_another_sample_is_refused(clean_run, gsm8k_train, params):
+    """start computes its own sample's fingerprint and refuses a --compare_with run that sampled other problems,
+    naming what differs; the clean run's own sample is accepted."""
+    from codi_attn.data import dataset_fingerprint, load_records, sample_problems
+    from flowrun import use_datastore
+
+    run, root, (base, ckpt) = clean_run
+    use_datastore(root)
+    same = params(base=str(base), ckpt=str(ckpt), compare_with=run.id)
+    assert settings.check_settings(same)["compare_with"] == run.id
+    with pytest.raises(ValueError) as err:
+        settings.check_settings({**same, "n_problems": "5"})
+    here = dataset_fingerprint(sample_problems(load_records(str(gsm8k_train), "train"), 5))
+    assert str(err.value) == (f"--compare_with: run {run.pathspec} has another sample (dataset fingerprint "
+                              f"{run.data.dataset_fingerprint[:12]} there, {here[:12]} here): --n_problems 5 here, 6 "
+                              f"there")
 
 
 def test_shard_note_warns_past_metaflows_foreach_limit():

@@ -55,3 +55,29 @@ def test_merge_shards_checks_coverage():
 def test_cpu_threads_are_shared_by_the_shards_running_at_once(n_shards, cpus, threads):
     """Up to 16 shards (Metaflow's default --max-workers) run at once; each gets its share of the cores."""
     assert shards.cpu_threads_per_shard(n_shards, cpus) == threads
+
+
+def test_bad_questions_fail_alone_named_by_id(gpt2_model):
+    """An empty and a too long question are recorded under their problem ids before any batch (not as 'question 0'
+    of the batch retried alone); the good problem in their batch is extracted."""
+    long = "seven " * gpt2_model.max_positions
+    problems = [{"id": i, "question": q, "answer": "1", "solution": "#### 1"}
+                for i, q in (("train_3", "What is 4 plus 4?"), ("train_8", "  "), ("train_9", long))]
+    out = shards.extract_shard(gpt2_model, problems, batch_size=3, max_new_tokens=2)
+    assert out["ids"] == ["train_3"]
+    n_tokens = len(gpt2_model.tokenizer(long.strip())["input_ids"])
+    assert out["failed"] == [
+        {"id": "train_8", "error": "ValueError: the question of train_8 is empty"},
+        {"id": "train_9", "error": f"ValueError: the question of train_9 has {n_tokens} tokens; with BOT, six thoughts "
+                                   f"and EOT it exceeds the model's context of {gpt2_model.max_positions} positions"}]
+
+
+def test_outcome_line_counts_the_failed_by_id():
+    failed = [{"id": f"train_{k}", "error": "x"} for k in range(6)]
+    assert shards.outcome_line("shard 1/2", 4, np.array([True, False, True]), failed[:1]) == (
+        "shard 1/2: 3 of 4 problems extracted, 1 failed (train_0); accuracy 66.7% of the extracted")
+    assert shards.outcome_line("run", 6, np.zeros(0, bool), failed) == (
+        "run: 0 of 6 problems extracted, 6 failed (train_0, train_1, train_2, train_3, train_4, ...); accuracy n/a "
+        "of the extracted")
+    assert shards.outcome_line("run", 2, np.array([True, True]), []) == (
+        "run: 2 of 2 problems extracted, 0 failed; accuracy 100.0% of the extracted")
