@@ -686,13 +686,14 @@ class Runner:
         return self.run_conditions(questions, [hooks], progress)[0]
 
     def run_conditions(self, questions: Sequence[str], conditions: Sequence[Iterable],
-                       progress: Callable[[int], None] | None = None, checkpoints=None) -> list[Generation]:
+                       progress: Callable[[int], None] | None = None, checkpoints=None, name: str = "batch"
+                       ) -> list[Generation]:
         """Run every hook set of `conditions` on the same batches; one Generation per condition.
 
         Per batch the prefill runs once for all conditions without prefill hooks, the cache rewound to the
         prompt before each; a condition with prefill hooks gets a prefill of its own, in one group.
         `checkpoints` (codi_attn.checkpoints.Checkpoints): each finished batch's tokens and the hooks' `recorded`
-        rows are saved there as `batch-{i}`, and a batch found there is restored instead of run.
+        rows are saved there as `{name}-{i}`, and a batch found there is restored instead of run.
         """
         conditions = [list(c) for c in conditions]
         conds = [Hooks(c, self._names) for c in conditions]
@@ -709,7 +710,7 @@ class Runner:
         grad_mode = torch.enable_grad() if self.gradients else torch.inference_mode()
         with grad_mode, self._module_hooks(conds):
             for b, (rows, ids) in enumerate(self.batches(questions)):
-                saved = None if checkpoints is None else checkpoints.load(f"batch-{b}")
+                saved = None if checkpoints is None else checkpoints.load(f"{name}-{b}")
                 if saved is not None and saved["rows"] == rows:
                     for c, hooks in enumerate(conditions):
                         for k, row in zip(rows, saved["tokens"][c]):
@@ -719,7 +720,7 @@ class Runner:
                 else:
                     self._run_batch(rows, ids, conds, own, stacks, tokens)
                     if checkpoints is not None:
-                        checkpoints.save(f"batch-{b}", {
+                        checkpoints.save(f"{name}-{b}", {
                             "rows": rows, "tokens": [[t[k] for k in rows] for t in tokens],
                             "recorded": [[hook.snapshot(rows) for hook in hooks] for hooks in conditions]})
                 if progress is not None:
