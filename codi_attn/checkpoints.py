@@ -17,7 +17,7 @@ import pickle
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from codi_attn.datastore import DatastoreFiles, task_storage
+from codi_attn.datastore import DatastoreFiles, task_files
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def task_checkpoints(flow, *inputs) -> Checkpoints:
     fingerprint of `inputs`."""
     from metaflow import current
 
-    files = DatastoreFiles(task_storage(flow), current.flow_name)
+    files = task_files(flow)
     key = f"{flow.index if flow.index is not None else 'task'}-{fingerprint(*inputs)}"
 
     def folder(run_id: str) -> str:

@@ -16,12 +16,6 @@ from pathlib import Path
 ROOT = "codi_attn"
 
 
-def task_storage(flow):
-    """The datastore storage of the running task of `flow` (a FlowSpec inside a step): Metaflow keeps it on the
-    task's datastore, which it exposes to steps only as a private attribute."""
-    return flow._datastore.parent_datastore._storage_impl
-
-
 class DatastoreFiles:
     """Bytes under `<flow>/codi_attn/` in a datastore storage."""
 
@@ -65,3 +59,11 @@ class DatastoreFiles:
                 except OSError:
                     shutil.copyfile(found[path], target)
             yield dest
+
+
+def task_files(flow) -> DatastoreFiles:
+    """The datastore files of the running task of `flow` (a FlowSpec inside a step), in the storage Metaflow writes
+    its artifacts with (which it exposes to steps only through the task's private datastore attribute)."""
+    from metaflow import current
+
+    return DatastoreFiles(flow._datastore.parent_datastore._storage_impl, current.flow_name)
