@@ -1,8 +1,9 @@
 """AttentionFlow end to end: real Metaflow runs (metaflow.Runner) on tiny release-layout CODI fixtures and
 GSM8K-format train records (the `gsm8k_train` fixture), each in its own datastore, checked through the Client API.
 
-Runs: one clean gpt2 run (shared by the tests here and in test_export.py), one run whose shard 1 is
-SIGKILLed and its resume, one llama run with a failing problem that compares with the gpt2 run.
+Runs: one clean gpt2 run (shared by the tests here and in test_export.py), one llama run with a failing problem that
+compares with the gpt2 run, the default demo run (shared with test_s3.py, where a shard is SIGKILLed mid-way, retried
+and resumed on an S3 datastore).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import pytest
 import torch
 
 from codi_attn.prepack import can_prepack
-from flowrun import FLOW_FILE, N, SHARD, card_data, run_flow, seed42_ids, tiny_params, use_datastore
+from flowrun import FLOW_FILE, N, card_data, run_flow, seed42_ids, tiny_params, use_datastore
 
 STEPS = ["start", "sample", "extract", "aggregate", "metrics", "attribute_heads", "scan_heads", "join_heads",
-         "validate_heads", "compare", "end"]
+         "plan_validation", "validate_conditions", "validate_heads", "compare", "end"]
 
 
 def test_artifacts_shapes_dtypes_and_sample(clean_run):
@@ -57,6 +58,12 @@ def test_artifacts_shapes_dtypes_and_sample(clean_run):
     assert groups.count("random control") == 1 and groups.count("blocking") == 7
     assert d.validation_result.noop_identical
     assert d.validation.loc[0, "accuracy"] == d.accuracy  # the baseline is re-run on the same problems
+    groups = {t.data.validation_index: t.data.validation_part for t in run["validate_conditions"]}
+    assert len(groups) == 2 == len(d.validation_groups)  # 13 conditions in groups of 8, joined in table order
+    assert [r["condition"] for g in sorted(groups) for r in groups[g].rows] == list(d.validation["condition"][1:])
+    assert {t.data.shard_index: t.data.checkpoint_batches for t in run["extract"]} == {
+        0: {"loaded": 0, "computed": 2}, 1: {"loaded": 0, "computed": 1}}  # batches of 3: 4 + 2 problems
+    assert d.model_files == {}  # local model folders: nothing to cache
 
 
 def test_arrays_equal_direct_extraction(clean_run, gsm8k_train):
@@ -138,44 +145,6 @@ def test_card_cli_view_and_get(clean_run, tmp_path):
     assert len(out.read_text()) > 1000
 
 
-def test_shard_death_then_resume_equals_clean_run(clean_run, tmp_path, gsm8k_train):
-    """Shard 1 is SIGKILLed after its first batch; resume reruns only it; arrays equal the clean run's."""
-    from metaflow import Run
-
-    clean, clean_root, (base, ckpt) = clean_run
-    root = tmp_path / "resume_ds"
-    params = tiny_params(base, ckpt, gsm8k_train, heads=False, validate=False)  # tested on the clean run
-    # one worker: shard 0 finishes before shard 1 dies (Metaflow kills the siblings still running when a
-    # task fails; resume would rerun those too, which is right but not what this test pins down)
-    failed = run_flow(root, env={"CODI_ATTN_FAIL_SHARD": "1:kill"}, max_workers=1, **params)
-    assert failed.status == "failed"
-    failed_run = failed.run
-    assert not failed_run.successful
-    shard_tasks = {t.data.shard_index: t for t in failed_run["extract"] if t.successful}
-    assert list(shard_tasks) == [0]  # shard 0 finished, shard 1 died
-
-    resumed = run_flow(root, resume=True, origin_run_id=failed_run.id)
-    assert resumed.status == "successful", resumed.stderr_text[-3000:]
-    new = Run(resumed.run.pathspec)
-    assert new.id != failed_run.id
-    by_index = {t.data.shard_index: t for t in new["extract"]}
-    assert by_index[0].origin_pathspec == shard_tasks[0].pathspec  # cloned, not rerun
-    assert by_index[1].origin_pathspec is None  # rerun
-    assert set(new.tags) >= {"model:gpt2", f"dataset:{new.data.dataset_fingerprint[:12]}"}
-    assert "Extract: shard 1 of 2" in card_data(by_index[0])  # a cloned task's card is its origin's
-    assert "Extract: shard 2 of 2" in card_data(by_index[1])
-
-    use_datastore(clean_root)
-    c = clean.data
-    use_datastore(root)
-    d = new.data
-    assert d.problem_ids == c.problem_ids and d.failed_problems == []
-    for name in ("attention_raw", "attention_mass", "attention_avg", "attention_std", "predictions", "correct"):
-        np.testing.assert_array_equal(getattr(d, name), getattr(c, name), err_msg=name)
-    assert d.texts == c.texts and d.dataset_fingerprint == c.dataset_fingerprint
-    assert d.ranked_heads.equals(c.ranked_heads)
-
-
 def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_llama, gsm8k_train):
     """A llama run in the clean run's datastore: one problem raises and is recorded, the rest go on;
     compare finds the gpt2 run on the same sample."""
@@ -228,19 +197,14 @@ def test_code_package_ships_project_code(tmp_path):
     assert all(Path(f).resolve().is_relative_to((tmp_path / "pkg").resolve()) for f in out.stdout.split())
 
 
-def test_default_run_is_the_offline_demo(tmp_path):
+def test_default_run_is_the_offline_demo(demo_run):
     """No --model, no --dataset, no network: the demo model on the bundled synthetic set, with a banner."""
-    from codi_attn.presets import PRESETS
-
-    if not Path(PRESETS["demo"].ckpt).exists():
-        pytest.skip("the demo model is not in this checkout yet")
-    result = run_flow(tmp_path / "ds", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-                      n_problems="4", shard_size=4, n_boot=0, heads=False)  # heads: test_causal_head_analysis_in_the_run
-    assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
-    assert "DEMO MODEL" in result.stdout_text
-    d = result.run.data
+    run, root = demo_run
+    use_datastore(root)
+    d = run.data
+    assert "DEMO MODEL" in card_data(run["start"].task)
     assert d.demo and d.model == "demo" and d.settings["dataset"] == "synthetic"
-    assert len(d.problem_ids) == 4 and d.problem_ids[0].startswith("test_")  # held out from the demo's training
+    assert len(d.problem_ids) == 6 and d.problem_ids[0].startswith("test_")  # held out from the demo's training
     assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 4  # a quarter of 4 x 4 heads
-    assert "DEMO MODEL" in card_data(result.run["start"].task)
-    assert "model:demo" in result.run.tags
+    assert len(d.validation) == 20 and len(list(run["validate_conditions"])) == 2  # 19 conditions in groups of 10
+    assert "model:demo" in run.tags
