@@ -14,13 +14,13 @@ Every condition runs on the same problems as a baseline run of those problems (c
                       content, or does any thought-shaped input do? (needs two problems or more)
 Each condition (a `Condition`: data, planned once by `plan_validation`) makes its hooks on the runner
 (codi_attn.runner); `validate_group` runs the baseline first (it records the head means and the answer steps the
-others need), then a group of conditions batch by batch on one shared prefill per batch. The baseline is
-deterministic, so groups run as separate tasks (the flow's validate_conditions) and `join_validation` puts them
-together into exactly what one run of every condition gives (`run_validation`). Ablation (`ablation="mean"`, the
-default, "zero" or "resample") replaces each head's slice of the output-projection input (codi_attn.ablation) at
-the six thought steps (`positions="thoughts"`, default) or at every position ("all"). Mean ablation uses the
-head's mean input over the same problems, per thought on "thoughts"; resample ablation uses the head's input on the
-problem's swap partner.
+others need), then a group of conditions batch by batch on one shared prefill per batch (`stack` conditions in one
+forward, the no-op alone). The baseline is deterministic, so groups run as separate tasks (the flow's
+validate_conditions) and `join_validation` puts them together into exactly what one run of every condition gives
+(`run_validation`). Ablation (`ablation="mean"`, the default, "zero" or "resample") replaces each head's slice of
+the output-projection input (codi_attn.ablation) at the six thought steps (`positions="thoughts"`, default) or at
+every position ("all"). Mean ablation uses the head's mean input over the same problems, per thought on
+"thoughts"; resample ablation uses the head's input on the problem's swap partner.
 
 Measures per condition: accuracy with a 95 % percentile bootstrap interval over problems; accuracy change
 vs baseline with a paired bootstrap interval (the same resamples for every condition); the fraction of

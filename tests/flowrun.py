@@ -13,7 +13,7 @@ S3_BUCKET = "codi-attn-tests"  # on the test S3 server (conftest.py's s3_server)
 
 
 DEMO_PARAMS = {"n_problems": "6", "shard_size": 3, "batch_size": 1, "n_boot": 0, "heads": False,
-               "validate_group_size": 10}  # the default demo run of the tests: 2 shards of 3 batches
+               "thought_analysis": False, "validate_group_size": 10}  # the demo run of the tests: 2 shards of 3 batches
 
 
 def run_flow(root: Path, *, resume: bool = False, env: dict | None = None, options: dict | None = None, **params):

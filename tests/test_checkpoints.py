@@ -101,7 +101,8 @@ def test_head_scan_interrupted_redoes_only_the_batches_left(gpt2_model, files):
 
 
 def test_validation_group_interrupted_equals_uninterrupted(gpt2_model, files):
-    """Recorded rows of every hook kind (answer logits, attention, thoughts) come back from the checkpoint."""
+    """Recorded rows of every hook kind (answer logits, attention, thoughts) come back from the checkpoint; the
+    no-op's batches (run alone) and the other conditions' (two stacked in one forward) are saved apart."""
     import pandas as pd
 
     from codi_attn.validate import plan_validation, validate_group
@@ -111,13 +112,16 @@ def test_validation_group_interrupted_equals_uninterrupted(gpt2_model, files):
                            n_random=1)
     group = plan.conditions[:3] + plan.conditions[-1:]  # no-op, top-2, a single head, the swap
     args = (gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, group)
-    clean = validate_group(*args, batch_size=2, max_new_tokens=3, n_boot=50)
+    options = {"batch_size": 2, "max_new_tokens": 3, "n_boot": 50, "stack": 2}
+    clean = validate_group(*args, **options)
     first = Checkpoints(files, folder(files, "1"))
     with pytest.raises(Interrupted):
-        validate_group(*args, batch_size=2, max_new_tokens=3, n_boot=50, progress=stop_after(1), checkpoints=first)
+        validate_group(*args, **options, progress=stop_after(1), checkpoints=first)
+    noop = ["no-op-batch-0", "no-op-batch-1", "no-op-batch-2"]  # 5 problems in batches of 2
+    assert first.saved == ["baseline", *noop, "batch-0"]
     rerun = Checkpoints(files, folder(files, "1"))
-    part = validate_group(*args, batch_size=2, max_new_tokens=3, n_boot=50, checkpoints=rerun)
-    assert rerun.loaded == ["baseline", "batch-0"] and rerun.saved == ["batch-1", "batch-2"]
+    part = validate_group(*args, **options, checkpoints=rerun)
+    assert rerun.loaded == ["baseline", *noop, "batch-0"] and rerun.saved == ["batch-1", "batch-2"]
     pd.testing.assert_frame_equal(pd.DataFrame(part.rows), pd.DataFrame(clean.rows))
     assert part.noop_identical is clean.noop_identical is True  # the no-op's restored rows equal the baseline's
 

@@ -318,12 +318,13 @@ def test_run_validation_resample_ablation(gpt2_model):
 
 def test_validation_in_groups_equals_one_run_of_every_condition(gpt2_model):
     """The flow's way: the plan's conditions in groups, each group on its own baseline run, joined: the same table,
-    lens, no-op check and settings as run_validation; parts that do not make the plan are refused."""
+    lens, no-op check and settings as run_validation (both stacking conditions); parts that do not make the plan are
+    refused."""
     from dataclasses import replace
 
     from codi_attn.validate import join_validation, plan_validation, validate_group
 
-    options = {"batch_size": 3, "max_new_tokens": 2, "n_boot": 50, "seed": 3}
+    options = {"batch_size": 3, "max_new_tokens": 2, "n_boot": 50, "seed": 3, "stack": 4}
     whole = validate(gpt2_model, k=1, n_random=1, **options)
     plan = plan_validation(ranked(gpt2_model), gpt2_model.n_layers, gpt2_model.n_heads, len(QUESTIONS), k=1,
                            n_random=1, seed=3)
