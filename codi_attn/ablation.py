@@ -114,6 +114,8 @@ class HeadMeans(Hook):
     [1, L, H, d_head] pooled over every position CODI inference runs (positions="all": question and BOT without
     the padding, thoughts, EOT, and each decoded token fed back until the problem's stop token)."""
 
+    recorded = None  # a running sum over every batch
+
     def __init__(self, model: CODIModel, positions: str = "thoughts"):
         self.positions = positions
         self.points = (_position_patterns(positions, "*"),)
@@ -146,6 +148,7 @@ class HeadInputs(Hook):
     `layers` limits it to some layers, the others staying 0)."""
 
     points = ("thought.*.head_in.*",)
+    recorded = ("inputs",)
 
     def __init__(self, model: CODIModel, n: int, layers: Sequence[int] | None = None):
         self.layers = set(range(model.n_layers) if layers is None else layers)

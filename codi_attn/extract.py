@@ -38,6 +38,7 @@ class CaptureAttention(Hook):
     """
 
     points = ("thought.*.attn.*",)
+    recorded = ("attention", "mass")
 
     def __init__(self, model: CODIModel, n: int):
         self.attention = np.zeros((n, model.n_layers, model.n_heads, N_THOUGHTS, N_THOUGHTS), np.float32)

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from codi_attn.ablation import AblateHeads, HeadInputs, HeadMeans, check_heads
+from codi_attn.checkpoints import Checkpoints, remembered
 from codi_attn.conventions import ABLATIONS, MASS_PARTS, N_THOUGHTS, POSITIONS, THOUGHTS, Head, head_label
 from codi_attn.extract import correctness
 from codi_attn.hooks import AnswerLogits, AnswerShift, swap_partners
@@ -171,9 +172,11 @@ def all_heads(model: CODIModel) -> list[Head]:
 def scan_heads(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
                heads: Sequence[Head] | None = None, kinds: Sequence[str] = ("mean",),
                positions: Sequence[str] = ("thoughts",), batch_size: int = 16, max_new_tokens: int = 256,
-               progress: Callable[[int], None] | None = None, stack: int = 1) -> HeadScan:
+               progress: Callable[[int], None] | None = None, stack: int = 1,
+               checkpoints: Checkpoints | None = None) -> HeadScan:
     """Ablate each of `heads` (default: every head) alone, once per kind and positions, on `questions`; `stack`
-    conditions run together in one forward (codi_attn.runner.Runner)."""
+    conditions run together in one forward (codi_attn.runner.Runner); with `checkpoints`, the baseline and every
+    finished batch are saved as they come and read back on a rerun."""
     heads = list(all_heads(model) if heads is None else heads)
     check_heads(model, heads)
     for kind in kinds:
@@ -185,11 +188,13 @@ def scan_heads(model: CODIModel, questions: Sequence[str], golds: Sequence[str],
     if "resample" in kinds and len(questions) < 2:
         raise ValueError("resample ablation needs two problems or more")
     runner = Runner(model, batch_size, max_new_tokens, stack=stack)
-    base = run_baseline(runner, questions, golds, solutions, kinds, positions)
+    base = remembered(checkpoints, "baseline", lambda: run_baseline(runner, questions, golds, solutions, kinds,
+                                                                     positions))
     conds = [(h, k, p) for h in heads for k in kinds for p in positions if not (k == "resample" and p == "all")]
     shifts = [base.shift_hook() for _ in conds]
     generations = runner.run_conditions(
-        questions, [[ablation(model, base, [h], k, p), shift] for (h, k, p), shift in zip(conds, shifts)], progress)
+        questions, [[ablation(model, base, [h], k, p), shift] for (h, k, p), shift in zip(conds, shifts)], progress,
+        checkpoints)
     return HeadScan(
         heads=[h for h, _, _ in conds], kinds=[k for _, k, _ in conds], positions=[p for _, _, p in conds],
         base_correct=base.correct, base_prediction=base.prediction, base_logit_diff=base.logit_diff,
@@ -229,6 +234,8 @@ class HeadGradients(Hook):
     `estimate[kind]` [N, L, H] accumulates sum_k (a'_k - a_k) . gradient_k, the first-order change of the logit
     difference when the head's input is replaced by a' (mean, zero, resample). Like every attribution estimate it
     leaves out that ablating a head at all six thoughts also changes its own later inputs."""
+
+    recorded = None  # estimates per kind, not checkpointed
 
     def __init__(self, model: CODIModel, base: Baseline, kinds: Sequence[str]):
         self.model, self.base, self.kinds = model, base, tuple(kinds)

@@ -29,6 +29,7 @@ class RecordThoughts(Hook):
     """The fed thoughts z1..z6 (`z`) and the final-norm hidden state at each thought (`hidden`), [N, 6, d] float32."""
 
     points = ("thought.*.z", "thought.*.hidden")
+    recorded, blank = ("z", "hidden"), 0.0
 
     def __init__(self, n: int):
         self.n = n
@@ -97,6 +98,7 @@ class AnswerLogits(Hook):
     """
 
     points = ("decode.*.logits", "decode.*.token")
+    recorded = ("logits", "step")
 
     def __init__(self, n: int, numbers: torch.Tensor | None = None, steps: np.ndarray | None = None):
         if (numbers is None) == (steps is None):
@@ -171,6 +173,7 @@ class AnswerShift(Hook):
     """
 
     points = ("decode.*.logits", "decode.*.token")
+    recorded = ("kl", "logit_diff")
 
     def __init__(self, base_logits: np.ndarray, steps: np.ndarray, tokens: np.ndarray, answer: np.ndarray,
                  runner_up: np.ndarray):

@@ -150,9 +150,9 @@ def make_pairs(model: CODIModel, problems: Sequence[dict], synthetic: bool) -> l
 
 def _twins(problem: dict, synthetic: bool):
     """Candidate corrupted twins of a problem, in order: each number of the question (+1, then -1)."""
-    from codi_attn.demo import task
-
     if synthetic:
+        from codi_attn.demo import task  # lazy: only --dataset synthetic
+
         record = {"question": problem["question"], "answer": problem["solution"]}
         start, ops = task.chain_of(record)
         numbers = [(0, start)] + [(j, b) for j, (op, b) in enumerate(ops, 1) if op != "*"]

@@ -124,12 +124,29 @@ HookFn = Callable[[torch.Tensor, Point, "PaddedBatch"], "torch.Tensor | None"]
 
 class Hook:
     """Base of the hook objects: attach at `points` (names or fnmatch patterns) and implement `__call__`; an
-    optional `flush(batch)` is called once after each batch's run (e.g. to copy what was recorded to the host)."""
+    optional `flush(batch)` is called once after each batch's run (e.g. to copy what was recorded to the host).
+
+    `recorded` names the hook's per-problem arrays (first axis: the caller's problem; None until a first batch
+    allocates it, then `n` rows of `blank`): what a checkpointed run saves of each finished batch and restores
+    instead of running it again. None marks state that cannot be saved batch by batch (a running mean)."""
 
     points: tuple[str, ...] = ()
+    recorded: tuple[str, ...] | None = ()
+    blank: float = math.nan
 
     def __call__(self, value: torch.Tensor, point: Point, batch: "PaddedBatch") -> torch.Tensor | None:
         raise NotImplementedError
+
+    def snapshot(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """The recorded arrays' rows of one finished batch."""
+        return {name: getattr(self, name)[rows] for name in self.recorded if getattr(self, name) is not None}
+
+    def restore(self, rows: Sequence[int], saved: dict[str, np.ndarray]) -> None:
+        """Put a batch's `snapshot` back, as if the batch had run."""
+        for name, values in saved.items():
+            if getattr(self, name) is None:
+                setattr(self, name, np.full((self.n, *values.shape[1:]), self.blank, values.dtype))
+            getattr(self, name)[rows] = values
 
 
 class Hooks:
@@ -672,13 +689,22 @@ class Runner:
         return self.run_conditions(questions, [hooks], progress)[0]
 
     def run_conditions(self, questions: Sequence[str], conditions: Sequence[Iterable],
-                       progress: Callable[[int], None] | None = None) -> list[Generation]:
+                       progress: Callable[[int], None] | None = None, checkpoints=None, name: str = "batch"
+                       ) -> list[Generation]:
         """Run every hook set of `conditions` on the same batches; one Generation per condition.
 
         Per batch the prefill runs once for all conditions without prefill hooks, the cache rewound to the
         prompt before each; a condition with prefill hooks gets a prefill of its own, in one group.
+        `checkpoints` (codi_attn.checkpoints.Checkpoints): each finished batch's tokens and the hooks' `recorded`
+        rows are saved there as `{name}-{i}`, and a batch found there is restored instead of run.
         """
+        conditions = [list(c) for c in conditions]
         conds = [Hooks(c, self._names) for c in conditions]
+        if checkpoints is not None:
+            unsaved = [h for c in conditions for h in c if not isinstance(h, Hook) or h.recorded is None]
+            if unsaved:
+                raise ValueError(f"a checkpointed run saves the `recorded` arrays of Hook objects; {unsaved[0]!r} "
+                                 "keeps state that cannot be saved batch by batch")
         n = len(questions)
         tokens: list[list[list[int]]] = [[[] for _ in range(n)] for _ in conds]
         own = [c for c, hooks in enumerate(conds) if hooks.prefill_layers or self.gradients]  # a prefill of its own
@@ -686,32 +712,49 @@ class Runner:
         stacks = [shared_ones[i: i + self.stack] for i in range(0, len(shared_ones), self.stack)]
         grad_mode = torch.enable_grad() if self.gradients else torch.inference_mode()
         with grad_mode, self._module_hooks(conds):
-            for rows, ids in self.batches(questions):
-                for c in own:
-                    batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows, preallocate=not self.gradients)
-                    stack = Stack([(conds[c], batch)])
-                    self._active, self._batch = stack, batch
-                    self._run(batch, batch.prefill(conds[c]), stack, [c], tokens)
-                shared, fresh = None, True
-                for group in stacks:
-                    if shared is None:
-                        shared = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
-                        self._active, self._batch = Stack([(NO_HOOKS, shared)]), shared
-                        shared_bot = shared.prefill()
-                    if len(group) == 1:
-                        if not fresh:
-                            shared.rewind()
-                        batch, bot, fresh = shared, shared_bot.clone(), False
-                        stack = Stack([(conds[group[0]], shared)])
-                    else:
-                        batch, bot = shared.repeat(len(group)), shared_bot.repeat(len(group), 1)
-                        stack = Stack([(conds[c], RowView(batch, i * len(rows), len(rows)))
-                                       for i, c in enumerate(group)])
-                    self._active, self._batch = stack, batch
-                    self._run(batch, bot, stack, group, tokens)
+            for b, (rows, ids) in enumerate(self.batches(questions)):
+                saved = None if checkpoints is None else checkpoints.load(f"{name}-{b}")
+                if saved is not None and saved["rows"] == rows:
+                    for c, hooks in enumerate(conditions):
+                        for k, row in zip(rows, saved["tokens"][c]):
+                            tokens[c][k] = row
+                        for hook, state in zip(hooks, saved["recorded"][c]):
+                            hook.restore(rows, state)
+                else:
+                    self._run_batch(rows, ids, conds, own, stacks, tokens)
+                    if checkpoints is not None:
+                        checkpoints.save(f"{name}-{b}", {
+                            "rows": rows, "tokens": [[t[k] for k in rows] for t in tokens],
+                            "recorded": [[hook.snapshot(rows) for hook in hooks] for hooks in conditions]})
                 if progress is not None:
                     progress(len(rows))
         return [self._generation(t) for t in tokens]
+
+    def _run_batch(self, rows: list[int], ids: list[list[int]], conds: list[Hooks], own: list[int],
+                   stacks: list[list[int]], tokens: list[list[list[int]]]) -> None:
+        """One batch through every condition: those of `own` each on a prefill of its own, the others on one shared
+        prefill, `stacks` of them at a time; the generated ids go to tokens[condition][row]."""
+        for c in own:
+            batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows, preallocate=not self.gradients)
+            stack = Stack([(conds[c], batch)])
+            self._active, self._batch = stack, batch
+            self._run(batch, batch.prefill(conds[c]), stack, [c], tokens)
+        shared, fresh = None, True
+        for group in stacks:
+            if shared is None:
+                shared = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
+                self._active, self._batch = Stack([(NO_HOOKS, shared)]), shared
+                shared_bot = shared.prefill()
+            if len(group) == 1:
+                if not fresh:
+                    shared.rewind()
+                batch, bot, fresh = shared, shared_bot.clone(), False
+                stack = Stack([(conds[group[0]], shared)])
+            else:
+                batch, bot = shared.repeat(len(group)), shared_bot.repeat(len(group), 1)
+                stack = Stack([(conds[c], RowView(batch, i * len(rows), len(rows))) for i, c in enumerate(group)])
+            self._active, self._batch = stack, batch
+            self._run(batch, bot, stack, group, tokens)
 
     def _run(self, batch: PaddedBatch, bot: torch.Tensor, stack: Stack, group: list[int],
              tokens: list[list[list[int]]]) -> None:

@@ -44,6 +44,8 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         if p["validate_k"] <= 0 or p["validate_random"] <= 0:
             errors.append(f"--validate_k and --validate_random must be positive, got {p['validate_k']} and "
                           f"{p['validate_random']}")
+        if p["validate_group_size"] <= 0:
+            errors.append(f"--validate_group_size must be a positive integer, got {p['validate_group_size']}")
         if p["ablation"] not in ABLATIONS:
             errors.append(f"--ablation must be one of {', '.join(ABLATIONS)}, got {p['ablation']!r}")
         if p["ablation_positions"] not in POSITIONS:

@@ -8,25 +8,28 @@ from collections import Counter
 
 import numpy as np
 
+from codi_attn.checkpoints import Checkpoints, remembered
 from codi_attn.conventions import MASS_PARTS, N_THOUGHTS
 from codi_attn.metrics import baseline_of, incoming
 
-# Test hooks, read only by the tests (tests/test_flow.py); a normal run never sets them.
-#   CODI_ATTN_FAIL_SHARD=K       shard K raises after its first batch (K:kill = SIGKILLs itself instead)
-#   CODI_ATTN_FAIL_PROBLEMS=a,b  these problem ids raise inside extraction
+# Test hooks, read only by the tests (tests/test_flow.py, tests/test_s3.py); a normal run never sets them.
+#   CODI_ATTN_FAIL_SHARD=K[:kill][:after=B]  shard K raises (kill: SIGKILLs itself) once it has computed B batches
+#                                            (default 1; batches read back from a checkpoint do not count)
+#   CODI_ATTN_FAIL_PROBLEMS=a,b              these problem ids raise inside extraction
 FAIL_SHARD_ENV = "CODI_ATTN_FAIL_SHARD"
 FAIL_PROBLEMS_ENV = "CODI_ATTN_FAIL_PROBLEMS"
 
 
-def _fail_hook(shard_index: int) -> None:
+def _fail_hook(shard_index: int, computed: int) -> None:
     """Test hook: die the way a shard task can die (exception or SIGKILL) when asked to."""
     spec = os.environ.get(FAIL_SHARD_ENV, "")
     if not spec:
         return
-    index, _, how = spec.partition(":")
-    if int(index) != shard_index:
+    index, *options = spec.split(":")
+    after = next((int(o.split("=", 1)[1]) for o in options if o.startswith("after=")), 1)
+    if int(index) != shard_index or computed != after:
         return
-    if how == "kill":
+    if "kill" in options:
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"test hook {FAIL_SHARD_ENV}={spec}: shard {shard_index} fails on purpose")
 
@@ -44,10 +47,11 @@ def cpu_threads_per_shard(n_shards: int, cpus: int | None = None, max_workers: i
 
 
 def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: int, on_batch=None,
-                  shard_index: int = 0) -> dict:
+                  shard_index: int = 0, checkpoints: Checkpoints | None = None) -> dict:
     """Extract the problems of one shard in batches. A question that is empty or too long fails alone, before
     any batch; a batch that raises is retried problem by problem, so one bad problem costs only itself; each
-    failure is recorded as {'id', 'error'}, in input order.
+    failure is recorded as {'id', 'error'}, in input order. With `checkpoints`, each finished batch is saved as
+    `batch-{i}`, and a batch found there is read back instead of extracted.
 
     Returns ids, attention float16 [n, L, H, 6, 6], mass float16 [n, L, H, 6, 4], texts, predictions
     float64 [n], correct bool [n] for the n problems that succeeded (in input order), and failed.
@@ -64,28 +68,41 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
         return extract(model, [problems[k]["question"] for k in chunk], [problems[k]["answer"] for k in chunk],
                        batch_size=len(chunk), max_new_tokens=max_new_tokens)
 
+    def batch(chunk) -> tuple[list, list[dict]]:
+        """[(problem indices, Extraction)] and the failures of one batch."""
+        try:
+            return [(chunk, run(chunk))], []
+        except Exception:  # find the problem(s) to blame, keep the others
+            results, failures = [], []
+            for k in chunk:
+                try:
+                    results.append(([k], run([k])))
+                except Exception as e:
+                    failures.append({"id": problems[k]["id"], "error": f"{type(e).__name__}: {e}"})
+            return results, failures
+
     n, shape = len(problems), (model.n_layers, model.n_heads, N_THOUGHTS)
     attention = np.zeros((n, *shape, N_THOUGHTS), np.float16)
     mass = np.zeros((n, *shape, len(MASS_PARTS)), np.float16)
     texts, predictions = [""] * n, np.full(n, np.nan)
     correct, ok = np.zeros(n, bool), np.zeros(n, bool)
     failed = {}  # position -> {'id', 'error'}
+    position = {p["id"]: k for k, p in enumerate(problems)}
     for k, p in enumerate(problems):  # an empty or too long question fails alone, named by its id
         try:
             question_tokens(model, p["question"], f"the question of {p['id']}")
         except ValueError as e:
             failed[k] = {"id": p["id"], "error": f"ValueError: {e}"}
-    for start in range(0, n, batch_size):
+    computed = []
+    for b, start in enumerate(range(0, n, batch_size)):
         chunk = [k for k in range(start, min(n, start + batch_size)) if k not in failed]
-        try:
-            results = [(chunk, run(chunk))] if chunk else []
-        except Exception:  # find the problem(s) to blame, keep the others
-            results = []
-            for k in chunk:
-                try:
-                    results.append(([k], run([k])))
-                except Exception as e:
-                    failed[k] = {"id": problems[k]["id"], "error": f"{type(e).__name__}: {e}"}
+
+        def compute(chunk=chunk, b=b):
+            computed.append(b)
+            return batch(chunk) if chunk else ([], [])
+
+        results, failures = remembered(checkpoints, f"batch-{b}", compute)
+        failed |= {position[f["id"]]: f for f in failures}
         for idx, ex in results:
             attention[idx], mass[idx] = ex.attention, ex.mass
             predictions[idx], correct[idx], ok[idx] = ex.prediction, ex.correct, True
@@ -93,8 +110,8 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
                 texts[k] = text
         if on_batch is not None:
             on_batch(min(n, start + batch_size), len(failed))
-        if start == 0:
-            _fail_hook(shard_index)
+        if computed and computed[-1] == b:
+            _fail_hook(shard_index, len(computed))
     return {"ids": [p["id"] for p, good in zip(problems, ok) if good],
             "attention": attention[ok], "mass": mass[ok], "texts": [t for t, good in zip(texts, ok) if good],
             "predictions": predictions[ok], "correct": correct[ok], "failed": [failed[k] for k in sorted(failed)]}

@@ -12,11 +12,14 @@ Every condition runs on the same problems as a baseline run of those problems (c
     latent swap       each problem fed the six thoughts of its swap partner (codi_attn.hooks.swap_partners: another
                       problem with the same number of solution steps): do the thoughts carry problem-specific
                       content, or does any thought-shaped input do? (needs two problems or more)
-Each condition is a list of hooks on the runner (codi_attn.runner); the baseline runs first (it records the head
-means and the answer steps the others need), then every other condition runs batch by batch on one shared
-prefill per batch. Ablation (`ablation="mean"`, the default, "zero" or "resample") replaces each head's slice
-of the output-projection input (codi_attn.ablation) at the six thought steps (`positions="thoughts"`, default)
-or at every position ("all"). Mean ablation uses the head's mean input over the same problems, per thought on
+Each condition (a `Condition`: data, planned once by `plan_validation`) makes its hooks on the runner
+(codi_attn.runner); `validate_group` runs the baseline first (it records the head means and the answer steps the
+others need), then a group of conditions batch by batch on one shared prefill per batch (`stack` conditions in one
+forward, the no-op alone). The baseline is deterministic, so groups run as separate tasks (the flow's
+validate_conditions) and `join_validation` puts them together into exactly what one run of every condition gives
+(`run_validation`). Ablation (`ablation="mean"`, the default, "zero" or "resample") replaces each head's slice of
+the output-projection input (codi_attn.ablation) at the six thought steps (`positions="thoughts"`, default) or at
+every position ("all"). Mean ablation uses the head's mean input over the same problems, per thought on
 "thoughts"; resample ablation uses the head's input on the problem's swap partner.
 
 Measures per condition: accuracy with a 95 % percentile bootstrap interval over problems; accuracy change
@@ -47,6 +50,7 @@ import torch
 
 from codi_attn.ablation import AblateHeads, HeadInputs, HeadMeans
 from codi_attn.answers import parse_gold
+from codi_attn.checkpoints import Checkpoints, remembered
 from codi_attn.conventions import ABLATIONS, N_THOUGHTS, POSITIONS, THOUGHTS, Head, head_label, thought_name
 from codi_attn.extract import CaptureAttention, correctness
 from codi_attn.hooks import AnswerLogits, BlockThoughts, FeedThoughts, RecordThoughts, swap_partners
@@ -139,27 +143,34 @@ def random_controls(top: list[Head], n_layers: int, n_heads: int, n_draws: int,
 
 @dataclass(frozen=True)
 class Condition:
-    """One experiment: its hooks on the runner; heads and blocked (thought numbers) describe it in the table."""
+    """One experiment, as data (picklable: the flow hands groups of them to its validation tasks): heads ablated
+    (the ablation groups), blocked thoughts (blocking) or the swap (latent swap); `hooks` makes its runner hooks."""
 
     name: str
     group: str
-    hooks: tuple = ()
     heads: tuple[Head, ...] = ()
     blocked: tuple[int, ...] = ()
 
+    def hooks(self, ablate: Callable[[Sequence[Head]], object], swapped: np.ndarray | None) -> tuple:
+        """Its hooks: `ablate(heads)` makes an ablation hook (no heads: the no-op); `swapped` [N, 6, d] are the
+        thoughts each problem is fed in the latent swap."""
+        if self.group == "blocking":
+            return (BlockThoughts(self.blocked),)
+        if self.group == "latent swap":
+            return (FeedThoughts(swapped),)
+        return (ablate(self.heads),)
 
-def conditions(top: list[Head], controls: list[list[Head]], ablate: Callable[[Sequence[Head]], object],
-               swapped: np.ndarray | None = None) -> list[Condition]:
-    """The interventions in table order, no-op first: `ablate(heads)` makes a condition's ablation hook (no heads:
-    the no-op); `swapped` [N, 6, d], the thoughts each problem is fed in the latent swap (None: no swap)."""
+
+def conditions(top: list[Head], controls: list[list[Head]], swap: bool) -> list[Condition]:
+    """The interventions in table order, no-op first; the latent swap last where `swap`."""
     k = len(top)
-    out = [Condition("no-op", "no-op", (ablate(()),)), Condition(f"top-{k}", "top-k", (ablate(top),), tuple(top))]
-    out += [Condition(head_label(*h), "top-k single", (ablate([h]),), (h,)) for h in top]
-    out += [Condition(f"random {d + 1}", "random control", (ablate(c),), tuple(c)) for d, c in enumerate(controls)]
-    out += [Condition(f"block {thought_name(j)}", "blocking", (BlockThoughts([j]),), blocked=(j,)) for j in THOUGHTS]
-    out.append(Condition("block all", "blocking", (BlockThoughts(THOUGHTS),), blocked=THOUGHTS))
-    if swapped is not None:
-        out.append(Condition("swap thoughts", "latent swap", (FeedThoughts(swapped),)))
+    out = [Condition("no-op", "no-op"), Condition(f"top-{k}", "top-k", tuple(top))]
+    out += [Condition(head_label(*h), "top-k single", (h,)) for h in top]
+    out += [Condition(f"random {d + 1}", "random control", tuple(c)) for d, c in enumerate(controls)]
+    out += [Condition(f"block {thought_name(j)}", "blocking", blocked=(j,)) for j in THOUGHTS]
+    out.append(Condition("block all", "blocking", blocked=THOUGHTS))
+    if swap:
+        out.append(Condition("swap thoughts", "latent swap"))
     return out
 
 
@@ -294,20 +305,67 @@ def logit_lens(model: CODIModel, hidden: np.ndarray, solutions: Sequence[str], t
 # ---------------------------------------------------------------- the experiment
 
 
-def run_validation(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
-                   ranked_heads: pd.DataFrame, k: int = 10, n_random: int = 5, ablation: str = "mean",
-                   positions: str = "thoughts", batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
-                   n_boot: int = 1000, progress: Callable[[int], None] | None = None, stack: int = 1
-                   ) -> ValidationResult:
-    """Ablate the top-k heads of `ranked_heads` (columns layer, head, composite), k random same-layer heads,
-    block each thought and swap the thoughts between problems, on `questions` with gold answers `golds` and
-    GSM8K solutions `solutions` (for the logit lens and the swap partners).
+@dataclass
+class ValidationPlan:
+    """The conditions of a validation and how they were chosen; picklable (the flow plans once, then runs groups of
+    conditions as parallel tasks: `groups`)."""
 
-    `progress(k)` is called after each batch of k problems has run through every condition; `stack` conditions
-    run together in one forward (codi_attn.runner.Runner). k is capped at a
-    quarter of the model's heads (noted in `notes`), so that other heads are left for the random controls
-    (matched by layer, so where the top heads crowd one layer the draws can still coincide: the card says so).
-    """
+    conditions: list[Condition]
+    settings: dict  # k, k_requested, n_random, n_problems, seed
+    notes: list[str] = field(default_factory=list)
+
+    def groups(self, size: int) -> list[list[Condition]]:
+        """The conditions in groups of `size`, in table order."""
+        return [self.conditions[i: i + size] for i in range(0, len(self.conditions), size)]
+
+
+def plan_validation(ranked_heads: pd.DataFrame, n_layers: int, n_heads: int, n_problems: int, k: int = 10,
+                    n_random: int = 5, seed: int = 0) -> ValidationPlan:
+    """The conditions: the top-k heads of `ranked_heads` (columns layer, head, composite), k capped at a quarter of
+    the model's heads (noted), so that other heads are left for the random controls (matched by layer, so where the
+    top heads crowd one layer the draws can still coincide: the card says so), n_random same-layer controls, the
+    blocking, and the latent swap where there are two problems or more."""
+    if k < 1 or n_random < 1:
+        raise ValueError(f"k and n_random must be positive, got {k}, {n_random}")
+    notes = []
+    n_total = n_layers * n_heads
+    k_used = min(k, max(1, n_total // K_SHARE))
+    if k_used < k:
+        notes.append(f"k capped at {k_used} (a quarter of the model's {n_total} heads) so that other heads are left "
+                     "for the random controls")
+    top = top_heads(ranked_heads, k_used)
+    controls, matched = random_controls(top, n_layers, n_heads, n_random, np.random.default_rng(seed))
+    if not matched:
+        notes.append("some random controls borrow heads from neighbouring layers: a top-k layer has too few "
+                     "other heads")
+    if n_problems < 2:
+        notes.append("no latent swap: it needs two problems or more")
+    return ValidationPlan(conditions(top, controls, n_problems >= 2),
+                          {"k": k_used, "k_requested": k, "n_random": n_random, "n_problems": n_problems, "seed": seed},
+                          notes)
+
+
+@dataclass
+class ValidationPart:
+    """What one group of conditions gave, measured against the baseline (which every group runs alike)."""
+
+    rows: list[dict]  # one per condition of the group, COLUMNS
+    baseline: dict  # the baseline's row
+    logit_lens: pd.DataFrame
+    noop_identical: bool | None  # the no-op reproduced the baseline bit for bit; None: the no-op is not in the group
+    settings: dict
+
+
+def validate_group(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+                   conds: Sequence[Condition], ablation: str = "mean", positions: str = "thoughts",
+                   batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0, n_boot: int = 1000,
+                   progress: Callable[[int], None] | None = None, stack: int = 1,
+                   checkpoints: Checkpoints | None = None) -> ValidationPart:
+    """The baseline run (it records the head means and answer steps the others need), then `conds` batch by batch
+    on one shared prefill per batch, `stack` of them in one forward (codi_attn.runner.Runner; the no-op alone, as
+    the baseline ran); each measured against the baseline. `progress(k)` after each batch of k problems has run
+    through every condition; with `checkpoints`, the baseline and every finished batch are saved as they come and
+    read back on a rerun."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if positions not in POSITIONS:
@@ -316,55 +374,91 @@ def run_validation(model: CODIModel, questions: Sequence[str], golds: Sequence[s
     if not questions or len(golds) != n or len(solutions) != n:
         raise ValueError(f"need at least one question and one gold answer and solution per question ({n} questions, "
                          f"{len(golds)} golds, {len(solutions)} solutions)")
-    if k < 1 or n_random < 1:
-        raise ValueError(f"k and n_random must be positive, got {k}, {n_random}")
     if ablation == "resample" and n < 2:
         raise ValueError("resample ablation needs two problems or more (each takes its partner's head inputs)")
-    notes = []
-    n_total = model.n_layers * model.n_heads
-    k_used = min(k, max(1, n_total // K_SHARE))
-    if k_used < k:
-        notes.append(f"k capped at {k_used} (a quarter of the model's {n_total} heads) so that other heads are left "
-                     "for the random controls")
-    top = top_heads(ranked_heads, k_used)
-    controls, matched = random_controls(top, model.n_layers, model.n_heads, n_random, np.random.default_rng(seed))
-    if not matched:
-        notes.append("some random controls borrow heads from neighbouring layers: a top-k layer has too few "
-                     "other heads")
-    if n < 2:
-        notes.append("no latent swap: it needs two problems or more")
     partners = swap_partners(solutions) if n >= 2 else None
-
     runner = Runner(model, batch_size, max_new_tokens)
+    base, means, inputs = remembered(checkpoints, "baseline", lambda: _baseline(runner, questions, golds, ablation,
+                                                                                 positions))
+
+    def ablate(heads: Sequence[Head]) -> AblateHeads:
+        return AblateHeads(model, heads, ablation, positions, means=means, inputs=inputs, partners=partners)
+
+    swapped = None if partners is None else base.thoughts[partners]
+    recording = [_recording(model, n, steps=base.answer_step, everything=c.group == "no-op") for c in conds]
+    hooked = [[*c.hooks(ablate, swapped), *r] for c, r in zip(conds, recording)]
+    # the no-op alone, as the baseline ran (its bit-for-bit check must not depend on the kernels' handling of a
+    # bigger batch); the others `stack` at a time
+    generations: list = [None] * len(conds)
+    noop_only = all(c.group == "no-op" for c in conds)
+    for alone, part_runner, name in ((True, runner, "no-op-batch"),
+                                     (False, Runner(model, batch_size, max_new_tokens, stack=stack), "batch")):
+        picked = [i for i, c in enumerate(conds) if (c.group == "no-op") == alone]
+        if picked:
+            ran = part_runner.run_conditions(questions, [hooked[i] for i in picked],
+                                             progress if alone == noop_only else None, checkpoints, name)
+            for i, generation in zip(picked, ran):
+                generations[i] = generation
+    outcomes = [_outcome(g, golds, r) for g, r in zip(generations, recording)]
+    idx = resample_indices(n, n_boot, seed)
+    noop = [o for c, o in zip(conds, outcomes) if c.group == "no-op"]
+    settings = {"ablation": ablation, "positions": positions, "n_problems": n, "seed": seed, "n_boot": n_boot,
+                "max_new_tokens": max_new_tokens, "model": model.name, "n_layers": model.n_layers,
+                "n_heads": model.n_heads, "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
+    return ValidationPart([measure(c, o, base, idx) for c, o in zip(conds, outcomes)],
+                          measure(Condition("baseline", "baseline"), base, base, idx),
+                          logit_lens(model, base.hidden, solutions), identical(base, noop[0]) if noop else None,
+                          settings)
+
+
+def join_validation(plan: ValidationPlan, parts: Sequence[ValidationPart]) -> ValidationResult:
+    """The ValidationResult of a plan from its groups' parts (in plan order); ValueError where they do not make the
+    plan exactly once or ran different baselines."""
+    rows = [row for part in parts for row in part.rows]
+    if [r["condition"] for r in rows] != [c.name for c in plan.conditions]:
+        raise ValueError(f"the validation parts hold conditions {[r['condition'] for r in rows]}, the plan "
+                         f"{[c.name for c in plan.conditions]}")
+    first = parts[0]
+    for part in parts[1:]:
+        if part.baseline != first.baseline or not part.logit_lens.equals(first.logit_lens):
+            raise ValueError("the validation parts ran different baselines (another model or other problems?)")
+    noop = [p.noop_identical for p in parts if p.noop_identical is not None]
+    settings = {"k": plan.settings["k"], "k_requested": plan.settings["k_requested"],
+                "n_random": plan.settings["n_random"], **first.settings}
+    return ValidationResult(pd.DataFrame([first.baseline, *rows], columns=list(COLUMNS)), first.logit_lens,
+                            bool(noop and noop[0]), settings, list(plan.notes))
+
+
+def run_validation(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+                   ranked_heads: pd.DataFrame, k: int = 10, n_random: int = 5, ablation: str = "mean",
+                   positions: str = "thoughts", batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
+                   n_boot: int = 1000, progress: Callable[[int], None] | None = None, stack: int = 1
+                   ) -> ValidationResult:
+    """Ablate the top-k heads of `ranked_heads` (columns layer, head, composite), k random same-layer heads,
+    block each thought and swap the thoughts between problems, on `questions` with gold answers `golds` and
+    GSM8K solutions `solutions` (for the logit lens and the swap partners): `plan_validation`, every condition in
+    one `validate_group`, `join_validation` (the flow runs groups of conditions as parallel tasks instead).
+
+    `progress(k)` is called after each batch of k problems has run through every condition; `stack` conditions
+    run together in one forward (codi_attn.runner.Runner).
+    """
+    plan = plan_validation(ranked_heads, model.n_layers, model.n_heads, len(questions), k, n_random, seed)
+    part = validate_group(model, questions, golds, solutions, plan.conditions, ablation, positions, batch_size,
+                          max_new_tokens, seed, n_boot, progress, stack)
+    return join_validation(plan, [part])
+
+
+def _baseline(runner: Runner, questions: Sequence[str], golds: Sequence[str], ablation: str, positions: str
+              ) -> tuple[Outcome, np.ndarray | None, np.ndarray | None]:
+    """The baseline Outcome, with the head means (mean ablation) or head inputs (resample) it recorded."""
+    model, n = runner.model, len(questions)
     recorders = {"means": HeadMeans(model, positions)} if ablation == "mean" else {}
     if ablation == "resample":
         recorders["inputs"] = HeadInputs(model, n)
     recording = _recording(model, n, numbers=number_tokens(model))
     base = _outcome(runner.run(questions, [*recording, *recorders.values()]), golds, recording)
-    means = recorders["means"].means if "means" in recorders else None
-    inputs = recorders["inputs"].inputs if "inputs" in recorders else None
-
-    def ablate(heads: Sequence[Head]) -> AblateHeads:
-        return AblateHeads(model, heads, ablation, positions, means=means, inputs=inputs, partners=partners)
-
-    conds = conditions(top, controls, ablate, None if partners is None else base.thoughts[partners])
-    recording = [_recording(model, n, steps=base.answer_step, everything=c.group == "no-op") for c in conds]
-    hooked = [[*c.hooks, *r] for c, r in zip(conds, recording)]
-    # the no-op alone, as the baseline ran (its bit-for-bit check must not depend on the kernels' handling of a
-    # bigger batch); the others `stack` at a time
-    generations = runner.run_conditions(questions, hooked[:1])
-    generations += Runner(model, batch_size, max_new_tokens, stack=stack).run_conditions(questions, hooked[1:],
-                                                                                          progress)
-    outcomes = [_outcome(g, golds, r) for g, r in zip(generations, recording)]
-    idx = resample_indices(n, n_boot, seed)
-    rows = [measure(Condition("baseline", "baseline"), base, base, idx)]
-    rows += [measure(c, o, base, idx) for c, o in zip(conds, outcomes)]
-    settings = {"k": k_used, "k_requested": k, "n_random": n_random, "ablation": ablation, "positions": positions,
-                "n_problems": n, "seed": seed, "n_boot": n_boot, "max_new_tokens": max_new_tokens,
-                "model": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads,
-                "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
-    return ValidationResult(pd.DataFrame(rows, columns=list(COLUMNS)), logit_lens(model, base.hidden, solutions),
-                            identical(base, outcomes[0]), settings, notes)
+    return (base, recorders["means"].means if "means" in recorders else None,
+            recorders["inputs"].inputs if "inputs" in recorders else None)
 
 
 def _recording(model: CODIModel, n: int, numbers: torch.Tensor | None = None, steps: np.ndarray | None = None,

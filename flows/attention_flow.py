@@ -54,20 +54,24 @@ class AttentionFlow(FlowSpec):
       start      validate every parameter (model source, dataset, sizes) before any work
       sample     the seed-42 problem sample of the design (codi-spec section 6), split into shards
       extract    foreach shard: load the model once, run CODI latent inference, keep the 6x6
-                 attention and mass split per (problem, layer, head) in float16; resumable per shard
+                 attention and mass split per (problem, layer, head) in float16; resumable per shard and,
+                 after a kill, per batch (checkpoints in the datastore)
       aggregate  join: all problems in sample order, mean/std matrices, summary stats, accuracy
       metrics    rank heads (flow, hub, skip, composite) with causal-uniform baselines and intervals
       attribute_heads  attribution patching: an estimate of every head's effect in one backward pass; picks
                  the heads to scan exactly and splits them into groups
       scan_heads foreach head group: each head ablated alone (mean, zero, resample) on the sample, one baseline
-                 and one prefill per batch shared; resumable per group
+                 and one prefill per batch shared; resumable per group and per batch
       join_heads the causal head report: effects with intervals, critical heads, the attention metrics held
                  against the effects, top heads selected on one half and tested on the other against
                  random head sets
       analyse_thoughts  what each thought holds: attended question tokens, probes of the intermediate results
                  with control tasks, a lens per layer, mean patching and clean -> corrupted patching
-      validate_heads  ablate the top heads against random same-layer heads, block each thought, swap
-                 thoughts between problems (with a no-op control); logit lens of the thoughts
+      plan_validation  the validation's conditions, in groups
+      validate_conditions  foreach group of validation conditions: ablate the top heads against random same-layer
+                 heads, block each thought, swap thoughts between problems (with a no-op control), each group
+                 on its own run of the baseline; resumable per group and per batch
+      validate_heads  join: the validation table, the no-op check and the logit lens of the thoughts
       compare    against the latest run of every other model on the same sample
       end        where to find everything
     Every step has a card: `python flows/attention_flow.py card view RUN_ID/STEP`.
@@ -112,6 +116,9 @@ class AttentionFlow(FlowSpec):
                                 "of the heads).")
     validate_random = Parameter("validate_random", default=5, type=int,
                                 help="Random control draws of k heads from the same layers as the top-k.")
+    validate_group_size = Parameter("validate_group_size", default=8, type=int,
+                                    help="Validation conditions per validate_conditions task (a failed group is "
+                                         "rerun alone by resume).")
     ablation = Parameter("ablation", default="mean", type=str,
                          help="Head ablation: mean (replace the head's output-projection input by its mean over "
                               "problems), zero, or resample (by its input on another problem with as many "
@@ -151,24 +158,40 @@ class AttentionFlow(FlowSpec):
     def _params(self) -> dict:
         names = ("model", "ckpt", "base", "dataset", "split", "n_problems", "seed", "shard_size", "batch_size",
                  "max_new_tokens", "device", "dtype", "max_failed_fraction", "n_boot", "validate", "validate_k",
-                 "validate_random", "ablation", "ablation_positions", "heads", "head_kinds", "head_positions",
-                 "head_scan", "head_group_size", "head_random_sets", "thought_analysis", "condition_rows",
-                 "compare_with")
+                 "validate_random", "validate_group_size", "ablation", "ablation_positions", "heads", "head_kinds",
+                 "head_positions", "head_scan", "head_group_size", "head_random_sets", "thought_analysis",
+                 "condition_rows", "compare_with")
         return {k: getattr(self, k) for k in names}
 
     def _load_model(self, prepack: bool = True):
-        """The CODI model of this run, as the parameters name it (prepack=False: layers autograd can go through),
-        its files checked against those the run started with before any work."""
-        from codi_attn.model import CODILoadError, load_codi
+        """The CODI model of this run, as the parameters name it, its hub files read from the run's datastore cache
+        (start filled it; prepack=False: layers autograd can go through), its files checked against those the run
+        started with before any work."""
+        from codi_attn.datastore import task_files
+        from codi_attn.model import CODILoadError
+        from codi_attn.model_cache import load_cached
         from codi_attn.provenance import ProvenanceError, check_files
 
+        s = self.settings
         try:
-            model = load_codi(self.model, ckpt=self.ckpt or None, base=self.base or None, dtype=self.dtype,
-                              device=self.device, prepack=prepack)
+            model = load_cached(task_files(self), self.model_files, self.model, s["base"], s["ckpt"],
+                                dtype=self.dtype, device=self.device, prepack=prepack)
             check_files(self.provenance, model.source["files"], current.pathspec)
         except (CODILoadError, ProvenanceError) as e:
             raise CannotContinue(str(e)) from None
         return model
+
+    def _checkpoints(self, *inputs):
+        """This task's mid-task checkpoints (codi_attn.checkpoints), keyed by the settings and `inputs`."""
+        from codi_attn.checkpoints import task_checkpoints
+
+        return task_checkpoints(self, self.settings, *inputs)
+
+    def _report_checkpoints(self, checkpoints) -> None:
+        """Keep and print how many batches this task read back from a checkpoint and how many it computed."""
+        self.checkpoint_batches = checkpoints.counts()
+        print(f"checkpoints: {self.checkpoint_batches['loaded']} read back, {self.checkpoint_batches['computed']} "
+              f"computed", flush=True)
 
     def _stack(self) -> int:
         """Conditions per forward in the causal analyses (--condition_rows)."""
@@ -205,6 +228,14 @@ class AttentionFlow(FlowSpec):
         if note:
             print(f"WARNING: {note}")
         current.run.add_tag(f"model:{self.model}")
+        from codi_attn.datastore import task_files
+        from codi_attn.model_cache import cache_model_files
+
+        self.model_files = cache_model_files(task_files(self), current.run_id, self.settings["base"],
+                                             self.settings["ckpt"])  # hub files, once for every shard
+        for what, entry in self.model_files.items():
+            print(f"{what} {entry['source']}: {len(entry['paths'])} file(s) cached in the datastore for the model "
+                  "steps")
         current.card.extend(start_card(self.settings, self.demo, [note] if note else []))
         self.next(self.sample)
 
@@ -256,8 +287,10 @@ class AttentionFlow(FlowSpec):
             bar.update(done - bar.n)
             progress.update(done, n_failed, time.time() - started)
 
-        out = extract_shard(model, problems, self.batch_size, self.max_new_tokens, on_batch, self.index)
+        checkpoints = self._checkpoints([p["id"] for p in problems])
+        out = extract_shard(model, problems, self.batch_size, self.max_new_tokens, on_batch, self.index, checkpoints)
         bar.close()
+        self._report_checkpoints(checkpoints)
         self.shard_ids, self.attention, self.mass = out["ids"], out["attention"], out["mass"]
         self.texts, self.predictions, self.correct = out["texts"], out["predictions"], out["correct"]
         self.failed_problems = out["failed"]
@@ -278,8 +311,8 @@ class AttentionFlow(FlowSpec):
         from codi_attn.provenance import ProvenanceError, pin_files
         from codi_attn.shards import attention_stats, merge_shards, outcome_line
 
-        self.merge_artifacts(inputs, include=["settings", "demo", "problems", "problem_ids", "dataset_fingerprint",
-                                              "shards"])
+        self.merge_artifacts(inputs, include=["settings", "demo", "model_files", "problems", "problem_ids",
+                                              "dataset_fingerprint", "shards"])
         shards = sorted(inputs, key=lambda inp: inp.shard_index)
         try:  # every shard read the files the run started with (or, for a hub id start could not find, the same)
             self.provenance = pin_files(shards[0].provenance, [(f"shard {s.shard_index + 1}", s.model_info["source"]["files"])
@@ -367,7 +400,7 @@ class AttentionFlow(FlowSpec):
         """One group of heads: each ablated alone, once per kind and positions, on the whole sample."""
         from metaflow.cards import Markdown
 
-        self.head_scan_part, self.group_index = None, self.index
+        self.head_scan_part, self.group_index, self.checkpoint_batches = None, self.index, None
         group = [tuple(h) for h in self.input]
         if group:
             import torch
@@ -380,10 +413,12 @@ class AttentionFlow(FlowSpec):
             if model.device.type == "cpu":  # groups run side by side on a local machine: share its cores
                 torch.set_num_threads(cpu_threads_per_shard(len(self.head_groups)))
             problems = self._sample()
+            checkpoints = self._checkpoints(group)
             self.head_scan_part = scan_heads(
                 model, [p["question"] for p in problems], [p["answer"] for p in problems],
                 [p["solution"] for p in problems], group, s["head_kinds"], s["head_positions"], self.batch_size,
-                self.max_new_tokens, stack=self._stack())
+                self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
+            self._report_checkpoints(checkpoints)
         current.card.append(Markdown(f"# Scan heads: group {self.index + 1} of {len(self.head_groups)}\n\n"
                                      f"{len(group)} heads: {' '.join(f'L{l}H{h}' for l, h in group) or 'none'}."))
         self.next(self.join_heads)
@@ -395,7 +430,7 @@ class AttentionFlow(FlowSpec):
         """Join the head groups: the causal head report (effects, critical heads, metrics vs effects, held-out test)."""
         from metaflow.cards import Markdown
 
-        self.merge_artifacts(inputs, exclude=["head_scan_part", "group_index"])
+        self.merge_artifacts(inputs, exclude=["head_scan_part", "group_index", "checkpoint_batches"])
         parts = [i.head_scan_part for i in sorted(inputs, key=lambda i: i.group_index) if i.head_scan_part is not None]
         self.head_ablations = self.causal_report = self.head_effects = None
         if parts:
@@ -423,7 +458,7 @@ class AttentionFlow(FlowSpec):
         self.thought_report = None
         if not self.thought_analysis:
             current.card.append(Markdown("# What each thought holds\n\nSkipped (`--thought_analysis false`)."))
-            self.next(self.validate_heads)
+            self.next(self.plan_validation)
             return
         from cards.thoughts_card import thoughts_card
         from codi_attn.contents import analyse_thoughts
@@ -436,39 +471,84 @@ class AttentionFlow(FlowSpec):
         for line in self.thought_report.findings:
             print(f"thoughts: {line}")
         current.card.extend(thoughts_card(self.thought_report))
-        self.next(self.validate_heads)
+        self.next(self.plan_validation)
+
+    @card(type="blank")
+    @step
+    def plan_validation(self):
+        """The validation's conditions (top-k and random heads, blocking, the swap), in groups of tasks."""
+        from metaflow.cards import Markdown
+
+        self.validation_plan, self.validation_groups = None, [[]]
+        if self.validate:
+            from codi_attn.validate import plan_validation
+
+            self.validation_plan = plan_validation(self.ranked_heads, self.model_info["n_layers"],
+                                                   self.model_info["n_heads"], len(self.problem_ids), self.validate_k,
+                                                   self.validate_random, self.seed)
+            self.validation_groups = self.validation_plan.groups(self.validate_group_size)
+        current.card.append(Markdown("# Plan validation\n\n" + (
+            f"{len(self.validation_plan.conditions)} conditions in {len(self.validation_groups)} group(s)."
+            if self.validate else "Skipped (`--validate false`).")))
+        self.next(self.validate_conditions, foreach="validation_groups")
 
     @resources(gpu=1, cpu=4, memory=32000)
     @card(type="blank")
     @step
-    def validate_heads(self):
-        """Causal check of the ranking: ablate top-k vs random same-layer heads, block each thought, with controls."""
+    def validate_conditions(self):
+        """One group of validation conditions on the whole sample, measured against its own run of the baseline."""
         from metaflow.cards import Markdown
 
-        from cards.validate_card import validate_card
-        from codi_attn.validate import run_validation
+        self.validation_part, self.validation_index, self.checkpoint_batches = None, self.index, None
+        conds = list(self.input)
+        if conds:
+            import torch
 
-        self.validation_result = None
-        self.validation = None
-        if not self.validate:
+            from codi_attn.heads import problem_texts
+            from codi_attn.shards import cpu_threads_per_shard
+            from codi_attn.validate import validate_group
+
+            problems = self._sample()
+            model = self._load_model()
+            if model.device.type == "cpu":  # groups run side by side on a local machine: share its cores
+                torch.set_num_threads(cpu_threads_per_shard(len(self.validation_groups)))
+            done = [0]
+
+            def progress(k: int) -> None:
+                done[0] += k
+                print(f"validate: {done[0]} of {len(problems)} problems through the group's conditions", flush=True)
+
+            checkpoints = self._checkpoints([c.name for c in conds])
+            self.validation_part = validate_group(
+                model, *problem_texts(problems), conds, ablation=self.ablation, positions=self.ablation_positions,
+                batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed, progress=progress,
+                stack=self._stack(), checkpoints=checkpoints)
+            self._report_checkpoints(checkpoints)
+        current.card.append(Markdown(
+            f"# Validate: group {self.index + 1} of {len(self.validation_groups)}\n\n"
+            + (", ".join(f"`{c.name}`" for c in conds) if conds else "Skipped (`--validate false`).")))
+        self.next(self.validate_heads)
+
+    @card(type="blank")
+    @step
+    def validate_heads(self, inputs):
+        """Join the validation groups: the causal check of the ranking (top-k vs random same-layer heads, each
+        thought blocked, the latent swap, with controls) and the logit lens."""
+        from metaflow.cards import Markdown
+
+        self.merge_artifacts(inputs, exclude=["validation_part", "validation_index", "checkpoint_batches"])
+        parts = [i.validation_part for i in sorted(inputs, key=lambda i: i.validation_index)
+                 if i.validation_part is not None]
+        self.validation_result = self.validation = None
+        if parts:
+            from cards.validate_card import validate_card
+            from codi_attn.validate import join_validation
+
+            self.validation_result = join_validation(self.validation_plan, parts)
+            self.validation = self.validation_result.validation
+            current.card.extend(validate_card(self.validation_result))
+        else:
             current.card.append(Markdown("# Causal validation\n\nSkipped (`--validate false`)."))
-            self.next(self.compare)
-            return
-        problems = self._sample()
-        model = self._load_model()
-        done = [0]
-
-        def progress(k: int) -> None:
-            done[0] += k
-            print(f"validate: {done[0]} of {len(problems)} problems through every condition", flush=True)
-
-        self.validation_result = run_validation(
-            model, [p["question"] for p in problems], [p["answer"] for p in problems],
-            [p["solution"] for p in problems], self.ranked_heads, k=self.validate_k, n_random=self.validate_random,
-            ablation=self.ablation, positions=self.ablation_positions, batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens, seed=self.seed, progress=progress, stack=self._stack())
-        self.validation = self.validation_result.validation
-        current.card.extend(validate_card(self.validation_result))
         self.next(self.compare)
 
     @card(type="blank")
@@ -533,7 +613,7 @@ class AttentionFlow(FlowSpec):
 
 
 if __name__ == "__main__":
-    from codi_attn.datastore import explain_full_disk
+    from codi_attn.full_disk import explain_full_disk
 
     explain_full_disk()  # a full disk under the datastore: one line naming it and what to do, no traceback
     AttentionFlow()

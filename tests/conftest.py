@@ -55,6 +55,46 @@ def clean_run(tiny_gpt2, gsm8k_train, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One default run per test session: the offline demo model on the bundled synthetic set (DEMO_PARAMS: two
+    shards of three batches, validated, no head analysis), offline: (Run, datastore root). The S3 test's
+    uninterrupted reference."""
+    from flowrun import DEMO_PARAMS, run_flow
+
+    root = tmp_path_factory.mktemp("demo_ds")
+    result = run_flow(root, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, **DEMO_PARAMS)
+    assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
+    assert "DEMO MODEL" in result.stdout_text  # the banner
+    return result.run, root
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 server on 127.0.0.1 (moto's, started here and stopped at the end of the session) with one bucket, and
+    the environment that points Metaflow's S3 datastore at it."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (requirements.txt) is not installed")
+    import logging
+    import socket
+
+    from flowrun import S3_BUCKET, s3_client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in a failing test's log
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"METAFLOW_DEFAULT_DATASTORE": "s3", "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{S3_BUCKET}/metaflow",
+           "METAFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        s3_client(env).create_bucket(Bucket=S3_BUCKET)
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> tuple[Path, Path]:
     """(base_dir, ckpt_dir) of a tiny GPT-2-style CODI with LoRA, saved as pytorch_model.bin."""
     from codi_attn.fixtures import build_tiny_codi

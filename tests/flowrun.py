@@ -9,16 +9,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FLOW_FILE = ROOT / "flows" / "attention_flow.py"
 N, SHARD = 6, 4  # two shards: 4 + 2 problems
+S3_BUCKET = "codi-attn-tests"  # on the test S3 server (conftest.py's s3_server)
 
 
-def run_flow(root: Path, *, resume: bool = False, env: dict | None = None, **params):
-    """Run (or resume) the flow in the datastore under `root`; returns the ExecutingRun."""
+DEMO_PARAMS = {"n_problems": "6", "shard_size": 3, "batch_size": 1, "n_boot": 0, "heads": False,
+               "thought_analysis": False, "validate_group_size": 10}  # the demo run of the tests: 2 shards of 3 batches
+
+
+def run_flow(root: Path, *, resume: bool = False, env: dict | None = None, options: dict | None = None, **params):
+    """Run (or resume) the flow in the datastore under `root` (the local metadata, and the artifacts unless `env`
+    names another datastore); `options` are Metaflow's top-level options (datastore, decospecs for --with).
+    Returns the ExecutingRun."""
     from metaflow import Runner
 
     root.mkdir(parents=True, exist_ok=True)
     full_env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": os.environ["USERNAME"],
                 "CODI_ATTN_FAIL_SHARD": "", "CODI_ATTN_FAIL_PROBLEMS": "", **(env or {})}
-    with Runner(str(FLOW_FILE), show_output=False, env=full_env, cwd=str(root), pylint=False) as runner:
+    with Runner(str(FLOW_FILE), show_output=False, env=full_env, cwd=str(root), pylint=False,
+                **(options or {})) as runner:
         result = runner.resume(**params) if resume else runner.run(**params)
         result.stdout_text, result.stderr_text = result.stdout, result.stderr
     use_datastore(root)
@@ -40,18 +48,30 @@ def tiny_params(base, ckpt, dataset, **extra):
 
 
 def card_data(task) -> str:
-    """The JSON text of a task's first card (the HTML embeds it base64-encoded)."""
+    """The JSON text of a task's first card."""
+    from metaflow.cards import get_cards
+
+    return card_text(get_cards(task)[0].get(), task.pathspec)
+
+
+def card_text(html: str, where: str) -> str:
+    """The JSON text a card's HTML embeds base64-encoded."""
     import base64
     import re
 
-    from metaflow.cards import get_cards
-
-    html = get_cards(task)[0].get()
     blobs = re.findall(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
-    assert blobs, f"no card data in the card of {task.pathspec}"
+    assert blobs, f"no card data in the card of {where}"
     return "".join(base64.b64decode(b).decode("utf-8") for b in blobs)
 
 
 def seed42_ids(n: int) -> list[str]:
     random.seed(42)
     return [f"train_{i}" for i in sorted(random.sample(range(7473), n))]
+
+
+def s3_client(env: dict):
+    """A boto3 S3 client on the S3 server that `env` points Metaflow at (conftest.py's s3_server)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["METAFLOW_S3_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])

@@ -1,8 +1,9 @@
 """AttentionFlow end to end: real Metaflow runs (metaflow.Runner) on tiny release-layout CODI fixtures and
 GSM8K-format train records (the `gsm8k_train` fixture), each in its own datastore, checked through the Client API.
 
-Runs: one clean gpt2 run (shared by the tests here and in test_export.py), one run whose shard 1 is
-SIGKILLed and its resume, one llama run with a failing problem that compares with the gpt2 run.
+Runs: one clean gpt2 run (shared by the tests here and in test_export.py), one llama run with a failing problem that
+compares with the gpt2 run, the default demo run (shared with test_s3.py, where a shard is SIGKILLed mid-way, retried
+and resumed on an S3 datastore).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import pytest
 import torch
 
 from codi_attn.prepack import can_prepack
-from flowrun import FLOW_FILE, N, SHARD, card_data, run_flow, seed42_ids, tiny_params, use_datastore
+from flowrun import FLOW_FILE, N, card_data, run_flow, seed42_ids, tiny_params, use_datastore
 
 STEPS = ["start", "sample", "extract", "aggregate", "metrics", "attribute_heads", "scan_heads", "join_heads",
-         "validate_heads", "compare", "end"]
+         "analyse_thoughts", "plan_validation", "validate_conditions", "validate_heads", "compare", "end"]
 
 
 def test_artifacts_shapes_dtypes_and_sample(clean_run):
@@ -57,6 +58,12 @@ def test_artifacts_shapes_dtypes_and_sample(clean_run):
     assert groups.count("random control") == 1 and groups.count("blocking") == 7
     assert d.validation_result.noop_identical
     assert d.validation.loc[0, "accuracy"] == d.accuracy  # the baseline is re-run on the same problems
+    groups = {t.data.validation_index: t.data.validation_part for t in run["validate_conditions"]}
+    assert len(groups) == 2 == len(d.validation_groups)  # 13 conditions in groups of 8, joined in table order
+    assert [r["condition"] for g in sorted(groups) for r in groups[g].rows] == list(d.validation["condition"][1:])
+    assert {t.data.shard_index: t.data.checkpoint_batches for t in run["extract"]} == {
+        0: {"loaded": 0, "computed": 2}, 1: {"loaded": 0, "computed": 1}}  # batches of 3: 4 + 2 problems
+    assert d.model_files == {}  # local model folders: nothing to cache
 
 
 def test_arrays_equal_direct_extraction(clean_run, gsm8k_train):
@@ -311,19 +318,14 @@ def test_code_package_ships_project_code(tmp_path):
     assert all(Path(f).resolve().is_relative_to((tmp_path / "pkg").resolve()) for f in out.stdout.split())
 
 
-def test_default_run_is_the_offline_demo(tmp_path):
+def test_default_run_is_the_offline_demo(demo_run):
     """No --model, no --dataset, no network: the demo model on the bundled synthetic set, with a banner."""
-    from codi_attn.presets import PRESETS
-
-    if not Path(PRESETS["demo"].ckpt).exists():
-        pytest.skip("the demo model is not in this checkout yet")
-    result = run_flow(tmp_path / "ds", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-                      n_problems="4", shard_size=4, n_boot=0, heads=False)  # heads: test_causal_head_analysis_in_the_run
-    assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
-    assert "DEMO MODEL" in result.stdout_text
-    d = result.run.data
+    run, root = demo_run
+    use_datastore(root)
+    d = run.data
+    assert "DEMO MODEL" in card_data(run["start"].task)
     assert d.demo and d.model == "demo" and d.settings["dataset"] == "synthetic"
-    assert len(d.problem_ids) == 4 and d.problem_ids[0].startswith("test_")  # held out from the demo's training
+    assert len(d.problem_ids) == 6 and d.problem_ids[0].startswith("test_")  # held out from the demo's training
     assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 4  # a quarter of 4 x 4 heads
-    assert "DEMO MODEL" in card_data(result.run["start"].task)
-    assert "model:demo" in result.run.tags
+    assert len(d.validation) == 20 and len(list(run["validate_conditions"])) == 2  # 19 conditions in groups of 10
+    assert "model:demo" in run.tags

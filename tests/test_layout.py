@@ -25,7 +25,8 @@ def test_codi_attn_never_imports_cards():
 
 
 def test_analysis_modules_leave_the_demo_alone():
-    """Only data.py reads the demo task (for --dataset synthetic), lazily; nothing else outside demo/ imports it."""
+    """Only data.py (the records of --dataset synthetic) and patching.py (their exact chains, for counterfactuals
+    and pairs) read the demo task, lazily; nothing else outside demo/ imports it."""
     users = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "demo" not in p.parts
              and any(m.startswith("codi_attn.demo") for m in imported_modules(p))}
-    assert users == {"data.py"}
+    assert users == {"data.py", "patching.py"}

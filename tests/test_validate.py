@@ -314,3 +314,30 @@ def test_run_validation_resample_ablation(gpt2_model):
     result = validate(gpt2_model, k=2, n_random=1, ablation="resample", batch_size=2, max_new_tokens=3, n_boot=50)
     check_result(result, gpt2_model, k=2, n_random=1)
     assert result.settings["ablation"] == "resample"
+
+
+def test_validation_in_groups_equals_one_run_of_every_condition(gpt2_model):
+    """The flow's way: the plan's conditions in groups, each group on its own baseline run, joined: the same table,
+    lens, no-op check and settings as run_validation (both stacking conditions); parts that do not make the plan are
+    refused."""
+    from dataclasses import replace
+
+    from codi_attn.validate import join_validation, plan_validation, validate_group
+
+    options = {"batch_size": 3, "max_new_tokens": 2, "n_boot": 50, "seed": 3, "stack": 4}
+    whole = validate(gpt2_model, k=1, n_random=1, **options)
+    plan = plan_validation(ranked(gpt2_model), gpt2_model.n_layers, gpt2_model.n_heads, len(QUESTIONS), k=1,
+                           n_random=1, seed=3)
+    groups = plan.groups(6)
+    assert [len(g) for g in groups] == [6, 6] and sum(groups, []) == plan.conditions
+    parts = [validate_group(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, g, **options) for g in groups]
+    assert [p.noop_identical for p in parts] == [True, None]
+    joined = join_validation(plan, parts)
+    pd.testing.assert_frame_equal(joined.validation, whole.validation)
+    pd.testing.assert_frame_equal(joined.logit_lens, whole.logit_lens)
+    assert joined.noop_identical and joined.settings == whole.settings and joined.notes == whole.notes
+    with pytest.raises(ValueError, match="the validation parts hold conditions"):
+        join_validation(plan, parts[:1])
+    other = replace(parts[1], baseline={**parts[1].baseline, "accuracy": 0.5})  # as another model's baseline
+    with pytest.raises(ValueError, match="different baselines"):
+        join_validation(plan, [parts[0], other])

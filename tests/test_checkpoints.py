@@ -1,0 +1,135 @@
+"""Mid-task checkpoints (codi_attn.checkpoints) in a local Metaflow datastore: where they are read back from, and the
+extract shard, the head scan and a validation group stopped mid-way, rerun, redo only the batches left and give
+bit for bit what an uninterrupted run gives."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codi_attn.checkpoints import Checkpoints, fingerprint, remembered
+from codi_attn.datastore import DatastoreFiles
+
+QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
+             "A robe takes 2 bolts of blue fiber and half that much white fiber.", "Tom has 3 apples. How many?",
+             "Ann has 5 pens and buys 2. How many?"]
+SOLUTIONS = ["<<12*4=48>>\n#### 48", "<<12*6=72>>\n#### 72", "<<2/2=1>>\n#### 3", "#### 3", "<<5+2=7>>\n#### 7"]
+GOLDS = ["48", "72", "3", "3", "7"]
+
+
+class Interrupted(Exception):
+    """Stands in for the task dying."""
+
+
+@pytest.fixture
+def files(tmp_path) -> DatastoreFiles:
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    return DatastoreFiles(LocalStorage(str(tmp_path / ".metaflow")), "AttentionFlow")
+
+
+def folder(files: DatastoreFiles, run: str) -> str:
+    return files.path("checkpoints", run, "extract", f"0-{fingerprint('settings')}")
+
+
+def stop_after(n_batches: int):
+    """A progress callback that interrupts the run after n_batches batches."""
+    seen = []
+
+    def progress(k: int) -> None:
+        seen.append(k)
+        if len(seen) == n_batches:
+            raise Interrupted
+
+    return progress
+
+
+def test_checkpoints_read_back_own_run_then_origin(files):
+    """A retry finds its own run's checkpoint; a resume finds the origin's and keeps a copy under its own run (a
+    resume of the resume finds it there); other inputs give another folder."""
+    first = Checkpoints(files, folder(files, "1"))
+    assert first.load("batch-0") is None
+    first.save("batch-0", {"rows": [0, 1], "x": np.arange(3)})
+    retry = Checkpoints(files, folder(files, "1"))
+    assert retry.load("batch-0")["rows"] == [0, 1] and retry.counts() == {"loaded": 1, "computed": 0}
+    resumed = Checkpoints(files, folder(files, "2"), [folder(files, "1")])
+    np.testing.assert_array_equal(resumed.load("batch-0")["x"], np.arange(3))
+    again = Checkpoints(files, folder(files, "3"), [folder(files, "2")])
+    assert again.load("batch-0") is not None
+    calls = []
+    assert remembered(again, "batch-1", lambda: calls.append(1) or "computed") == "computed"
+    assert remembered(again, "batch-1", lambda: calls.append(1) or "again") == "computed" and calls == [1]
+    assert again.counts() == {"loaded": 2, "computed": 1}
+    assert fingerprint({"n": 1}, [1, 2]) != fingerprint({"n": 2}, [1, 2]) == fingerprint({"n": 2}, (1, 2))
+    assert remembered(None, "batch-0", lambda: 5) == 5
+
+
+def test_extract_shard_killed_after_two_batches_redoes_only_the_rest(gpt2_model, files, monkeypatch):
+    from codi_attn.shards import FAIL_SHARD_ENV, extract_shard
+
+    problems = [{"id": f"train_{k}", "question": q, "answer": g, "solution": s}
+                for k, (q, g, s) in enumerate(zip(QUESTIONS, GOLDS, SOLUTIONS))]
+    clean = extract_shard(gpt2_model, problems, batch_size=2, max_new_tokens=3)  # batches of 2, 2, 1
+    monkeypatch.setenv(FAIL_SHARD_ENV, "0:after=2")
+    killed = Checkpoints(files, folder(files, "1"))
+    with pytest.raises(RuntimeError, match="fails on purpose"):
+        extract_shard(gpt2_model, problems, batch_size=2, max_new_tokens=3, checkpoints=killed)
+    assert killed.counts() == {"loaded": 0, "computed": 2}
+    monkeypatch.setenv(FAIL_SHARD_ENV, "")
+    rerun = Checkpoints(files, folder(files, "2"), [folder(files, "1")])
+    out = extract_shard(gpt2_model, problems, batch_size=2, max_new_tokens=3, checkpoints=rerun)
+    assert rerun.counts() == {"loaded": 2, "computed": 1}
+    assert out["ids"] == clean["ids"] and out["texts"] == clean["texts"] and out["failed"] == []
+    for key in ("attention", "mass", "predictions", "correct"):
+        np.testing.assert_array_equal(out[key], clean[key], err_msg=key)
+
+
+def test_head_scan_interrupted_redoes_only_the_batches_left(gpt2_model, files):
+    from codi_attn.heads import scan_heads
+
+    args = (gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, [(0, 1), (1, 2)], ("mean", "resample"))
+    clean = scan_heads(*args, batch_size=2, max_new_tokens=3)
+    first = Checkpoints(files, folder(files, "1"))
+    with pytest.raises(Interrupted):
+        scan_heads(*args, batch_size=2, max_new_tokens=3, progress=stop_after(2), checkpoints=first)
+    assert first.saved == ["baseline", "batch-0", "batch-1"]
+    rerun = Checkpoints(files, folder(files, "1"))
+    scan = scan_heads(*args, batch_size=2, max_new_tokens=3, checkpoints=rerun)
+    assert rerun.loaded == ["baseline", "batch-0", "batch-1"] and rerun.saved == ["batch-2"]
+    assert scan.heads == clean.heads and scan.kinds == clean.kinds
+    for key in ("base_correct", "base_prediction", "base_logit_diff", "correct", "prediction", "kl", "logit_diff"):
+        np.testing.assert_array_equal(getattr(scan, key), getattr(clean, key), err_msg=key)
+
+
+def test_validation_group_interrupted_equals_uninterrupted(gpt2_model, files):
+    """Recorded rows of every hook kind (answer logits, attention, thoughts) come back from the checkpoint; the
+    no-op's batches (run alone) and the other conditions' (two stacked in one forward) are saved apart."""
+    import pandas as pd
+
+    from codi_attn.validate import plan_validation, validate_group
+    from test_validate import ranked
+
+    plan = plan_validation(ranked(gpt2_model), gpt2_model.n_layers, gpt2_model.n_heads, len(QUESTIONS), k=2,
+                           n_random=1)
+    group = plan.conditions[:3] + plan.conditions[-1:]  # no-op, top-2, a single head, the swap
+    args = (gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, group)
+    options = {"batch_size": 2, "max_new_tokens": 3, "n_boot": 50, "stack": 2}
+    clean = validate_group(*args, **options)
+    first = Checkpoints(files, folder(files, "1"))
+    with pytest.raises(Interrupted):
+        validate_group(*args, **options, progress=stop_after(1), checkpoints=first)
+    noop = ["no-op-batch-0", "no-op-batch-1", "no-op-batch-2"]  # 5 problems in batches of 2
+    assert first.saved == ["baseline", *noop, "batch-0"]
+    rerun = Checkpoints(files, folder(files, "1"))
+    part = validate_group(*args, **options, checkpoints=rerun)
+    assert rerun.loaded == ["baseline", *noop, "batch-0"] and rerun.saved == ["batch-1", "batch-2"]
+    pd.testing.assert_frame_equal(pd.DataFrame(part.rows), pd.DataFrame(clean.rows))
+    assert part.noop_identical is clean.noop_identical is True  # the no-op's restored rows equal the baseline's
+
+
+def test_checkpointed_run_refuses_hooks_whose_state_it_cannot_save(gpt2_model, files):
+    from codi_attn.ablation import HeadMeans
+    from codi_attn.runner import Runner
+
+    with pytest.raises(ValueError, match="cannot be saved batch by batch"):
+        Runner(gpt2_model, 2, 3).run_conditions(QUESTIONS, [[HeadMeans(gpt2_model)]],
+                                                checkpoints=Checkpoints(files, folder(files, "1")))
