@@ -158,7 +158,8 @@ def killed_run(tiny_gpt2, gsm8k_train, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("resume_ds")
     ckpt = shutil.copytree(tiny_gpt2[1], root / "ckpt")
-    params = tiny_params(tiny_gpt2[0], ckpt, gsm8k_train, heads=False, validate=False)  # tested on the clean run
+    params = tiny_params(tiny_gpt2[0], ckpt, gsm8k_train, heads=False, validate=False,
+                         thought_analysis=False)  # tested on the clean run
     # one worker: shard 0 finishes before shard 1 dies (Metaflow kills the siblings still running when a
     # task fails; resume would rerun those too, which is right but not what the tests pin down)
     failed = run_flow(root, env={"CODI_ATTN_FAIL_SHARD": "1:kill"}, max_workers=1, **params)
@@ -235,7 +236,7 @@ def test_full_datastore_stops_naming_it_and_resume_finishes(clean_run, small_dis
 
     clean, clean_root, _ = clean_run
     disk = small_disk("5m")
-    params = tiny_params(*tiny_gpt2, gsm8k_train, heads=False, validate=False)
+    params = tiny_params(*tiny_gpt2, gsm8k_train, heads=False, validate=False, thought_analysis=False)
     failed = run_flow(disk, **params)
     assert failed.status == "failed"
     output = failed.stdout_text + failed.stderr_text
@@ -263,7 +264,7 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     bad = seed42_ids(N)[1]
     result = run_flow(root, env={"CODI_ATTN_FAIL_PROBLEMS": bad},
                       **tiny_params(*tiny_llama, gsm8k_train, model="llama", max_failed_fraction=0.5, heads=False,
-                                    validate=False))
+                                    validate=False, thought_analysis=False))
     assert result.status == "successful", result.stderr_text[-3000:]
     d = result.run.data
     assert [f["id"] for f in d.failed_problems] == [bad]
