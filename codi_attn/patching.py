@@ -33,8 +33,8 @@ from codi_attn.hooks import AnswerLogits, AnswerShift, FeedThoughts, RecordThoug
 from codi_attn.model import CODIModel
 from codi_attn.runner import Hook, PaddedBatch, Point, Runner, number_tokens, tokenize_questions
 from codi_attn.solutions import answer_if, change_number, numbers_in, solution_steps
+from codi_attn.validate import CI_LEVEL, drawn_interval
 
-CI_LEVEL = 0.95
 MIN_PROBLEMS = 10  # a step is mean-patched where at least this many problems have it
 
 
@@ -45,15 +45,6 @@ def counterfactual_answer(problem: dict, step: int, value: float, synthetic: boo
 
         return float(demo_answer_if({"answer": problem["solution"]}, step, int(value)))
     return answer_if(problem["question"], problem["solution"], step, value)
-
-
-def _interval(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
-    if not len(values):
-        return math.nan, math.nan
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
-    q = 100 * (1 - CI_LEVEL) / 2
-    lo, hi = np.percentile(means, [q, 100 - q])
-    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------- mean patching
@@ -109,14 +100,14 @@ def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarr
     rows = []
     for (k, s, kind, used, target), gen in zip(meta, generations):
         ok = correctness(gen.prediction, golds)[used].astype(float)
-        lo, hi = _interval(ok, n_boot, rng)
+        lo, hi = drawn_interval(ok, n_boot, rng)
         row = {"thought": thought_name(k), "step": s, "kind": kind, "n": int(used.sum()),
                "accuracy": float(ok.mean()), "ci_low": lo, "ci_high": hi,
                "counterfactual": math.nan, "cf_low": math.nan, "cf_high": math.nan}
         if kind == "different":
             moved = (gen.prediction[used] == target[used]).astype(float)
             row["counterfactual"] = float(moved.mean())
-            row["cf_low"], row["cf_high"] = _interval(moved, n_boot, rng)
+            row["cf_low"], row["cf_high"] = drawn_interval(moved, n_boot, rng)
         rows.append(row)
     return pd.DataFrame(rows, columns=MEAN_PATCHING_COLUMNS)
 

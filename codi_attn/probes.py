@@ -18,7 +18,6 @@ commas, is v written out ("12" or " 12", not "12.0"); a value with no such token
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -30,11 +29,11 @@ from codi_attn.conventions import N_THOUGHTS, THOUGHTS
 from codi_attn.model import CODIModel
 from codi_attn.runner import Hook, PaddedBatch, Point
 from codi_attn.solutions import numbers_in, solution_steps
+from codi_attn.validate import drawn_interval
 
 POSITIONS = ("BOT", *(f"z{k}" for k in THOUGHTS))  # p = 0..6
 N_FOLDS = 5
 MIN_PROBLEMS = 20  # a target is probed where at least this many problems have it
-CI_LEVEL = 0.95
 
 
 class RecordResiduals(Hook):
@@ -89,15 +88,6 @@ def control_labels(labels: np.ndarray, feature: np.ndarray, rng: np.random.Gener
 
 
 # ---------------------------------------------------------------- probes
-
-
-def _interval(correct: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
-    if not len(correct):
-        return math.nan, math.nan
-    means = correct[rng.integers(0, len(correct), (n_boot, len(correct)))].mean(1)
-    q = 100 * (1 - CI_LEVEL) / 2
-    lo, hi = np.percentile(means, [q, 100 - q])
-    return float(lo), float(hi)
 
 
 def _one_hot(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +157,7 @@ def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[
                 correct = cross_validated(x_all[:, p, layer], sets, folds)
                 for j, (name, y) in enumerate(members):
                     ok, perm, ctrl = correct[3 * j: 3 * j + 3]
-                    lo, hi = _interval(ok.astype(float), n_boot, rng)
+                    lo, hi = drawn_interval(ok.astype(float), n_boot, rng)
                     rows.append({"target": name, "position": position, "layer": layer, "n": int(have.sum()),
                                  "classes": len(np.unique(y)), "accuracy": float(ok.mean()), "ci_low": lo,
                                  "ci_high": hi, "permuted": float(perm.mean()), "control": float(ctrl.mean()),

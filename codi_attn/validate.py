@@ -191,6 +191,13 @@ def bootstrap_interval(values: np.ndarray, idx: np.ndarray) -> tuple[float, floa
     return float(lo), float(hi)
 
 
+def drawn_interval(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """bootstrap_interval of the mean of `values` [N] over n_boot resamples drawn from `rng` (nan, nan for N = 0)."""
+    if not len(values):
+        return math.nan, math.nan
+    return bootstrap_interval(values, rng.integers(0, len(values), (n_boot, len(values))))
+
+
 def token_kl(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(p_base || p) per problem [N] of the softmax over logits [N, V] (-inf entries allowed; nan rows give nan)."""
     log_p = torch.log_softmax(torch.as_tensor(base_logits, dtype=torch.float64), -1)
