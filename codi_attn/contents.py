@@ -19,7 +19,7 @@ from codi_attn.conventions import Head, head_label
 from codi_attn.extract import correctness
 from codi_attn.hooks import RecordThoughts
 from codi_attn.model import CODIModel
-from codi_attn.patching import MIN_SHARE, make_pairs, mean_patching, pair_patching
+from codi_attn.patching import MIN_PATCHED, MIN_SHARE, make_pairs, mean_patching, pair_patching
 from codi_attn.probes import MIN_PROBLEMS, RecordResiduals, lens_table, run_probes
 from codi_attn.runner import Runner, tokenize_questions
 
@@ -76,7 +76,7 @@ def analyse_thoughts(model: CODIModel, problems: Sequence[dict], synthetic: bool
         notes.append(f"no probe: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values")
     if patched.empty:
         notes.append(f"no mean patching: no step is in {100 * MIN_SHARE:.0f}% of the problems and at least "
-                     f"{MIN_PROBLEMS} of them with the same and with another value")
+                     f"{MIN_PATCHED} of them with the same and with another value")
     if pairs:
         pair_table, facts = pair_patching(model, problems, pairs, batch_size, max_new_tokens, n_boot, seed, stack=stack)
         if not facts["valid"]:

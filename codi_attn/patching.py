@@ -35,7 +35,7 @@ from codi_attn.runner import Hook, PaddedBatch, Point, Runner, number_tokens, to
 from codi_attn.solutions import answer_if, change_number, numbers_in, solution_steps
 from codi_attn.validate import CI_LEVEL, drawn_interval
 
-MIN_PROBLEMS = 10  # a step is mean-patched where at least this many problems have it
+MIN_PATCHED = 10  # a step is mean-patched where at least this many problems have it
 
 
 def counterfactual_answer(problem: dict, step: int, value: float, synthetic: bool) -> float | None:
@@ -61,7 +61,7 @@ def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarr
     """One row per (thought k, step s, same|different): accuracy [CI] and, for `different`, the share of answers
     equal to the counterfactual [CI], on the problems that have step s and a mean to take. thoughts: [N, 6, d],
     the thoughts the baseline fed (RecordThoughts.z). Steps are patched where at least `min_share` of the problems
-    (and MIN_PROBLEMS) have them."""
+    (and MIN_PATCHED) have them."""
     rng = np.random.default_rng(seed)
     questions = [p["question"] for p in problems]
     golds = [p["answer"] for p in problems]
@@ -69,7 +69,7 @@ def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarr
     conditions, meta = [], []
     for s in range(1, max_steps + 1):
         have = [i for i, v in enumerate(values) if len(v) >= s]
-        if len(have) < max(MIN_PROBLEMS, min_share * len(problems)):
+        if len(have) < max(MIN_PATCHED, min_share * len(problems)):
             continue
         by_value: dict[float, list[int]] = {}
         for i in have:
@@ -93,7 +93,7 @@ def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarr
                     if donors:
                         z[i, k - 1] = thoughts[donors, k - 1].mean(0)
                         used[i] = True
-                if used.sum() >= MIN_PROBLEMS:
+                if used.sum() >= MIN_PATCHED:
                     conditions.append([FeedThoughts(z, thoughts=[k])])
                     meta.append((k, s, kind, used, target))
     generations = Runner(model, batch_size, max_new_tokens, stack=stack).run_conditions(questions, conditions)

@@ -11,6 +11,7 @@ import pytest
 
 from codi_attn import contents as C
 from codi_attn.conventions import N_THOUGHTS
+from codi_attn.patching import MIN_PATCHED
 from codi_attn.probes import MIN_PROBLEMS, POSITIONS
 
 
@@ -93,7 +94,7 @@ def test_small_sample_says_which_parts_it_cannot_show(gpt2_model, gsm8k_train):
     assert report.probes.empty and report.mean_patching.empty
     assert report.notes[:2] == [
         f"no probe: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values",
-        f"no mean patching: no step is in 80% of the problems and at least {MIN_PROBLEMS} of them with the same and "
+        f"no mean patching: no step is in 80% of the problems and at least {MIN_PATCHED} of them with the same and "
         "with another value"]
     rendered = [part.render() for part in thoughts_card(report)]
     text = "\n".join(r["source"] for r in rendered if r["type"] == "markdown")
