@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from metaflow.cards import Markdown
 
-from cards.common import cell, image, table, warnings_md, with_ci
+from cards.common import image, table, warnings_md, with_ci
 from codi_attn.conventions import thought_name
 from codi_attn.figures import metrics as metric_figures
 from codi_attn.metrics import (CRITICAL_COMPOSITE, DIFFUSE_ENTROPY, LIFT_THRESHOLD, MIN_HUB_ROWS,

@@ -1,4 +1,4 @@
-"""Card of the analyse_thoughts step: what each thought holds."""
+"""Card of the join_thoughts step: what each thought holds."""
 from __future__ import annotations
 
 import pandas as pd

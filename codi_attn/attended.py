@@ -33,6 +33,7 @@ class AttendedTokens(Hook):
     BOT and the thoughts left out)."""
 
     points = ("thought.*.attn.*",)
+    recorded = ("weights",)  # ragged: snapshot and restore below
 
     def __init__(self, model: CODIModel, n: int, heads: Sequence[Head] | None = None):
         self.heads = None if heads is None else sorted({(int(l), int(h)) for l, h in heads})
@@ -61,6 +62,14 @@ class AttendedTokens(Hook):
         for b, (n, length) in enumerate(zip(batch.rows, batch.lengths.tolist())):
             self.weights[n] = sums[b, :, batch.width - length:]  # left padding cut off
         self._batch = self._sums = None
+
+    def snapshot(self, rows: Sequence[int]) -> dict[str, list[np.ndarray]]:
+        """The weights of one finished batch's problems (ragged: one [6, Q_n] each)."""
+        return {"weights": [self.weights[n] for n in rows]}
+
+    def restore(self, rows: Sequence[int], saved: dict[str, list[np.ndarray]]) -> None:
+        for n, w in zip(rows, saved["weights"]):
+            self.weights[n] = w
 
 
 def token_kind(text: str) -> str:

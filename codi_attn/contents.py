@@ -1,5 +1,15 @@
 """What each thought holds: the attended question tokens, probes of intermediate results, a lens per layer and
-patching, from one recording run, with the findings in plain words (the flow's analyse_thoughts step).
+patching, with the findings in plain words (the flow's plan_thoughts -> analyse_thoughts -> join_thoughts).
+
+The analysis is planned as data (`plan_thoughts`: a `ThoughtPlan` of `ThoughtUnit`s), run in groups of units
+(`analyse_group`, one flow task each, checkpointed batch by batch) and joined (`join_thoughts`), which draws every
+interval, so that any grouping gives exactly what one group of every unit gives (`analyse_thoughts`). Units:
+    record   the recording run: attended tokens, the residual stream for the probes and the lens
+    mean     one mean patching (thought k, step s, same | different), measured against the group's own run of the
+             baseline thoughts
+    pair     one clean -> corrupted patch (thought k, layer l or z), against the group's own clean and corrupted
+             runs of the pairs
+Every run is deterministic, so the baselines that several groups run are the same.
 
 Conventions: thought k (z_k, k = 1..6) is the vector fed at position Q + k; probes and lens also read BOT
 (position Q, whose final hidden state gives z1); layers are the residual stream after block l (0-based); step s
@@ -7,28 +17,31 @@ Conventions: thought k (z_k, k = 1..6) is the vector fed at position Q + k; prob
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from codi_attn.attended import AttendedTokens, attended_summary, question_tokens
-from codi_attn.conventions import Head, head_label
+from codi_attn.checkpoints import Checkpoints, remembered
+from codi_attn.conventions import Head, head_label, thought_name
 from codi_attn.extract import correctness
 from codi_attn.hooks import RecordThoughts
 from codi_attn.model import CODIModel
-from codi_attn.patching import MIN_PATCHED, MIN_SHARE, make_pairs, mean_patching, pair_patching
+from codi_attn.patching import (MIN_PATCHED, MIN_SHARE, PAIR_PATCHING_COLUMNS, MeanPatch, PairPatch, PairRuns,
+                                make_pairs, mean_outcomes, mean_patches, mean_table, pair_outcomes, pair_patches,
+                                pair_runs, pair_table)
 from codi_attn.probes import MIN_PROBLEMS, RecordResiduals, lens_table, run_probes
 from codi_attn.runner import Runner, tokenize_questions
 
 N_EXAMPLES = 3  # problems whose attended tokens the card shows
+PARTS = ("record", "mean", "pair")
 
 
 @dataclass
 class ThoughtReport:
-    """Everything the analyse_thoughts card shows; picklable (a Metaflow artifact)."""
+    """Everything the join_thoughts card shows; picklable (a Metaflow artifact)."""
 
     attended: list[np.ndarray]  # per problem [6, Q_n] float16: attention on each question token (all heads)
     attended_by_kind: pd.DataFrame  # per thought: share on number / operation / other tokens
@@ -37,8 +50,8 @@ class ThoughtReport:
     examples: list[dict]  # N_EXAMPLES problems: id, tokens, kinds, operand_of, weights [6, Q]
     probes: pd.DataFrame  # codi_attn.probes.run_probes
     lens: pd.DataFrame  # codi_attn.probes.lens_table
-    mean_patching: pd.DataFrame  # codi_attn.patching.mean_patching
-    pair_patching: pd.DataFrame  # codi_attn.patching.pair_patching
+    mean_patching: pd.DataFrame  # codi_attn.patching.mean_table
+    pair_patching: pd.DataFrame  # codi_attn.patching.pair_table
     pair_facts: dict
     baseline_accuracy: float
     settings: dict
@@ -46,52 +59,208 @@ class ThoughtReport:
     notes: list[str] = field(default_factory=list)
 
 
-def analyse_thoughts(model: CODIModel, problems: Sequence[dict], synthetic: bool, heads: Sequence[Head] = (),
-                     batch_size: int = 16, max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0,
-                     stack: int = 1) -> ThoughtReport:
-    """The whole analysis on `problems` (dicts with id, question, answer, solution). `synthetic`: the demo task's
-    records (whose chains the pair generator reads exactly); `heads`: heads whose attended tokens are shown apart
-    (e.g. the causally critical ones)."""
-    questions = [p["question"] for p in problems]
-    solutions = [p["solution"] for p in problems]
-    n = len(problems)
-    every, chosen = AttendedTokens(model, n), AttendedTokens(model, n, heads) if heads else None
-    resid, thoughts = RecordResiduals(model, n), RecordThoughts(n)
-    gen = Runner(model, batch_size, max_new_tokens).run(questions, [h for h in (every, chosen, resid, thoughts) if h])
-    base_accuracy = float(correctness(gen.prediction, [p["answer"] for p in problems]).mean())
-    ids = tokenize_questions(model, questions)
-    tokens = [question_tokens(model, t[:-1], sol) for t, sol in zip(ids, solutions)]
-    by_kind, by_step = attended_summary(every.weights, tokens)
-    heads_by_kind = attended_summary(chosen.weights, tokens)[0] if chosen else None
-    examples = [{"id": problems[i].get("id", str(i)), "tokens": tokens[i].text, "kinds": tokens[i].kind,
-                 "operand_of": tokens[i].operand_of, "weights": every.weights[i]}
-                for i in range(min(N_EXAMPLES, n))]
-    probes = run_probes(resid.resid, solutions, questions, n_boot=n_boot, seed=seed)
-    lens = lens_table(model, resid.resid, solutions)
-    patched = mean_patching(model, problems, thoughts.z, synthetic, batch_size, max_new_tokens, n_boot, seed,
-                            stack=stack)
-    pairs = make_pairs(model, problems, synthetic)
+@dataclass(frozen=True)
+class ThoughtUnit:
+    """One unit of the analysis, as data (the flow hands groups of them to its analyse_thoughts tasks): the
+    recording run, a MeanPatch or a PairPatch."""
+
+    part: str  # record | mean | pair
+    patch: MeanPatch | PairPatch | None = None
+
+    @property
+    def name(self) -> str:
+        p = self.patch
+        if self.part == "mean":
+            return f"mean {thought_name(p.thought)} step {p.step} {p.kind}"
+        return f"pair {thought_name(p.thought)} {'z' if p.layer == 'z' else 'L' + p.layer}" if p else "record"
+
+
+@dataclass
+class ThoughtPlan:
+    """The units of an analysis and what it was asked; picklable (the flow plans once, then runs `groups` as
+    parallel tasks)."""
+
+    units: list[ThoughtUnit]
+    settings: dict  # n_problems, n_layers, heads, n_boot, seed, synthetic
+
+    def groups(self, size: int) -> list[list[ThoughtUnit]]:
+        """The recording alone, then the mean and the pair units `size` at a time (a group holds one part)."""
+        out = []
+        for part in PARTS:
+            units = [u for u in self.units if u.part == part]
+            step = 1 if part == "record" else size
+            out += [units[i: i + step] for i in range(0, len(units), step)]
+        return out
+
+
+def plan_thoughts(problems: Sequence[dict], synthetic: bool, n_layers: int, heads: Sequence[Head] = (),
+                  n_boot: int = 200, seed: int = 0) -> ThoughtPlan:
+    """The analysis of `problems` (dicts with id, question, answer, solution): the recording, the mean patches the
+    sample allows (codi_attn.patching.mean_patches) and a pair patch per thought and layer. `synthetic`: the demo
+    task's records (whose chains the counterfactuals and pairs read exactly); `heads`: heads whose attended tokens
+    are shown apart (e.g. the causally critical ones)."""
+    units = [ThoughtUnit("record")]
+    units += [ThoughtUnit("mean", p) for p in mean_patches(problems, synthetic)]
+    units += [ThoughtUnit("pair", p) for p in pair_patches(n_layers)]
+    return ThoughtPlan(units, {"n_problems": len(problems), "n_layers": n_layers,
+                               "heads": [(int(l), int(h)) for l, h in heads], "n_boot": n_boot, "seed": seed,
+                               "synthetic": synthetic})
+
+
+@dataclass
+class Recording:
+    """What the recording run gives the report."""
+
+    attended: list[np.ndarray]  # per problem [6, Q_n] float16
+    by_kind: pd.DataFrame
+    by_step: pd.DataFrame
+    heads_by_kind: pd.DataFrame | None
+    examples: list[dict]
+    probes: pd.DataFrame
+    lens: pd.DataFrame
+    baseline_accuracy: float
+
+
+@dataclass
+class ThoughtPart:
+    """What one group gave: per unit its raw outcome (the join draws the intervals)."""
+
+    units: list[ThoughtUnit]
+    recording: Recording | None  # the record unit
+    predictions: list[np.ndarray]  # per patch unit: parsed answers ([N] mean, [P] pair)
+    logit_diff: list[np.ndarray | None]  # per patch unit: [P] pair, None mean
+    pair_runs: PairRuns | None  # the pairs' clean and corrupted runs (pair groups), None if no pair
+    pairs: int  # pairs made (pair groups)
+    model: dict  # model facts: name, n_layers, n_heads
+
+
+def analyse_group(model: CODIModel, problems: Sequence[dict], plan: ThoughtPlan, units: Sequence[ThoughtUnit],
+                  batch_size: int = 16, max_new_tokens: int = 256, stack: int = 1,
+                  checkpoints: Checkpoints | None = None, progress: Callable[[int], None] | None = None
+                  ) -> ThoughtPart:
+    """Run one group of units (one part) on `problems`; with `checkpoints`, the baselines and every finished batch
+    are saved as they come and read back on a rerun; `progress(k)` after each batch of k problems (pairs) has run
+    through every unit of the group."""
+    parts = {u.part for u in units}
+    if len(parts) != 1:
+        raise ValueError(f"a group holds the units of one part, got {sorted(parts)}")
+    part, synthetic = parts.pop(), plan.settings["synthetic"]
+    facts = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads}
+    out = ThoughtPart(list(units), None, [], [], None, 0, facts)
+    if part == "record":
+        out.recording = _record(model, problems, plan.settings["heads"], plan.settings["n_boot"],
+                                plan.settings["seed"], batch_size, max_new_tokens, checkpoints, progress)
+    elif part == "mean":
+        runner = Runner(model, batch_size, max_new_tokens)
+        thoughts = remembered(checkpoints, "thoughts", lambda: _thoughts(runner, problems))
+        out.predictions = mean_outcomes(model, problems, [u.patch for u in units], thoughts, synthetic, batch_size,
+                                        max_new_tokens, stack, checkpoints, progress)
+        out.logit_diff = [None] * len(units)
+    else:
+        pairs = make_pairs(model, problems, synthetic)
+        out.pairs = len(pairs)
+        if pairs:
+            runs = remembered(checkpoints, "pairs", lambda: pair_runs(model, problems, pairs, batch_size,
+                                                                      max_new_tokens))
+            outcomes = pair_outcomes(model, runs, [runs.hooks(u.patch) for u in units], batch_size, max_new_tokens,
+                                     stack, checkpoints, progress)
+            out.pair_runs = runs
+            out.logit_diff, out.predictions = [ld for ld, _ in outcomes], [p for _, p in outcomes]
+    return out
+
+
+def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Sequence[dict]) -> ThoughtReport:
+    """The ThoughtReport of a plan from its groups' parts; ValueError where they do not make the plan exactly once
+    or ran different baselines."""
+    units = [u for part in parts for u in part.units]
+    if sorted(u.name for u in units) != sorted(u.name for u in plan.units) or len(set(units)) != len(units):
+        raise ValueError(f"the thought parts hold units {[u.name for u in units]}, the plan "
+                         f"{[u.name for u in plan.units]}")
+    if len({str(p.model) for p in parts}) > 1:
+        raise ValueError(f"the thought parts ran different models: {[p.model for p in parts]}")
+    s = plan.settings
+    rec = next(p.recording for p in parts if p.recording is not None)
+    outcome = {u.name: (pred, ld) for part in parts for u, pred, ld in
+               zip([u for u in part.units if u.part != "record"], part.predictions, part.logit_diff)}
+    mean = [u for u in plan.units if u.part == "mean"]
+    patched = mean_table(problems, [u.patch for u in mean], [outcome[u.name][0] for u in mean], s["synthetic"],
+                         s["n_boot"], s["seed"])
     notes = []
-    if probes.empty:
+    if rec.probes.empty:
         notes.append(f"no probe: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values")
     if patched.empty:
         notes.append(f"no mean patching: no step is in {100 * MIN_SHARE:.0f}% of the problems and at least "
                      f"{MIN_PATCHED} of them with the same and with another value")
-    if pairs:
-        pair_table, facts = pair_patching(model, problems, pairs, batch_size, max_new_tokens, n_boot, seed, stack=stack)
+    pair_parts = [p for p in parts if p.units[0].part == "pair"]
+    runs = [p.pair_runs for p in pair_parts if p.pair_runs is not None]
+    if any(not _same_runs(r, runs[0]) for r in runs[1:]):
+        raise ValueError("the thought parts ran different clean/corrupted pairs (another model or other problems?)")
+    if runs:
+        pair = [u for u in plan.units if u.part == "pair"]
+        pair_patching = pair_table([(thought_name(u.patch.thought), u.patch.layer) for u in pair],
+                                   [(outcome[u.name][1], outcome[u.name][0]) for u in pair], runs[0], s["n_boot"], s["seed"])
+        facts = runs[0].facts()
         if not facts["valid"]:
-            notes.append(f"no clean/corrupted pair of the {len(pairs)} has answer tokens in both runs that differ: "
-                         "pair patching has nothing to recover")
+            notes.append(f"no clean/corrupted pair of the {facts['pairs']} has answer tokens in both runs that "
+                         "differ: pair patching has nothing to recover")
     else:
-        pair_table, facts = pd.DataFrame(columns=["thought", "layer", "n", "recovery", "ci_low", "ci_high",
-                                                  "answers_clean"]), {"pairs": 0, "valid": 0}
+        pair_patching, facts = pd.DataFrame(columns=list(PAIR_PATCHING_COLUMNS)), {"pairs": 0, "valid": 0}
         notes.append("no clean/corrupted pair: no question had a number that could change alone")
-    settings = {"model": model.name, "n_problems": n, "n_layers": model.n_layers, "n_heads": model.n_heads,
-                "heads": [head_label(*h) for h in heads], "n_boot": n_boot, "seed": seed, "synthetic": synthetic}
-    report = ThoughtReport([w.astype(np.float16) for w in every.weights], by_kind, by_step, heads_by_kind, examples,
-                           probes, lens, patched, pair_table, facts, base_accuracy, settings, notes=notes)
+    m = parts[0].model
+    settings = {"model": m["name"], "n_problems": s["n_problems"], "n_layers": m["n_layers"], "n_heads": m["n_heads"],
+                "heads": [head_label(*h) for h in s["heads"]], "n_boot": s["n_boot"], "seed": s["seed"],
+                "synthetic": s["synthetic"]}
+    report = ThoughtReport(rec.attended, rec.by_kind, rec.by_step, rec.heads_by_kind, rec.examples, rec.probes,
+                           rec.lens, patched, pair_patching, facts, rec.baseline_accuracy, settings, notes=notes)
     report.findings = findings(report)
     return report
+
+
+def analyse_thoughts(model: CODIModel, problems: Sequence[dict], synthetic: bool, heads: Sequence[Head] = (),
+                     batch_size: int = 16, max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0,
+                     stack: int = 1) -> ThoughtReport:
+    """The whole analysis in this process: `plan_thoughts`, every part as one group, `join_thoughts`."""
+    plan = plan_thoughts(problems, synthetic, model.n_layers, heads, n_boot, seed)
+    parts = [analyse_group(model, problems, plan, [u for u in plan.units if u.part == part], batch_size,
+                           max_new_tokens, stack) for part in PARTS if any(u.part == part for u in plan.units)]
+    return join_thoughts(plan, parts, problems)
+
+
+def _record(model: CODIModel, problems: Sequence[dict], heads: Sequence[Head], n_boot: int, seed: int,
+            batch_size: int, max_new_tokens: int, checkpoints: Checkpoints | None,
+            progress: Callable[[int], None] | None) -> Recording:
+    """The recording run (attended tokens of every head and of `heads`, the residual stream) and what is read off
+    it: token kinds, probes, lens, accuracy."""
+    questions = [p["question"] for p in problems]
+    solutions = [p["solution"] for p in problems]
+    n = len(problems)
+    every, chosen = AttendedTokens(model, n), AttendedTokens(model, n, heads) if heads else None
+    resid = RecordResiduals(model, n)
+    gen = Runner(model, batch_size, max_new_tokens).run(questions, [h for h in (every, chosen, resid) if h],
+                                                        progress, checkpoints, "record")
+    ids = tokenize_questions(model, questions)
+    tokens = [question_tokens(model, t[:-1], sol) for t, sol in zip(ids, solutions)]
+    by_kind, by_step = attended_summary(every.weights, tokens)
+    examples = [{"id": problems[i].get("id", str(i)), "tokens": tokens[i].text, "kinds": tokens[i].kind,
+                 "operand_of": tokens[i].operand_of, "weights": every.weights[i]} for i in range(min(N_EXAMPLES, n))]
+    return Recording([w.astype(np.float16) for w in every.weights], by_kind, by_step,
+                     attended_summary(chosen.weights, tokens)[0] if chosen else None, examples,
+                     run_probes(resid.resid, solutions, questions, n_boot=n_boot, seed=seed),
+                     lens_table(model, resid.resid, solutions),
+                     float(correctness(gen.prediction, [p["answer"] for p in problems]).mean()))
+
+
+def _thoughts(runner: Runner, problems: Sequence[dict]) -> np.ndarray:
+    """[N, 6, d] the thoughts the plain run feeds (the mean patches' baseline)."""
+    thoughts = RecordThoughts(len(problems))
+    runner.run([p["question"] for p in problems], [thoughts])
+    return thoughts.z
+
+
+def _same_runs(a: PairRuns, b: PairRuns) -> bool:
+    """Two groups' clean/corrupted runs are the same runs (the corrupted questions, pairs that count, LDs)."""
+    return a.corrupted == b.corrupted and all(np.array_equal(getattr(a, k), getattr(b, k), equal_nan=True)
+                                              for k in ("valid", "ld_clean", "ld_corrupted", "clean_prediction"))
 
 
 # ---------------------------------------------------------------- findings

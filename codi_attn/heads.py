@@ -37,11 +37,11 @@ import torch
 
 from codi_attn.ablation import AblateHeads, HeadInputs, HeadMeans, check_heads
 from codi_attn.checkpoints import Checkpoints, remembered
-from codi_attn.conventions import ABLATIONS, MASS_PARTS, N_THOUGHTS, POSITIONS, THOUGHTS, Head, head_label
+from codi_attn.conventions import ABLATIONS, MASS_PARTS, POSITIONS, Head, head_label
 from codi_attn.extract import correctness
 from codi_attn.hooks import AnswerLogits, AnswerShift, swap_partners
 from codi_attn.model import CODIModel
-from codi_attn.runner import Hook, PaddedBatch, Point, Runner, head_dim, number_tokens
+from codi_attn.runner import Hook, PaddedBatch, Point, Runner, number_tokens
 from codi_attn.validate import CI_LEVEL, K_SHARE, answers_changed, bootstrap_interval, resample_indices
 
 CRITICAL_DROP = 0.05  # a causally critical head costs at least 5 points of accuracy (and its interval excludes 0)
@@ -388,9 +388,11 @@ class HeldOut:
 def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
              scan: HeadScan, attention: np.ndarray, kind: str = "mean", positions: str = "thoughts",
              k: int | None = None, n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000,
-             batch_size: int = 16, max_new_tokens: int = 256, stack: int = 1) -> HeldOut:
+             batch_size: int = 16, max_new_tokens: int = 256, stack: int = 1,
+             checkpoints: Checkpoints | None = None) -> HeldOut:
     """Select the k heads most harmful to ablate (scan effects on half A) and the k best by composite (on A's
-    attention), ablate each set on half B, against n_random random sets per selection (see `random_head_sets`)."""
+    attention), ablate each set on half B, against n_random random sets per selection (see `random_head_sets`);
+    with `checkpoints`, half B's baseline and every finished batch are saved as they come and read back."""
     from codi_attn.metrics import head_scores
 
     n = len(questions)
@@ -414,10 +416,12 @@ def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], s
         named += [(f"random {i + 1} ({group})", f"random ({group})", s, matched) for i, s in enumerate(sets)]
     qs, gs, ss = ([x[i] for i in b] for x in (questions, golds, solutions))
     runner = Runner(model, batch_size, max_new_tokens, stack=stack)
-    base = run_baseline(runner, qs, gs, ss, (kind,), (positions,))
+    base = remembered(checkpoints, "held-out-baseline", lambda: run_baseline(runner, qs, gs, ss, (kind,),
+                                                                             (positions,)))
     shifts = [base.shift_hook() for _ in named]
     generations = runner.run_conditions(qs, [[ablation(model, base, list(heads), kind, positions), shift]
-                                             for (_, _, heads, _), shift in zip(named, shifts)])
+                                             for (_, _, heads, _), shift in zip(named, shifts)],
+                                        checkpoints=checkpoints, name="held-out")
     boot = resample_indices(len(b), n_boot, seed)
     rows = []
     for (name, group, heads, matched), gen, shift in zip(named, generations, shifts):
@@ -599,15 +603,17 @@ def plan_scan(model: CODIModel, problems: Sequence[dict], kinds: Sequence[str], 
 def causal_analysis(model: CODIModel, problems: Sequence[dict], parts: Sequence[HeadScan], attention: np.ndarray,
                     mass: np.ndarray | None, estimates: pd.DataFrame | None, kind: str, positions: str,
                     n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000, batch_size: int = 16,
-                    max_new_tokens: int = 256, stack: int = 1) -> tuple[HeadScan, CausalReport]:
-    """The join_heads step: the scan of all groups, the held-out test and the report."""
+                    max_new_tokens: int = 256, stack: int = 1, checkpoints: Checkpoints | None = None
+                    ) -> tuple[HeadScan, CausalReport]:
+    """The join_heads step: the scan of all groups, the held-out test (checkpointed batch by batch with
+    `checkpoints`) and the report."""
     questions, golds, solutions = problem_texts(problems)
     scan = merge_scans(parts)
     attention = np.asarray(attention, np.float32)
     mass = None if mass is None else np.asarray(mass, np.float32)
     held = held_out(model, questions, golds, solutions, scan, attention, kind, positions, n_random=n_random,
                     seed=seed, n_boot=max(n_boot, 1), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    stack=stack) \
+                    stack=stack, checkpoints=checkpoints) \
         if len(questions) >= 4 else None
     report = causal_report(scan, attention, mass, estimates, held, kind, positions, max(n_boot, 1), seed=seed)
     if held is None:

@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from codi_attn.answers import parse_answer
-from codi_attn.conventions import N_THOUGHTS, THOUGHTS, thought_name
+from codi_attn.checkpoints import Checkpoints
+from codi_attn.conventions import THOUGHTS, thought_name
 from codi_attn.extract import correctness
 from codi_attn.hooks import AnswerLogits, AnswerShift, FeedThoughts, RecordThoughts
 from codi_attn.model import CODIModel
@@ -55,61 +56,116 @@ MEAN_PATCHING_COLUMNS = ("thought", "step", "kind", "n", "accuracy", "ci_low", "
                          "cf_high")
 
 
-def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarray, synthetic: bool,
-                  batch_size: int = 16, max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0,
-                  max_steps: int = 7, min_share: float = MIN_SHARE, stack: int = 1) -> pd.DataFrame:
-    """One row per (thought k, step s, same|different): accuracy [CI] and, for `different`, the share of answers
-    equal to the counterfactual [CI], on the problems that have step s and a mean to take. thoughts: [N, 6, d],
-    the thoughts the baseline fed (RecordThoughts.z). Steps are patched where at least `min_share` of the problems
-    (and MIN_PATCHED) have them."""
-    rng = np.random.default_rng(seed)
-    questions = [p["question"] for p in problems]
-    golds = [p["answer"] for p in problems]
+@dataclass(frozen=True)
+class MeanPatch:
+    """One mean-patching condition: thought k replaced by the mean thought k of the problems whose step s has the
+    same value (`same`) or the most frequent other value (`different`)."""
+
+    thought: int
+    step: int
+    kind: str  # same | different
+
+
+@dataclass
+class Donors:
+    """Whom each problem takes its mean from under one (step, kind), and what it should answer then."""
+
+    donors: list[list[int]]  # per problem: the problems whose mean thought it is fed (empty: not patched)
+    target: np.ndarray  # [N] the counterfactual answer (`different`; nan otherwise or where none)
+
+    @property
+    def used(self) -> np.ndarray:
+        """[N] bool: the problems patched."""
+        return np.array([bool(d) for d in self.donors])
+
+
+def donors(problems: Sequence[dict], step: int, kind: str, synthetic: bool) -> Donors:
+    """The donors of every problem for step `step` and `kind` (the same for every thought)."""
     values = [[st.value for st in solution_steps(p["solution"])] for p in problems]
-    conditions, meta = [], []
-    for s in range(1, max_steps + 1):
-        have = [i for i, v in enumerate(values) if len(v) >= s]
-        if len(have) < max(MIN_PATCHED, min_share * len(problems)):
+    have = [i for i, v in enumerate(values) if len(v) >= step]
+    by_value: dict[float, list[int]] = {}
+    for i in have:
+        by_value.setdefault(values[i][step - 1], []).append(i)
+    ranked = [v for v, _ in Counter({v: len(ix) for v, ix in by_value.items()}).most_common()]
+    out, target = [[] for _ in problems], np.full(len(problems), np.nan)
+    for i in have:
+        v = values[i][step - 1]
+        if kind == "same":
+            out[i] = [j for j in by_value[v] if j != i]
             continue
-        by_value: dict[float, list[int]] = {}
-        for i in have:
-            by_value.setdefault(values[i][s - 1], []).append(i)
-        ranked = [v for v, _ in Counter({v: len(ix) for v, ix in by_value.items()}).most_common()]
-        for k in THOUGHTS:
-            for kind in ("same", "different"):
-                z = thoughts.copy()
-                used, target = np.zeros(len(problems), bool), np.full(len(problems), np.nan)
-                for i in have:
-                    v = values[i][s - 1]
-                    if kind == "same":
-                        donors = [j for j in by_value[v] if j != i]
-                    else:
-                        other = next((w for w in ranked if w != v), None)
-                        donors = [] if other is None else by_value[other]
-                        cf = None if other is None else counterfactual_answer(problems[i], s, other, synthetic)
-                        if cf is None:
-                            continue
-                        target[i] = cf
-                    if donors:
-                        z[i, k - 1] = thoughts[donors, k - 1].mean(0)
-                        used[i] = True
-                if used.sum() >= MIN_PATCHED:
-                    conditions.append([FeedThoughts(z, thoughts=[k])])
-                    meta.append((k, s, kind, used, target))
-    generations = Runner(model, batch_size, max_new_tokens, stack=stack).run_conditions(questions, conditions)
+        other = next((w for w in ranked if w != v), None)
+        cf = None if other is None else counterfactual_answer(problems[i], step, other, synthetic)
+        if cf is not None:
+            out[i], target[i] = by_value[other], cf
+    return Donors(out, target)
+
+
+def mean_patches(problems: Sequence[dict], synthetic: bool, max_steps: int = 7, min_share: float = MIN_SHARE
+                 ) -> list[MeanPatch]:
+    """The conditions, in table order (step, thought, kind): steps that at least `min_share` of the problems (and
+    MIN_PATCHED) have, where at least MIN_PATCHED problems have a mean to take."""
+    counts = [len(solution_steps(p["solution"])) for p in problems]
+    out = []
+    for s in range(1, max_steps + 1):
+        if sum(c >= s for c in counts) < max(MIN_PATCHED, min_share * len(problems)):
+            continue
+        enough = {kind: donors(problems, s, kind, synthetic).used.sum() >= MIN_PATCHED for kind in ("same", "different")}
+        out += [MeanPatch(k, s, kind) for k in THOUGHTS for kind in ("same", "different") if enough[kind]]
+    return out
+
+
+def mean_outcomes(model: CODIModel, problems: Sequence[dict], patches: Sequence[MeanPatch], thoughts: np.ndarray,
+                  synthetic: bool, batch_size: int = 16, max_new_tokens: int = 256, stack: int = 1,
+                  checkpoints: Checkpoints | None = None, progress: Callable[[int], None] | None = None
+                  ) -> list[np.ndarray]:
+    """The parsed answers [N] of each patch's run. thoughts: [N, 6, d], the thoughts the baseline fed
+    (RecordThoughts.z); with `checkpoints`, finished batches are saved and read back; `progress(k)` after each
+    batch of k problems has run through every patch."""
+    plans = {(p.step, p.kind): donors(problems, p.step, p.kind, synthetic) for p in patches}
+    conditions = []
+    for patch in patches:
+        z, k = thoughts.copy(), patch.thought
+        for i, d in enumerate(plans[patch.step, patch.kind].donors):
+            if d:
+                z[i, k - 1] = thoughts[d, k - 1].mean(0)
+        conditions.append([FeedThoughts(z, thoughts=[k])])
+    generations = Runner(model, batch_size, max_new_tokens, stack=stack).run_conditions(
+        [p["question"] for p in problems], conditions, progress, checkpoints, "mean")
+    return [g.prediction for g in generations]
+
+
+def mean_table(problems: Sequence[dict], patches: Sequence[MeanPatch], predictions: Sequence[np.ndarray],
+               synthetic: bool, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """One row per patch: accuracy [CI] and, for `different`, the share of answers equal to the counterfactual
+    [CI], on the problems patched (intervals drawn from one generator, in table order)."""
+    rng = np.random.default_rng(seed)
+    golds = [p["answer"] for p in problems]
+    plans = {(p.step, p.kind): donors(problems, p.step, p.kind, synthetic) for p in patches}
     rows = []
-    for (k, s, kind, used, target), gen in zip(meta, generations):
-        ok = correctness(gen.prediction, golds)[used].astype(float)
+    for patch, prediction in zip(patches, predictions):
+        plan = plans[patch.step, patch.kind]
+        used = plan.used
+        ok = correctness(prediction, golds)[used].astype(float)
         lo, hi = drawn_interval(ok, n_boot, rng)
-        row = {"thought": thought_name(k), "step": s, "kind": kind, "n": int(used.sum()),
+        row = {"thought": thought_name(patch.thought), "step": patch.step, "kind": patch.kind, "n": int(used.sum()),
                "accuracy": float(ok.mean()), "ci_low": lo, "ci_high": hi,
                "counterfactual": math.nan, "cf_low": math.nan, "cf_high": math.nan}
-        if kind == "different":
-            moved = (gen.prediction[used] == target[used]).astype(float)
+        if patch.kind == "different":
+            moved = (prediction[used] == plan.target[used]).astype(float)
             row["counterfactual"] = float(moved.mean())
             row["cf_low"], row["cf_high"] = drawn_interval(moved, n_boot, rng)
         rows.append(row)
     return pd.DataFrame(rows, columns=MEAN_PATCHING_COLUMNS)
+
+
+def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarray, synthetic: bool,
+                  batch_size: int = 16, max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0,
+                  max_steps: int = 7, min_share: float = MIN_SHARE, stack: int = 1) -> pd.DataFrame:
+    """`mean_patches`, `mean_outcomes` and `mean_table` in one: one row per (thought k, step s, same|different).
+    thoughts: [N, 6, d], the thoughts the baseline fed (RecordThoughts.z)."""
+    patches = mean_patches(problems, synthetic, max_steps, min_share)
+    predictions = mean_outcomes(model, problems, patches, thoughts, synthetic, batch_size, max_new_tokens, stack)
+    return mean_table(problems, patches, predictions, synthetic, n_boot, seed)
 
 
 # ---------------------------------------------------------------- pairs
@@ -192,67 +248,132 @@ class PatchEmbeddings(Hook):
         return out
 
 
-def pair_patching(model: CODIModel, problems: Sequence[dict], pairs: Sequence[Pair], batch_size: int = 16,
-                  max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0, stack: int = 1,
-                  extra: Callable[[list[str]], list[tuple[str, list]]] | None = None) -> tuple[pd.DataFrame, dict]:
-    """Recovery per (thought k, layer l) and for z_k (layer 'z'), over the pairs whose clean and corrupted runs both
-    give an answer token, different ones. Returns (table: thought, layer, recovery, ci_low, ci_high,
-    answers_clean: share of corrupted answers that become the clean answer, n) and facts (pairs used, LDs).
-    `extra(corrupted_questions)` may add named conditions (the tests' full and empty patches)."""
+@dataclass(frozen=True)
+class PairPatch:
+    """One pair-patching condition: the corrupted run gets the clean run's thought k residual after block `layer`
+    ('0', '1', ...), or the clean z_k itself (layer 'z')."""
+
+    thought: int
+    layer: str
+
+
+def pair_patches(n_layers: int) -> list[PairPatch]:
+    """The conditions in table order: per thought, every layer, then z."""
+    return [PairPatch(k, layer) for k in THOUGHTS for layer in (*map(str, range(n_layers)), "z")]
+
+
+@dataclass
+class PairRuns:
+    """The clean and the corrupted run of the pairs, which every pair patch is measured against (P pairs)."""
+
+    corrupted: list[str]  # [P] corrupted questions
+    valid: np.ndarray  # [P] bool: both runs give an answer token, different ones
+    answer_clean: np.ndarray  # [P] the clean run's answer token (0 where none)
+    answer_corrupted: np.ndarray  # [P] the corrupted run's
+    ld_clean: np.ndarray  # [P] float64 logit difference (clean - corrupted answer token) in the clean run
+    ld_corrupted: np.ndarray  # [P] the same in the corrupted run
+    clean_prediction: np.ndarray  # [P] the clean run's parsed answer
+    corrupted_logits: np.ndarray  # [P, V'] the corrupted run's logits at its answer token
+    corrupted_step: np.ndarray  # [P] its answer step
+    corrupted_tokens: np.ndarray  # [P, G] its generated tokens
+    resid: np.ndarray  # [P, 7, L, d] the clean run's residuals (RecordResiduals)
+    thoughts: np.ndarray  # [P, 6, d] the clean run's fed thoughts
+
+    def facts(self) -> dict:
+        """Pairs, pairs that count, and the mean logit differences of the two runs."""
+        v = self.valid
+        return {"pairs": len(v), "valid": int(v.sum()),
+                "ld_clean": float(np.mean(self.ld_clean[v])) if v.any() else math.nan,
+                "ld_corrupted": float(np.mean(self.ld_corrupted[v])) if v.any() else math.nan}
+
+    def hooks(self, patch: PairPatch) -> list[Hook]:
+        """The patch's hooks on the corrupted run."""
+        if patch.layer == "z":
+            return [FeedThoughts(self.thoughts, thoughts=[patch.thought])]
+        return [PatchResidual(self.resid, patch.thought, int(patch.layer))]
+
+    def shift(self) -> AnswerShift:
+        """A hook that records a condition's logit difference at the corrupted run's answer token."""
+        return AnswerShift(self.corrupted_logits, self.corrupted_step, self.corrupted_tokens, self.answer_clean,
+                           self.answer_corrupted)
+
+
+def pair_runs(model: CODIModel, problems: Sequence[dict], pairs: Sequence[Pair], batch_size: int = 16,
+              max_new_tokens: int = 256) -> PairRuns:
+    """Run the clean questions of the pairs (recording residuals and thoughts) and their corrupted twins."""
     from codi_attn.probes import RecordResiduals
 
-    rng = np.random.default_rng(seed)
-    clean_q = [problems[p.index]["question"] for p in pairs]
-    corrupt_q = [p.question for p in pairs]
-    runner = Runner(model, batch_size, max_new_tokens, stack=stack)
-    numbers = number_tokens(model)
+    runner, numbers = Runner(model, batch_size, max_new_tokens), number_tokens(model)
+    questions = {"clean": [problems[p.index]["question"] for p in pairs], "corrupted": [p.question for p in pairs]}
     runs = {}
-    for name, qs in (("clean", clean_q), ("corrupted", corrupt_q)):
-        answer, thoughts, resid = AnswerLogits(len(qs), numbers=numbers), RecordThoughts(len(qs)), None
-        hooks = [answer, thoughts]
+    for name, qs in questions.items():
+        hooks = [AnswerLogits(len(qs), numbers=numbers), RecordThoughts(len(qs))]
         if name == "clean":
-            resid = RecordResiduals(model, len(qs))
-            hooks.append(resid)
-        gen = runner.run(qs, hooks)
-        runs[name] = (gen, answer, thoughts, resid)
-    (gen_c, ans_c, th_c, res_c), (gen_x, ans_x, _, _) = runs["clean"], runs["corrupted"]
-    rows_c = np.arange(len(pairs))
-    tok_c = np.where(ans_c.step >= 0, gen_c.tokens[rows_c, np.maximum(ans_c.step, 0)], -1)
-    tok_x = np.where(ans_x.step >= 0, gen_x.tokens[rows_c, np.maximum(ans_x.step, 0)], -1)
+            hooks.append(RecordResiduals(model, len(qs)))
+        runs[name] = (runner.run(qs, hooks), *hooks)
+    (gen_c, ans_c, th_c, res_c), (gen_x, ans_x, _) = runs["clean"], runs["corrupted"]
+    rows = np.arange(len(pairs))
+    tok_c = np.where(ans_c.step >= 0, gen_c.tokens[rows, np.maximum(ans_c.step, 0)], -1)
+    tok_x = np.where(ans_x.step >= 0, gen_x.tokens[rows, np.maximum(ans_x.step, 0)], -1)
     valid = (ans_c.step >= 0) & (ans_x.step >= 0) & (tok_c != tok_x) & (tok_c >= 0) & (tok_x >= 0)
     safe_c, safe_x = np.maximum(tok_c, 0), np.maximum(tok_x, 0)
     # float64 like AnswerShift's logit_diff, so patching nothing gives exactly 0
     logits_c, logits_x = ans_c.logits.astype(np.float64), ans_x.logits.astype(np.float64)
-    ld_clean = logits_c[rows_c, safe_c] - logits_c[rows_c, safe_x]
-    ld_corrupt = logits_x[rows_c, safe_c] - logits_x[rows_c, safe_x]
-    conditions, names = [], []
-    for k in THOUGHTS:
-        for layer in range(model.n_layers):
-            conditions.append([PatchResidual(res_c.resid, k, layer)])
-            names.append((thought_name(k), str(layer)))
-        conditions.append([FeedThoughts(th_c.z, thoughts=[k])])
-        names.append((thought_name(k), "z"))
-    for name, hooks in (extra(corrupt_q) if extra else []):
-        conditions.append(hooks)
-        names.append((name, ""))
-    shifts = [AnswerShift(ans_x.logits, ans_x.step, gen_x.tokens, safe_c, safe_x) for _ in conditions]
-    # all pairs run (the same batches as the corrupted run: patching nothing reproduces it bit for bit), but
-    # only where some pair counts
-    generations = runner.run_conditions(corrupt_q, [[*c, s] for c, s in zip(conditions, shifts)]) if valid.any() \
-        else [None] * len(conditions)
-    clean_answer = np.array([parse_answer(t) for t in gen_c.text], dtype=float)
+    return PairRuns(questions["corrupted"], valid, safe_c, safe_x,
+                    logits_c[rows, safe_c] - logits_c[rows, safe_x], logits_x[rows, safe_c] - logits_x[rows, safe_x],
+                    np.array([parse_answer(t) for t in gen_c.text], dtype=float), ans_x.logits, ans_x.step,
+                    gen_x.tokens, res_c.resid, th_c.z)
+
+
+def pair_outcomes(model: CODIModel, runs: PairRuns, conditions: Sequence[list], batch_size: int = 16,
+                  max_new_tokens: int = 256, stack: int = 1, checkpoints: Checkpoints | None = None,
+                  progress: Callable[[int], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(logit difference [P] (nan where not compared), parsed answer [P]) of each hook set of `conditions` on the
+    corrupted questions, on the corrupted run's batches (patching nothing reproduces it bit for bit); nothing runs
+    (nan) where no pair counts. `checkpoints` and `progress` as in `mean_outcomes`."""
+    p = len(runs.valid)
+    if not runs.valid.any():
+        return [(np.full(p, np.nan), np.full(p, np.nan)) for _ in conditions]
+    shifts = [runs.shift() for _ in conditions]
+    generations = Runner(model, batch_size, max_new_tokens, stack=stack).run_conditions(
+        runs.corrupted, [[*c, s] for c, s in zip(conditions, shifts)], progress, checkpoints, "pair")
+    return [(s.logit_diff, g.prediction) for s, g in zip(shifts, generations)]
+
+
+PAIR_PATCHING_COLUMNS = ("thought", "layer", "n", "recovery", "ci_low", "ci_high", "answers_clean")
+
+
+def pair_table(names: Sequence[tuple[str, str]], outcomes: Sequence[tuple[np.ndarray, np.ndarray]],
+               runs: PairRuns, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """One row per condition (names: (thought, layer)): recovery [CI] over the pairs that count and
+    answers_clean, the share of corrupted answers that become the clean answer (intervals drawn from one
+    generator, in table order)."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for (thought, layer), shift, gen in zip(names, shifts, generations):
-        ld = shift.logit_diff
-        use = valid & ~np.isnan(ld)
+    for (thought, layer), (ld, prediction) in zip(names, outcomes):
+        use = runs.valid & ~np.isnan(ld)
         rows.append({"thought": thought, "layer": layer, "n": int(use.sum()),
-                     **_recovery(ld[use], ld_clean[use], ld_corrupt[use], n_boot, rng),
-                     "answers_clean": float((gen.prediction[valid] == clean_answer[valid]).mean())
-                     if valid.any() else math.nan})
-    facts = {"pairs": len(pairs), "valid": int(valid.sum()), "ld_clean": float(np.mean(ld_clean[valid]))
-             if valid.any() else math.nan, "ld_corrupted": float(np.mean(ld_corrupt[valid])) if valid.any()
-             else math.nan}
-    return pd.DataFrame(rows), facts
+                     **_recovery(ld[use], runs.ld_clean[use], runs.ld_corrupted[use], n_boot, rng),
+                     "answers_clean": float((prediction[runs.valid] == runs.clean_prediction[runs.valid]).mean())
+                     if runs.valid.any() else math.nan})
+    return pd.DataFrame(rows, columns=PAIR_PATCHING_COLUMNS)
+
+
+def pair_patching(model: CODIModel, problems: Sequence[dict], pairs: Sequence[Pair], batch_size: int = 16,
+                  max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0, stack: int = 1,
+                  extra: Callable[[list[str]], list[tuple[str, list]]] | None = None) -> tuple[pd.DataFrame, dict]:
+    """`pair_runs`, every `pair_patches` condition (`pair_outcomes`) and `pair_table` in one: recovery per
+    (thought k, layer l) and for z_k (layer 'z'), and the facts (pairs, pairs that count, mean LDs).
+    `extra(corrupted_questions)` may add named conditions (the tests' full and empty patches)."""
+    runs = pair_runs(model, problems, pairs, batch_size, max_new_tokens)
+    patches = pair_patches(model.n_layers)
+    names = [(thought_name(p.thought), p.layer) for p in patches]
+    conditions = [runs.hooks(p) for p in patches]
+    for name, hooks in (extra(runs.corrupted) if extra else []):
+        names.append((name, ""))
+        conditions.append(hooks)
+    outcomes = pair_outcomes(model, runs, conditions, batch_size, max_new_tokens, stack)
+    return pair_table(names, outcomes, runs, n_boot, seed), runs.facts()
 
 
 def _recovery(ld: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, n_boot: int,

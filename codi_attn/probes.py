@@ -40,8 +40,10 @@ class RecordResiduals(Hook):
     """`resid` [N, 7, L, d] float32: the residual stream after each block at BOT (p = 0) and at thought k (p = k)."""
 
     points = ("prefill.resid.*", "thought.*.resid.*")
+    recorded = ("resid",)
 
     def __init__(self, model: CODIModel, n: int):
+        self.n = n
         self.resid = np.zeros((n, N_THOUGHTS + 1, model.n_layers, model.lm.config.hidden_size), np.float32)
 
     def __call__(self, value: torch.Tensor, point: Point, batch: PaddedBatch) -> None:

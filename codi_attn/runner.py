@@ -683,10 +683,11 @@ class Runner:
         return [(rows, [token_ids[k] for k in rows])
                 for rows in (order[s: s + self.batch_size] for s in range(0, len(order), self.batch_size))]
 
-    def run(self, questions: Sequence[str], hooks: Iterable = (),
-            progress: Callable[[int], None] | None = None) -> Generation:
-        """CODI inference on `questions` with `hooks`; `progress(k)` after each batch of k problems."""
-        return self.run_conditions(questions, [hooks], progress)[0]
+    def run(self, questions: Sequence[str], hooks: Iterable = (), progress: Callable[[int], None] | None = None,
+            checkpoints=None, name: str = "batch") -> Generation:
+        """CODI inference on `questions` with `hooks`; `progress(k)` after each batch of k problems; `checkpoints`
+        and `name` as in `run_conditions`."""
+        return self.run_conditions(questions, [hooks], progress, checkpoints, name)[0]
 
     def run_conditions(self, questions: Sequence[str], conditions: Sequence[Iterable],
                        progress: Callable[[int], None] | None = None, checkpoints=None, name: str = "batch"

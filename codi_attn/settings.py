@@ -68,6 +68,8 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         if p["head_group_size"] <= 0 or p["head_random_sets"] <= 0:
             errors.append(f"--head_group_size and --head_random_sets must be positive, got {p['head_group_size']} "
                           f"and {p['head_random_sets']}")
+    if p["thought_analysis"] and p["thought_group_size"] <= 0:
+        errors.append(f"--thought_group_size must be a positive integer, got {p['thought_group_size']}")
     if p["condition_rows"] < 0:
         errors.append(f"--condition_rows must be 0 or more, got {p['condition_rows']}")
     if p["n_boot"] < 0:

@@ -65,8 +65,12 @@ class AttentionFlow(FlowSpec):
       join_heads the causal head report: effects with intervals, critical heads, the attention metrics held
                  against the effects, top heads selected on one half and tested on the other against
                  random head sets
-      analyse_thoughts  what each thought holds: attended question tokens, probes of the intermediate results
-                 with control tasks, a lens per layer, mean patching and clean -> corrupted patching
+      plan_thoughts  the thought analysis's units (the recording run, mean and pair patches), in groups
+      analyse_thoughts  foreach group: the recording run (attended question tokens, the residual stream for probes
+                 and a lens per layer), or mean patches, or clean -> corrupted patches; resumable per group and per
+                 batch
+      join_thoughts  what each thought holds: attended tokens, probes of the intermediate results with control
+                 tasks, the lens, patching, with the findings in words
       plan_validation  the validation's conditions, in groups
       validate_conditions  foreach group of validation conditions: ablate the top heads against random same-layer
                  heads, block each thought, swap thoughts between problems (with a no-op control), each group
@@ -144,9 +148,14 @@ class AttentionFlow(FlowSpec):
     head_random_sets = Parameter("head_random_sets", default=50, type=int,
                                  help="Random head sets the held-out top heads are compared with (per selection).")
     thought_analysis = Parameter("thought_analysis", default=True, type=bool,
-                                 help="Run the analyse_thoughts step (what each thought holds: attended question "
-                                      "tokens, linear probes of the intermediate results with control tasks, a lens "
-                                      "per layer, mean and clean->corrupted patching); false skips it.")
+                                 help="Run the thought analysis (plan_thoughts, analyse_thoughts, join_thoughts: "
+                                      "what each thought holds: attended question tokens, linear probes of the "
+                                      "intermediate results with control tasks, a lens per layer, mean and "
+                                      "clean->corrupted patching); false skips it.")
+    thought_group_size = Parameter("thought_group_size", default=32, type=int,
+                                   help="Patching units per analyse_thoughts task (a failed group is rerun alone by "
+                                        "resume; a multiple of the conditions stacked per forward, --condition_rows / "
+                                        "--batch_size, keeps results bit for bit those of one task).")
     condition_rows = Parameter("condition_rows", default=256, type=int,
                                help="Rows of one forward in the causal analyses, which run several conditions "
                                     "together (conditions x --batch_size); 0 runs one condition at a time. Results "
@@ -160,7 +169,7 @@ class AttentionFlow(FlowSpec):
                  "max_new_tokens", "device", "dtype", "max_failed_fraction", "n_boot", "validate", "validate_k",
                  "validate_random", "validate_group_size", "ablation", "ablation_positions", "heads", "head_kinds",
                  "head_positions", "head_scan", "head_group_size", "head_random_sets", "thought_analysis",
-                 "condition_rows", "compare_with")
+                 "thought_group_size", "condition_rows", "compare_with")
         return {k: getattr(self, k) for k in names}
 
     def _load_model(self, prepack: bool = True):
@@ -432,45 +441,99 @@ class AttentionFlow(FlowSpec):
 
         self.merge_artifacts(inputs, exclude=["head_scan_part", "group_index", "checkpoint_batches"])
         parts = [i.head_scan_part for i in sorted(inputs, key=lambda i: i.group_index) if i.head_scan_part is not None]
-        self.head_ablations = self.causal_report = self.head_effects = None
+        self.head_ablations = self.causal_report = self.head_effects = self.checkpoint_batches = None
         if parts:
             from cards.heads_card import heads_card
             from codi_attn.heads import causal_analysis
 
             s = self.settings
+            checkpoints = self._checkpoints("held-out", [p.heads for p in parts])
             self.head_ablations, self.causal_report = causal_analysis(
                 self._load_model(), self._sample(), parts, self.attention_raw, self.attention_mass,
                 self.head_estimates, s["head_kinds"][0], s["head_positions"][0], self.head_random_sets, self.seed,
-                self.n_boot, self.batch_size, self.max_new_tokens, stack=self._stack())
+                self.n_boot, self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
+            self._report_checkpoints(checkpoints)
             self.head_effects = self.causal_report.head_effects
             current.card.extend(heads_card(self.causal_report, self.ranked_heads))
         else:
             current.card.append(Markdown("# Which heads carry the thoughts?\n\nSkipped (`--heads false`)."))
-        self.next(self.analyse_thoughts)
+        self.next(self.plan_thoughts)
+
+    @card(type="blank")
+    @step
+    def plan_thoughts(self):
+        """The thought analysis in groups of tasks: the recording run, then the mean and the pair patches."""
+        from metaflow.cards import Markdown
+
+        self.thought_plan, self.thought_groups = None, [[]]
+        if self.thought_analysis:
+            from codi_attn.contents import plan_thoughts
+
+            heads = [] if self.causal_report is None else [
+                (int(r.layer), int(r.head)) for r in self.causal_report.critical().itertuples()]
+            self.thought_plan = plan_thoughts(self._sample(), self.settings["dataset"] == "synthetic",
+                                              self.model_info["n_layers"], heads, max(self.n_boot, 1), self.seed)
+            self.thought_groups = self.thought_plan.groups(self.thought_group_size)
+        current.card.append(Markdown("# Plan thoughts\n\n" + (
+            f"{len(self.thought_plan.units)} units (the recording, mean and pair patches) in "
+            f"{len(self.thought_groups)} group(s)." if self.thought_analysis
+            else "Skipped (`--thought_analysis false`).")))
+        self.next(self.analyse_thoughts, foreach="thought_groups")
 
     @resources(gpu=1, cpu=4, memory=32000)
     @card(type="blank")
     @step
     def analyse_thoughts(self):
-        """What each thought holds: attended tokens, probes with control tasks, a lens per layer, patching."""
+        """One group of the thought analysis on the whole sample: the recording run, or mean or pair patches."""
         from metaflow.cards import Markdown
 
-        self.thought_report = None
-        if not self.thought_analysis:
-            current.card.append(Markdown("# What each thought holds\n\nSkipped (`--thought_analysis false`)."))
-            self.next(self.plan_validation)
-            return
-        from cards.thoughts_card import thoughts_card
-        from codi_attn.contents import analyse_thoughts
+        self.thought_part, self.thought_index, self.checkpoint_batches = None, self.index, None
+        units = list(self.input)
+        if units:
+            import torch
 
-        heads = [] if self.causal_report is None else [
-            (int(r.layer), int(r.head)) for r in self.causal_report.critical().itertuples()]
-        self.thought_report = analyse_thoughts(
-            self._load_model(), self._sample(), self.settings["dataset"] == "synthetic", heads, self.batch_size,
-            self.max_new_tokens, max(self.n_boot, 1), self.seed, self._stack())
-        for line in self.thought_report.findings:
-            print(f"thoughts: {line}")
-        current.card.extend(thoughts_card(self.thought_report))
+            from codi_attn.contents import analyse_group
+            from codi_attn.shards import cpu_threads_per_shard
+
+            problems = self._sample()
+            model = self._load_model()
+            if model.device.type == "cpu":  # groups run side by side on a local machine: share its cores
+                torch.set_num_threads(cpu_threads_per_shard(len(self.thought_groups)))
+            done = [0]
+
+            def progress(k: int) -> None:
+                done[0] += k
+                print(f"thoughts: {done[0]} problems through the group's {len(units)} unit(s)", flush=True)
+
+            checkpoints = self._checkpoints([u.name for u in units])
+            self.thought_part = analyse_group(model, problems, self.thought_plan, units, self.batch_size,
+                                              self.max_new_tokens, self._stack(), checkpoints, progress)
+            self._report_checkpoints(checkpoints)
+        current.card.append(Markdown(
+            f"# Analyse thoughts: group {self.index + 1} of {len(self.thought_groups)}\n\n"
+            + (", ".join(f"`{u.name}`" for u in units) if units else "Skipped (`--thought_analysis false`).")))
+        self.next(self.join_thoughts)
+
+    @card(type="blank")
+    @step
+    def join_thoughts(self, inputs):
+        """Join the thought groups: what each thought holds (attended tokens, probes with control tasks, a lens per
+        layer, patching), with the findings in words."""
+        from metaflow.cards import Markdown
+
+        self.merge_artifacts(inputs, exclude=["thought_part", "thought_index", "checkpoint_batches"])
+        parts = [i.thought_part for i in sorted(inputs, key=lambda i: i.thought_index) if i.thought_part is not None]
+        self.thought_report = None
+        if parts:
+            from cards.thoughts_card import thoughts_card
+            from codi_attn.contents import join_thoughts
+
+            self.thought_report = join_thoughts(self.thought_plan, parts, self._sample())
+            for line in self.thought_report.findings:
+                print(f"thoughts: {line}")
+            current.card.extend(thoughts_card(self.thought_report))
+        else:
+            current.card.append(Markdown("# What each thought holds\n\nSkipped (`--thought_analysis false`)."))
         self.next(self.plan_validation)
 
     @card(type="blank")

@@ -31,6 +31,19 @@ def folder(files: DatastoreFiles, run: str) -> str:
     return files.path("checkpoints", run, "extract", f"0-{fingerprint('settings')}")
 
 
+class DiesAfter(Checkpoints):
+    """Checkpoints whose task dies (Interrupted) right after its `saves`-th save."""
+
+    def __init__(self, *args, saves: int):
+        super().__init__(*args)
+        self.saves = saves
+
+    def save(self, name: str, obj) -> None:
+        super().save(name, obj)
+        if len(self.saved) == self.saves:
+            raise Interrupted
+
+
 def stop_after(n_batches: int):
     """A progress callback that interrupts the run after n_batches batches."""
     seen = []
@@ -133,3 +146,28 @@ def test_checkpointed_run_refuses_hooks_whose_state_it_cannot_save(gpt2_model, f
     with pytest.raises(ValueError, match="cannot be saved batch by batch"):
         Runner(gpt2_model, 2, 3).run_conditions(QUESTIONS, [[HeadMeans(gpt2_model)]],
                                                 checkpoints=Checkpoints(files, folder(files, "1")))
+
+
+def test_held_out_interrupted_redoes_only_the_batches_left(gpt2_model, files):
+    """join_heads' held-out test: half B's baseline and finished batches come back; the sets equal an uninterrupted
+    run's."""
+    import pandas as pd
+
+    from codi_attn.extract import extract
+    from codi_attn.heads import held_out, scan_heads
+
+    scan = scan_heads(gpt2_model, QUESTIONS * 2, GOLDS * 2, SOLUTIONS * 2, [(0, 1), (1, 2), (0, 0)], ("mean",),
+                      batch_size=2, max_new_tokens=3)
+    attention = extract(gpt2_model, QUESTIONS * 2, GOLDS * 2, max_new_tokens=1).attention
+    args = (gpt2_model, QUESTIONS * 2, GOLDS * 2, SOLUTIONS * 2, scan, attention)
+    options = {"k": 1, "n_random": 2, "n_boot": 20, "batch_size": 2, "max_new_tokens": 3}
+    clean = held_out(*args, **options)
+    first = DiesAfter(files, folder(files, "1"), saves=2)
+    with pytest.raises(Interrupted):
+        held_out(*args, **options, checkpoints=first)
+    assert first.saved == ["held-out-baseline", "held-out-0"]
+    rerun = Checkpoints(files, folder(files, "1"))
+    held = held_out(*args, **options, checkpoints=rerun)
+    assert rerun.loaded == first.saved and rerun.saved == ["held-out-1", "held-out-2"]  # 5 problems of half B
+    pd.testing.assert_frame_equal(held.sets, clean.sets)
+    pd.testing.assert_frame_equal(held.summary, clean.summary)

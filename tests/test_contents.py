@@ -36,7 +36,7 @@ def test_demo_report_has_every_part(demo_report):
     assert len(report.attended) == len(problems)
     for w, p in zip(report.attended, problems):
         assert w.dtype == np.float16 and w.shape[0] == N_THOUGHTS
-    shares = report.attended_by_kind[["share_number", "share_operation", "share_other"]].sum(1)
+    shares = report.attended_by_kind[["share_number", "share_operation", "share_other"]].sum(axis=1)
     np.testing.assert_allclose(shares, 1.0, atol=1e-6)
     assert report.attended_heads_by_kind is not None and report.settings["heads"] == ["L1H0", "L0H3"]
     cells = len(POSITIONS) * model.n_layers
@@ -100,3 +100,75 @@ def test_small_sample_says_which_parts_it_cannot_show(gpt2_model, gsm8k_train):
     text = "\n".join(r["source"] for r in rendered if r["type"] == "markdown")
     assert all(f"Note: {n}." in text for n in report.notes)
     assert sum(r["type"] == "image" for r in rendered) == 5
+
+
+@pytest.fixture(scope="module")
+def grouped(demo_report):
+    """The demo report's plan in groups of 8 (a multiple of the 4 conditions stacked per forward), each group run
+    on its own, in reverse order: (plan, groups, parts)."""
+    model, problems, _ = demo_report
+    plan = C.plan_thoughts(problems, True, model.n_layers, [(1, 0), (0, 3)], n_boot=50, seed=0)
+    groups = plan.groups(8)
+    parts = [C.analyse_group(model, problems, plan, g, batch_size=8, max_new_tokens=8, stack=4) for g in groups[::-1]]
+    return plan, groups, parts[::-1]
+
+
+def test_groups_join_to_exactly_the_analysis_in_one_process(demo_report, grouped):
+    """Groups of one part each (the recording alone) joined in any order give the one-process report bit for bit."""
+    _, problems, whole = demo_report
+    plan, groups, parts = grouped
+    assert [u.part for u in groups[0]] == ["record"] and all(len({u.part for u in g}) == 1 for g in groups)
+    assert [u for g in groups for u in g] == plan.units and len(groups) >= 5
+    assert {u.part for u in plan.units} == {"record", "mean", "pair"}
+    joined = C.join_thoughts(plan, parts[::-1], problems)
+    for name in ("attended_by_kind", "attended_by_step", "attended_heads_by_kind", "probes", "lens", "mean_patching",
+                 "pair_patching"):
+        pd.testing.assert_frame_equal(getattr(joined, name), getattr(whole, name), check_exact=True, obj=name)
+    assert all(np.array_equal(a, b) for a, b in zip(joined.attended, whole.attended))
+    assert (joined.findings, joined.notes, joined.pair_facts, joined.baseline_accuracy, joined.settings) == (
+        whole.findings, whole.notes, whole.pair_facts, whole.baseline_accuracy, whole.settings)
+
+
+def test_join_refuses_parts_that_do_not_make_the_plan(demo_report, grouped):
+    _, problems, _ = demo_report
+    plan, _, parts = grouped
+    for wrong in (parts[:-1], parts + parts[-1:]):
+        with pytest.raises(ValueError, match="the thought parts hold units"):
+            C.join_thoughts(plan, wrong, problems)
+    with pytest.raises(ValueError, match="a group holds the units of one part"):
+        C.analyse_group(demo_report[0], problems, plan, plan.units[:2])
+
+
+def test_a_killed_group_redoes_only_the_batches_left(demo_report, grouped, tmp_path):
+    """Each part (recording, mean patches, pair patches) killed after its second checkpoint: the rerun reads back
+    what was saved, computes only the rest, and gives the uninterrupted group's outcome bit for bit."""
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    from codi_attn.checkpoints import Checkpoints
+    from codi_attn.datastore import DatastoreFiles
+    from test_checkpoints import DiesAfter, Interrupted
+
+    model, problems, _ = demo_report
+    plan, groups, parts = grouped
+    files = DatastoreFiles(LocalStorage(str(tmp_path / ".metaflow")), "AttentionFlow")
+    for g, (group, clean) in enumerate(zip(groups, parts)):
+        if g and group[0].part == groups[g - 1][0].part:
+            continue  # the first group of each part
+        folder = files.path("checkpoints", "1", "analyse_thoughts", str(g))
+        first = DiesAfter(files, folder, saves=2)
+        with pytest.raises(Interrupted):
+            C.analyse_group(model, problems, plan, group, batch_size=8, max_new_tokens=8, stack=4, checkpoints=first)
+        rerun = Checkpoints(files, folder)
+        part = C.analyse_group(model, problems, plan, group, batch_size=8, max_new_tokens=8, stack=4,
+                               checkpoints=rerun)
+        assert rerun.loaded == first.saved and len(rerun.saved) >= 1 and not set(rerun.saved) & set(first.saved)
+        baseline = {"record": [], "mean": ["thoughts"], "pair": ["pairs"]}[group[0].part]
+        assert first.saved[:len(baseline)] == baseline
+        if part.recording is None:
+            for a, b in zip(part.predictions + part.logit_diff, clean.predictions + clean.logit_diff):
+                assert a is b is None or np.array_equal(a, b, equal_nan=True)
+        else:
+            r, c = part.recording, clean.recording
+            assert all(np.array_equal(a, b) for a, b in zip(r.attended, c.attended))
+            assert r.probes.equals(c.probes) and r.lens.equals(c.lens) and r.by_step.equals(c.by_step)
+            assert r.baseline_accuracy == c.baseline_accuracy

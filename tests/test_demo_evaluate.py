@@ -65,7 +65,7 @@ def test_unknown_mode_is_refused(shipped):
 
 
 def test_model_card_shows_a_runs_thought_findings(tmp_path):
-    """train --thoughts RUN: the run's analyse_thoughts findings go to thoughts.json, metrics.json and the card; a
+    """train --thoughts RUN: the run's join_thoughts findings go to thoughts.json, metrics.json and the card; a
     run that skipped the step is refused."""
     from types import SimpleNamespace
 
@@ -79,9 +79,9 @@ def test_model_card_shows_a_runs_thought_findings(tmp_path):
     update_report(tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["thoughts"]["findings"] == findings
     card = (tmp_path / "README.md").read_text()
-    assert ("## What its thoughts hold\nFrom the `analyse_thoughts` step of flow run `AttentionFlow/7` (100 problems "
+    assert ("## What its thoughts hold\nFrom the `join_thoughts` step of flow run `AttentionFlow/7` (100 problems "
             "of the test split; its card has the figures and intervals):\n\n- The thoughts read the question's "
             "numbers.\n- Linear probes find nothing above control.\n") in card
     skipped = SimpleNamespace(pathspec="AttentionFlow/8", data=SimpleNamespace(thought_report=None))
-    with pytest.raises(SystemExit, match=r"run AttentionFlow/8 skipped analyse_thoughts \(--thought_analysis false\)"):
+    with pytest.raises(SystemExit, match=r"run AttentionFlow/8 skipped the thought analysis \(--thought_analysis false\)"):
         thoughts_entry(skipped)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from codi_attn.probes import (POSITIONS, RecordResiduals, control_labels, cross_validated, final_norm, lens_ranks,

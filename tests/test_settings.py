@@ -32,7 +32,8 @@ def _settings(train_file, **overrides):
          "max_failed_fraction": 0.1, "n_boot": 10, "validate": True, "validate_k": 2, "validate_random": 1,
          "validate_group_size": 8, "ablation": "mean", "ablation_positions": "thoughts", "heads": True,
          "head_kinds": "mean,zero,resample", "head_positions": "thoughts", "head_scan": "all", "head_group_size": 32,
-         "head_random_sets": 50, "thought_analysis": True, "condition_rows": 256, "compare_with": ""}
+         "head_random_sets": 50, "thought_analysis": True, "thought_group_size": 32,
+         "condition_rows": 256, "compare_with": ""}
     return {**p, **overrides}
 
 
@@ -57,6 +58,7 @@ def _jsonl(tmp_path, name, lines):
     ({"compare_with": "123456789"}, r"--compare_with: run AttentionFlow/123456789 not found"),
     ({"validate_k": 0}, r"--validate_k and --validate_random must be positive"),
     ({"validate_group_size": 0}, r"--validate_group_size must be a positive integer, got 0"),
+    ({"thought_group_size": 0}, r"--thought_group_size must be a positive integer, got 0"),
     ({"ablation": "noise"}, r"--ablation must be one of mean, zero, resample, got 'noise'"),
     ({"ablation_positions": "bot"}, r"--ablation_positions must be one of thoughts, all"),
     ({"ablation": "resample", "ablation_positions": "all"}, r"--ablation resample is defined at the thought"),

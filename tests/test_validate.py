@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from codi_attn.conventions import N_THOUGHTS
 from codi_attn.data import gold_answer

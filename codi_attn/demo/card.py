@@ -49,7 +49,7 @@ def write_card(out: Path, m: dict) -> None:
     thoughts_section = ""
     if m.get("thoughts"):
         th = m["thoughts"]
-        thoughts_section = (f"\n## What its thoughts hold\nFrom the `analyse_thoughts` step of flow run `{th['run']}` "
+        thoughts_section = (f"\n## What its thoughts hold\nFrom the `join_thoughts` step of flow run `{th['run']}` "
                             f"({th['n_problems']} problems of the test split; its card has the figures and intervals):"
                             "\n\n" + "\n".join(f"- {line}" for line in th["findings"]) + "\n")
     text = f"""# Demo CODI model (synthetic arithmetic, trained offline)
@@ -150,7 +150,7 @@ def thoughts_entry(run) -> dict:
     """What a finished AttentionFlow run (a metaflow Run) found in the thoughts: <out>/thoughts.json's content."""
     report = run.data.thought_report
     if report is None:
-        raise SystemExit(f"run {run.pathspec} skipped analyse_thoughts (--thought_analysis false)")
+        raise SystemExit(f"run {run.pathspec} skipped the thought analysis (--thought_analysis false)")
     return {"run": run.pathspec, "n_problems": report.settings["n_problems"], "findings": report.findings}
 
 

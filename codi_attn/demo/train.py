@@ -235,7 +235,7 @@ def main() -> None:
                         "mode, including the latent swap) and rewrite the test entry of its metrics.json and README")
     p.add_argument("--thoughts", metavar="RUN_ID",
                    help="train nothing: write the findings of a finished AttentionFlow run on this model (its "
-                        "analyse_thoughts step; a run id or 'latest') to <out>/thoughts.json and the card")
+                        "join_thoughts step; a run id or 'latest') to <out>/thoughts.json and the card")
     p.add_argument("--baseline-steps", type=int, default=5000,
                    help="no-CoT steps: 5000 take about the CPU time of the 2000 CODI steps "
                         "(about 0.18 and 0.43 CPU seconds a step)")
