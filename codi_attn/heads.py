@@ -235,7 +235,7 @@ class HeadGradients(Hook):
     difference when the head's input is replaced by a' (mean, zero, resample). Like every attribution estimate it
     leaves out that ablating a head at all six thoughts also changes its own later inputs."""
 
-    recorded = None  # estimates per kind, not checkpointed
+    recorded = ("estimate",)  # a dict per kind: snapshot and restore below
 
     def __init__(self, model: CODIModel, base: Baseline, kinds: Sequence[str]):
         self.model, self.base, self.kinds = model, base, tuple(kinds)
@@ -280,6 +280,14 @@ class HeadGradients(Hook):
                     self.estimate[kind][batch.rows, layer] += (delta * grad).sum(-1).double().cpu().numpy()
         self._leaves, self._values, self._metric = {}, {}, []
 
+    def snapshot(self, rows: Sequence[int]) -> dict[str, dict[str, np.ndarray]]:
+        """The estimates of one finished batch's problems, per kind."""
+        return {"estimate": {kind: e[rows] for kind, e in self.estimate.items()}}
+
+    def restore(self, rows: Sequence[int], saved: dict[str, dict[str, np.ndarray]]) -> None:
+        for kind, e in saved["estimate"].items():
+            self.estimate[kind][rows] = e
+
     def _replacement(self, kind: str, k: int, layer: int, batch: PaddedBatch, a: torch.Tensor) -> torch.Tensor:
         if kind == "zero":
             return torch.zeros_like(a)
@@ -290,18 +298,19 @@ class HeadGradients(Hook):
 
 
 def attribution(model: CODIModel, questions: Sequence[str], base: Baseline, kinds: Sequence[str] = ("mean",),
-                batch_size: int = 16) -> pd.DataFrame:
+                batch_size: int = 16, checkpoints: Checkpoints | None = None) -> pd.DataFrame:
     """Attribution-patching estimate of every head's effect at the thoughts: one row per head and kind with the
     mean estimated change of the answer's logit difference (`estimate`) over the problems with an answer step.
 
     `model` must have PyTorch's linear layers (load_codi(..., prepack=False)); decoding runs up to the last answer
-    step only."""
+    step only; with `checkpoints`, every finished batch's estimates are saved and read back."""
     budget = int(base.answer_step.max()) + 1 if (base.answer_step >= 0).any() else 0
     if not budget:
         raise ValueError("no problem has an answer step (a number in its decoded answer): nothing to attribute")
     hook = HeadGradients(model, base, kinds)
     with frozen(model):  # the graph starts at the head inputs: no weight gradients, no activations kept for them
-        Runner(model, batch_size, budget, gradients=True).run(questions, [hook])
+        Runner(model, batch_size, budget, gradients=True).run(questions, [hook], checkpoints=checkpoints,
+                                                              name="attribution")
     has = base.answer_step >= 0
     rows = []
     for kind in kinds:
@@ -585,14 +594,16 @@ def problem_texts(problems: Sequence[dict]) -> tuple[list[str], list[str], list[
 
 
 def plan_scan(model: CODIModel, problems: Sequence[dict], kinds: Sequence[str], positions: Sequence[str],
-              scan: tuple[str, int | None], group_size: int, batch_size: int = 16, max_new_tokens: int = 256
-              ) -> tuple[pd.DataFrame, list[list[Head]]]:
+              scan: tuple[str, int | None], group_size: int, batch_size: int = 16, max_new_tokens: int = 256,
+              checkpoints: Checkpoints | None = None) -> tuple[pd.DataFrame, list[list[Head]]]:
     """The attribute_heads step: attribution estimates of every head (at the thoughts, for each kind), and the
     heads the exact scan ablates, in groups of group_size: all of them, or for scan = ("top", M) the M with the
-    most harmful estimate under the first kind. `model` needs PyTorch's linear layers."""
+    most harmful estimate under the first kind. `model` needs PyTorch's linear layers; with `checkpoints`, the
+    baseline and every finished batch of the attribution are saved as they come and read back."""
     questions, golds, solutions = problem_texts(problems)
-    base = run_baseline(Runner(model, batch_size, max_new_tokens), questions, golds, solutions, kinds, ("thoughts",))
-    estimates = attribution(model, questions, base, kinds, batch_size)
+    base = remembered(checkpoints, "baseline", lambda: run_baseline(Runner(model, batch_size, max_new_tokens),
+                                                                    questions, golds, solutions, kinds, ("thoughts",)))
+    estimates = attribution(model, questions, base, kinds, batch_size, checkpoints)
     heads = all_heads(model)
     if scan[0] == "top":
         first = estimates[estimates["kind"] == kinds[0]].sort_values(["estimate", "label"], kind="stable")

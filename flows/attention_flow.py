@@ -388,15 +388,17 @@ class AttentionFlow(FlowSpec):
         """Attribution patching: every head's estimated effect from one backward pass; the heads to scan, in groups."""
         from metaflow.cards import Markdown
 
-        self.head_estimates, self.head_groups = None, [[]]
+        self.head_estimates, self.head_groups, self.checkpoint_batches = None, [[]], None
         if self.heads:
             from codi_attn.heads import plan_scan
 
             s = self.settings
             problems = self._sample()
+            checkpoints = self._checkpoints("attribution")
             self.head_estimates, self.head_groups = plan_scan(
                 self._load_model(prepack=False), problems, s["head_kinds"], s["head_positions"], s["head_scan"],
-                self.head_group_size, self.batch_size, self.max_new_tokens)
+                self.head_group_size, self.batch_size, self.max_new_tokens, checkpoints)
+            self._report_checkpoints(checkpoints)
         current.card.append(Markdown("# Attribute heads\n\n" + (
             f"Attribution estimates for every head; {sum(map(len, self.head_groups))} heads to scan exactly in "
             f"{len(self.head_groups)} group(s)." if self.heads else "Skipped (`--heads false`).")))

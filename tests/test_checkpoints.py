@@ -171,3 +171,25 @@ def test_held_out_interrupted_redoes_only_the_batches_left(gpt2_model, files):
     assert rerun.loaded == first.saved and rerun.saved == ["held-out-1", "held-out-2"]  # 5 problems of half B
     pd.testing.assert_frame_equal(held.sets, clean.sets)
     pd.testing.assert_frame_equal(held.summary, clean.summary)
+
+
+def test_attribution_interrupted_redoes_only_the_batches_left(unpacked_models, files):
+    """attribute_heads: the baseline and each batch's gradient estimates come back; the estimates and the scan plan
+    equal an uninterrupted run's."""
+    import pandas as pd
+
+    from codi_attn.heads import plan_scan
+
+    problems = [{"id": str(i), "question": q, "answer": g, "solution": s}
+                for i, (q, g, s) in enumerate(zip(QUESTIONS, GOLDS, SOLUTIONS))]
+    args = (unpacked_models["gpt2"], problems, ("mean", "zero"), ("thoughts",), ("top", 3), 2, 2, 3)
+    clean = plan_scan(*args)
+    first = DiesAfter(files, folder(files, "1"), saves=2)
+    with pytest.raises(Interrupted):
+        plan_scan(*args, checkpoints=first)
+    assert first.saved == ["baseline", "attribution-0"]
+    rerun = Checkpoints(files, folder(files, "1"))
+    estimates, groups = plan_scan(*args, checkpoints=rerun)
+    assert rerun.loaded == first.saved and rerun.saved == ["attribution-1", "attribution-2"]
+    pd.testing.assert_frame_equal(estimates, clean[0], check_exact=True)
+    assert groups == clean[1]
