@@ -83,7 +83,8 @@ def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool 
     """Write results/<name>/ and figures/<name>/ under out_dir from a finished run (name: the run's model);
     returns the written paths. Every file is written into a hidden folder in out_dir first and the folders are
     renamed into place once all are complete: a failed export (full disk, read-only folder) leaves nothing
-    behind, and an earlier export of that name is replaced only with overwrite=True, after the new one is whole.
+    behind, and an earlier export of that name is replaced only with overwrite=True, after the new one is whole
+    (its figures too where this export writes none: no figures of another run stay beside the new results).
     ExportError names the file or folder and what to do."""
     if not run.successful:
         raise ExportError(f"run {run.pathspec} did not finish; resume it first: "
@@ -92,7 +93,7 @@ def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool 
     folders = [Path("results") / name] + ([Path("figures") / name] if figures else [])
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder: pass a folder as OUT_DIR")
-    taken = [out / f for f in folders if (out / f).exists()]
+    taken = [out / f for f in (Path("results") / name, Path("figures") / name) if (out / f).exists()]
     if taken and not overwrite:
         raise ExportError(f"{taken[0]} already exists: pass --overwrite to replace it (overwrite=True), or "
                           f"--name NAME to export beside it")
@@ -109,7 +110,7 @@ def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool 
                 write(staging / rel)
             except OSError as e:
                 raise _write_failure(e, out / rel, out) from None
-        _swap_in(staging, out, folders)
+        _swap_in(staging, out, folders, [] if figures else [Path("figures") / name])
     except OSError as e:  # making out_dir or the hidden folder, renaming into place
         raise _write_failure(e, out, out) from None
     finally:
@@ -129,11 +130,16 @@ def _write_failure(e: OSError, path: Path, out: Path) -> ExportError:
                        f"there was changed)")
 
 
-def _swap_in(staging: Path, out: Path, folders: list[Path]) -> None:
-    """Rename each complete folder from staging to out, an earlier one of that name into staging (removed with it);
-    if a rename fails, the folders already moved are put back."""
+def _swap_in(staging: Path, out: Path, folders: list[Path], stale: list[Path]) -> None:
+    """Rename each complete folder from staging to out, an earlier one of that name into staging (removed with it),
+    and the `stale` folders of an earlier export into staging too; if a rename fails, the folders already moved are
+    put back."""
     moved = []
     try:
+        for i, rel in enumerate(stale):
+            if (out / rel).exists():
+                os.rename(out / rel, staging / f"stale-{i}")
+                moved.append((out / rel, staging / f"stale-{i}"))
         for i, rel in enumerate(folders):
             (out / rel).parent.mkdir(exist_ok=True)
             if (out / rel).exists():

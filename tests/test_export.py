@@ -110,6 +110,8 @@ def test_export_keeps_an_earlier_export_unless_overwrite(clean_run, tmp_path):
     use_datastore(root)
     export_run(run, tmp_path, figures=False)
     (tmp_path / "results" / "gpt2" / "notes.txt").write_text("mine")
+    (tmp_path / "figures" / "gpt2").mkdir(parents=True)
+    (tmp_path / "figures" / "gpt2" / "other_run.png").write_text("an earlier export's figure")
     before = _files(tmp_path)
     with pytest.raises(ExportError) as err:
         export_run(run, tmp_path, figures=False)
@@ -118,7 +120,8 @@ def test_export_keeps_an_earlier_export_unless_overwrite(clean_run, tmp_path):
     assert _files(tmp_path) == before
     paths = export_run(run, tmp_path, figures=False, overwrite=True)
     after = _files(tmp_path)
-    assert set(after) == {str(p.relative_to(tmp_path)) for p in paths}  # notes.txt went with the old folder
+    assert set(after) == {str(p.relative_to(tmp_path)) for p in paths}  # notes.txt and the old figures went
+    assert not (tmp_path / "figures" / "gpt2").exists()
     assert all(after[k] == before[k] for k in after)
     (tmp_path / "file").write_text("")
     with pytest.raises(ExportError, match=f"^{tmp_path / 'file'} is a file, not a folder: pass a folder as OUT_DIR$"):
