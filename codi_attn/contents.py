@@ -32,7 +32,7 @@ from codi_attn.model import CODIModel
 from codi_attn.patching import (MIN_PATCHED, MIN_SHARE, PAIR_PATCHING_COLUMNS, MeanPatch, PairPatch, PairRuns,
                                 make_pairs, mean_outcomes, mean_patches, mean_table, pair_outcomes, pair_patches,
                                 pair_runs, pair_table)
-from codi_attn.probes import MIN_PROBLEMS, RecordResiduals, lens_table, run_probes
+from codi_attn.probes import MIN_PROBLEMS, TOO_FEW, RecordResiduals, lens_table, run_probes
 from codi_attn.runner import Runner, tokenize_questions
 
 N_EXAMPLES = 3  # problems whose attended tokens the card shows
@@ -187,7 +187,7 @@ def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Seq
                          s["n_boot"], s["seed"])
     notes = []
     if rec.probes.empty:
-        notes.append(f"no probe: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values")
+        notes.append(f"no probe: {TOO_FEW}")
     if patched.empty:
         notes.append(f"no mean patching: no step is in {100 * MIN_SHARE:.0f}% of the problems and at least "
                      f"{MIN_PATCHED} of them with the same and with another value")

@@ -34,6 +34,7 @@ from codi_attn.validate import drawn_interval
 POSITIONS = ("BOT", *(f"z{k}" for k in THOUGHTS))  # p = 0..6
 N_FOLDS = 5
 MIN_PROBLEMS = 20  # a target is probed where at least this many problems have it
+TOO_FEW = f"fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values"  # why nothing is probed
 
 
 class RecordResiduals(Hook):

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from codi_attn.contents import ThoughtReport  # noqa: E402
 from codi_attn.conventions import THOUGHTS, thought_name  # noqa: E402
-from codi_attn.probes import MIN_PROBLEMS, POSITIONS  # noqa: E402
+from codi_attn.probes import POSITIONS, TOO_FEW  # noqa: E402
 
 DPI = 100
 KIND_COLORS = {"number": "#d1495b", "operation": "#edae49", "other": "#9e9e9e"}
@@ -112,7 +112,7 @@ def probe_maps(report: ThoughtReport) -> Figure:
     numbers are the accuracies in %."""
     return _target_grid(report.probes, "selectivity", "linear probes: accuracy - control task (colour), accuracy % "
                         "(text), 5-fold cross-validated over problems", "RdBu", -0.5, 0.5, annotate="accuracy",
-                        empty=f"no target: fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values")
+                        empty=f"no target: {TOO_FEW}")
 
 
 def lens_maps(report: ThoughtReport) -> Figure:
