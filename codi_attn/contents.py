@@ -130,7 +130,6 @@ class ThoughtPart:
     predictions: list[np.ndarray]  # per patch unit: parsed answers ([N] mean, [P] pair)
     logit_diff: list[np.ndarray | None]  # per patch unit: [P] pair, None mean
     pair_runs: PairRuns | None  # the pairs' clean and corrupted runs (pair groups), None if no pair
-    pairs: int  # pairs made (pair groups)
     model: dict  # model facts: name, n_layers, n_heads
 
 
@@ -146,7 +145,7 @@ def analyse_group(model: CODIModel, problems: Sequence[dict], plan: ThoughtPlan,
         raise ValueError(f"a group holds the units of one part, got {sorted(parts)}")
     part, synthetic = parts.pop(), plan.settings["synthetic"]
     facts = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads}
-    out = ThoughtPart(list(units), None, [], [], None, 0, facts)
+    out = ThoughtPart(list(units), None, [], [], None, facts)
     if part == "record":
         out.recording = _record(model, problems, plan.settings["heads"], plan.settings["n_boot"],
                                 plan.settings["seed"], batch_size, max_new_tokens, checkpoints, progress)
@@ -158,7 +157,6 @@ def analyse_group(model: CODIModel, problems: Sequence[dict], plan: ThoughtPlan,
         out.logit_diff = [None] * len(units)
     else:
         pairs = make_pairs(model, problems, synthetic)
-        out.pairs = len(pairs)
         if pairs:
             runs = remembered(checkpoints, "pairs", lambda: pair_runs(model, problems, pairs, batch_size,
                                                                       max_new_tokens))
@@ -180,10 +178,11 @@ def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Seq
         raise ValueError(f"the thought parts ran different models: {[p.model for p in parts]}")
     s = plan.settings
     rec = next(p.recording for p in parts if p.recording is not None)
-    outcome = {u.name: (pred, ld) for part in parts for u, pred, ld in
-               zip([u for u in part.units if u.part != "record"], part.predictions, part.logit_diff)}
+    patches = [(u.name, pred, ld) for part in parts if part.recording is None
+               for u, pred, ld in zip(part.units, part.predictions, part.logit_diff)]
+    prediction, logit_diff = {n: p for n, p, _ in patches}, {n: ld for n, _, ld in patches}
     mean = [u for u in plan.units if u.part == "mean"]
-    patched = mean_table(problems, [u.patch for u in mean], [outcome[u.name][0] for u in mean], s["synthetic"],
+    patched = mean_table(problems, [u.patch for u in mean], [prediction[u.name] for u in mean], s["synthetic"],
                          s["n_boot"], s["seed"])
     notes = []
     if rec.probes.empty:
@@ -198,7 +197,8 @@ def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Seq
     if runs:
         pair = [u for u in plan.units if u.part == "pair"]
         pair_patching = pair_table([(thought_name(u.patch.thought), u.patch.layer) for u in pair],
-                                   [(outcome[u.name][1], outcome[u.name][0]) for u in pair], runs[0], s["n_boot"], s["seed"])
+                                   [(logit_diff[u.name], prediction[u.name]) for u in pair], runs[0], s["n_boot"],
+                                   s["seed"])
         facts = runs[0].facts()
         if not facts["valid"]:
             notes.append(f"no clean/corrupted pair of the {facts['pairs']} has answer tokens in both runs that "

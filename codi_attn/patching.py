@@ -109,7 +109,8 @@ def mean_patches(problems: Sequence[dict], synthetic: bool, max_steps: int = 7, 
     for s in range(1, max_steps + 1):
         if sum(c >= s for c in counts) < max(MIN_PATCHED, min_share * len(problems)):
             continue
-        enough = {kind: donors(problems, s, kind, synthetic).used.sum() >= MIN_PATCHED for kind in ("same", "different")}
+        enough = {kind: donors(problems, s, kind, synthetic).used.sum() >= MIN_PATCHED
+                  for kind in ("same", "different")}
         out += [MeanPatch(k, s, kind) for k in THOUGHTS for kind in ("same", "different") if enough[kind]]
     return out
 

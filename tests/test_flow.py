@@ -18,7 +18,8 @@ from codi_attn.prepack import can_prepack
 from flowrun import FLOW_FILE, N, card_data, run_flow, seed42_ids, tiny_params, use_datastore
 
 STEPS = ["start", "sample", "extract", "aggregate", "metrics", "attribute_heads", "scan_heads", "join_heads",
-         "plan_thoughts", "analyse_thoughts", "join_thoughts", "plan_validation", "validate_conditions", "validate_heads", "compare", "end"]
+         "plan_thoughts", "analyse_thoughts", "join_thoughts", "plan_validation", "validate_conditions",
+         "validate_heads", "compare", "end"]
 
 
 def test_artifacts_shapes_dtypes_and_sample(clean_run):
