@@ -29,7 +29,7 @@ from codi_attn.conventions import Head, head_label, thought_name
 from codi_attn.extract import correctness
 from codi_attn.hooks import RecordThoughts
 from codi_attn.model import CODIModel
-from codi_attn.patching import (MIN_PATCHED, MIN_SHARE, PAIR_PATCHING_COLUMNS, MeanPatch, PairPatch, PairRuns,
+from codi_attn.patching import (MIN_PATCHED, MIN_SHARE, PAIR_PATCHING_COLUMNS, MeanPatch, PairBaseline, PairPatch,
                                 make_pairs, mean_outcomes, mean_patches, mean_table, pair_outcomes, pair_patches,
                                 pair_runs, pair_table)
 from codi_attn.probes import MIN_PROBLEMS, TOO_FEW, RecordResiduals, lens_table, run_probes
@@ -129,7 +129,7 @@ class ThoughtPart:
     recording: Recording | None  # the record unit
     predictions: list[np.ndarray]  # per patch unit: parsed answers ([N] mean, [P] pair)
     logit_diff: list[np.ndarray | None]  # per patch unit: [P] pair, None mean
-    pair_runs: PairRuns | None  # the pairs' clean and corrupted runs (pair groups), None if no pair
+    pair_baseline: PairBaseline | None  # what the table reads of the pairs' runs (pair groups), None if no pair
     model: dict  # model facts: name, n_layers, n_heads
 
 
@@ -162,7 +162,7 @@ def analyse_group(model: CODIModel, problems: Sequence[dict], plan: ThoughtPlan,
                                                                       max_new_tokens))
             outcomes = pair_outcomes(model, runs, [runs.hooks(u.patch) for u in units], batch_size, max_new_tokens,
                                      stack, checkpoints, progress)
-            out.pair_runs = runs
+            out.pair_baseline = runs.baseline
             out.logit_diff, out.predictions = [ld for ld, _ in outcomes], [p for _, p in outcomes]
     return out
 
@@ -191,8 +191,8 @@ def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Seq
         notes.append(f"no mean patching: no step is in {100 * MIN_SHARE:.0f}% of the problems and at least "
                      f"{MIN_PATCHED} of them with the same and with another value")
     pair_parts = [p for p in parts if p.units[0].part == "pair"]
-    runs = [p.pair_runs for p in pair_parts if p.pair_runs is not None]
-    if any(not _same_runs(r, runs[0]) for r in runs[1:]):
+    runs = [p.pair_baseline for p in pair_parts if p.pair_baseline is not None]
+    if any(not r.same(runs[0]) for r in runs[1:]):
         raise ValueError("the thought parts ran different clean/corrupted pairs (another model or other problems?)")
     if runs:
         pair = [u for u in plan.units if u.part == "pair"]
@@ -255,12 +255,6 @@ def _thoughts(runner: Runner, problems: Sequence[dict]) -> np.ndarray:
     thoughts = RecordThoughts(len(problems))
     runner.run([p["question"] for p in problems], [thoughts])
     return thoughts.z
-
-
-def _same_runs(a: PairRuns, b: PairRuns) -> bool:
-    """Two groups' clean/corrupted runs are the same runs (the corrupted questions, pairs that count, LDs)."""
-    return a.corrupted == b.corrupted and all(np.array_equal(getattr(a, k), getattr(b, k), equal_nan=True)
-                                              for k in ("valid", "ld_clean", "ld_corrupted", "clean_prediction"))
 
 
 # ---------------------------------------------------------------- findings

@@ -264,21 +264,14 @@ def pair_patches(n_layers: int) -> list[PairPatch]:
 
 
 @dataclass
-class PairRuns:
-    """The clean and the corrupted run of the pairs, which every pair patch is measured against (P pairs)."""
+class PairBaseline:
+    """What the pair table reads of the clean and the corrupted run of the pairs (P pairs)."""
 
     corrupted: list[str]  # [P] corrupted questions
     valid: np.ndarray  # [P] bool: both runs give an answer token, different ones
-    answer_clean: np.ndarray  # [P] the clean run's answer token (0 where none)
-    answer_corrupted: np.ndarray  # [P] the corrupted run's
     ld_clean: np.ndarray  # [P] float64 logit difference (clean - corrupted answer token) in the clean run
     ld_corrupted: np.ndarray  # [P] the same in the corrupted run
     clean_prediction: np.ndarray  # [P] the clean run's parsed answer
-    corrupted_logits: np.ndarray  # [P, V'] the corrupted run's logits at its answer token
-    corrupted_step: np.ndarray  # [P] its answer step
-    corrupted_tokens: np.ndarray  # [P, G] its generated tokens
-    resid: np.ndarray  # [P, 7, L, d] the clean run's residuals (RecordResiduals)
-    thoughts: np.ndarray  # [P, 6, d] the clean run's fed thoughts
 
     def facts(self) -> dict:
         """Pairs, pairs that count, and the mean logit differences of the two runs."""
@@ -286,6 +279,27 @@ class PairRuns:
         return {"pairs": len(v), "valid": int(v.sum()),
                 "ld_clean": float(np.mean(self.ld_clean[v])) if v.any() else math.nan,
                 "ld_corrupted": float(np.mean(self.ld_corrupted[v])) if v.any() else math.nan}
+
+    def same(self, other: "PairBaseline") -> bool:
+        """The same runs (corrupted questions, pairs that count, LDs, clean answers), bit for bit."""
+        return self.corrupted == other.corrupted and all(
+            np.array_equal(getattr(self, k), getattr(other, k), equal_nan=True)
+            for k in ("valid", "ld_clean", "ld_corrupted", "clean_prediction"))
+
+
+@dataclass
+class PairRuns:
+    """The clean and the corrupted run of the pairs, which every pair patch is measured against (P pairs): the
+    baseline the table reads, and what the patches and the logit-difference hook need."""
+
+    baseline: PairBaseline
+    answer_clean: np.ndarray  # [P] the clean run's answer token (0 where none)
+    answer_corrupted: np.ndarray  # [P] the corrupted run's
+    corrupted_logits: np.ndarray  # [P, V'] the corrupted run's logits at its answer token
+    corrupted_step: np.ndarray  # [P] its answer step
+    corrupted_tokens: np.ndarray  # [P, G] its generated tokens
+    resid: np.ndarray  # [P, 7, L, d] the clean run's residuals (RecordResiduals)
+    thoughts: np.ndarray  # [P, 6, d] the clean run's fed thoughts
 
     def hooks(self, patch: PairPatch) -> list[Hook]:
         """The patch's hooks on the corrupted run."""
@@ -320,10 +334,10 @@ def pair_runs(model: CODIModel, problems: Sequence[dict], pairs: Sequence[Pair],
     safe_c, safe_x = np.maximum(tok_c, 0), np.maximum(tok_x, 0)
     # float64 like AnswerShift's logit_diff, so patching nothing gives exactly 0
     logits_c, logits_x = ans_c.logits.astype(np.float64), ans_x.logits.astype(np.float64)
-    return PairRuns(questions["corrupted"], valid, safe_c, safe_x,
-                    logits_c[rows, safe_c] - logits_c[rows, safe_x], logits_x[rows, safe_c] - logits_x[rows, safe_x],
-                    np.array([parse_answer(t) for t in gen_c.text], dtype=float), ans_x.logits, ans_x.step,
-                    gen_x.tokens, res_c.resid, th_c.z)
+    baseline = PairBaseline(questions["corrupted"], valid, logits_c[rows, safe_c] - logits_c[rows, safe_x],
+                            logits_x[rows, safe_c] - logits_x[rows, safe_x],
+                            np.array([parse_answer(t) for t in gen_c.text], dtype=float))
+    return PairRuns(baseline, safe_c, safe_x, ans_x.logits, ans_x.step, gen_x.tokens, res_c.resid, th_c.z)
 
 
 def pair_outcomes(model: CODIModel, runs: PairRuns, conditions: Sequence[list], batch_size: int = 16,
@@ -332,12 +346,12 @@ def pair_outcomes(model: CODIModel, runs: PairRuns, conditions: Sequence[list], 
     """(logit difference [P] (nan where not compared), parsed answer [P]) of each hook set of `conditions` on the
     corrupted questions, on the corrupted run's batches (patching nothing reproduces it bit for bit); nothing runs
     (nan) where no pair counts. `checkpoints` and `progress` as in `mean_outcomes`."""
-    p = len(runs.valid)
-    if not runs.valid.any():
+    p = len(runs.baseline.valid)
+    if not runs.baseline.valid.any():
         return [(np.full(p, np.nan), np.full(p, np.nan)) for _ in conditions]
     shifts = [runs.shift() for _ in conditions]
     generations = Runner(model, batch_size, max_new_tokens, stack=stack).run_conditions(
-        runs.corrupted, [[*c, s] for c, s in zip(conditions, shifts)], progress, checkpoints, "pair")
+        runs.baseline.corrupted, [[*c, s] for c, s in zip(conditions, shifts)], progress, checkpoints, "pair")
     return [(s.logit_diff, g.prediction) for s, g in zip(shifts, generations)]
 
 
@@ -345,18 +359,18 @@ PAIR_PATCHING_COLUMNS = ("thought", "layer", "n", "recovery", "ci_low", "ci_high
 
 
 def pair_table(names: Sequence[tuple[str, str]], outcomes: Sequence[tuple[np.ndarray, np.ndarray]],
-               runs: PairRuns, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+               base: PairBaseline, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
     """One row per condition (names: (thought, layer)): recovery [CI] over the pairs that count and
     answers_clean, the share of corrupted answers that become the clean answer (intervals drawn from one
     generator, in table order)."""
     rng = np.random.default_rng(seed)
     rows = []
     for (thought, layer), (ld, prediction) in zip(names, outcomes):
-        use = runs.valid & ~np.isnan(ld)
+        use = base.valid & ~np.isnan(ld)
         rows.append({"thought": thought, "layer": layer, "n": int(use.sum()),
-                     **_recovery(ld[use], runs.ld_clean[use], runs.ld_corrupted[use], n_boot, rng),
-                     "answers_clean": float((prediction[runs.valid] == runs.clean_prediction[runs.valid]).mean())
-                     if runs.valid.any() else math.nan})
+                     **_recovery(ld[use], base.ld_clean[use], base.ld_corrupted[use], n_boot, rng),
+                     "answers_clean": float((prediction[base.valid] == base.clean_prediction[base.valid]).mean())
+                     if base.valid.any() else math.nan})
     return pd.DataFrame(rows, columns=PAIR_PATCHING_COLUMNS)
 
 
@@ -370,11 +384,11 @@ def pair_patching(model: CODIModel, problems: Sequence[dict], pairs: Sequence[Pa
     patches = pair_patches(model.n_layers)
     names = [(thought_name(p.thought), p.layer) for p in patches]
     conditions = [runs.hooks(p) for p in patches]
-    for name, hooks in (extra(runs.corrupted) if extra else []):
+    for name, hooks in (extra(runs.baseline.corrupted) if extra else []):
         names.append((name, ""))
         conditions.append(hooks)
     outcomes = pair_outcomes(model, runs, conditions, batch_size, max_new_tokens, stack)
-    return pair_table(names, outcomes, runs, n_boot, seed), runs.facts()
+    return pair_table(names, outcomes, runs.baseline, n_boot, seed), runs.baseline.facts()
 
 
 def _recovery(ld: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, n_boot: int,

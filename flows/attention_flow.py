@@ -190,6 +190,29 @@ class AttentionFlow(FlowSpec):
             raise CannotContinue(str(e)) from None
         return model
 
+    def _group_model(self, n_groups: int):
+        """The model for one of the n_groups tasks of a foreach step (shards, groups); on CPU the tasks that run side
+        by side on a local machine share its cores."""
+        import torch
+
+        from codi_attn.shards import cpu_threads_per_shard
+
+        model = self._load_model()
+        if model.device.type == "cpu":
+            torch.set_num_threads(cpu_threads_per_shard(n_groups))
+        return model
+
+    @staticmethod
+    def _progress(label: str, tail: str):
+        """A progress callback for a group's run: prints `label: <problems so far> tail` after each batch."""
+        done = [0]
+
+        def progress(k: int) -> None:
+            done[0] += k
+            print(f"{label}: {done[0]} {tail}", flush=True)
+
+        return progress
+
     def _checkpoints(self, *inputs):
         """This task's mid-task checkpoints (codi_attn.checkpoints), keyed by the settings and `inputs`."""
         from codi_attn.checkpoints import task_checkpoints
@@ -274,16 +297,12 @@ class AttentionFlow(FlowSpec):
         """One shard: load the model once, extract every problem (float16 attention, mass split, answers)."""
         from tqdm import tqdm
 
-        import torch
-
         from cards.extract_card import ExtractProgress
-        from codi_attn.shards import check_failures, cpu_threads_per_shard, extract_shard, outcome_line
+        from codi_attn.shards import check_failures, extract_shard, outcome_line
 
         self.shard_index = self.index
         problems = self.input
-        model = self._load_model()
-        if model.device.type == "cpu":  # shards run side by side on a local machine: share its cores
-            torch.set_num_threads(cpu_threads_per_shard(len(self.shards)))
+        model = self._group_model(len(self.shards))
         self.model_info = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads,
                            "n_kv_heads": model.n_kv_heads, "device": str(model.device),
                            "dtype": str(model.dtype).replace("torch.", ""), "is_demo": model.is_demo,
@@ -414,15 +433,10 @@ class AttentionFlow(FlowSpec):
         self.head_scan_part, self.group_index, self.checkpoint_batches = None, self.index, None
         group = [tuple(h) for h in self.input]
         if group:
-            import torch
-
             from codi_attn.heads import scan_heads
-            from codi_attn.shards import cpu_threads_per_shard
 
             s = self.settings
-            model = self._load_model()
-            if model.device.type == "cpu":  # groups run side by side on a local machine: share its cores
-                torch.set_num_threads(cpu_threads_per_shard(len(self.head_groups)))
+            model = self._group_model(len(self.head_groups))
             problems = self._sample()
             checkpoints = self._checkpoints(group)
             self.head_scan_part = scan_heads(
@@ -492,23 +506,12 @@ class AttentionFlow(FlowSpec):
         self.thought_part, self.thought_index, self.checkpoint_batches = None, self.index, None
         units = list(self.input)
         if units:
-            import torch
-
             from codi_attn.contents import analyse_group
-            from codi_attn.shards import cpu_threads_per_shard
 
-            problems = self._sample()
-            model = self._load_model()
-            if model.device.type == "cpu":  # groups run side by side on a local machine: share its cores
-                torch.set_num_threads(cpu_threads_per_shard(len(self.thought_groups)))
-            done = [0]
-
-            def progress(k: int) -> None:
-                done[0] += k
-                print(f"thoughts: {done[0]} problems through the group's {len(units)} unit(s)", flush=True)
-
+            model = self._group_model(len(self.thought_groups))
+            progress = self._progress("thoughts", f"problems through the group's {len(units)} unit(s)")
             checkpoints = self._checkpoints([u.name for u in units])
-            self.thought_part = analyse_group(model, problems, self.thought_plan, units, self.batch_size,
+            self.thought_part = analyse_group(model, self._sample(), self.thought_plan, units, self.batch_size,
                                               self.max_new_tokens, self._stack(), checkpoints, progress)
             self._report_checkpoints(checkpoints)
         current.card.append(Markdown(
@@ -567,22 +570,12 @@ class AttentionFlow(FlowSpec):
         self.validation_part, self.validation_index, self.checkpoint_batches = None, self.index, None
         conds = list(self.input)
         if conds:
-            import torch
-
             from codi_attn.heads import problem_texts
-            from codi_attn.shards import cpu_threads_per_shard
             from codi_attn.validate import validate_group
 
             problems = self._sample()
-            model = self._load_model()
-            if model.device.type == "cpu":  # groups run side by side on a local machine: share its cores
-                torch.set_num_threads(cpu_threads_per_shard(len(self.validation_groups)))
-            done = [0]
-
-            def progress(k: int) -> None:
-                done[0] += k
-                print(f"validate: {done[0]} of {len(problems)} problems through the group's conditions", flush=True)
-
+            model = self._group_model(len(self.validation_groups))
+            progress = self._progress("validate", f"of {len(problems)} problems through the group's conditions")
             checkpoints = self._checkpoints([c.name for c in conds])
             self.validation_part = validate_group(
                 model, *problem_texts(problems), conds, ablation=self.ablation, positions=self.ablation_positions,
