@@ -1,10 +1,11 @@
 """One CODI latent runner with named hook points (codi-spec section 3), in the TransformerLens / nnsight style.
 
 Per batch of left-padded questions: the prefill of question + BOT (sdpa, body only, in groups of similar length
-whose KV caches are joined at the batch width), six thought steps of one position each under eager attention
-(the kernel that returns weights; used for every run, so that all conditions share the baseline's numerics),
-then EOT and greedy decoding (sdpa, LM head on the last position only). The KV cache writes each new position
-into room reserved up front. Left padding with a 2-D attention mask and per-problem position ids gives every
+that write their keys and values straight into their rows of the batch cache, right-aligned at the batch width),
+six thought steps of one position each under eager attention (the kernel that returns weights; used for every
+run, so that all conditions share the baseline's numerics), then EOT and greedy decoding (sdpa, LM head on the
+last position only). The KV cache writes each new position into room reserved up front, in memory kept from
+batch to batch and run to run (codi_attn.kv_cache). Left padding with a 2-D attention mask and per-problem position ids gives every
 problem its batch-of-one result (codi-spec trap 8).
 
 Hook points (k = thought 1..6, l = layer, t = decode step; W = the batch's prompt width: BOT at column W - 1,
@@ -56,10 +57,10 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from codi_attn.answers import normalize_question, parse_answer
 from codi_attn.conventions import N_THOUGHTS, THOUGHTS
+from codi_attn.kv_cache import KVStorage, kv_storage, preallocated_cache
 from codi_attn.model import CODIModel
 from codi_attn.presets import FAMILIES
 
@@ -306,72 +307,6 @@ def number_tokens(model: CODIModel) -> torch.Tensor:
     return mask.to(model.device)
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer that writes new positions into buffers of `capacity` positions reserved at the first update.
-
-    transformers' DynamicLayer concatenates (copies) the whole cache at every step; with a few hundred prompt
-    positions and one new position per thought or decode step, that copy dominated those steps on CPU.
-    `keys`/`values` are views of the used part, so everything that reads the cache sees a DynamicLayer.
-    The buffers grow (one copy) if a batch needs more than `capacity` positions; `rewind` forgets positions.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.used = capacity, 0
-        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError("PreallocatedLayer only appends positions or rewinds (crop, reset and batch "
-                                  "reordering would leave its buffers stale)")
-
-    crop = reset = batch_repeat_interleave = batch_select_indices = _unsupported
-
-    def reserve(self, like: torch.Tensor, batch: int, length: int) -> None:
-        """Start with `length` positions of uninitialised keys and values for `batch` rows, with the heads,
-        head size, dtype and device of `like` [*, H, *, D]: the caller fills them in place through `keys` /
-        `values` (no zero-filled copy of the whole width)."""
-        self.lazy_initialization(like, like)
-        shape = (batch, *like.shape[1:-2], max(self.capacity, length), like.shape[-1])
-        self.buffers = (like.new_empty(shape), like.new_empty(shape))
-        self._view(length)
-
-    def _view(self, used: int) -> None:
-        self.used = used
-        self.keys, self.values = (buffer[..., :used, :] for buffer in self.buffers)
-
-    def rewind(self, length: int) -> None:
-        """Keep only the first `length` positions (their keys and values are untouched)."""
-        if length > self.used:
-            raise ValueError(f"cannot rewind {self.used} cached positions to {length}")
-        self._view(length)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.buffers is None:
-            self.reserve(key_states, key_states.shape[0], 0)
-        n = key_states.shape[-2]
-        if self.used + n > self.buffers[0].shape[-2]:
-            size = 2 * (self.used + n)
-            grown = tuple(t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in self.buffers)
-            for new, old in zip(grown, self.buffers):
-                new[..., : self.used, :] = old[..., : self.used, :]
-            self.buffers = grown
-        for buffer, new in zip(self.buffers, (key_states, value_states)):
-            buffer[..., self.used: self.used + n, :] = new
-        self._view(self.used + n)
-        return self.keys, self.values
-
-
-def preallocated_cache(config, capacity: int) -> DynamicCache:
-    """A DynamicCache for `config` whose layers reserve `capacity` positions (`PreallocatedLayer`)."""
-    cache = DynamicCache(config=config)
-    kinds = {type(layer).__name__ for layer in cache.layers}
-    if kinds != {"DynamicLayer"}:  # e.g. sliding windows, which drop old keys: the join would misalign
-        raise NotImplementedError(f"{config.model_type} asks for KV cache layers {sorted(kinds)}; the runner "
-                                  "supports full-attention models (plain DynamicLayer) only")
-    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
-    return cache
-
-
 def prefill_groups(lengths: Sequence[int], efficiency: float = PREFILL_EFFICIENCY) -> list[list[int]]:
     """Row indices grouped greedily by ascending length so that each group's real tokens are at least
     `efficiency` of its padded tokens (its size x its longest length); one group when the rows are that even."""
@@ -385,6 +320,17 @@ def prefill_groups(lengths: Sequence[int], efficiency: float = PREFILL_EFFICIENC
             groups.append([k])
             total = lengths[k]
     return groups
+
+
+def consecutive_runs(rows: Sequence[int]) -> list[slice]:
+    """`rows` (batch positions) as slices of consecutive positions, e.g. [0, 1, 2, 5, 6] -> [0:3, 5:7]."""
+    runs: list[slice] = []
+    for k in sorted(rows):
+        if runs and runs[-1].stop == k:
+            runs[-1] = slice(runs[-1].start, k + 1)
+        else:
+            runs.append(slice(k, k + 1))
+    return runs
 
 
 def decode_budget(model: CODIModel, prompt_len: int, max_new_tokens: int) -> int:
@@ -414,11 +360,13 @@ class PaddedBatch:
     thought k's key at `key_column(k)`); lengths [B]: real prompt tokens per row; mask [B, S]: the attention mask
     so far (1 = attend); done [B] bool: rows that have emitted their stop token; phase: the forward running
     ('prefill', 'thought.{k}', 'decode.{t}'). `budget` tokens are decoded; the cache reserves room after the
-    prompt for the six thoughts, EOT and every decoded token but the last (which is never fed back).
+    prompt for the six thoughts, EOT and every decoded token but the last (which is never fed back), in the
+    buffers `storage` keeps for `role` where given (codi_attn.kv_cache).
     """
 
     def __init__(self, model: CODIModel, token_ids: list[list[int]], max_new_tokens: int,
-                 rows: Sequence[int] | None = None, preallocate: bool = True):
+                 rows: Sequence[int] | None = None, preallocate: bool = True, storage: KVStorage | None = None,
+                 role: str = "batch"):
         self.model = model
         width = max(map(len, token_ids))
         self.budget = decode_budget(model, width, max_new_tokens)
@@ -437,8 +385,8 @@ class PaddedBatch:
         self.view: PaddedBatch | PrefillGroup = self  # what hooks see: the batch, or the prefill group running
         # room reserved up front, written in place; without it (gradients: autograd cannot follow in-place writes
         # into tensors earlier steps read) a plain DynamicCache and a one-group prefill
-        self.cache = preallocated_cache(model.lm.config, width + N_THOUGHTS + max(self.budget, 1)) if preallocate \
-            else DynamicCache(config=model.lm.config)
+        self.cache = preallocated_cache(model.lm.config, width + N_THOUGHTS + max(self.budget, 1), storage, role) \
+            if preallocate else DynamicCache(config=model.lm.config)
         self.preallocate = preallocate
         # transformers renamed past_key_values to cache (5.2x); an unknown name would be swallowed silently
         self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.base_model.forward).parameters \
@@ -454,49 +402,48 @@ class PaddedBatch:
     def prefill(self, hooks: Hooks | None = None) -> torch.Tensor:
         """Forward the questions + BOT and fill the cache; the last hidden state of each problem [B, d].
 
-        Runs in groups of similar length (`prefill_groups`), each left-padded only to its own longest question
-        (`view` is the group's `PrefillGroup` meanwhile), and writes each group's keys and values into the
-        batch cache at the batch width, zeros to their left (masked out in every later step; zeros, not garbage,
-        so that no NaN can leak through a masked score): each problem still gets its batch-of-one result.
+        Runs in groups of similar length (`prefill_groups`; a group whose rows are not consecutive in the batch
+        runs as one forward per run of consecutive rows), each left-padded only to its own longest question
+        (`view` is the group's `PrefillGroup` meanwhile). Each forward writes its keys and values straight into
+        its rows of the batch cache, right-aligned at the batch width, zeros to their left (masked out in every
+        later step; zeros, not garbage, so that no NaN can leak through a masked score): each problem still gets
+        its batch-of-one result.
         """
         body, config = self.model.lm.base_model, self.model.lm.config
         lengths = self.lengths.tolist()
         groups = prefill_groups(lengths) if self.preallocate else [list(range(len(lengths)))]
-        if len(groups) == 1:  # already even: one forward straight into the batch cache, rows in batch order
-            groups = [list(range(len(lengths)))]
         self.phase = "prefill"
         hidden = self.input_ids.new_empty(len(lengths), config.hidden_size, dtype=self.model.dtype)
         for group in groups:
-            index = torch.tensor(group, device=self.input_ids.device)
             w = max(lengths[k] for k in group)
-            mask = self.prompt_mask[index, self.width - w:]
-            self.view = PrefillGroup(self.model, self.rows[group], w, self.lengths[index], mask)
-            cache = self.cache if len(groups) == 1 else DynamicCache(config=config)
-            ids = self.input_ids[index, self.width - w:]
-            tokens = {"input_ids": ids}
-            if hooks is not None and hooks.get("prefill.embed"):  # [G, w, d] token embeddings: read or replace
-                tokens = {"inputs_embeds": hooks("prefill.embed", self.model.lm.get_input_embeddings()(ids),
-                                                 self.view)}
-            out = body(**tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=True, **{self.cache_arg: cache})
-            hidden[index] = out.last_hidden_state[:, -1]
-            self.view = self
-            if len(groups) == 1:
-                break
-            pad = self.width - w
-            for joined, part in zip(self.cache.layers, cache.layers):
-                if not joined.is_initialized:
-                    joined.reserve(part.keys, len(lengths), self.width)
-                for whole, piece in ((joined.keys, part.keys), (joined.values, part.values)):
-                    whole[index, ..., pad:, :] = piece  # views of the buffers: written in place
-                    if pad:
-                        whole[index, ..., :pad, :] = 0
+            for rows in consecutive_runs(group):
+                mask = self.prompt_mask[rows, self.width - w:]
+                self.view = PrefillGroup(self.model, self.rows[rows], w, self.lengths[rows], mask)
+                cache = self.cache
+                if self.preallocate:
+                    cache = DynamicCache(config=config)
+                    cache.layers = [layer.window(rows, self.width - w, len(lengths), self.width)
+                                    for layer in self.cache.layers]
+                ids = self.input_ids[rows, self.width - w:]
+                tokens = {"input_ids": ids}
+                if hooks is not None and hooks.get("prefill.embed"):  # [G, w, d] token embeddings: read or replace
+                    tokens = {"inputs_embeds": hooks("prefill.embed", self.model.lm.get_input_embeddings()(ids),
+                                                     self.view)}
+                out = body(**tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           use_cache=True, **{self.cache_arg: cache})
+                hidden[rows] = out.last_hidden_state[:, -1]
+                if self.preallocate and w < self.width:
+                    for layer in self.cache.layers:
+                        for buffer in layer.buffers:
+                            buffer[rows, ..., : self.width - w, :] = 0
+        self.view = self
         return hidden
 
-    def repeat(self, times: int) -> "PaddedBatch":
+    def repeat(self, times: int, storage: KVStorage | None = None) -> "PaddedBatch":
         """A batch of `times` copies of this one's rows after the prefill (condition-major: copy c holds rows
-        [c B, (c + 1) B)), with the prompt's keys and values copied into a cache of its own: for conditions that
-        run stacked in one forward. Its room for decoding is small and grows if needed."""
+        [c B, (c + 1) B)), with the prompt's keys and values copied into a cache of its own (in `storage` where
+        given): for conditions that run stacked in one forward. Its room for decoding is small and grows if
+        needed."""
         if not self.preallocate:
             raise RuntimeError("only a preallocated cache repeats")
         out = PaddedBatch.__new__(PaddedBatch)
@@ -506,7 +453,8 @@ class PaddedBatch:
         out.prompt_mask = out.mask = self.prompt_mask.repeat(times, 1)
         out.done = torch.zeros(len(out.rows), dtype=torch.bool, device=self.done.device)
         out.phase, out.view = "prefill", out
-        out.cache = preallocated_cache(self.model.lm.config, self.width + N_THOUGHTS + min(max(self.budget, 1), 32))
+        out.cache = preallocated_cache(self.model.lm.config, self.width + N_THOUGHTS + min(max(self.budget, 1), 32),
+                                       storage, "stacked")
         for mine, theirs in zip(out.cache.layers, self.cache.layers):
             mine.reserve(theirs.keys, len(out.rows), self.width)
             mine.keys.copy_(theirs.keys[..., : self.width, :].repeat(times, *[1] * (theirs.keys.dim() - 1)))
@@ -712,7 +660,7 @@ class Runner:
         shared_ones = [c for c in range(len(conds)) if c not in set(own)]
         stacks = [shared_ones[i: i + self.stack] for i in range(0, len(shared_ones), self.stack)]
         grad_mode = torch.enable_grad() if self.gradients else torch.inference_mode()
-        with grad_mode, self._module_hooks(conds):
+        with grad_mode, self._module_hooks(conds), kv_storage(self.model.lm).lease() as storage:
             for b, (rows, ids) in enumerate(self.batches(questions)):
                 saved = None if checkpoints is None else checkpoints.load(f"{name}-{b}")
                 if saved is not None and saved["rows"] == rows:
@@ -722,7 +670,7 @@ class Runner:
                         for hook, state in zip(hooks, saved["recorded"][c]):
                             hook.restore(rows, state)
                 else:
-                    self._run_batch(rows, ids, conds, own, stacks, tokens)
+                    self._run_batch(rows, ids, conds, own, stacks, tokens, storage)
                     if checkpoints is not None:
                         checkpoints.save(f"{name}-{b}", {
                             "rows": rows, "tokens": [[t[k] for k in rows] for t in tokens],
@@ -732,18 +680,20 @@ class Runner:
         return [self._generation(t) for t in tokens]
 
     def _run_batch(self, rows: list[int], ids: list[list[int]], conds: list[Hooks], own: list[int],
-                   stacks: list[list[int]], tokens: list[list[list[int]]]) -> None:
+                   stacks: list[list[int]], tokens: list[list[list[int]]], storage: KVStorage) -> None:
         """One batch through every condition: those of `own` each on a prefill of its own, the others on one shared
-        prefill, `stacks` of them at a time; the generated ids go to tokens[condition][row]."""
+        prefill, `stacks` of them at a time; the generated ids go to tokens[condition][row]; the caches are
+        written into `storage`."""
         for c in own:
-            batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows, preallocate=not self.gradients)
+            batch = PaddedBatch(self.model, ids, self.max_new_tokens, rows, preallocate=not self.gradients,
+                                storage=storage, role="own")
             stack = Stack([(conds[c], batch)])
             self._active, self._batch = stack, batch
             self._run(batch, batch.prefill(conds[c]), stack, [c], tokens)
         shared, fresh = None, True
         for group in stacks:
             if shared is None:
-                shared = PaddedBatch(self.model, ids, self.max_new_tokens, rows)
+                shared = PaddedBatch(self.model, ids, self.max_new_tokens, rows, storage=storage, role="shared")
                 self._active, self._batch = Stack([(NO_HOOKS, shared)]), shared
                 shared_bot = shared.prefill()
             if len(group) == 1:
@@ -752,7 +702,7 @@ class Runner:
                 batch, bot, fresh = shared, shared_bot.clone(), False
                 stack = Stack([(conds[group[0]], shared)])
             else:
-                batch, bot = shared.repeat(len(group)), shared_bot.repeat(len(group), 1)
+                batch, bot = shared.repeat(len(group), storage), shared_bot.repeat(len(group), 1)
                 stack = Stack([(conds[c], RowView(batch, i * len(rows), len(rows))) for i, c in enumerate(group)])
             self._active, self._batch = stack, batch
             self._run(batch, bot, stack, group, tokens)

@@ -10,7 +10,8 @@ import torch
 
 from codi_attn import runner as runner_mod
 from codi_attn.conventions import N_THOUGHTS, THOUGHTS
-from codi_attn.runner import (PREFILL_EFFICIENCY, PaddedBatch, PreallocatedLayer, Runner, decode_answer, head_dim,
+from codi_attn.kv_cache import PreallocatedLayer, preallocated_cache
+from codi_attn.runner import (PREFILL_EFFICIENCY, PaddedBatch, Runner, consecutive_runs, decode_answer, head_dim,
                               number_tokens, point, point_names, prefill_groups, tokenize_questions)
 
 QUESTIONS = [
@@ -273,13 +274,14 @@ def test_preallocated_layer_equals_concatenation_grows_and_rewinds():
         room.rewind(5)
 
 
-def test_runner_cache_is_preallocated(gpt2_model, monkeypatch):
-    """The cache layers are PreallocatedLayers with room for the thoughts, EOT and the decode budget."""
+def test_runner_cache_is_preallocated_and_its_memory_reused(gpt2_model, monkeypatch):
+    """The cache layers are PreallocatedLayers with room for the thoughts, EOT and the decode budget; the next
+    batch (and the next run) writes into the same memory instead of fresh pages."""
     seen = []
     original = runner_mod.preallocated_cache
 
-    def spy(config, capacity):
-        seen.append(original(config, capacity))
+    def spy(config, capacity, storage=None, role="batch"):
+        seen.append(original(config, capacity, storage, role))
         return seen[-1]
 
     monkeypatch.setattr(runner_mod, "preallocated_cache", spy)
@@ -288,6 +290,32 @@ def test_runner_cache_is_preallocated(gpt2_model, monkeypatch):
     assert all(isinstance(layer, PreallocatedLayer) for layer in layers)
     width = max(len(t) for t in tokenize_questions(gpt2_model, QUESTIONS[:2]))
     assert {layer.buffers[0].shape[-2] for layer in layers} == {width + N_THOUGHTS + 4}  # last token not fed
+    first = [(layer.buffers[0].data_ptr(), layer.buffers[1].data_ptr()) for layer in layers]
+    Runner(gpt2_model, batch_size=1, max_new_tokens=4).run(QUESTIONS[:1])  # another runner, a smaller batch
+    assert [(layer.buffers[0].data_ptr(), layer.buffers[1].data_ptr()) for layer in seen[-1].layers] == first
+    assert len({p for pair in first for p in pair}) == 2 * len(layers)  # one buffer per layer and kind
+
+
+def test_a_run_inside_a_hook_gets_buffers_of_its_own(gpt2_model):
+    """A run started from a hook while another runs on the same model writes into other memory: the outer run's
+    tokens and thoughts equal a plain run's bit for bit."""
+    inner = []
+
+    def nested(value, point, batch):
+        inner.append(Runner(gpt2_model, batch_size=4, max_new_tokens=3).run(QUESTIONS[:1]).tokens)  # fits in ours
+
+    record = [("thought.*.z", lambda value, point, batch: seen.append(value.clone()))]
+    seen: list[torch.Tensor] = []
+    plain = Runner(gpt2_model, batch_size=2, max_new_tokens=3).run(QUESTIONS[1::2], record).tokens
+    want, seen = seen, []
+    got = Runner(gpt2_model, batch_size=2, max_new_tokens=3).run(QUESTIONS[1::2], [("thought.3.z", nested), *record])
+    assert inner and np.array_equal(got.tokens, plain)
+    assert all(torch.equal(a, b) for a, b in zip(seen, want, strict=True))
+
+
+def test_consecutive_runs():
+    assert consecutive_runs([5, 0, 1, 2, 6]) == [slice(0, 3), slice(5, 7)]
+    assert consecutive_runs([3]) == [slice(3, 4)] and consecutive_runs([]) == []
 
 
 @pytest.mark.parametrize("order", ["one group", "several groups"])
@@ -325,7 +353,7 @@ def test_sliding_window_models_are_refused():
     from transformers import MistralConfig
 
     with pytest.raises(NotImplementedError, match="full-attention models"):
-        runner_mod.preallocated_cache(MistralConfig(sliding_window=4, num_hidden_layers=2), 8)
+        preallocated_cache(MistralConfig(sliding_window=4, num_hidden_layers=2), 8)
 
 
 def test_decoding_stops_at_stop_token(gpt2_model, monkeypatch):
