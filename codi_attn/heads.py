@@ -394,19 +394,34 @@ class HeldOut:
     n_random: int  # random sets asked for per selection
 
 
-def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
-             scan: HeadScan, attention: np.ndarray, kind: str = "mean", positions: str = "thoughts",
-             k: int | None = None, n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000,
-             batch_size: int = 16, max_new_tokens: int = 256, stack: int = 1,
-             checkpoints: Checkpoints | None = None) -> HeldOut:
+@dataclass
+class HeldOutPlan:
+    """The held-out test's head sets, chosen on half A: the causal and the composite top-k, then n_random random
+    sets per selection (see `random_head_sets`); each set is ablated on half B (`held_out_part`)."""
+
+    problems_a: np.ndarray
+    problems_b: np.ndarray
+    k: int
+    kind: str
+    positions: str
+    n_random: int
+    sets: list[tuple[str, str, tuple[Head, ...], bool]]  # (name, group, heads, layer-matched)
+    distinct: dict[str, tuple[int, bool]]  # selection -> (distinct random sets, layer-matched)
+
+    def groups(self, size: int) -> list[list[int]]:
+        """The sets' indices in groups of `size`, one held-out task each."""
+        return [list(range(i, min(i + size, len(self.sets)))) for i in range(0, len(self.sets), size)]
+
+
+def plan_held_out(scan: HeadScan, attention: np.ndarray, kind: str = "mean", positions: str = "thoughts",
+                  k: int | None = None, n_random: int = N_RANDOM_SETS, seed: int = 0) -> HeldOutPlan:
     """Select the k heads most harmful to ablate (scan effects on half A) and the k best by composite (on A's
-    attention), ablate each set on half B, against n_random random sets per selection (see `random_head_sets`);
-    with `checkpoints`, half B's baseline and every finished batch are saved as they come and read back."""
+    attention [N, L, H, 6, 6]), and draw the random sets they are compared with (no model needed)."""
     from codi_attn.metrics import head_scores
 
-    n = len(questions)
-    a, b = split_halves(n, seed)
-    k = k or default_k(model)
+    a, b = split_halves(len(scan.base_correct), seed)
+    n_layers, n_heads = attention.shape[1:3]
+    k = k or default_k(n_layers, n_heads)
     sel = scan.effects(a, n_boot=0)
     sel = sel[(sel["kind"] == kind) & (sel["positions"] == positions)]
     if len(sel) < k:
@@ -420,27 +435,74 @@ def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], s
                                                            ("composite top-k", "composite", tuple(composite), True)]
     distinct = {}
     for group, top in (("causal", causal), ("composite", composite)):
-        sets, matched = random_head_sets(top, model.n_layers, model.n_heads, n_random, rng)
+        sets, matched = random_head_sets(top, n_layers, n_heads, n_random, rng)
         distinct[group] = (len(sets), matched)
         named += [(f"random {i + 1} ({group})", f"random ({group})", s, matched) for i, s in enumerate(sets)]
-    qs, gs, ss = ([x[i] for i in b] for x in (questions, golds, solutions))
+    return HeldOutPlan(a, b, k, kind, positions, n_random, named, distinct)
+
+
+@dataclass
+class HeldOutPart:
+    """One group of held-out sets ablated on half B, with the half-B baseline it ran against."""
+
+    indices: list[int]  # the sets' indices in the plan
+    base_correct: np.ndarray  # [|B|] bool
+    base_prediction: np.ndarray  # [|B|]
+    base_logit_diff: np.ndarray  # [|B|]
+    prediction: np.ndarray  # [sets, |B|]
+    logit_diff: np.ndarray  # [sets, |B|] logit(answer) - logit(runner-up) under the ablation
+
+
+def held_out_part(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+                  plan: HeldOutPlan, indices: Sequence[int], batch_size: int = 16, max_new_tokens: int = 256,
+                  stack: int = 1, checkpoints: Checkpoints | None = None) -> HeldOutPart:
+    """Ablate the plan's sets `indices` on half B, against a baseline run on B; with `checkpoints`, the baseline
+    and every finished batch are saved as they come and read back."""
+    qs, gs, ss = ([x[i] for i in plan.problems_b] for x in (questions, golds, solutions))
     runner = Runner(model, batch_size, max_new_tokens, stack=stack)
-    base = remembered(checkpoints, "held-out-baseline", lambda: run_baseline(runner, qs, gs, ss, (kind,),
-                                                                             (positions,)))
-    shifts = [base.shift_hook() for _ in named]
-    generations = runner.run_conditions(qs, [[ablation(model, base, list(heads), kind, positions), shift]
-                                             for (_, _, heads, _), shift in zip(named, shifts)],
-                                        checkpoints=checkpoints, name="held-out")
-    boot = resample_indices(len(b), n_boot, seed)
+    base = remembered(checkpoints, "held-out-baseline", lambda: run_baseline(runner, qs, gs, ss, (plan.kind,),
+                                                                             (plan.positions,)))
+    shifts = [base.shift_hook() for _ in indices]
+    generations = runner.run_conditions(
+        qs, [[ablation(model, base, list(plan.sets[i][2]), plan.kind, plan.positions), shift]
+             for i, shift in zip(indices, shifts)], checkpoints=checkpoints, name="held-out")
+    n = len(qs)
+    return HeldOutPart(list(indices), base.correct, base.prediction, base.logit_diff,
+                       np.array([g.prediction for g in generations]).reshape(len(indices), n),
+                       np.array([s.logit_diff for s in shifts]).reshape(len(indices), n))
+
+
+def join_held_out(plan: HeldOutPlan, parts: Sequence[HeldOutPart], golds: Sequence[str], n_boot: int = 1000,
+                  seed: int = 0) -> HeldOut:
+    """The held-out test from its parts (any grouping, any order): every set's change on B with its interval, and
+    per selection its percentile among the random sets. Refuses parts that miss or repeat a set, or that ran
+    against different baselines."""
+    got = sorted(i for part in parts for i in part.indices)
+    if got != list(range(len(plan.sets))):
+        missing = sorted(set(range(len(plan.sets))) - set(got))
+        raise ValueError(f"the held-out parts do not cover the plan's {len(plan.sets)} sets once each "
+                         f"(missing {missing[:5]}, {len(got) - len(set(got))} repeated)")
+    first = parts[0]
+    for part in parts[1:]:
+        if not (np.array_equal(part.base_correct, first.base_correct)
+                and np.array_equal(part.base_prediction, first.base_prediction, equal_nan=True)):
+            raise ValueError("the held-out parts ran against different baselines on half B (a different model, "
+                             "sample or settings): rerun them together")
+    gs = [golds[i] for i in plan.problems_b]
+    outcome = {i: (part.prediction[j], part.logit_diff[j]) for part in parts for j, i in enumerate(part.indices)}
+    boot = resample_indices(len(plan.problems_b), n_boot, seed)
+    base_correct = first.base_correct.astype(float)
     rows = []
-    for (name, group, heads, matched), gen, shift in zip(named, generations, shifts):
-        delta = correctness(gen.prediction, gs).astype(float) - base.correct.astype(float)
+    for i, (name, group, heads, matched) in enumerate(plan.sets):
+        prediction, logit_diff = outcome[i]
+        correct = correctness(prediction, gs)
+        delta = correct.astype(float) - base_correct
         lo, hi = bootstrap_interval(delta, boot)
-        ld = shift.logit_diff - base.logit_diff
+        ld = logit_diff - first.base_logit_diff
         rows.append({"name": name, "group": group, "heads": " ".join(head_label(*h) for h in heads),
-                     "layer_matched": matched, "accuracy": float(correctness(gen.prediction, gs).mean()),
+                     "layer_matched": matched, "accuracy": float(correct.mean()),
                      "delta_accuracy": float(delta.mean()), "delta_ci_low": lo, "delta_ci_high": hi,
-                     "answers_changed": float(answers_changed(base.prediction, gen.prediction).mean()),
+                     "answers_changed": float(answers_changed(first.base_prediction, prediction).mean()),
                      "logit_diff_change": float(np.nanmean(ld)) if (~np.isnan(ld)).any() else math.nan})
     sets = pd.DataFrame(rows)
     summary = []
@@ -453,14 +515,27 @@ def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], s
                         "delta_ci_low": top["delta_ci_low"], "delta_ci_high": top["delta_ci_high"],
                         "random_mean": float(rand.mean()) if len(rand) else math.nan,
                         "random_sd": float(rand.std(ddof=0)) if len(rand) else math.nan,
-                        "percentile": 100 * more_harmful, "n_random": len(rand), "distinct": distinct[group][0],
-                        "layer_matched": distinct[group][1]})
-    return HeldOut(a, b, k, kind, positions, sets, pd.DataFrame(summary), n_random)
+                        "percentile": 100 * more_harmful, "n_random": len(rand),
+                        "distinct": plan.distinct[group][0], "layer_matched": plan.distinct[group][1]})
+    return HeldOut(plan.problems_a, plan.problems_b, plan.k, plan.kind, plan.positions, sets, pd.DataFrame(summary),
+                   plan.n_random)
 
 
-def default_k(model: CODIModel) -> int:
+def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
+             scan: HeadScan, attention: np.ndarray, kind: str = "mean", positions: str = "thoughts",
+             k: int | None = None, n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000,
+             batch_size: int = 16, max_new_tokens: int = 256, stack: int = 1,
+             checkpoints: Checkpoints | None = None) -> HeldOut:
+    """The whole held-out test in one process: `plan_held_out`, one `held_out_part` of every set, the join."""
+    plan = plan_held_out(scan, attention, kind, positions, k, n_random, seed)
+    part = held_out_part(model, questions, golds, solutions, plan, range(len(plan.sets)), batch_size,
+                         max_new_tokens, stack, checkpoints)
+    return join_held_out(plan, [part], golds, n_boot, seed)
+
+
+def default_k(n_layers: int, n_heads: int) -> int:
     """Top heads compared: a quarter of the heads, at most MAX_K (as the validation)."""
-    return max(1, min(MAX_K, model.n_layers * model.n_heads // K_SHARE))
+    return max(1, min(MAX_K, n_layers * n_heads // K_SHARE))
 
 
 # ---------------------------------------------------------------- attention metrics against the causal effect
@@ -611,25 +686,19 @@ def plan_scan(model: CODIModel, problems: Sequence[dict], kinds: Sequence[str], 
     return estimates, [heads[i: i + group_size] for i in range(0, len(heads), group_size)]
 
 
-def causal_analysis(model: CODIModel, problems: Sequence[dict], parts: Sequence[HeadScan], attention: np.ndarray,
-                    mass: np.ndarray | None, estimates: pd.DataFrame | None, kind: str, positions: str,
-                    n_random: int = N_RANDOM_SETS, seed: int = 0, n_boot: int = 1000, batch_size: int = 16,
-                    max_new_tokens: int = 256, stack: int = 1, checkpoints: Checkpoints | None = None
-                    ) -> tuple[HeadScan, CausalReport]:
-    """The join_heads step: the scan of all groups, the held-out test (checkpointed batch by batch with
-    `checkpoints`) and the report."""
-    questions, golds, solutions = problem_texts(problems)
-    scan = merge_scans(parts)
+def causal_analysis(scan: HeadScan, plan: HeldOutPlan | None, parts: Sequence[HeldOutPart],
+                    problems: Sequence[dict], attention: np.ndarray, mass: np.ndarray | None,
+                    estimates: pd.DataFrame | None, kind: str, positions: str, n_boot: int = 1000, seed: int = 0
+                    ) -> CausalReport:
+    """The join_held_out step: the held-out test joined from its parts, and the causal report."""
     attention = np.asarray(attention, np.float32)
     mass = None if mass is None else np.asarray(mass, np.float32)
-    held = held_out(model, questions, golds, solutions, scan, attention, kind, positions, n_random=n_random,
-                    seed=seed, n_boot=max(n_boot, 1), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    stack=stack, checkpoints=checkpoints) \
-        if len(questions) >= 4 else None
+    _, golds, _ = problem_texts(problems)
+    held = None if plan is None else join_held_out(plan, parts, golds, max(n_boot, 1), seed)
     report = causal_report(scan, attention, mass, estimates, held, kind, positions, max(n_boot, 1), seed=seed)
     if held is None:
         report.notes.append("no held-out test: it needs four problems or more (two per half)")
-    return scan, report
+    return report
 
 
 def compare_causal(reports: Sequence[CausalReport], names: Sequence[str]) -> pd.DataFrame:

@@ -62,9 +62,12 @@ class AttentionFlow(FlowSpec):
                  the heads to scan exactly and splits them into groups
       scan_heads foreach head group: each head ablated alone (mean, zero, resample) on the sample, one baseline
                  and one prefill per batch shared; resumable per group and per batch
+      join_scan  join: every head group's outcomes in one scan
+      plan_held_out  the held-out test's head sets (top heads selected on one half of the problems, random
+                 head sets to compare them with), in groups
+      test_held_out  foreach group of sets: each set ablated on the other half; resumable per group and per batch
       join_heads the causal head report: effects with intervals, critical heads, the attention metrics held
-                 against the effects, top heads selected on one half and tested on the other against
-                 random head sets
+                 against the effects, the held-out top heads against random head sets
       plan_thoughts  the thought analysis's units (the recording run, mean and pair patches), in groups
       analyse_thoughts  foreach group: the recording run (attended question tokens, the residual stream for probes
                  and a lens per layer), or mean patches, or clean -> corrupted patches; resumable per group and per
@@ -131,7 +134,8 @@ class AttentionFlow(FlowSpec):
                                    help="Where heads are ablated: thoughts (the six thought steps) or all (every "
                                         "position: question, thoughts, EOT and decoding; mean and zero only).")
     heads = Parameter("heads", default=True, type=bool,
-                      help="Run the causal head analysis (attribute_heads, scan_heads, join_heads: every head "
+                      help="Run the causal head analysis (attribute_heads, scan_heads, join_scan, plan_held_out, "
+                           "test_held_out, join_heads: every head "
                            "ablated alone, attribution patching, held-out top heads against random head sets); "
                            "--heads false skips it.")
     head_kinds = Parameter("head_kinds", default="mean,zero,resample", type=str,
@@ -144,7 +148,9 @@ class AttentionFlow(FlowSpec):
                           help="Which heads the exact scan ablates: all, or top:M (the M heads the attribution "
                                "estimate ranks most harmful, for models with many heads on a small machine).")
     head_group_size = Parameter("head_group_size", default=32, type=int,
-                                help="Heads per scan_heads task (a failed group is rerun alone by resume).")
+                                help="Heads per scan_heads task, and head sets per test_held_out task (a failed group "
+                                     "is rerun alone by resume; a multiple of the conditions stacked per forward, "
+                                     "--condition_rows / --batch_size, keeps results bit for bit those of one task).")
     head_random_sets = Parameter("head_random_sets", default=50, type=int,
                                  help="Random head sets the held-out top heads are compared with (per selection).")
     thought_analysis = Parameter("thought_analysis", default=True, type=bool,
@@ -446,29 +452,85 @@ class AttentionFlow(FlowSpec):
             self._report_checkpoints(checkpoints)
         current.card.append(Markdown(f"# Scan heads: group {self.index + 1} of {len(self.head_groups)}\n\n"
                                      f"{len(group)} heads: {' '.join(f'L{l}H{h}' for l, h in group) or 'none'}."))
-        self.next(self.join_heads)
+        self.next(self.join_scan)
 
-    @resources(gpu=1, cpu=4, memory=32000)
     @card(type="blank")
     @step
-    def join_heads(self, inputs):
-        """Join the head groups: the causal head report (effects, critical heads, metrics vs effects, held-out test)."""
+    def join_scan(self, inputs):
+        """Join the head groups: every single-head ablation's outcomes in one scan."""
         from metaflow.cards import Markdown
 
         self.merge_artifacts(inputs, exclude=["head_scan_part", "group_index", "checkpoint_batches"])
         parts = [i.head_scan_part for i in sorted(inputs, key=lambda i: i.group_index) if i.head_scan_part is not None]
-        self.head_ablations = self.causal_report = self.head_effects = self.checkpoint_batches = None
+        self.head_ablations = None
         if parts:
+            from codi_attn.heads import merge_scans
+
+            self.head_ablations = merge_scans(parts)
+        current.card.append(Markdown("# Join scan\n\n" + (
+            f"{len(self.head_ablations)} single-head ablations from {len(parts)} group(s)." if parts
+            else "Skipped (`--heads false`).")))
+        self.next(self.plan_held_out)
+
+    @card(type="blank")
+    @step
+    def plan_held_out(self):
+        """The held-out test's head sets: top heads chosen on half A, random sets to compare them with, in groups."""
+        from metaflow.cards import Markdown
+
+        self.held_out_plan, self.held_out_groups = None, [[]]
+        if self.head_ablations is not None and len(self.problem_ids) >= 4:
+            from codi_attn.heads import plan_held_out
+
+            s = self.settings
+            self.held_out_plan = plan_held_out(self.head_ablations, self.attention_raw.astype("float32"),
+                                               s["head_kinds"][0], s["head_positions"][0],
+                                               n_random=self.head_random_sets, seed=self.seed)
+            self.held_out_groups = self.held_out_plan.groups(self.head_group_size)
+        current.card.append(Markdown("# Plan held-out test\n\n" + (
+            f"{len(self.held_out_plan.sets)} head sets (k = {self.held_out_plan.k}) to ablate on half B "
+            f"({len(self.held_out_plan.problems_b)} problems) in {len(self.held_out_groups)} group(s)."
+            if self.held_out_plan is not None else "No held-out test (`--heads false`, or fewer than four problems).")))
+        self.next(self.test_held_out, foreach="held_out_groups")
+
+    @resources(gpu=1, cpu=4, memory=32000)
+    @card(type="blank")
+    @step
+    def test_held_out(self):
+        """One group of held-out head sets, each ablated on half B against half B's baseline."""
+        from metaflow.cards import Markdown
+
+        self.held_out_part, self.group_index, self.checkpoint_batches = None, self.index, None
+        if self.input:
+            from codi_attn.heads import held_out_part, problem_texts
+
+            checkpoints = self._checkpoints("held-out", [list(self.held_out_plan.sets[i][2]) for i in self.input])
+            self.held_out_part = held_out_part(
+                self._group_model(len(self.held_out_groups)), *problem_texts(self._sample()), self.held_out_plan,
+                self.input, self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
+            self._report_checkpoints(checkpoints)
+        current.card.append(Markdown(f"# Test held-out sets: group {self.index + 1} of {len(self.held_out_groups)}"
+                                     f"\n\n{len(self.input)} head set(s)."))
+        self.next(self.join_heads)
+
+    @card(type="blank")
+    @step
+    def join_heads(self, inputs):
+        """Join the held-out groups: the causal head report (effects, critical heads, metrics vs effects, held-out test)."""
+        from metaflow.cards import Markdown
+
+        self.merge_artifacts(inputs, exclude=["held_out_part", "group_index", "checkpoint_batches"])
+        parts = [i.held_out_part for i in inputs if i.held_out_part is not None]
+        self.causal_report = self.head_effects = None
+        if self.head_ablations is not None:
             from cards.heads_card import heads_card
             from codi_attn.heads import causal_analysis
 
             s = self.settings
-            checkpoints = self._checkpoints("held-out", [p.heads for p in parts])
-            self.head_ablations, self.causal_report = causal_analysis(
-                self._load_model(), self._sample(), parts, self.attention_raw, self.attention_mass,
-                self.head_estimates, s["head_kinds"][0], s["head_positions"][0], self.head_random_sets, self.seed,
-                self.n_boot, self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
-            self._report_checkpoints(checkpoints)
+            self.causal_report = causal_analysis(
+                self.head_ablations, self.held_out_plan, parts, self._sample(), self.attention_raw,
+                self.attention_mass, self.head_estimates, s["head_kinds"][0], s["head_positions"][0], self.n_boot,
+                self.seed)
             self.head_effects = self.causal_report.head_effects
             current.card.extend(heads_card(self.causal_report, self.ranked_heads))
         else:

@@ -19,8 +19,9 @@ import pytest
 
 from flowrun import FLOW_FILE, ROOT, s3_client
 
-GPU_STEPS = {"extract", "attribute_heads", "scan_heads", "join_heads", "analyse_thoughts", "validate_conditions"}
-FOREACH = [("sample", "shards", "extract", "aggregate"), ("attribute_heads", "head_groups", "scan_heads", "join_heads"),
+GPU_STEPS = {"extract", "attribute_heads", "scan_heads", "test_held_out", "analyse_thoughts", "validate_conditions"}
+FOREACH = [("sample", "shards", "extract", "aggregate"), ("attribute_heads", "head_groups", "scan_heads", "join_scan"),
+           ("plan_held_out", "held_out_groups", "test_held_out", "join_heads"),
            ("plan_thoughts", "thought_groups", "analyse_thoughts", "join_thoughts"),
            ("plan_validation", "validation_groups", "validate_conditions", "validate_heads")]  # parent, var, body, join
 
@@ -81,7 +82,8 @@ def test_pods_request_gpus_with_the_readme_configuration(workflow):
     assert wf["kind"] == "WorkflowTemplate" and wf["metadata"]["namespace"] == config["METAFLOW_KUBERNETES_NAMESPACE"]
     pods = {n: t for n, t in steps.items() if "metaflow/step_name" in t.get("metadata", {}).get("annotations", {})}
     assert {t["metadata"]["annotations"]["metaflow/step_name"] for t in pods.values()} == {
-        "start", "sample", *GPU_STEPS, "aggregate", "metrics", "plan_thoughts", "join_thoughts", "plan_validation",
+        "start", "sample", *GPU_STEPS, "aggregate", "metrics", "join_scan", "plan_held_out", "join_heads",
+        "plan_thoughts", "join_thoughts", "plan_validation",
         "validate_heads", "compare", "end"}
     for n, t in pods.items():
         c = t["container"]

@@ -149,7 +149,7 @@ def test_checkpointed_run_refuses_hooks_whose_state_it_cannot_save(gpt2_model, f
 
 
 def test_held_out_interrupted_redoes_only_the_batches_left(gpt2_model, files):
-    """join_heads' held-out test: half B's baseline and finished batches come back; the sets equal an uninterrupted
+    """test_held_out: half B's baseline and finished batches come back; the sets equal an uninterrupted
     run's."""
     import pandas as pd
 

@@ -17,7 +17,8 @@ import torch
 from codi_attn.prepack import can_prepack
 from flowrun import FLOW_FILE, N, card_data, run_flow, seed42_ids, tiny_params, use_datastore
 
-STEPS = ["start", "sample", "extract", "aggregate", "metrics", "attribute_heads", "scan_heads", "join_heads",
+STEPS = ["start", "sample", "extract", "aggregate", "metrics", "attribute_heads", "scan_heads", "join_scan",
+         "plan_held_out", "test_held_out", "join_heads",
          "plan_thoughts", "analyse_thoughts", "join_thoughts", "plan_validation", "validate_conditions",
          "validate_heads", "compare", "end"]
 

@@ -2,6 +2,8 @@
 patching against the exact first-order change, random sets, the held-out split, shards, correlations, the card."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -155,6 +157,32 @@ def test_held_out_selects_on_a_and_measures_on_b(gpt2_model):
     assert (held.summary["n_random"] == 5).all() and (held.summary["percentile"].between(0, 100)).all()
 
 
+def test_held_out_groups_joined_in_any_order_equal_one_process(gpt2_model):
+    """The flow's held-out tasks: sets ablated in groups (each group with its own half-B baseline), joined in any
+    order, give the one-process test exactly; the join refuses missing, repeated and mismatched parts."""
+    import pandas as pd
+
+    scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
+    attention = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=1).attention
+    options = {"batch_size": 2, "max_new_tokens": 3}
+    whole = H.held_out(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, scan, attention, k=2, n_random=5, n_boot=50,
+                       **options)
+    plan = H.plan_held_out(scan, attention, k=2, n_random=5)
+    groups = plan.groups(3)
+    assert len(groups) == 4 and sorted(i for g in groups for i in g) == list(range(len(plan.sets)))
+    parts = [H.held_out_part(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, plan, g, **options) for g in groups]
+    joined = H.join_held_out(plan, parts[::-1], GOLDS, n_boot=50)
+    pd.testing.assert_frame_equal(joined.sets, whole.sets, check_exact=True)
+    pd.testing.assert_frame_equal(joined.summary, whole.summary, check_exact=True)
+    with pytest.raises(ValueError, match="do not cover"):
+        H.join_held_out(plan, parts[1:], GOLDS)
+    with pytest.raises(ValueError, match="do not cover"):
+        H.join_held_out(plan, [*parts, parts[0]], GOLDS)
+    other = dataclasses.replace(parts[1], base_correct=~parts[1].base_correct)
+    with pytest.raises(ValueError, match="different baselines"):
+        H.join_held_out(plan, [parts[0], other, *parts[2:]], GOLDS)
+
+
 def test_correlations_find_a_planted_relation():
     """Heads whose ablation costs more have a higher composite by construction: Spearman 1 on both effects."""
     from codi_attn.metrics import head_scores
@@ -181,6 +209,14 @@ def test_correlations_find_a_planted_relation():
     assert set(corr.index.get_level_values(0)) == set(H.METRICS)
 
 
+def causal(model, problems, scan, ex, kind, positions, n_random, n_boot, batch_size, max_new_tokens):
+    """The flow's plan_held_out -> test_held_out groups -> join_heads, in one process: (scan, report)."""
+    plan = H.plan_held_out(scan, ex.attention, kind, positions, n_random=n_random)
+    parts = [H.held_out_part(model, QUESTIONS, GOLDS, SOLUTIONS, plan, group, batch_size, max_new_tokens)
+             for group in plan.groups(4)]
+    return scan, H.causal_analysis(scan, plan, parts, problems, ex.attention, ex.mass, None, kind, positions, n_boot)
+
+
 def test_report_card_and_figures(gpt2_model):
     from cards.heads_card import heads_card, verdict
     from codi_attn.metrics import head_scores
@@ -189,8 +225,8 @@ def test_report_card_and_figures(gpt2_model):
     ex = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3)
     scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean", "zero"), batch_size=2,
                         max_new_tokens=3)
-    scan, report = H.causal_analysis(gpt2_model, problems, [scan], ex.attention, ex.mass, None, "mean", "thoughts",
-                                     n_random=4, n_boot=50, batch_size=2, max_new_tokens=3)
+    scan, report = causal(gpt2_model, problems, scan, ex, "mean", "thoughts", n_random=4, n_boot=50, batch_size=2,
+                          max_new_tokens=3)
     assert len(report.head_effects) == 2 * 8 and {"composite", "incoming", "thought_share"} <= set(
         report.head_effects.columns)
     ranked = head_scores(ex.attention)
@@ -212,8 +248,8 @@ def test_causal_comparison_across_models(gpt2_model, llama_model):
         ex = extract(model, QUESTIONS, GOLDS, max_new_tokens=2)
         scan = H.scan_heads(model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("zero",), positions=("all",), batch_size=4,
                             max_new_tokens=2)
-        reports.append(H.causal_analysis(model, problems, [scan], ex.attention, ex.mass, None, "zero", "all",
-                                         n_random=3, n_boot=20, batch_size=4, max_new_tokens=2)[1])
+        reports.append(causal(model, problems, scan, ex, "zero", "all", n_random=3, n_boot=20, batch_size=4,
+                              max_new_tokens=2)[1])
     df = H.compare_causal(reports, ("gpt2", "llama"))
     assert list(df["model"]) == ["gpt2", "llama"]
     for report, row in zip(reports, df.itertuples()):
