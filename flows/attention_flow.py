@@ -509,8 +509,11 @@ class AttentionFlow(FlowSpec):
                 self._group_model(len(self.held_out_groups)), *problem_texts(self._sample()), self.held_out_plan,
                 self.input, self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
             self._report_checkpoints(checkpoints)
-        current.card.append(Markdown(f"# Test held-out sets: group {self.index + 1} of {len(self.held_out_groups)}"
-                                     f"\n\n{len(self.input)} head set(s)."))
+        sets = [self.held_out_plan.sets[i] for i in self.input] if self.input else []
+        current.card.append(Markdown(
+            f"# Test held-out sets: group {self.index + 1} of {len(self.held_out_groups)}\n\n"
+            f"{len(sets)} head set(s) ablated on half B:\n\n"
+            + "\n".join(f"- {name}: {' '.join(f'L{l}H{h}' for l, h in heads)}" for name, _, heads, _ in sets)))
         self.next(self.join_heads)
 
     @card(type="blank")
