@@ -13,9 +13,9 @@ Three variants run on the same model and the same GSM8K problems (a seed-42 samp
   (b) plain: the project's runner (`codi_attn.runner.Runner`) with no hooks: CODI latent inference without
       any capture, the same length-sorted batches as (c) at (c)'s best batch size, left padding with a 2-D
       mask and per-problem positions, body only with the LM head on the last position; the prefill runs in
-      length groups (each group >= 95% real tokens, codi_attn.runner.prefill_groups) whose KV caches are
-      joined into preallocated buffers; sdpa for the prefill and decoding, eager for the six one-query
-      thought steps (as in (c)).
+      length groups (each group >= 95% real tokens, codi_attn.runner.prefill_groups) that write their keys
+      and values into preallocated buffers kept between batches (codi_attn.kv_cache); sdpa for the prefill
+      and decoding, eager for the six one-query thought steps (as in (c)).
       This is the floor that (c) is measured against: capture_overhead = time(c) / time(b) - 1, so it
       counts the cost of the capture hook plus anything else (c) does slower than plain inference.
   (c) project: `codi_attn.extract.extract` at the best of the --batch-size values (streamed shard by shard

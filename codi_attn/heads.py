@@ -446,6 +446,7 @@ class HeldOutPart:
     """One group of held-out sets ablated on half B, with the half-B baseline it ran against."""
 
     indices: list[int]  # the sets' indices in the plan
+    heads: list[tuple[Head, ...]]  # the heads each of those sets ablated
     base_correct: np.ndarray  # [|B|] bool
     base_prediction: np.ndarray  # [|B|]
     base_logit_diff: np.ndarray  # [|B|]
@@ -467,25 +468,32 @@ def held_out_part(model: CODIModel, questions: Sequence[str], golds: Sequence[st
         qs, [[ablation(model, base, list(plan.sets[i][2]), plan.kind, plan.positions), shift]
              for i, shift in zip(indices, shifts)], checkpoints=checkpoints, name="held-out")
     n = len(qs)
-    return HeldOutPart(list(indices), base.correct, base.prediction, base.logit_diff,
+    return HeldOutPart(list(indices), [plan.sets[i][2] for i in indices], base.correct, base.prediction,
+                       base.logit_diff,
                        np.array([g.prediction for g in generations]).reshape(len(indices), n),
                        np.array([s.logit_diff for s in shifts]).reshape(len(indices), n))
 
 
 def join_held_out(plan: HeldOutPlan, parts: Sequence[HeldOutPart], golds: Sequence[str], n_boot: int = 1000,
                   seed: int = 0) -> HeldOut:
-    """The held-out test from its parts (any grouping, any order): every set's change on B with its interval, and
-    per selection its percentile among the random sets. Refuses parts that miss or repeat a set, or that ran
-    against different baselines."""
+    """The held-out test from its parts, in any order (equal to one process bit for bit where each group's size
+    is a multiple of the conditions stacked per forward): every set's change on B with its interval, and per
+    selection its percentile among the random sets. Refuses parts that miss or repeat a set, ablated other heads
+    than the plan's, or ran against different baselines."""
     got = sorted(i for part in parts for i in part.indices)
     if got != list(range(len(plan.sets))):
         missing = sorted(set(range(len(plan.sets))) - set(got))
         raise ValueError(f"the held-out parts do not cover the plan's {len(plan.sets)} sets once each "
                          f"(missing {missing[:5]}, {len(got) - len(set(got))} repeated)")
+    for part in parts:
+        if part.heads != [plan.sets[i][2] for i in part.indices]:
+            raise ValueError(f"a held-out part ablated other heads than the plan's sets {part.indices[:3]}...: it "
+                             "comes from another plan (another scan or seed)")
     first = parts[0]
     for part in parts[1:]:
         if not (np.array_equal(part.base_correct, first.base_correct)
-                and np.array_equal(part.base_prediction, first.base_prediction, equal_nan=True)):
+                and np.array_equal(part.base_prediction, first.base_prediction, equal_nan=True)
+                and np.array_equal(part.base_logit_diff, first.base_logit_diff, equal_nan=True)):
             raise ValueError("the held-out parts ran against different baselines on half B (a different model, "
                              "sample or settings): rerun them together")
     gs = [golds[i] for i in plan.problems_b]
@@ -690,7 +698,7 @@ def causal_analysis(scan: HeadScan, plan: HeldOutPlan | None, parts: Sequence[He
                     problems: Sequence[dict], attention: np.ndarray, mass: np.ndarray | None,
                     estimates: pd.DataFrame | None, kind: str, positions: str, n_boot: int = 1000, seed: int = 0
                     ) -> CausalReport:
-    """The join_held_out step: the held-out test joined from its parts, and the causal report."""
+    """The join_heads step: the held-out test joined from its parts, and the causal report."""
     attention = np.asarray(attention, np.float32)
     mass = None if mass is None else np.asarray(mass, np.float32)
     _, golds, _ = problem_texts(problems)

@@ -20,7 +20,8 @@ from transformers.cache_utils import DynamicLayer
 
 class KVStorage:
     """Memory for KV caches: one flat key buffer and one flat value buffer per (role, layer), handed out again to
-    every later batch and run (grown when one needs more; the largest batch's cache stays allocated)."""
+    every later batch and run (replaced by larger ones when a batch needs more: the largest batch's cache stays
+    allocated while the model lives; a cache that outgrows its reserved room mid-batch grows outside it)."""
 
     def __init__(self):
         self.flat: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -39,7 +40,8 @@ class KVStorage:
     @contextmanager
     def lease(self) -> Iterator["KVStorage"]:
         """This storage for one run, or a fresh one while another run holds it (e.g. a run started from inside a
-        hook): two runs never write into the same buffers."""
+        hook): two runs in one thread never write into the same buffers. Not for runs in parallel threads on one
+        model (they would need a lock here)."""
         if self.leased:
             yield KVStorage()
             return

@@ -5,8 +5,9 @@ that write their keys and values straight into their rows of the batch cache, ri
 six thought steps of one position each under eager attention (the kernel that returns weights; used for every
 run, so that all conditions share the baseline's numerics), then EOT and greedy decoding (sdpa, LM head on the
 last position only). The KV cache writes each new position into room reserved up front, in memory kept from
-batch to batch and run to run (codi_attn.kv_cache). Left padding with a 2-D attention mask and per-problem position ids gives every
-problem its batch-of-one result (codi-spec trap 8).
+batch to batch and run to run (codi_attn.kv_cache: `batch.cache` is valid only while its batch runs). Left
+padding with a 2-D attention mask and per-problem position ids gives every problem its batch-of-one result
+(codi-spec trap 8).
 
 Hook points (k = thought 1..6, l = layer, t = decode step; W = the batch's prompt width: BOT at column W - 1,
 thought j's key at column W + j - 1; V' = embedding rows, V + 3):
@@ -35,8 +36,9 @@ width, the attention mask and which problems have finished decoding. Attach hook
 (pattern, fn) pairs. Never modify `value` in place: return the replacement.
 
 The prefill runs in groups of rows of similar length, so `prefill.embed`, `prefill.head_in.{l}` and
-`prefill.resid.{l}` fire once per group, with a `PrefillGroup` as `batch` (its rows, width and mask); every
-other point fires once per batch.
+`prefill.resid.{l}` fire once per group (once per run of consecutive rows of a group, where a caller's batch
+is not sorted by length; the Runner's always is), with a `PrefillGroup` as `batch` (its rows, width and mask);
+every other point fires once per batch.
 
 `Runner.run` runs one set of hooks; `Runner.run_conditions` runs several on the same batches and computes each
 batch's prefill once for every condition without prefill hooks (the cache is rewound to the prompt between
@@ -643,7 +645,7 @@ class Runner:
         """Run every hook set of `conditions` on the same batches; one Generation per condition.
 
         Per batch the prefill runs once for all conditions without prefill hooks, the cache rewound to the
-        prompt before each; a condition with prefill hooks gets a prefill of its own, in one group.
+        prompt before each; a condition with prefill hooks gets a prefill of its own.
         `checkpoints` (codi_attn.checkpoints.Checkpoints): each finished batch's tokens and the hooks' `recorded`
         rows are saved there as `{name}-{i}`, and a batch found there is restored instead of run.
         """

@@ -504,7 +504,8 @@ class AttentionFlow(FlowSpec):
         if self.input:
             from codi_attn.heads import held_out_part, problem_texts
 
-            checkpoints = self._checkpoints("held-out", [list(self.held_out_plan.sets[i][2]) for i in self.input])
+            checkpoints = self._checkpoints("held-out", [self.problem_ids[i] for i in self.held_out_plan.problems_b],
+                                            [list(self.held_out_plan.sets[i][2]) for i in self.input])
             self.held_out_part = held_out_part(
                 self._group_model(len(self.held_out_groups)), *problem_texts(self._sample()), self.held_out_plan,
                 self.input, self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
@@ -512,14 +513,16 @@ class AttentionFlow(FlowSpec):
         sets = [self.held_out_plan.sets[i] for i in self.input] if self.input else []
         current.card.append(Markdown(
             f"# Test held-out sets: group {self.index + 1} of {len(self.held_out_groups)}\n\n"
-            f"{len(sets)} head set(s) ablated on half B:\n\n"
-            + "\n".join(f"- {name}: {' '.join(f'L{l}H{h}' for l, h in heads)}" for name, _, heads, _ in sets)))
+            + (f"{len(sets)} head set(s) ablated on half B:\n\n"
+               + "\n".join(f"- {name}: {' '.join(f'L{l}H{h}' for l, h in heads)}" for name, _, heads, _ in sets)
+               if sets else "Skipped: no held-out test in this run.")))
         self.next(self.join_heads)
 
     @card(type="blank")
     @step
     def join_heads(self, inputs):
-        """Join the held-out groups: the causal head report (effects, critical heads, metrics vs effects, held-out test)."""
+        """Join the held-out groups: the causal head report (effects, critical heads, metrics vs effects, held-out
+        test)."""
         from metaflow.cards import Markdown
 
         self.merge_artifacts(inputs, exclude=["held_out_part", "group_index", "checkpoint_batches"])

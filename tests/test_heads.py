@@ -158,8 +158,9 @@ def test_held_out_selects_on_a_and_measures_on_b(gpt2_model):
 
 
 def test_held_out_groups_joined_in_any_order_equal_one_process(gpt2_model):
-    """The flow's held-out tasks: sets ablated in groups (each group with its own half-B baseline), joined in any
-    order, give the one-process test exactly; the join refuses missing, repeated and mismatched parts."""
+    """The flow's held-out tasks: sets ablated in groups (each group with its own half-B baseline; one condition
+    per forward), joined in any order, give the one-process test exactly; the join refuses missing, repeated and
+    mismatched parts."""
     import pandas as pd
 
     scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
@@ -178,9 +179,13 @@ def test_held_out_groups_joined_in_any_order_equal_one_process(gpt2_model):
         H.join_held_out(plan, parts[1:], GOLDS)
     with pytest.raises(ValueError, match="do not cover"):
         H.join_held_out(plan, [*parts, parts[0]], GOLDS)
-    other = dataclasses.replace(parts[1], base_correct=~parts[1].base_correct)
-    with pytest.raises(ValueError, match="different baselines"):
-        H.join_held_out(plan, [parts[0], other, *parts[2:]], GOLDS)
+    for change in ({"base_correct": ~parts[1].base_correct}, {"base_logit_diff": parts[1].base_logit_diff + 1e-6}):
+        other = dataclasses.replace(parts[1], **change)
+        with pytest.raises(ValueError, match="different baselines"):
+            H.join_held_out(plan, [parts[0], other, *parts[2:]], GOLDS)
+    foreign = dataclasses.replace(parts[2], heads=parts[1].heads)
+    with pytest.raises(ValueError, match="another plan"):
+        H.join_held_out(plan, [parts[0], parts[1], foreign, parts[3]], GOLDS)
 
 
 def test_correlations_find_a_planted_relation():
