@@ -436,6 +436,8 @@ class AttentionFlow(FlowSpec):
         """One group of heads: each ablated alone, once per kind and positions, on the whole sample."""
         from metaflow.cards import Markdown
 
+        from codi_attn.conventions import head_label
+
         self.head_scan_part, self.group_index, self.checkpoint_batches = None, self.index, None
         group = [tuple(h) for h in self.input]
         if group:
@@ -451,7 +453,7 @@ class AttentionFlow(FlowSpec):
                 self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
             self._report_checkpoints(checkpoints)
         current.card.append(Markdown(f"# Scan heads: group {self.index + 1} of {len(self.head_groups)}\n\n"
-                                     f"{len(group)} heads: {' '.join(f'L{l}H{h}' for l, h in group) or 'none'}."))
+                                     f"{len(group)} heads: {' '.join(head_label(*h) for h in group) or 'none'}."))
         self.next(self.join_scan)
 
     @card(type="blank")
@@ -500,7 +502,9 @@ class AttentionFlow(FlowSpec):
         """One group of held-out head sets, each ablated on half B against half B's baseline."""
         from metaflow.cards import Markdown
 
-        self.held_out_part, self.group_index, self.checkpoint_batches = None, self.index, None
+        from codi_attn.conventions import head_label
+
+        self.held_out_part, self.checkpoint_batches = None, None
         if self.input:
             from codi_attn.heads import held_out_part, problem_texts
 
@@ -514,7 +518,7 @@ class AttentionFlow(FlowSpec):
         current.card.append(Markdown(
             f"# Test held-out sets: group {self.index + 1} of {len(self.held_out_groups)}\n\n"
             + (f"{len(sets)} head set(s) ablated on half B:\n\n"
-               + "\n".join(f"- {name}: {' '.join(f'L{l}H{h}' for l, h in heads)}" for name, _, heads, _ in sets)
+               + "\n".join(f"- {name}: {' '.join(head_label(*h) for h in heads)}" for name, _, heads, _ in sets)
                if sets else "Skipped: no held-out test in this run.")))
         self.next(self.join_heads)
 
@@ -525,7 +529,7 @@ class AttentionFlow(FlowSpec):
         test)."""
         from metaflow.cards import Markdown
 
-        self.merge_artifacts(inputs, exclude=["held_out_part", "group_index", "checkpoint_batches"])
+        self.merge_artifacts(inputs, exclude=["held_out_part", "checkpoint_batches"])
         parts = [i.held_out_part for i in inputs if i.held_out_part is not None]
         self.causal_report = self.head_effects = None
         if self.head_ablations is not None:
