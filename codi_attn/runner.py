@@ -4,10 +4,11 @@ Per batch of left-padded questions: the prefill of question + BOT (sdpa, body on
 that write their keys and values straight into their rows of the batch cache, right-aligned at the batch width),
 six thought steps of one position each under eager attention (the kernel that returns weights; used for every
 run, so that all conditions share the baseline's numerics), then EOT and greedy decoding (sdpa, LM head on the
-last position only). The KV cache writes each new position into room reserved up front, in memory kept from
-batch to batch and run to run (codi_attn.kv_cache: `batch.cache` is valid only while its batch runs). Left
-padding with a 2-D attention mask and per-problem position ids gives every problem its batch-of-one result
-(codi-spec trap 8).
+last position only). On CPU these one-position steps attend only to the keys each row can see, not to the
+batch's left padding (codi_attn.windowed_attention). The KV cache writes each new position into room reserved
+up front, in memory kept from batch to batch and run to run (codi_attn.kv_cache: `batch.cache` is valid only
+while its batch runs). Left padding with a 2-D attention mask and per-problem position ids gives every problem
+its batch-of-one result (codi-spec trap 8).
 
 Hook points (k = thought 1..6, l = layer, t = decode step; W = the batch's prompt width: BOT at column W - 1,
 thought j's key at column W + j - 1; V' = embedding rows, V + 3):
@@ -65,6 +66,7 @@ from codi_attn.conventions import N_THOUGHTS, THOUGHTS
 from codi_attn.kv_cache import KVStorage, kv_storage, preallocated_cache
 from codi_attn.model import CODIModel
 from codi_attn.presets import FAMILIES
+from codi_attn.windowed_attention import windowed_implementation
 
 PREFILL_EFFICIENCY = 0.95  # each prefill group's real tokens are at least this share of its padded tokens
 CONDITION_ROWS = 256  # rows of one forward when the causal analyses stack conditions (conditions x batch size)
@@ -737,7 +739,7 @@ class Runner:
             batch.mask = dispatch(f"thought.{k}.mask", batch.mask)
             return hidden
 
-        with attention_implementation(model.lm, "eager"):
+        with attention_implementation(model.lm, windowed_implementation(model.lm, "eager")):
             thought_steps(model.prj, thought, dispatch("prefill", bot), dispatch)
         if not batch.budget:  # no room to decode: EOT would yield logits nobody reads
             return torch.zeros(len(batch), 0, dtype=torch.long)
@@ -746,8 +748,10 @@ class Runner:
         def feed(token: torch.Tensor, t: int) -> torch.Tensor:
             return head(batch.forward(embed(token), f"decode.{t}"))
 
-        logits = feed(torch.full((len(batch),), model.eot_id, device=model.device), 0)
-        return greedy_steps(logits, feed, batch.budget, model.stop_ids, model.eot_id, dispatch, batch.done)
+        decoding = windowed_implementation(model.lm, model.lm.config._attn_implementation)
+        with attention_implementation(model.lm, decoding):
+            logits = feed(torch.full((len(batch),), model.eot_id, device=model.device), 0)
+            return greedy_steps(logits, feed, batch.budget, model.stop_ids, model.eot_id, dispatch, batch.done)
 
     # ---- per-layer points: module hooks that dispatch to the current condition's hooks at the current phase
 

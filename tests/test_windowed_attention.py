@@ -1,0 +1,109 @@
+"""Windowed attention of the one-query steps: the runs of rows and their windows, the twins against the full-width
+kernels (eager weights, sdpa, grouped KV heads), the runner's results with and without windows, where it applies."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from codi_attn import runner as runner_mod
+from codi_attn import windowed_attention as wa
+from codi_attn.extract import extract
+from codi_attn.runner import layer_module, tokenize_questions
+from reference import QUESTIONS
+
+# prompts from a few tokens to several windows long, so that rows start in different blocks of KEY_QUANTUM keys
+UNEVEN = QUESTIONS + [" ".join(QUESTIONS * 3), "How many?"]
+
+
+def visible_from(starts: list[int], width: int) -> torch.Tensor:
+    """[B, width] bool: row b sees the keys from starts[b] on."""
+    return torch.arange(width)[None] >= torch.tensor(starts)[:, None]
+
+
+def test_key_windows_are_runs_of_rows_whose_first_key_is_in_one_block():
+    visible = visible_from([0, 5, 33, 40, 70, 3, 3], 100)
+    assert wa.key_windows(visible, quantum=32) == [(slice(0, 2), 0), (slice(2, 4), 32), (slice(4, 5), 64),
+                                                   (slice(5, 7), 0)]
+    assert wa.key_windows(visible, quantum=1) == [(slice(0, 1), 0), (slice(1, 2), 5), (slice(2, 3), 33),
+                                                  (slice(3, 4), 40), (slice(4, 5), 70), (slice(5, 7), 3)]
+    blocked = visible.clone()
+    blocked[1, 5:40] = False  # a row's first visible key is what counts, whatever it sees later
+    assert wa.key_windows(blocked, quantum=32)[:2] == [(slice(0, 1), 0), (slice(1, 4), 32)]
+
+
+def random_step(module, model, starts: list[int], width: int, seed: int = 0):
+    """One-query inputs for `module`'s attention: query [B, H, 1, dh], key/value [B, H_kv, S, dh], visible [B, S]."""
+    g = torch.Generator().manual_seed(seed)
+    dh = runner_mod.head_dim(model)
+    b = len(starts)
+    query = torch.randn(b, model.n_heads, 1, dh, generator=g)
+    key, value = (torch.randn(b, model.n_kv_heads, width, dh, generator=g) for _ in range(2))
+    return query, key, value, visible_from(starts, width)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_twin_equals_the_full_width_kernel(any_model, kernel):
+    """Outputs and eager's weights equal the full-width kernel's, for grouped KV heads too (the tiny LLaMA has
+    2 KV heads for 4 query heads); weights left of each window are exactly 0 and every row sums to 1."""
+    module = layer_module(any_model, "attn", 0)
+    starts, width = [0, 3, 40, 41, 90, 7], 120
+    query, key, value, visible = random_step(module, any_model, starts, width)
+    if kernel == "eager":
+        mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None, None]
+        full = wa.eager_function(module)
+    else:
+        mask, full = visible[:, None, None], sdpa_attention_forward
+    assert len(wa.key_windows(visible)) > 1
+    out, weights = wa.windowed(kernel)(module, query, key, value, mask, scaling=0.125, dropout=0.0)
+    ref_out, ref_weights = full(module, query, key, value, mask, scaling=0.125, dropout=0.0)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    if kernel == "sdpa":
+        assert weights is None and ref_weights is None
+        return
+    assert weights.shape == ref_weights.shape == (len(starts), any_model.n_heads, 1, width)
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-7)
+    assert (weights[~visible[:, None, None].expand_as(weights)] == 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]), rtol=0, atol=1e-6)
+
+
+def test_prefill_shaped_calls_go_to_the_full_kernel(gpt2_model):
+    """More than one query per row (a prefill) or a mask broadcast over the batch: no windows."""
+    module = layer_module(gpt2_model, "attn", 0)
+    query, key, value, visible = random_step(module, gpt2_model, [0, 50], 80)
+    many = query.expand(-1, -1, 3, -1).contiguous()
+    for q, mask in ((many, visible[:, None, None].expand(-1, -1, 3, -1)), (query, visible[:1, None, None])):
+        out, _ = wa.windowed("sdpa")(gpt2_model.lm, q, key, value, mask)
+        ref, _ = sdpa_attention_forward(gpt2_model.lm, q, key, value, mask)
+        assert torch.equal(out, ref)
+
+
+def test_runner_results_with_windows_equal_full_width(any_model, monkeypatch):
+    """Extraction on prompts of very different lengths: windows are cut (some start past column 0), and the
+    attention, mass split and answers equal the full-width run's."""
+    lengths = [len(t) for t in tokenize_questions(any_model, UNEVEN)]
+    assert max(lengths) - min(lengths) > 2 * wa.KEY_QUANTUM, "the prompts must span several windows"
+    seen: list[wa.Windows] = []
+    real = wa.key_windows
+    monkeypatch.setattr(wa, "key_windows", lambda visible, quantum=wa.KEY_QUANTUM: seen.append(real(visible)) or seen[-1])
+    windowed = extract(any_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=4)
+    assert seen and any(start > 0 for windows in seen for _, start in windows)
+    monkeypatch.setattr(runner_mod, "windowed_implementation", lambda lm, name: name)
+    full = extract(any_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=4)
+    np.testing.assert_allclose(windowed.attention, full.attention, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(windowed.mass, full.mass, rtol=0, atol=1e-6)
+    assert windowed.text == full.text
+
+
+def test_windows_apply_on_cpu_to_eager_and_sdpa_only():
+    def lm(device: str = "cpu", **config):
+        return SimpleNamespace(device=torch.device(device), config=SimpleNamespace(**config))
+
+    assert wa.windowed_implementation(lm(), "eager") == "codi_windowed_eager"
+    assert wa.windowed_implementation(lm(), "sdpa") == "codi_windowed_sdpa"
+    assert wa.windowed_implementation(lm(), "flash_attention_2") == "flash_attention_2"
+    assert wa.windowed_implementation(lm("cuda"), "sdpa") == "sdpa"
+    assert wa.windowed_implementation(lm(reorder_and_upcast_attn=True), "eager") == "eager"
