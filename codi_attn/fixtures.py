@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from codi_attn.model import CODIModel, CODIModule, fuse_gelu, make_projection, wrap_lora
+from codi_attn.model import ATTENTION, CODIModel, CODIModule, fuse_gelu, make_projection, wrap_lora
 from codi_attn.prepack import linear_kernel, prepack_decoder
 from codi_attn.presets import PRESETS
 
@@ -135,7 +135,7 @@ def full_size_codi(family: str = "gpt2", dtype: torch.dtype = torch.float32, dev
     v = config.vocab_size  # read before resizing, which updates the config
     torch.manual_seed(seed)
     fuse_gelu(config)
-    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=torch.float32)
     lm.resize_token_embeddings(v + 3, mean_resizing=False)
     tokenizer = build_tokenizer(family)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})

@@ -45,6 +45,9 @@ class CODIModule(nn.Module):
         self.prj = prj
 
 
+ATTENTION = "sdpa"  # the attention kernel CODI models are loaded with
+
+
 @dataclass
 class CODIModel:
     """A loaded CODI model ready for latent inference."""
@@ -65,6 +68,7 @@ class CODIModel:
     dtype: torch.dtype
     is_demo: bool = False
     source: dict = field(default_factory=dict)
+    attention: str = ATTENTION  # the LM's attention kernel for the prefill and decoding (thought steps: eager)
 
     @property
     def family(self) -> str:
@@ -375,7 +379,7 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
 
     fused = fuse_gelu(config)
     with no_init_weights():  # every weight comes from the checkpoint, checked strictly below
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=torch.float32)
         lm.resize_token_embeddings(vocab + 3, mean_resizing=False)
     rank = lora_rank(state)
     if rank is not None:

@@ -664,7 +664,8 @@ class Runner:
         shared_ones = [c for c in range(len(conds)) if c not in set(own)]
         stacks = [shared_ones[i: i + self.stack] for i in range(0, len(shared_ones), self.stack)]
         grad_mode = torch.enable_grad() if self.gradients else torch.inference_mode()
-        with grad_mode, self._module_hooks(conds), kv_storage(self.model.lm).lease() as storage:
+        with grad_mode, attention_implementation(self.model.lm, self.model.attention), self._module_hooks(conds), \
+                kv_storage(self.model.lm).lease() as storage:  # the model's kernel, even in a run started by a hook
             for b, (rows, ids) in enumerate(self.batches(questions)):
                 saved = None if checkpoints is None else checkpoints.load(f"{name}-{b}")
                 if saved is not None and saved["rows"] == rows:
@@ -748,8 +749,7 @@ class Runner:
         def feed(token: torch.Tensor, t: int) -> torch.Tensor:
             return head(batch.forward(embed(token), f"decode.{t}"))
 
-        decoding = windowed_implementation(model.lm, model.lm.config._attn_implementation)
-        with attention_implementation(model.lm, decoding):
+        with attention_implementation(model.lm, windowed_implementation(model.lm, model.attention)):
             logits = feed(torch.full((len(batch),), model.eot_id, device=model.device), 0)
             return greedy_steps(logits, feed, batch.budget, model.stop_ids, model.eot_id, dispatch, batch.done)
 

@@ -313,6 +313,30 @@ def test_a_run_inside_a_hook_gets_buffers_of_its_own(gpt2_model):
     assert all(torch.equal(a, b) for a, b in zip(seen, want, strict=True))
 
 
+def test_a_run_inside_a_hook_runs_like_one_on_its_own(gpt2_model):
+    """A run started from a thought hook (where the outer run has switched to eager attention) uses the model's
+    own kernels for its prefill and decoding: its thoughts, capture and answers equal a top-level run's bit for
+    bit, and the outer run's kernel is back afterwards."""
+    def record(into: list):
+        return ("thought.*.hidden", lambda value, point, batch: into.append(value.clone()))
+
+    alone: list[torch.Tensor] = []
+    want = Runner(gpt2_model, batch_size=4, max_new_tokens=3).run(QUESTIONS, [record(alone)]).tokens
+    inner: list[torch.Tensor] = []
+    kernels: list[str] = []
+
+    def nested(value, point, batch):
+        inner.append(Runner(gpt2_model, batch_size=4, max_new_tokens=3).run(QUESTIONS, [record(nested_seen)]).tokens)
+        kernels.append(gpt2_model.lm.config._attn_implementation)
+
+    nested_seen: list[torch.Tensor] = []
+    Runner(gpt2_model, batch_size=2, max_new_tokens=2).run(QUESTIONS[:2], [("thought.2.z", nested)])
+    assert len(inner) == 1 and np.array_equal(inner[0], want)
+    assert all(torch.equal(a, b) for a, b in zip(nested_seen, alone, strict=True))
+    assert "eager" in kernels[0]  # the outer run's thought kernel, restored after the inner run
+    assert gpt2_model.lm.config._attn_implementation == gpt2_model.attention
+
+
 def test_consecutive_runs():
     assert consecutive_runs([5, 0, 1, 2, 6]) == [slice(0, 3), slice(5, 7)]
     assert consecutive_runs([3]) == [slice(3, 4)] and consecutive_runs([]) == []
