@@ -15,7 +15,8 @@ Three variants run on the same model and the same GSM8K problems (a seed-42 samp
       mask and per-problem positions, body only with the LM head on the last position; the prefill runs in
       length groups (each group >= 95% real tokens, codi_attn.runner.prefill_groups) that write their keys
       and values into preallocated buffers kept between batches (codi_attn.kv_cache); sdpa for the prefill
-      and decoding, eager for the six one-query thought steps (as in (c)).
+      and decoding, eager for the six one-query thought steps (as in (c)); on CPU the one-query steps attend
+      only to each row's keys, not to the batch's left padding (codi_attn.windowed_attention).
       This is the floor that (c) is measured against: capture_overhead = time(c) / time(b) - 1, so it
       counts the cost of the capture hook plus anything else (c) does slower than plain inference.
   (c) project: `codi_attn.extract.extract` at the best of the --batch-size values (streamed shard by shard

@@ -139,7 +139,7 @@ class HeadMeans(Hook):
 
     @property
     def means(self) -> np.ndarray:
-        mean = (self.sums / self.counts[..., None]).float().cpu().numpy()
+        mean = (self.sums / self.counts[..., None]).detach().float().cpu().numpy()
         return mean.reshape(self.n_slots, *self._shape)
 
 
@@ -161,7 +161,7 @@ class HeadInputs(Hook):
 
     def flush(self, batch: PaddedBatch) -> None:
         for (k, layer), value in self._pending.items():
-            self.inputs[batch.rows, k - 1, layer] = value.float().cpu().numpy()
+            self.inputs[batch.rows, k - 1, layer] = value.detach().float().cpu().numpy()
         self._pending.clear()
 
 

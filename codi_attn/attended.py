@@ -58,7 +58,7 @@ class AttendedTokens(Hook):
     def flush(self, batch: PaddedBatch) -> None:
         if self._batch is not batch:
             return
-        sums = (self._sums / self.count).cpu().numpy()
+        sums = (self._sums / self.count).detach().cpu().numpy()
         for b, (n, length) in enumerate(zip(batch.rows, batch.lengths.tolist())):
             self.weights[n] = sums[b, :, batch.width - length:]  # left padding cut off
         self._batch = self._sums = None

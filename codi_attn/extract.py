@@ -65,7 +65,7 @@ class CaptureAttention(Hook):
     def flush(self, batch: PaddedBatch) -> None:
         if self._batch is not batch:
             return
-        rows = self._rows.cpu().numpy()
+        rows = self._rows.detach().cpu().numpy()
         self.attention[batch.rows], self.mass[batch.rows] = rows[..., :N_THOUGHTS], rows[..., N_THOUGHTS:]
         self._batch = self._rows = None
 

@@ -44,7 +44,7 @@ class RecordThoughts(Hook):
         for kind, parts in self._pending.items():
             if not parts:
                 continue
-            stacked = torch.stack([parts[k] for k in THOUGHTS], dim=1).float().cpu().numpy()  # [B, 6, d]
+            stacked = torch.stack([parts[k] for k in THOUGHTS], dim=1).detach().float().cpu().numpy()  # [B, 6, d]
             if getattr(self, kind) is None:
                 setattr(self, kind, np.zeros((self.n, *stacked.shape[1:]), np.float32))
             getattr(self, kind)[batch.rows] = stacked
@@ -135,7 +135,7 @@ class AnswerLogits(Hook):
             width = batch.model.lm.get_output_embeddings().weight.shape[0]
             self.logits = np.full((self.n, width), np.nan, np.float32)
         if self._batch is batch:
-            self.logits[batch.rows] = self._kept.cpu().numpy()
+            self.logits[batch.rows] = self._kept.detach().cpu().numpy()
             self.step[batch.rows] = self._step.cpu().numpy()
         self._batch = self._kept = self._step = self._logits = None
 
@@ -202,8 +202,8 @@ class AnswerShift(Hook):
                 pick = torch.arange(len(keep), device=value.device)
                 answer = torch.as_tensor(self.answer[rows[keep]], device=value.device)
                 runner_up = torch.as_tensor(self.runner_up[rows[keep]], device=value.device)
-                self.kl[rows[keep]] = kl.cpu().numpy()
-                self.logit_diff[rows[keep]] = (logits[pick, answer] - logits[pick, runner_up]).cpu().numpy()
+                self.kl[rows[keep]] = kl.detach().cpu().numpy()
+                self.logit_diff[rows[keep]] = (logits[pick, answer] - logits[pick, runner_up]).detach().cpu().numpy()
             return None
         width = self.tokens.shape[1]
         base = torch.as_tensor(self.tokens[rows, t] if t < width else np.full(len(rows), -1), device=value.device)

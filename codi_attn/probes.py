@@ -49,9 +49,9 @@ class RecordResiduals(Hook):
 
     def __call__(self, value: torch.Tensor, point: Point, batch: PaddedBatch) -> None:
         if point.phase == "prefill":  # one prefill group: rows end with BOT at the group's last column
-            self.resid[batch.rows, 0, point.layer] = value[:, -1].float().cpu().numpy()
+            self.resid[batch.rows, 0, point.layer] = value[:, -1].detach().float().cpu().numpy()
         else:
-            self.resid[batch.rows, point.thought, point.layer] = value.float().cpu().numpy()
+            self.resid[batch.rows, point.thought, point.layer] = value.detach().float().cpu().numpy()
 
 
 # ---------------------------------------------------------------- targets

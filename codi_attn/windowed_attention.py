@@ -9,8 +9,13 @@ model's own kernel (its eager function, or sdpa). Eager's weights come back at f
 window: what the masked full-width softmax gives there (exp(min - max) underflows to 0).
 
 A row's window depends only on its own mask, never on its neighbours, so stacked conditions keep each row's
-result. Windows start on multiples of 32 columns, a whole number of SIMD vectors: on the CPUs measured the
-results equal the full-width ones bit for bit (attention, mass and tokens of the benchmark's 48 problems).
+result bit for bit. Against the full-width kernels the results agree to float32 rounding (~1e-7 on attention
+weights): windows start on multiples of 32 columns, a whole number of SIMD vectors, and the benchmark's 48
+GSM8K problems came out bit for bit equal, but the matmul takes another path for windows of a few keys and
+sdpa splits more than 512 keys into blocks, where the last bits can differ.
+
+The mask contract is transformers' for eager and sdpa: [B, 1, q, S], bool (True = visible) or float (0 =
+visible, finfo.min = masked); anything else (a mask per head, additive biases) runs at full width.
 
 The twins are registered with transformers' AttentionInterface as `codi_windowed_eager` and
 `codi_windowed_sdpa` (with the masks of eager and sdpa); `windowed_implementation` picks one.
@@ -44,8 +49,21 @@ def key_windows(visible: torch.Tensor, quantum: int = KEY_QUANTUM) -> Windows:
     return windows
 
 
+def visible_keys(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """[B, S] bool: the keys each row's one query may attend, from a mask of the contract above ([B, 1, 1, S],
+    bool, or float 0 / finfo.min); None for any other mask."""
+    if mask is None or mask.shape[:3] != (batch, 1, 1):
+        return None
+    row = mask[:, 0, 0]
+    if row.dtype == torch.bool:
+        return row
+    visible = row == 0
+    return visible if bool((visible | (row == torch.finfo(row.dtype).min)).all()) else None
+
+
 def eager_function(module: nn.Module) -> Callable:
-    """The eager attention of `module`'s modeling file (every HF decoder defines `eager_attention_forward`)."""
+    """The eager attention of `module`'s modeling file (the `eager_attention_forward` that GPT-2, LLaMA and the
+    other HF decoders define and fall back to)."""
     function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if function is None:
         raise NotImplementedError(f"{type(module).__module__} defines no eager_attention_forward to window")
@@ -60,10 +78,10 @@ def windowed(kernel: str) -> Callable:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = eager_function(module) if kernel == "eager" else sdpa_attention_forward
-        if attention_mask is None or query.shape[-2] != 1 or attention_mask.shape[0] != query.shape[0]:
+        visible = visible_keys(attention_mask, query.shape[0]) if query.shape[-2] == 1 else None
+        if visible is None:
             return base(module, query, key, value, attention_mask, **kwargs)
-        mask = attention_mask[:, 0, -1]  # [B, S]
-        windows = key_windows(mask if mask.dtype == torch.bool else mask == 0)
+        windows = key_windows(visible)
         if len(windows) == 1 and windows[0][1] == 0:
             return base(module, query, key, value, attention_mask, **kwargs)
         outputs, weights = [], []
@@ -84,8 +102,10 @@ for _kernel, _mask in (("eager", eager_mask), ("sdpa", sdpa_mask)):
 
 def windowed_implementation(lm: nn.Module, name: str) -> str:
     """The windowed twin of attention implementation `name` for the HF model `lm` where it applies (on CPU, for
-    eager and sdpa; not for GPT-2's reorder_and_upcast_attn, which only the plain eager name runs), else `name`.
-    GPUs keep the full-width kernels: there the padded keys cost less than the extra launches."""
-    if lm.device.type != "cpu" or name not in ("eager", "sdpa") or getattr(lm.config, "reorder_and_upcast_attn", False):
+    eager and sdpa, but not eager under GPT-2's reorder_and_upcast_attn, which only the plain name runs), else
+    `name`.
+    GPUs keep the full-width kernels (not measured there: padded keys cost less, and each window is a launch)."""
+    if lm.device.type != "cpu" or name not in ("eager", "sdpa") or \
+            name == "eager" and getattr(lm.config, "reorder_and_upcast_attn", False):
         return name
     return PREFIX + name

@@ -8,9 +8,9 @@ import torch
 
 from codi_attn import runner as runner_mod
 from codi_attn.conventions import MASS_PARTS, N_THOUGHTS
-from codi_attn.extract import correctness, extract
+from codi_attn.extract import CaptureAttention, correctness, extract
 from codi_attn.hooks import RecordThoughts
-from codi_attn.runner import prefill_groups, tokenize_questions
+from codi_attn.runner import Runner, prefill_groups, tokenize_questions
 from reference import QUESTIONS, full_sequence_reference
 
 def extract_with_thoughts(model, questions, **kwargs):
@@ -78,6 +78,16 @@ def test_batch_equals_batch_of_one(any_model, batch_size):
         np.testing.assert_allclose(batched.attention[k], single.attention[0], atol=1e-4)
         np.testing.assert_allclose(batched.mass[k], single.mass[0], atol=1e-4)
         assert batched.text[k] == single.text[0]
+
+
+def test_capture_works_in_a_run_with_gradients(unpacked_models):
+    """Under Runner(gradients=True) (attribution patching) the capture records what inference records."""
+    model = unpacked_models["gpt2"]
+    capture = CaptureAttention(model, len(QUESTIONS))
+    Runner(model, batch_size=2, max_new_tokens=2, gradients=True).run(QUESTIONS, [capture])
+    plain = extract(model, QUESTIONS, batch_size=2, max_new_tokens=2)
+    np.testing.assert_allclose(capture.attention, plain.attention, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(capture.mass, plain.mass, rtol=0, atol=1e-6)
 
 
 def test_results_come_back_in_input_order(gpt2_model):

@@ -1,5 +1,6 @@
-"""Windowed attention of the one-query steps: the runs of rows and their windows, the twins against the full-width
-kernels (eager weights, sdpa, grouped KV heads), the runner's results with and without windows, where it applies."""
+"""Windowed attention of the one-query steps: the runs of rows and their windows, the mask contract, the twins
+against the full-width kernels (eager weights, sdpa, grouped KV heads), the runner's results with and without
+windows (extraction, stacked conditions with mask hooks, gradients), where it applies."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -12,7 +13,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from codi_attn import runner as runner_mod
 from codi_attn import windowed_attention as wa
 from codi_attn.extract import extract
-from codi_attn.runner import layer_module, tokenize_questions
+from codi_attn.hooks import BlockThoughts, RecordThoughts
+from codi_attn.runner import Runner, layer_module, tokenize_questions
 from reference import QUESTIONS
 
 # prompts from a few tokens to several windows long, so that rows start in different blocks of KEY_QUANTUM keys
@@ -81,21 +83,63 @@ def test_prefill_shaped_calls_go_to_the_full_kernel(gpt2_model):
         assert torch.equal(out, ref)
 
 
-def test_runner_results_with_windows_equal_full_width(any_model, monkeypatch):
-    """Extraction on prompts of very different lengths: windows are cut (some start past column 0), and the
-    attention, mass split and answers equal the full-width run's."""
+def block_prompt_start(mask, point, batch):
+    """A mask hook that hides the first 40 prompt columns from later queries: windows start where rows see."""
+    mask = mask.clone()
+    mask[:, :40] = 0
+    return mask
+
+
+def full_width(monkeypatch) -> None:
+    monkeypatch.setattr(runner_mod, "windowed_implementation", lambda lm, name: name)
+
+
+def test_runner_results_with_windows_equal_full_width(any_model, unpacked_models, monkeypatch):
+    """Prompts of very different lengths: windows are cut (some start past column 0), and the extraction's
+    attention and mass split, stacked conditions with mask hooks (blocking a thought, hiding prompt columns)
+    and a run with gradients equal the full-width runs' to rounding, with the same answers."""
     lengths = [len(t) for t in tokenize_questions(any_model, UNEVEN)]
     assert max(lengths) - min(lengths) > 2 * wa.KEY_QUANTUM, "the prompts must span several windows"
+    unpacked = unpacked_models[any_model.family]
+
+    def runs() -> dict:
+        out = {"extraction": extract(any_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=4)}
+        conditions = [[RecordThoughts(len(UNEVEN))], [BlockThoughts([2]), RecordThoughts(len(UNEVEN))],
+                      [("thought.1.mask", block_prompt_start), RecordThoughts(len(UNEVEN))]]
+        out["stacked"] = Runner(any_model, batch_size=3, max_new_tokens=4, stack=3).run_conditions(UNEVEN, conditions)
+        out["hidden"] = [c[-1].hidden for c in conditions]
+        grad = RecordThoughts(len(UNEVEN))
+        out["gradients"] = Runner(unpacked, batch_size=3, max_new_tokens=2, gradients=True).run(UNEVEN, [grad])
+        out["hidden"].append(grad.hidden)
+        return out
+
     seen: list[wa.Windows] = []
     real = wa.key_windows
-    monkeypatch.setattr(wa, "key_windows", lambda visible, quantum=wa.KEY_QUANTUM: seen.append(real(visible)) or seen[-1])
-    windowed = extract(any_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=4)
+    monkeypatch.setattr(wa, "key_windows", lambda visible, quantum=wa.KEY_QUANTUM:
+                        seen.append(real(visible)) or seen[-1])
+    windowed = runs()
     assert seen and any(start > 0 for windows in seen for _, start in windows)
-    monkeypatch.setattr(runner_mod, "windowed_implementation", lambda lm, name: name)
-    full = extract(any_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=4)
-    np.testing.assert_allclose(windowed.attention, full.attention, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(windowed.mass, full.mass, rtol=0, atol=1e-6)
-    assert windowed.text == full.text
+    full_width(monkeypatch)
+    full = runs()
+    for name in ("attention", "mass"):
+        np.testing.assert_allclose(getattr(windowed["extraction"], name), getattr(full["extraction"], name),
+                                   rtol=0, atol=1e-6, err_msg=name)
+    assert windowed["extraction"].text == full["extraction"].text
+    for a, b in zip(windowed["stacked"] + [windowed["gradients"]], full["stacked"] + [full["gradients"]], strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    for a, b in zip(windowed["hidden"], full["hidden"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_visible_keys_follow_the_mask_contract_or_decline():
+    visible = visible_from([0, 3, 40], 50)
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    assert torch.equal(wa.visible_keys(visible[:, None, None], 3), visible)
+    assert torch.equal(wa.visible_keys(additive[:, None, None], 3), visible)
+    assert wa.visible_keys(visible[:, None, None].expand(-1, 2, -1, -1), 3) is None  # a mask per head
+    assert wa.visible_keys(visible[:1, None, None], 3) is None  # broadcast over the batch
+    assert wa.visible_keys((additive - 1.0)[:, None, None], 3) is None  # a bias on visible keys
+    assert wa.visible_keys(None, 3) is None
 
 
 def test_windows_apply_on_cpu_to_eager_and_sdpa_only():
@@ -107,3 +151,4 @@ def test_windows_apply_on_cpu_to_eager_and_sdpa_only():
     assert wa.windowed_implementation(lm(), "flash_attention_2") == "flash_attention_2"
     assert wa.windowed_implementation(lm("cuda"), "sdpa") == "sdpa"
     assert wa.windowed_implementation(lm(reorder_and_upcast_attn=True), "eager") == "eager"
+    assert wa.windowed_implementation(lm(reorder_and_upcast_attn=True), "sdpa") == "codi_windowed_sdpa"
