@@ -740,7 +740,8 @@ class Runner:
             batch.mask = dispatch(f"thought.{k}.mask", batch.mask)
             return hidden
 
-        with attention_implementation(model.lm, windowed_implementation(model.lm, "eager")):
+        padding = batch.width - int(batch.lengths.min())  # the widest left padding: may windows pay?
+        with attention_implementation(model.lm, windowed_implementation(model.lm, "eager", padding)):
             thought_steps(model.prj, thought, dispatch("prefill", bot), dispatch)
         if not batch.budget:  # no room to decode: EOT would yield logits nobody reads
             return torch.zeros(len(batch), 0, dtype=torch.long)
@@ -749,7 +750,7 @@ class Runner:
         def feed(token: torch.Tensor, t: int) -> torch.Tensor:
             return head(batch.forward(embed(token), f"decode.{t}"))
 
-        with attention_implementation(model.lm, windowed_implementation(model.lm, model.attention)):
+        with attention_implementation(model.lm, windowed_implementation(model.lm, model.attention, padding)):
             logits = feed(torch.full((len(batch),), model.eot_id, device=model.device), 0)
             return greedy_steps(logits, feed, batch.budget, model.stop_ids, model.eot_id, dispatch, batch.done)
 

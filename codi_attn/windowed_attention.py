@@ -18,19 +18,17 @@ The mask contract is transformers' for eager and sdpa: [B, 1, q, S], bool (True 
 visible, finfo.min = masked); anything else (a mask per head, additive biases) runs at full width.
 
 The twins are registered with transformers' AttentionInterface as `codi_windowed_eager` and
-`codi_windowed_sdpa` (with the masks of eager and sdpa); `windowed_implementation` picks one.
+`codi_windowed_sdpa` (with the masks of eager and sdpa) the first time `windowed_implementation` picks one.
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 KEY_QUANTUM = 32  # windows start on multiples of this many key columns
 PREFIX = "codi_windowed_"
@@ -74,6 +72,7 @@ def windowed(kernel: str) -> Callable:
     """The windowed twin of the eager or sdpa attention function (transformers' AttentionInterface signature:
     query [B, H, q, dh], key / value [B, H_kv, S, dh], mask [B, 1, q, S]; returns output [B, q, H, dh] and
     weights [B, H, q, S] or None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,17 +94,27 @@ def windowed(kernel: str) -> Callable:
     return attention
 
 
-for _kernel, _mask in (("eager", eager_mask), ("sdpa", sdpa_mask)):
-    AttentionInterface.register(PREFIX + _kernel, windowed(_kernel))
-    AttentionMaskInterface.register(PREFIX + _kernel, _mask)
+@lru_cache(maxsize=None)
+def register() -> None:
+    """Register the twins and their masks with transformers, once, at first use (transformers' attention
+    registry imports its modeling code: 1.8 s, which steps that never run a model should not pay)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    for kernel, mask in (("eager", eager_mask), ("sdpa", sdpa_mask)):
+        AttentionInterface.register(PREFIX + kernel, windowed(kernel))
+        AttentionMaskInterface.register(PREFIX + kernel, mask)
 
 
-def windowed_implementation(lm: nn.Module, name: str) -> str:
-    """The windowed twin of attention implementation `name` for the HF model `lm` where it applies (on CPU, for
-    eager and sdpa, but not eager under GPT-2's reorder_and_upcast_attn, which only the plain name runs), else
-    `name`.
-    GPUs keep the full-width kernels (not measured there: padded keys cost less, and each window is a launch)."""
-    if lm.device.type != "cpu" or name not in ("eager", "sdpa") or \
+def windowed_implementation(lm: nn.Module, name: str, padding: int) -> str:
+    """The windowed twin of attention implementation `name` for the HF model `lm` where it applies, else `name`:
+    on CPU, for eager and sdpa (not eager under GPT-2's reorder_and_upcast_attn, which only the plain name runs),
+    for a batch whose widest left padding (`padding`, in keys) reaches a block of `KEY_QUANTUM`; with less no
+    window could start past column 0, and the plain kernel saves the per-layer look at the mask (~12% of an
+    8-condition run on the small demo model, whose prompts never span two blocks). GPUs keep the full-width
+    kernels (not measured there: padded keys cost less, and each window is one more launch)."""
+    if lm.device.type != "cpu" or name not in ("eager", "sdpa") or padding < KEY_QUANTUM or \
             name == "eager" and getattr(lm.config, "reorder_and_upcast_attn", False):
         return name
+    register()
     return PREFIX + name

@@ -3,6 +3,8 @@ against the full-width kernels (eager weights, sdpa, grouped KV heads), the runn
 windows (extraction, stacked conditions with mask hooks, gradients), where it applies."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -91,7 +93,7 @@ def block_prompt_start(mask, point, batch):
 
 
 def full_width(monkeypatch) -> None:
-    monkeypatch.setattr(runner_mod, "windowed_implementation", lambda lm, name: name)
+    monkeypatch.setattr(runner_mod, "windowed_implementation", lambda lm, name, padding: name)
 
 
 def test_runner_results_with_windows_equal_full_width(any_model, unpacked_models, monkeypatch):
@@ -142,13 +144,37 @@ def test_visible_keys_follow_the_mask_contract_or_decline():
     assert wa.visible_keys(None, 3) is None
 
 
-def test_windows_apply_on_cpu_to_eager_and_sdpa_only():
+def test_windows_apply_on_cpu_to_eager_and_sdpa_where_padding_fills_a_block():
     def lm(device: str = "cpu", **config):
         return SimpleNamespace(device=torch.device(device), config=SimpleNamespace(**config))
 
-    assert wa.windowed_implementation(lm(), "eager") == "codi_windowed_eager"
-    assert wa.windowed_implementation(lm(), "sdpa") == "codi_windowed_sdpa"
-    assert wa.windowed_implementation(lm(), "flash_attention_2") == "flash_attention_2"
-    assert wa.windowed_implementation(lm("cuda"), "sdpa") == "sdpa"
-    assert wa.windowed_implementation(lm(reorder_and_upcast_attn=True), "eager") == "eager"
-    assert wa.windowed_implementation(lm(reorder_and_upcast_attn=True), "sdpa") == "codi_windowed_sdpa"
+    pad = wa.KEY_QUANTUM
+    assert wa.windowed_implementation(lm(), "eager", pad) == "codi_windowed_eager"
+    assert wa.windowed_implementation(lm(), "sdpa", pad) == "codi_windowed_sdpa"
+    assert wa.windowed_implementation(lm(), "sdpa", pad - 1) == "sdpa"  # no window could start past column 0
+    assert wa.windowed_implementation(lm(), "flash_attention_2", pad) == "flash_attention_2"
+    assert wa.windowed_implementation(lm("cuda"), "sdpa", pad) == "sdpa"
+    assert wa.windowed_implementation(lm(reorder_and_upcast_attn=True), "eager", pad) == "eager"
+    assert wa.windowed_implementation(lm(reorder_and_upcast_attn=True), "sdpa", pad) == "codi_windowed_sdpa"
+
+
+def test_batches_without_enough_padding_run_the_plain_kernels(gpt2_model, monkeypatch):
+    """Prompts within a block of one another never reach the twins: no per-layer look at the mask."""
+    calls = []
+    real = wa.key_windows
+    monkeypatch.setattr(wa, "key_windows", lambda visible, quantum=wa.KEY_QUANTUM: calls.append(1) or real(visible))
+    lengths = [len(t) for t in tokenize_questions(gpt2_model, QUESTIONS)]
+    assert max(lengths) - min(lengths) < wa.KEY_QUANTUM
+    extract(gpt2_model, QUESTIONS, batch_size=len(QUESTIONS), max_new_tokens=3)
+    assert not calls
+    extract(gpt2_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=3)
+    assert calls
+
+
+def test_importing_the_runner_does_not_load_transformers_modeling_code():
+    """The twins register at first use: the flow's steps that never run a model (plans, joins) import the runner
+    without transformers' modeling code (1.8 s per task)."""
+    code = "import sys, codi_attn.heads, codi_attn.runner; print('transformers.modeling_utils' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
