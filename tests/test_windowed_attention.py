@@ -133,6 +133,17 @@ def test_runner_results_with_windows_equal_full_width(any_model, unpacked_models
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def test_batch_equals_batch_of_one_with_windows_cut(any_model):
+    """Trap 8 where windows are cut: every problem's attention, mass split and answer in a batch of prompts
+    several windows apart equal its batch-of-one result (which has no padding)."""
+    batched = extract(any_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=4)
+    for k, question in enumerate(UNEVEN):
+        single = extract(any_model, [question], max_new_tokens=4)
+        np.testing.assert_allclose(batched.attention[k], single.attention[0], atol=1e-4)
+        np.testing.assert_allclose(batched.mass[k], single.mass[0], atol=1e-4)
+        assert batched.text[k] == single.text[0]
+
+
 def test_visible_keys_follow_the_mask_contract_or_decline():
     visible = visible_from([0, 3, 40], 50)
     additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
