@@ -78,10 +78,8 @@ def windowed(kernel: str) -> Callable:
                   attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = eager_function(module) if kernel == "eager" else sdpa_attention_forward
         visible = visible_keys(attention_mask, query.shape[0]) if query.shape[-2] == 1 else None
-        if visible is None:
-            return base(module, query, key, value, attention_mask, **kwargs)
-        windows = key_windows(visible)
-        if len(windows) == 1 and windows[0][1] == 0:
+        windows = None if visible is None else key_windows(visible)
+        if windows is None or len(windows) == 1 and windows[0][1] == 0:  # nothing to cut
             return base(module, query, key, value, attention_mask, **kwargs)
         outputs, weights = [], []
         for rows, start in windows:

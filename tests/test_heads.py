@@ -161,8 +161,6 @@ def test_held_out_groups_joined_in_any_order_equal_one_process(gpt2_model):
     """The flow's held-out tasks: sets ablated in groups (each group with its own half-B baseline; one condition
     per forward), joined in any order, give the one-process test exactly; the join refuses missing, repeated and
     mismatched parts."""
-    import pandas as pd
-
     scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
     attention = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=1).attention
     options = {"batch_size": 2, "max_new_tokens": 3}

@@ -92,10 +92,6 @@ def block_prompt_start(mask, point, batch):
     return mask
 
 
-def full_width(monkeypatch) -> None:
-    monkeypatch.setattr(runner_mod, "windowed_implementation", lambda lm, name, padding: name)
-
-
 def test_runner_results_with_windows_equal_full_width(any_model, unpacked_models, monkeypatch):
     """Prompts of very different lengths: windows are cut (some start past column 0), and the extraction's
     attention and mass split, stacked conditions with mask hooks (blocking a thought, hiding prompt columns)
@@ -121,7 +117,7 @@ def test_runner_results_with_windows_equal_full_width(any_model, unpacked_models
                         seen.append(real(visible)) or seen[-1])
     windowed = runs()
     assert seen and any(start > 0 for windows in seen for _, start in windows)
-    full_width(monkeypatch)
+    monkeypatch.setattr(runner_mod, "windowed_implementation", lambda lm, name, padding: name)  # full width
     full = runs()
     for name in ("attention", "mass"):
         np.testing.assert_allclose(getattr(windowed["extraction"], name), getattr(full["extraction"], name),
