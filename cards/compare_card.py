@@ -2,6 +2,8 @@
 depth profiles side by side, each difference with its 95% interval and whether it is real."""
 from __future__ import annotations
 
+import shlex
+
 import numpy as np
 import pandas as pd
 from metaflow.cards import Markdown
@@ -11,6 +13,7 @@ from cards.metrics_card import criteria_frame
 from codi_attn.figures import metrics as metric_figures
 from codi_attn.conventions import thought_name
 from codi_attn.metrics import HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports
+from codi_attn.presets import PRESETS
 
 
 def _hubs(df: pd.DataFrame, name: str) -> str:
@@ -85,6 +88,21 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
                              f"{nb} measured": cb["measured"], f"{nb} result": cb["result"]})
         parts += [Markdown("## Success criteria, both models"), table(both)]
     return parts
+
+
+def no_comparison_card(model: str, dataset: str, split: str, n_problems: int, seed: int, fingerprint: str
+                       ) -> list:
+    """Card of a compare step that found no other model's run on this sample: for each released model but
+    `model`, the command that makes one, ready to paste."""
+    others = [name for name in PRESETS if name not in (model, "demo")]
+    commands = "\n".join(shlex.join(["python", "flows/attention_flow.py", "run", "--model", other, "--dataset", dataset,
+                                     "--split", split, "--n_problems", str(n_problems), "--seed", str(seed)])
+                         for other in others)
+    return [Markdown(f"# Compare: {model} with other models on this sample"),
+            Markdown(f"No other model has a finished run on this sample (dataset fingerprint {fingerprint[:12]}). "
+                     f"Make one with (for local copies of a checkpoint add `--ckpt DIR --base DIR`):\n\n```\n{commands}\n```\n"
+                     "Its compare step will find this run. To compare with a run of your choice instead: "
+                     "`--compare_with RUN_ID`.")]
 
 
 def basis_md(pathspec: str, basis: dict) -> Markdown:

@@ -685,8 +685,6 @@ class AttentionFlow(FlowSpec):
     @step
     def compare(self):
         """Compare with the latest run of every other model on the same sample (found through the Client API)."""
-        from metaflow.cards import Markdown
-
         from codi_attn.runs import find_comparison_runs
 
         runs = find_comparison_runs(current.flow_name, current.run_id, self.model, self.dataset_fingerprint,
@@ -715,15 +713,10 @@ class AttentionFlow(FlowSpec):
                 parts += causal_comparison_card(self.causal_comparison[run.pathspec])
             current.card.extend(parts)
         if not runs:
-            others = " or ".join(m for m in ("gpt2", "llama") if m != self.model)
-            s = self.settings
-            current.card.append(Markdown(f"# Compare: {self.model} with other models on this sample"))
-            current.card.append(Markdown(
-                f"No other model has a finished run on this sample (dataset fingerprint "
-                f"{self.dataset_fingerprint[:12]}). Make one with:\n\n```\npython flows/attention_flow.py run "
-                f"--model {others} \\\n    --dataset {s['dataset']} \\\n    --split {s['split']} --n_problems "
-                f"{self.n_problems} --seed {self.seed}\n```\nIts compare step will find this run. To compare with "
-                f"a run of your choice instead: `--compare_with RUN_ID`."))
+            from cards.compare_card import no_comparison_card
+
+            current.card.extend(no_comparison_card(self.model, self.settings["dataset"], self.settings["split"],
+                                                   self.n_problems, self.seed, self.dataset_fingerprint))
         self.next(self.end)
 
     @card(type="blank")

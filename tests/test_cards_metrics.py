@@ -1,12 +1,16 @@
 """cards.metrics_card and cards.compare_card: components build, criteria and warnings show."""
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from metaflow.cards import Image, Markdown, Table
 
-from cards.compare_card import compare_card, differences_frame
+from cards.compare_card import compare_card, differences_frame, no_comparison_card
 from cards.common import cell
 from cards.metrics_card import _criteria_md, _hub_md, criteria_frame, metrics_card
 from codi_attn import metrics as M
@@ -71,3 +75,22 @@ def test_compare_card_from_reports_and_frame(report):
                                          (np.inf, "inf"), ("z1", "z1"), (3, "3")])
 def test_cell(value, text):
     assert cell(value) == text
+
+
+def test_no_comparison_card_gives_one_runnable_command_per_other_model():
+    """Each line of the code block is one command of the flow, for one released model, on this run's sample."""
+    flow = (Path(__file__).resolve().parents[1] / "flows" / "attention_flow.py").read_text()
+    parameters = set(re.findall(r'Parameter\(\s*"(\w+)"', flow))
+    text = _texts(no_comparison_card("llama", "my data/gsm8k.jsonl", "test", 100, 7, "347090137565abcdef"))
+    assert "(dataset fingerprint 347090137565)" in text and "llama with other models" in text
+    lines = re.search(r"```\n(.*?)\n```", text, flags=re.S).group(1).splitlines()
+    assert len(lines) == 1
+    argv = shlex.split(lines[0])
+    assert argv[:3] == ["python", "flows/attention_flow.py", "run"]
+    options = dict(zip(argv[3::2], argv[4::2]))
+    assert options == {"--model": "gpt2", "--dataset": "my data/gsm8k.jsonl", "--split": "test",
+                       "--n_problems": "100", "--seed": "7"}
+    assert {flag[2:] for flag in options} <= parameters
+    demo = re.search(r"```\n(.*?)\n```", _texts(no_comparison_card("demo", "synthetic", "test", 100, 42, "ab")),
+                     flags=re.S).group(1).splitlines()
+    assert [shlex.split(line)[4] for line in demo] == ["gpt2", "llama"]
