@@ -1,10 +1,15 @@
 """Cards of the aggregate and end steps: what was extracted, where the thoughts' attention goes."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from metaflow.cards import Markdown, Table
 
 from cards.common import image
+
+if TYPE_CHECKING:
+    from codi_attn.heads import CausalReport
 
 
 def numerics(model_info: dict) -> str:
@@ -66,22 +71,33 @@ def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: floa
 
 
 def end_card(run_pathspec: str, model_name: str, demo: bool, accuracy: float, n: int,
-             top_heads: list[str], compared: list[str]) -> list:
-    """Where to find the results: Client API snippet, card and export commands."""
+             top_heads: list[str], causal: CausalReport | None, compared: list[str]) -> list:
+    """The run in one table (the composite's top heads next to the causally critical ones of `causal`, None
+    where the causal head analysis did not run) and where to find the rest: Client API snippet, card and export
+    commands."""
     flow, run_id = run_pathspec.split("/")
     parts = [Markdown(f"# Done: {run_pathspec}")]
     if demo:
         from cards.sample_card import DEMO_BANNER
 
         parts.append(Markdown(f"> **{DEMO_BANNER}**"))
+    if causal is None:
+        causal_row = ["causally critical heads", "not measured (--heads false)"]
+    else:
+        critical = list(causal.critical()["label"])
+        causal_row = [f"causally critical heads ({causal.settings['kind']} ablation)",
+                      ", ".join(critical[:5]) + (f" and {len(critical) - 5} more" if len(critical) > 5 else "")
+                      or "none"]
     parts += [
         Table([["model", model_name], ["problems", str(n)], ["accuracy", f"{100 * accuracy:.1f}%"],
-               ["top heads (composite)", ", ".join(top_heads) or "n/a"],
+               ["top heads (composite attention score)", ", ".join(top_heads) or "n/a"],
+               causal_row,
                ["compared with", ", ".join(compared) or "no other model yet"]], headers=["", ""]),
         Markdown("## Read the results\n"
                  f"```python\nfrom metaflow import Run\nrun = Run(\"{run_pathspec}\")\n"
                  "run.data.attention_raw      # float16 [N, L, H, 6, 6]\n"
-                 "run.data.ranked_heads       # DataFrame, one row per (layer, head)\n```\n"
+                 "run.data.ranked_heads       # DataFrame, one row per (layer, head)\n"
+                 "run.data.head_effects       # DataFrame, each head's ablation effect with intervals\n```\n"
                  f"Cards: `python flows/attention_flow.py card view {run_id}/aggregate` (any step name)\n\n"
                  f"Files: `python -m codi_attn export {run_id} out/` writes results/{model_name}/ and "
                  f"figures/{model_name}/"),

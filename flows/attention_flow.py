@@ -729,7 +729,7 @@ class AttentionFlow(FlowSpec):
             current.run.add_tag(tag)  # again here: a resumed run clones start and sample, not their tags
         top = list(self.ranked_heads["label"].head(5))
         current.card.extend(end_card(current.pathspec.rsplit("/", 2)[0], self.model, self.demo, self.accuracy,
-                                     len(self.problem_ids), top, self.compared_runs))
+                                     len(self.problem_ids), top, self.causal_report, self.compared_runs))
         print(f"AttentionFlow {current.run_id}: {len(self.problem_ids)} of {len(self.sampled_ids)} problems extracted"
               f", {len(self.failed_problems)} failed (failed_problems), accuracy {100 * self.accuracy:.1f}%; read it "
               f"with Run('{current.flow_name}/{current.run_id}').data")
