@@ -100,7 +100,8 @@ def no_comparison_card(model: str, dataset: str, split: str, n_problems: int, se
                          for other in others)
     return [Markdown(f"# Compare: {model} with other models on this sample"),
             Markdown(f"No other model has a finished run on this sample (dataset fingerprint {fingerprint[:12]}). "
-                     f"Make one with (for local copies of a checkpoint add `--ckpt DIR --base DIR`):\n\n```\n{commands}\n```\n"
+                     "Make one with (for local copies of a checkpoint add `--ckpt DIR --base DIR`):"
+                     f"\n\n```\n{commands}\n```\n"
                      "Its compare step will find this run. To compare with a run of your choice instead: "
                      "`--compare_with RUN_ID`.")]
 
