@@ -68,12 +68,14 @@ class AttentionFlow(FlowSpec):
       test_held_out  foreach group of sets: each set ablated on the other half; resumable per group and per batch
       join_heads the causal head report: effects with intervals, critical heads, the attention metrics held
                  against the effects, the held-out top heads against random head sets
+      after_heads  on to the next analysis asked for
       plan_thoughts  the thought analysis's units (the recording run, mean and pair patches), in groups
       analyse_thoughts  foreach group: the recording run (attended question tokens, the residual stream for probes
                  and a lens per layer), or mean patches, or clean -> corrupted patches; resumable per group and per
                  batch
       join_thoughts  what each thought holds: attended tokens, probes of the intermediate results with control
                  tasks, the lens, patching, with the findings in words
+      after_thoughts  on to the validation if asked for
       plan_validation  the validation's conditions, in groups
       validate_conditions  foreach group of validation conditions: ablate the top heads against random same-layer
                  heads, block each thought, swap thoughts between problems (with a no-op control), each group
@@ -81,7 +83,10 @@ class AttentionFlow(FlowSpec):
       validate_heads  join: the validation table, the no-op check and the logit lens of the thoughts
       compare    against the latest run of every other model on the same sample
       end        where to find everything
-    Every step has a card: `python flows/attention_flow.py card view RUN_ID/STEP`.
+    --heads false, --thought_analysis false and --validate false skip their analysis's steps: metrics, after_heads
+    and after_thoughts go on to the next analysis asked for (`next_analysis`), or to compare; a skipped analysis's
+    reports (causal_report, head_effects, thought_report, validation_result, validation) are None.
+    Every step but after_heads and after_thoughts has a card: `python flows/attention_flow.py card view RUN_ID/STEP`.
     """
 
     model = Parameter("model", default="demo", type=str,
@@ -236,6 +241,13 @@ class AttentionFlow(FlowSpec):
         from codi_attn.runner import stack_for
 
         return stack_for(self.batch_size, self.condition_rows)
+
+    def _next_analysis(self, done: str | None) -> str:
+        """The first of the analyses after `done` (None: before the first) that this run's parameters ask for, or
+        "compare" where none is left: the condition of the switches after metrics, join_heads and join_thoughts."""
+        asked = {"heads": self.heads, "thoughts": self.thought_analysis, "validation": self.validate}
+        later = list(asked)[list(asked).index(done) + 1:] if done else list(asked)
+        return next((analysis for analysis in later if asked[analysis]), "compare")
 
     def _sample(self) -> list[dict]:
         """The extracted problems, in sample order."""
@@ -404,7 +416,11 @@ class AttentionFlow(FlowSpec):
         for w in self.metric_warnings:
             print(f"WARNING: {w}")
         current.card.extend(metrics_card(self.metrics_report))
-        self.next(self.attribute_heads)
+        self.causal_report = self.head_effects = self.thought_report = None  # the analyses' reports: None where
+        self.validation_result = self.validation = None  # a parameter skips the analysis
+        self.next_analysis = self._next_analysis(None)
+        self.next({"heads": self.attribute_heads, "thoughts": self.plan_thoughts, "validation": self.plan_validation,
+                   "compare": self.compare}, condition="next_analysis")
 
     @resources(gpu=1, cpu=4, memory=32000)
     @card(type="blank")
@@ -413,20 +429,17 @@ class AttentionFlow(FlowSpec):
         """Attribution patching: every head's estimated effect from one backward pass; the heads to scan, in groups."""
         from metaflow.cards import Markdown
 
-        self.head_estimates, self.head_groups, self.checkpoint_batches = None, [[]], None
-        if self.heads:
-            from codi_attn.heads import plan_scan
+        from codi_attn.heads import plan_scan
 
-            s = self.settings
-            problems = self._sample()
-            checkpoints = self._checkpoints("attribution")
-            self.head_estimates, self.head_groups = plan_scan(
-                self._load_model(prepack=False), problems, s["head_kinds"], s["head_positions"], s["head_scan"],
-                self.head_group_size, self.batch_size, self.max_new_tokens, checkpoints)
-            self._report_checkpoints(checkpoints)
-        current.card.append(Markdown("# Attribute heads\n\n" + (
-            f"Attribution estimates for every head; {sum(map(len, self.head_groups))} heads to scan exactly in "
-            f"{len(self.head_groups)} group(s)." if self.heads else "Skipped (`--heads false`).")))
+        s = self.settings
+        checkpoints = self._checkpoints("attribution")
+        self.head_estimates, self.head_groups = plan_scan(
+            self._load_model(prepack=False), self._sample(), s["head_kinds"], s["head_positions"], s["head_scan"],
+            self.head_group_size, self.batch_size, self.max_new_tokens, checkpoints)
+        self._report_checkpoints(checkpoints)
+        current.card.append(Markdown(
+            f"# Attribute heads\n\nAttribution estimates for every head; {sum(map(len, self.head_groups))} heads to "
+            f"scan exactly in {len(self.head_groups)} group(s)."))
         self.next(self.scan_heads, foreach="head_groups")
 
     @resources(gpu=1, cpu=4, memory=32000)
@@ -437,23 +450,18 @@ class AttentionFlow(FlowSpec):
         from metaflow.cards import Markdown
 
         from codi_attn.conventions import head_label
+        from codi_attn.heads import problem_texts, scan_heads
 
-        self.head_scan_part, self.group_index, self.checkpoint_batches = None, self.index, None
+        s = self.settings
+        self.group_index = self.index
         group = [tuple(h) for h in self.input]
-        if group:
-            from codi_attn.heads import scan_heads
-
-            s = self.settings
-            model = self._group_model(len(self.head_groups))
-            problems = self._sample()
-            checkpoints = self._checkpoints(group)
-            self.head_scan_part = scan_heads(
-                model, [p["question"] for p in problems], [p["answer"] for p in problems],
-                [p["solution"] for p in problems], group, s["head_kinds"], s["head_positions"], self.batch_size,
-                self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
-            self._report_checkpoints(checkpoints)
+        checkpoints = self._checkpoints(group)
+        self.head_scan_part = scan_heads(
+            self._group_model(len(self.head_groups)), *problem_texts(self._sample()), group, s["head_kinds"],
+            s["head_positions"], self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
+        self._report_checkpoints(checkpoints)
         current.card.append(Markdown(f"# Scan heads: group {self.index + 1} of {len(self.head_groups)}\n\n"
-                                     f"{len(group)} heads: {' '.join(head_label(*h) for h in group) or 'none'}."))
+                                     f"{len(group)} heads: {' '.join(head_label(*h) for h in group)}."))
         self.next(self.join_scan)
 
     @card(type="blank")
@@ -462,16 +470,13 @@ class AttentionFlow(FlowSpec):
         """Join the head groups: every single-head ablation's outcomes in one scan."""
         from metaflow.cards import Markdown
 
-        self.merge_artifacts(inputs, exclude=["head_scan_part", "group_index", "checkpoint_batches"])
-        parts = [i.head_scan_part for i in sorted(inputs, key=lambda i: i.group_index) if i.head_scan_part is not None]
-        self.head_ablations = None
-        if parts:
-            from codi_attn.heads import merge_scans
+        from codi_attn.heads import merge_scans
 
-            self.head_ablations = merge_scans(parts)
-        current.card.append(Markdown("# Join scan\n\n" + (
-            f"{len(self.head_ablations)} single-head ablations from {len(parts)} group(s)." if parts
-            else "Skipped (`--heads false`).")))
+        self.merge_artifacts(inputs, exclude=["head_scan_part", "group_index", "checkpoint_batches"])
+        parts = [i.head_scan_part for i in sorted(inputs, key=lambda i: i.group_index)]
+        self.head_ablations = merge_scans(parts)
+        current.card.append(Markdown(f"# Join scan\n\n{len(self.head_ablations)} single-head ablations from "
+                                     f"{len(parts)} group(s)."))
         self.next(self.plan_held_out)
 
     @card(type="blank")
@@ -481,7 +486,7 @@ class AttentionFlow(FlowSpec):
         from metaflow.cards import Markdown
 
         self.held_out_plan, self.held_out_groups = None, [[]]
-        if self.head_ablations is not None and len(self.problem_ids) >= 4:
+        if len(self.problem_ids) >= 4:
             from codi_attn.heads import plan_held_out
 
             s = self.settings
@@ -492,7 +497,7 @@ class AttentionFlow(FlowSpec):
         current.card.append(Markdown("# Plan held-out test\n\n" + (
             f"{len(self.held_out_plan.sets)} head sets (k = {self.held_out_plan.k}) to ablate on half B "
             f"({len(self.held_out_plan.problems_b)} problems) in {len(self.held_out_groups)} group(s)."
-            if self.held_out_plan is not None else "No held-out test (`--heads false`, or fewer than four problems).")))
+            if self.held_out_plan is not None else "No held-out test: it needs four problems or more.")))
         self.next(self.test_held_out, foreach="held_out_groups")
 
     @resources(gpu=1, cpu=4, memory=32000)
@@ -519,7 +524,7 @@ class AttentionFlow(FlowSpec):
             f"# Test held-out sets: group {self.index + 1} of {len(self.held_out_groups)}\n\n"
             + (f"{len(sets)} head set(s) ablated on half B:\n\n"
                + "\n".join(f"- {name}: {' '.join(head_label(*h) for h in heads)}" for name, _, heads, _ in sets)
-               if sets else "Skipped: no held-out test in this run.")))
+               if sets else "Skipped: no held-out test (it needs four problems or more).")))
         self.next(self.join_heads)
 
     @card(type="blank")
@@ -527,25 +532,25 @@ class AttentionFlow(FlowSpec):
     def join_heads(self, inputs):
         """Join the held-out groups: the causal head report (effects, critical heads, metrics vs effects, held-out
         test)."""
-        from metaflow.cards import Markdown
+        from cards.heads_card import heads_card
+        from codi_attn.heads import causal_analysis
 
         self.merge_artifacts(inputs, exclude=["held_out_part", "checkpoint_batches"])
         parts = [i.held_out_part for i in inputs if i.held_out_part is not None]
-        self.causal_report = self.head_effects = None
-        if self.head_ablations is not None:
-            from cards.heads_card import heads_card
-            from codi_attn.heads import causal_analysis
+        s = self.settings
+        self.causal_report = causal_analysis(
+            self.head_ablations, self.held_out_plan, parts, self._sample(), self.attention_raw, self.attention_mass,
+            self.head_estimates, s["head_kinds"][0], s["head_positions"][0], self.n_boot, self.seed)
+        self.head_effects = self.causal_report.head_effects
+        current.card.extend(heads_card(self.causal_report, self.ranked_heads))
+        self.next(self.after_heads)
 
-            s = self.settings
-            self.causal_report = causal_analysis(
-                self.head_ablations, self.held_out_plan, parts, self._sample(), self.attention_raw,
-                self.attention_mass, self.head_estimates, s["head_kinds"][0], s["head_positions"][0], self.n_boot,
-                self.seed)
-            self.head_effects = self.causal_report.head_effects
-            current.card.extend(heads_card(self.causal_report, self.ranked_heads))
-        else:
-            current.card.append(Markdown("# Which heads carry the thoughts?\n\nSkipped (`--heads false`)."))
-        self.next(self.plan_thoughts)
+    @step
+    def after_heads(self):
+        """On to the next analysis asked for (a join step cannot choose its next step itself)."""
+        self.next_analysis = self._next_analysis("heads")
+        self.next({"thoughts": self.plan_thoughts, "validation": self.plan_validation, "compare": self.compare},
+                  condition="next_analysis")
 
     @card(type="blank")
     @step
@@ -553,19 +558,15 @@ class AttentionFlow(FlowSpec):
         """The thought analysis in groups of tasks: the recording run, then the mean and the pair patches."""
         from metaflow.cards import Markdown
 
-        self.thought_plan, self.thought_groups = None, [[]]
-        if self.thought_analysis:
-            from codi_attn.contents import plan_thoughts
+        from codi_attn.contents import plan_thoughts
 
-            heads = [] if self.causal_report is None else [
-                (int(r.layer), int(r.head)) for r in self.causal_report.critical().itertuples()]
-            self.thought_plan = plan_thoughts(self._sample(), self.settings["dataset"] == "synthetic",
-                                              self.model_info["n_layers"], heads, max(self.n_boot, 1), self.seed)
-            self.thought_groups = self.thought_plan.groups(self.thought_group_size)
-        current.card.append(Markdown("# Plan thoughts\n\n" + (
-            f"{len(self.thought_plan.units)} units (the recording, mean and pair patches) in "
-            f"{len(self.thought_groups)} group(s)." if self.thought_analysis
-            else "Skipped (`--thought_analysis false`).")))
+        heads = [] if self.causal_report is None else [
+            (int(r.layer), int(r.head)) for r in self.causal_report.critical().itertuples()]
+        self.thought_plan = plan_thoughts(self._sample(), self.settings["dataset"] == "synthetic",
+                                          self.model_info["n_layers"], heads, max(self.n_boot, 1), self.seed)
+        self.thought_groups = self.thought_plan.groups(self.thought_group_size)
+        current.card.append(Markdown(f"# Plan thoughts\n\n{len(self.thought_plan.units)} units (the recording, mean "
+                                     f"and pair patches) in {len(self.thought_groups)} group(s)."))
         self.next(self.analyse_thoughts, foreach="thought_groups")
 
     @resources(gpu=1, cpu=4, memory=32000)
@@ -575,20 +576,18 @@ class AttentionFlow(FlowSpec):
         """One group of the thought analysis on the whole sample: the recording run, or mean or pair patches."""
         from metaflow.cards import Markdown
 
-        self.thought_part, self.thought_index, self.checkpoint_batches = None, self.index, None
-        units = list(self.input)
-        if units:
-            from codi_attn.contents import analyse_group
+        from codi_attn.contents import analyse_group
 
-            model = self._group_model(len(self.thought_groups))
-            progress = self._progress("thoughts", f"problems through the group's {len(units)} unit(s)")
-            checkpoints = self._checkpoints([u.name for u in units])
-            self.thought_part = analyse_group(model, self._sample(), self.thought_plan, units, self.batch_size,
-                                              self.max_new_tokens, self._stack(), checkpoints, progress)
-            self._report_checkpoints(checkpoints)
-        current.card.append(Markdown(
-            f"# Analyse thoughts: group {self.index + 1} of {len(self.thought_groups)}\n\n"
-            + (", ".join(f"`{u.name}`" for u in units) if units else "Skipped (`--thought_analysis false`).")))
+        self.thought_index = self.index
+        units = list(self.input)
+        progress = self._progress("thoughts", f"problems through the group's {len(units)} unit(s)")
+        checkpoints = self._checkpoints([u.name for u in units])
+        self.thought_part = analyse_group(self._group_model(len(self.thought_groups)), self._sample(),
+                                          self.thought_plan, units, self.batch_size, self.max_new_tokens,
+                                          self._stack(), checkpoints, progress)
+        self._report_checkpoints(checkpoints)
+        current.card.append(Markdown(f"# Analyse thoughts: group {self.index + 1} of {len(self.thought_groups)}\n\n"
+                                     + ", ".join(f"`{u.name}`" for u in units)))
         self.next(self.join_thoughts)
 
     @card(type="blank")
@@ -596,22 +595,22 @@ class AttentionFlow(FlowSpec):
     def join_thoughts(self, inputs):
         """Join the thought groups: what each thought holds (attended tokens, probes with control tasks, a lens per
         layer, patching), with the findings in words."""
-        from metaflow.cards import Markdown
+        from cards.thoughts_card import thoughts_card
+        from codi_attn.contents import join_thoughts
 
         self.merge_artifacts(inputs, exclude=["thought_part", "thought_index", "checkpoint_batches"])
-        parts = [i.thought_part for i in sorted(inputs, key=lambda i: i.thought_index) if i.thought_part is not None]
-        self.thought_report = None
-        if parts:
-            from cards.thoughts_card import thoughts_card
-            from codi_attn.contents import join_thoughts
+        parts = [i.thought_part for i in sorted(inputs, key=lambda i: i.thought_index)]
+        self.thought_report = join_thoughts(self.thought_plan, parts, self._sample())
+        for line in self.thought_report.findings:
+            print(f"thoughts: {line}")
+        current.card.extend(thoughts_card(self.thought_report))
+        self.next(self.after_thoughts)
 
-            self.thought_report = join_thoughts(self.thought_plan, parts, self._sample())
-            for line in self.thought_report.findings:
-                print(f"thoughts: {line}")
-            current.card.extend(thoughts_card(self.thought_report))
-        else:
-            current.card.append(Markdown("# What each thought holds\n\nSkipped (`--thought_analysis false`)."))
-        self.next(self.plan_validation)
+    @step
+    def after_thoughts(self):
+        """On to the validation if asked for, else to compare."""
+        self.next_analysis = self._next_analysis("thoughts")
+        self.next({"validation": self.plan_validation, "compare": self.compare}, condition="next_analysis")
 
     @card(type="blank")
     @step
@@ -619,17 +618,14 @@ class AttentionFlow(FlowSpec):
         """The validation's conditions (top-k and random heads, blocking, the swap), in groups of tasks."""
         from metaflow.cards import Markdown
 
-        self.validation_plan, self.validation_groups = None, [[]]
-        if self.validate:
-            from codi_attn.validate import plan_validation
+        from codi_attn.validate import plan_validation
 
-            self.validation_plan = plan_validation(self.ranked_heads, self.model_info["n_layers"],
-                                                   self.model_info["n_heads"], len(self.problem_ids), self.validate_k,
-                                                   self.validate_random, self.seed)
-            self.validation_groups = self.validation_plan.groups(self.validate_group_size)
-        current.card.append(Markdown("# Plan validation\n\n" + (
-            f"{len(self.validation_plan.conditions)} conditions in {len(self.validation_groups)} group(s)."
-            if self.validate else "Skipped (`--validate false`).")))
+        self.validation_plan = plan_validation(self.ranked_heads, self.model_info["n_layers"],
+                                               self.model_info["n_heads"], len(self.problem_ids), self.validate_k,
+                                               self.validate_random, self.seed)
+        self.validation_groups = self.validation_plan.groups(self.validate_group_size)
+        current.card.append(Markdown(f"# Plan validation\n\n{len(self.validation_plan.conditions)} conditions in "
+                                     f"{len(self.validation_groups)} group(s)."))
         self.next(self.validate_conditions, foreach="validation_groups")
 
     @resources(gpu=1, cpu=4, memory=32000)
@@ -639,24 +635,21 @@ class AttentionFlow(FlowSpec):
         """One group of validation conditions on the whole sample, measured against its own run of the baseline."""
         from metaflow.cards import Markdown
 
-        self.validation_part, self.validation_index, self.checkpoint_batches = None, self.index, None
-        conds = list(self.input)
-        if conds:
-            from codi_attn.heads import problem_texts
-            from codi_attn.validate import validate_group
+        from codi_attn.heads import problem_texts
+        from codi_attn.validate import validate_group
 
-            problems = self._sample()
-            model = self._group_model(len(self.validation_groups))
-            progress = self._progress("validate", f"of {len(problems)} problems through the group's conditions")
-            checkpoints = self._checkpoints([c.name for c in conds])
-            self.validation_part = validate_group(
-                model, *problem_texts(problems), conds, ablation=self.ablation, positions=self.ablation_positions,
-                batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed, progress=progress,
-                stack=self._stack(), checkpoints=checkpoints)
-            self._report_checkpoints(checkpoints)
-        current.card.append(Markdown(
-            f"# Validate: group {self.index + 1} of {len(self.validation_groups)}\n\n"
-            + (", ".join(f"`{c.name}`" for c in conds) if conds else "Skipped (`--validate false`).")))
+        self.validation_index = self.index
+        conds = list(self.input)
+        problems = self._sample()
+        progress = self._progress("validate", f"of {len(problems)} problems through the group's conditions")
+        checkpoints = self._checkpoints([c.name for c in conds])
+        self.validation_part = validate_group(
+            self._group_model(len(self.validation_groups)), *problem_texts(problems), conds, ablation=self.ablation,
+            positions=self.ablation_positions, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+            seed=self.seed, progress=progress, stack=self._stack(), checkpoints=checkpoints)
+        self._report_checkpoints(checkpoints)
+        current.card.append(Markdown(f"# Validate: group {self.index + 1} of {len(self.validation_groups)}\n\n"
+                                     + ", ".join(f"`{c.name}`" for c in conds)))
         self.next(self.validate_heads)
 
     @card(type="blank")
@@ -664,21 +657,14 @@ class AttentionFlow(FlowSpec):
     def validate_heads(self, inputs):
         """Join the validation groups: the causal check of the ranking (top-k vs random same-layer heads, each
         thought blocked, the latent swap, with controls) and the logit lens."""
-        from metaflow.cards import Markdown
+        from cards.validate_card import validate_card
+        from codi_attn.validate import join_validation
 
         self.merge_artifacts(inputs, exclude=["validation_part", "validation_index", "checkpoint_batches"])
-        parts = [i.validation_part for i in sorted(inputs, key=lambda i: i.validation_index)
-                 if i.validation_part is not None]
-        self.validation_result = self.validation = None
-        if parts:
-            from cards.validate_card import validate_card
-            from codi_attn.validate import join_validation
-
-            self.validation_result = join_validation(self.validation_plan, parts)
-            self.validation = self.validation_result.validation
-            current.card.extend(validate_card(self.validation_result))
-        else:
-            current.card.append(Markdown("# Causal validation\n\nSkipped (`--validate false`)."))
+        parts = [i.validation_part for i in sorted(inputs, key=lambda i: i.validation_index)]
+        self.validation_result = join_validation(self.validation_plan, parts)
+        self.validation = self.validation_result.validation
+        current.card.extend(validate_card(self.validation_result))
         self.next(self.compare)
 
     @card(type="blank")

@@ -1,8 +1,9 @@
 """AttentionFlow compiled for Argo Workflows, without a cluster: `argo-workflows create --only-json` with the README's
 configuration (its "Scaling out" exports, pointed at the test S3 server of conftest.py's s3_server, where the code
 package goes) gives a WorkflowTemplate whose GPU steps request one GPU, whose foreach steps fan out over the
-branches their parent step makes, whose parameters are the flow's with their defaults, and whose code package, read
-back from S3, carries codi_attn/ (with the demo model), cards/ and the flow file byte for byte."""
+branches their parent step makes, whose analyses run only where a switch chose them, whose parameters are the
+flow's with their defaults, and whose code package, read back from S3, carries codi_attn/ (with the demo model),
+cards/ and the flow file byte for byte."""
 from __future__ import annotations
 
 import ast
@@ -83,7 +84,7 @@ def test_pods_request_gpus_with_the_readme_configuration(workflow):
     pods = {n: t for n, t in steps.items() if "metaflow/step_name" in t.get("metadata", {}).get("annotations", {})}
     assert {t["metadata"]["annotations"]["metaflow/step_name"] for t in pods.values()} == {
         "start", "sample", *GPU_STEPS, "aggregate", "metrics", "join_scan", "plan_held_out", "join_heads",
-        "plan_thoughts", "join_thoughts", "plan_validation",
+        "after_heads", "plan_thoughts", "join_thoughts", "after_thoughts", "plan_validation",
         "validate_heads", "compare", "end"}
     for n, t in pods.items():
         c = t["container"]
@@ -110,6 +111,22 @@ def test_foreach_steps_fan_out_and_join(workflow):
         assert fan["depends"] == f"{name(parent)}.Succeeded", parent
         assert [t["template"] for t in steps[fan["template"]]["dag"]["tasks"]] == [name(body)], parent
         assert dag[name(join)]["depends"] == f"{fan['name']}.Succeeded", join
+
+
+def test_switches_choose_the_next_analysis(workflow):
+    """metrics, after_heads and after_thoughts choose the next analysis (the flow's switches): the first step of each
+    analysis, and compare, run only when one of the switches that can lead there chose it."""
+    wf, _ = workflow
+    dag = {t["name"]: t for t in templates(wf)["AttentionFlow"]["dag"]["tasks"]}
+    chosen_by = {"attribute_heads": ["metrics"], "plan_thoughts": ["after_heads", "metrics"],
+                 "plan_validation": ["after_heads", "after_thoughts", "metrics"],
+                 "compare": ["after_heads", "after_thoughts", "metrics"]}
+    for target, switches in chosen_by.items():
+        when = dag[name(target)]["when"]
+        for switch in switches:
+            assert f"tasks['{name(switch)}'].outputs.parameters['switch-step'] : nil) == '{target}'" in when, target
+        assert sorted(re.findall(r"tasks\['([\w-]+)'\]\.outputs", when)) == [name(s) for s in switches], target
+    assert dag["after-heads"]["depends"] == "join-heads.Succeeded" and dag["after-heads"].get("when") is None
 
 
 def test_parameters_are_the_flows_with_their_defaults(workflow):

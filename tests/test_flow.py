@@ -17,10 +17,16 @@ import torch
 from codi_attn.prepack import can_prepack
 from flowrun import FLOW_FILE, N, card_data, run_flow, seed42_ids, tiny_params, use_datastore
 
-STEPS = ["start", "sample", "extract", "aggregate", "metrics", "attribute_heads", "scan_heads", "join_scan",
-         "plan_held_out", "test_held_out", "join_heads",
-         "plan_thoughts", "analyse_thoughts", "join_thoughts", "plan_validation", "validate_conditions",
-         "validate_heads", "compare", "end"]
+HEADS = ["attribute_heads", "scan_heads", "join_scan", "plan_held_out", "test_held_out", "join_heads"]
+THOUGHTS = ["plan_thoughts", "analyse_thoughts", "join_thoughts"]
+VALIDATION = ["plan_validation", "validate_conditions", "validate_heads"]
+STEPS = ["start", "sample", "extract", "aggregate", "metrics", *HEADS, *THOUGHTS, *VALIDATION, "compare",
+         "end"]  # the steps with a card; after_heads and after_thoughts only choose the next step
+
+
+def steps_run(run) -> list[str]:
+    """The steps a run ran, in the order they ran."""
+    return [s.id for s in sorted(run, key=lambda s: min(t.created_at for t in s))]
 
 
 def test_artifacts_shapes_dtypes_and_sample(clean_run):
@@ -122,6 +128,10 @@ def test_cards_on_every_step(clean_run):
             ) in card_data(run["aggregate"].task)
     assert '"type": "progressBar"' in card_data(run["extract"].task) or "progressBar" in card_data(run["extract"].task)
     assert "Head metrics: gpt2" in card_data(run["metrics"].task)
+    assert steps_run(run) == [*STEPS[:5], *HEADS, "after_heads", *THOUGHTS, "after_thoughts", *VALIDATION,
+                              "compare", "end"]
+    assert [run[s].task.data.next_analysis for s in ("metrics", "after_heads", "after_thoughts")] == [
+        "heads", "thoughts", "validation"]
 
 
 def test_causal_head_analysis_in_the_run(clean_run):
@@ -280,6 +290,9 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert d.problem_ids == [i for i in seed42_ids(N) if i != bad]
     assert d.attention_raw.shape[0] == N - 1
     assert d.compared_runs == [clean.pathspec]
+    # --heads, --thought_analysis and --validate false: metrics goes on to compare, no task of the analyses runs
+    assert steps_run(result.run) == [*STEPS[:5], "compare", "end"] and d.next_analysis == "compare"
+    assert (d.causal_report, d.head_effects, d.thought_report, d.validation_result, d.validation) == (None,) * 5
     diff = d.comparison[clean.pathspec]
     assert {"value_llama", "value_gpt2", "diff"} <= set(diff.columns)
     card = card_data(result.run["compare"].task)
@@ -331,4 +344,7 @@ def test_default_run_is_the_offline_demo(demo_run):
     assert len(d.problem_ids) == 6 and d.problem_ids[0].startswith("test_")  # held out from the demo's training
     assert d.validation_result.noop_identical and d.validation_result.settings["k"] == 4  # a quarter of 4 x 4 heads
     assert len(d.validation) == 20 and len(list(run["validate_conditions"])) == 2  # 19 conditions in groups of 10
+    assert steps_run(run) == [*STEPS[:5], *VALIDATION, "compare", "end"]  # --heads and --thought_analysis false
+    assert d.causal_report is None and d.thought_report is None and "not measured (--heads false)" in card_data(
+        run["end"].task)
     assert "model:demo" in run.tags
