@@ -2,13 +2,13 @@
 """Cost of the causal analyses as multiples of one extraction on the same problems.
 
 Runs `codi_attn.extract.extract` once on N problems, then on the same problems and batch size
-  - `codi_attn.validate.run_validation` with the flow's defaults (k = 10 capped at a quarter of the heads,
+  - `codi_attn.validate_run.run_validation` with the flow's defaults (k = 10 capped at a quarter of the heads,
     5 random controls, mean ablation at the thought positions, blocking, latent swap, no-op):
     `validation_over_extraction`;
-  - with --scan, `codi_attn.heads.scan_heads` (each head ablated alone, kinds mean, zero, resample, at the
+  - with --scan, `codi_attn.heads_run.scan_heads` (each head ablated alone, kinds mean, zero, resample, at the
     thoughts) on every head or on the first --scan-heads of them: `scan_over_extraction`, and per head and
     kind `scan_condition_over_extraction`;
-  - with --thoughts, `codi_attn.contents.analyse_thoughts`: `thoughts_over_extraction`;
+  - with --thoughts, `codi_attn.contents_run.analyse_thoughts`: `thoughts_over_extraction`;
 and reports the times and the ratios, measured in one process on one machine. The conditions run stacked
 --condition-rows rows to a forward (the flow's default) unless it is 0.
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from codi_attn.metrics import analyze
     from codi_attn.model import load_codi
     from codi_attn.runner import CONDITION_ROWS, stack_for
-    from codi_attn.validate import run_validation
+    from codi_attn.validate_run import run_validation
 
     if args.model == "demo":
         model = load_codi("demo", device="cpu", dtype="float32")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         out |= {"validation_s": round(t_validation, 3), "validation_over_extraction": round(t_validation / t_extract, 2),
                 "validation_conditions": len(result.validation) - 1}  # the baseline row is the reference run
     if args.scan:
-        from codi_attn.heads import all_heads, scan_heads
+        from codi_attn.heads_run import all_heads, scan_heads
 
         heads = all_heads(model)[: args.scan_heads or None]
         t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 "scan_over_extraction": round(t_scan / t_extract, 2),
                 "scan_condition_over_extraction": round(t_scan / t_extract / len(scan), 3)}
     if args.thoughts:
-        from codi_attn.contents import analyse_thoughts
+        from codi_attn.contents_run import analyse_thoughts
 
         records = [{"id": str(i), "question": q, "answer": g, "solution": s}
                    for i, (q, g, s) in enumerate(zip(questions, golds, solutions))]

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
+
+import numpy as np
 
 NUMBER = re.compile(r"-?\d+\.?\d*")
 GOLD = re.compile(r"-?(\d+\.?\d*|\.\d+)")  # the whole gold text, commas removed: 72, -4, 1000, 0.5
@@ -37,3 +40,13 @@ def is_correct(prediction: float | None, gold: float | None) -> bool:
     if prediction is None or gold is None or math.isnan(prediction) or math.isnan(gold):
         return False
     return prediction == gold
+
+
+def correctness(predictions: np.ndarray, golds: Sequence[str] | None) -> np.ndarray:
+    """[N] bool: each parsed prediction equals its gold answer (GSM8K answer text: the number, or '... #### N')."""
+    if golds is None:
+        return np.zeros(len(predictions), bool)
+    if len(golds) != len(predictions):
+        raise ValueError(f"{len(golds)} gold answers for {len(predictions)} problems")
+    return np.array([is_correct(None if np.isnan(p) else float(p), parse_gold(g))
+                     for p, g in zip(predictions, golds)], dtype=bool)

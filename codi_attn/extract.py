@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from codi_attn.answers import is_correct, parse_gold
+from codi_attn.answers import correctness
 from codi_attn.conventions import MASS_PARTS, N_THOUGHTS
 from codi_attn.model import CODIModel
 from codi_attn.runner import Hook, PaddedBatch, Point, Runner
@@ -68,16 +68,6 @@ class CaptureAttention(Hook):
         rows = self._rows.detach().cpu().numpy()
         self.attention[batch.rows], self.mass[batch.rows] = rows[..., :N_THOUGHTS], rows[..., N_THOUGHTS:]
         self._batch = self._rows = None
-
-
-def correctness(predictions: np.ndarray, golds: Sequence[str] | None) -> np.ndarray:
-    """[N] bool: each parsed prediction equals its gold answer (GSM8K answer text: the number, or '... #### N')."""
-    if golds is None:
-        return np.zeros(len(predictions), bool)
-    if len(golds) != len(predictions):
-        raise ValueError(f"{len(golds)} gold answers for {len(predictions)} problems")
-    return np.array([is_correct(None if np.isnan(p) else float(p), parse_gold(g))
-                     for p, g in zip(predictions, golds)], dtype=bool)
 
 
 def extract(model: CODIModel, questions: Sequence[str], golds: Sequence[str] | None = None, batch_size: int = 16,

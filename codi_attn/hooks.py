@@ -1,6 +1,6 @@
 """Small hook objects on the runner's points (codi_attn.runner): record thoughts, feed or swap them, block them,
-and keep the logits at the answer token. Head ablation lives in codi_attn.ablation, attention capture in
-codi_attn.extract.
+keep the logits at the answer token, record the residual stream (for the probes and the lens). Head ablation
+lives in codi_attn.ablation, attention capture in codi_attn.extract.
 
 Recording hooks keep what a batch gives them on the device and copy it to the host once per batch (`flush`),
 so that a GPU run does not wait for a copy at every layer.
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from codi_attn.conventions import N_THOUGHTS, THOUGHTS, check_thoughts
+from codi_attn.model import CODIModel
 from codi_attn.runner import Hook, PaddedBatch, Point
 
 STEP = re.compile(r"<<[^<>]*>>")
@@ -212,3 +213,21 @@ class AnswerShift(Hook):
 
     def flush(self, batch: PaddedBatch) -> None:
         self._batch = self._same = None
+
+
+class RecordResiduals(Hook):
+    """`resid` [N, 7, L, d] float32: the residual stream after each block at BOT (p = 0, the last prompt position,
+    whose final hidden state gives z1) and at thought k (p = k: where it is fed)."""
+
+    points = ("prefill.resid.*", "thought.*.resid.*")
+    recorded = ("resid",)
+
+    def __init__(self, model: CODIModel, n: int):
+        self.n = n
+        self.resid = np.zeros((n, N_THOUGHTS + 1, model.n_layers, model.lm.config.hidden_size), np.float32)
+
+    def __call__(self, value: torch.Tensor, point: Point, batch: PaddedBatch) -> None:
+        if point.phase == "prefill":  # one prefill group: rows end with BOT at the group's last column
+            self.resid[batch.rows, 0, point.layer] = value[:, -1].detach().float().cpu().numpy()
+        else:
+            self.resid[batch.rows, point.thought, point.layer] = value.detach().float().cpu().numpy()

@@ -1,7 +1,9 @@
-"""What the residual stream at each thought holds: linear probes with control tasks, and a logit lens per layer.
+"""What the residual stream at each thought holds: linear probes with control tasks (numpy and scikit-learn on
+the residuals that codi_attn.hooks.RecordResiduals records; the lens per layer, which needs the model, is
+codi_attn.lens).
 
 Positions: p = 0 is BOT (the last prompt position, whose final hidden state gives z1), p = k the position where
-thought k is fed. `RecordResiduals` keeps the residual stream after every block at these seven positions.
+thought k is fed.
 
 Probes (Hewitt & Liang 2019). For each target (the value of solution step s, `step s`; the final answer,
 `answer`; the operation of step s, `op s`), position and layer: a standardised ridge classifier
@@ -10,11 +12,6 @@ out-of-fold predictions with a 95 % bootstrap interval. Two controls on the same
 permuted across problems (the chance floor), and the control task: a random label fixed per value of a surface
 feature of the question (its first number), drawn with the target's label frequencies, which a probe can only
 learn by memorising that feature. Selectivity = accuracy - control accuracy.
-
-Lens per layer: the residual after block l at a position, through the final norm and the LM head, restricted to
-the number tokens; the rank (1 = top) of the target value among the values those tokens spell, a value scoring
-the highest logit of its tokens. Matching rule: a token spells value v when its decoded text, without spaces and
-commas, is v written out ("12" or " 12", not "12.0"); a value with no such token is not ranked (its rank is nan).
 """
 from __future__ import annotations
 
@@ -23,11 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
-from codi_attn.conventions import N_THOUGHTS, THOUGHTS
-from codi_attn.model import CODIModel
-from codi_attn.runner import Hook, PaddedBatch, Point
+from codi_attn.conventions import THOUGHTS
 from codi_attn.solutions import numbers_in, solution_steps
 from codi_attn.validate import drawn_interval
 
@@ -35,23 +29,6 @@ POSITIONS = ("BOT", *(f"z{k}" for k in THOUGHTS))  # p = 0..6
 N_FOLDS = 5
 MIN_PROBLEMS = 20  # a target is probed where at least this many problems have it
 TOO_FEW = f"fewer than {MIN_PROBLEMS} problems have any one target with 2 or more values"  # why nothing is probed
-
-
-class RecordResiduals(Hook):
-    """`resid` [N, 7, L, d] float32: the residual stream after each block at BOT (p = 0) and at thought k (p = k)."""
-
-    points = ("prefill.resid.*", "thought.*.resid.*")
-    recorded = ("resid",)
-
-    def __init__(self, model: CODIModel, n: int):
-        self.n = n
-        self.resid = np.zeros((n, N_THOUGHTS + 1, model.n_layers, model.lm.config.hidden_size), np.float32)
-
-    def __call__(self, value: torch.Tensor, point: Point, batch: PaddedBatch) -> None:
-        if point.phase == "prefill":  # one prefill group: rows end with BOT at the group's last column
-            self.resid[batch.rows, 0, point.layer] = value[:, -1].detach().float().cpu().numpy()
-        else:
-            self.resid[batch.rows, point.thought, point.layer] = value.detach().float().cpu().numpy()
 
 
 # ---------------------------------------------------------------- targets
@@ -172,71 +149,3 @@ def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[
     return pd.DataFrame(rows).sort_values(["target", "position", "layer"], key=lambda c: c.map(order)
                                           if c.name == "target" else c.map({p: i for i, p in enumerate(POSITIONS)})
                                           if c.name == "position" else c, kind="stable").reset_index(drop=True)
-
-
-# ---------------------------------------------------------------- lens per layer
-
-
-def number_token_values(model: CODIModel) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, values) of the tokens that spell a number (the matching rule of the module docstring)."""
-    from codi_attn.validate import token_number
-
-    texts = model.tokenizer.batch_decode([[i] for i in range(len(model.tokenizer))])
-    special = set(model.tokenizer.all_special_ids)
-    pairs = [(i, token_number(t)) for i, t in enumerate(texts) if i not in special]
-    pairs = [(i, v) for i, v in pairs if v is not None]
-    return np.array([i for i, _ in pairs], dtype=np.int64), np.array([v for _, v in pairs], dtype=np.float64)
-
-
-def final_norm(model: CODIModel) -> torch.nn.Module:
-    """The LM's final norm (GPT-2 ln_f, LLaMA norm), applied before the LM head."""
-    body = model.lm.base_model
-    return body.ln_f if hasattr(body, "ln_f") else body.norm
-
-
-@torch.inference_mode()
-def lens_ranks(model: CODIModel, resid: np.ndarray, values: np.ndarray, batch: int = 64) -> np.ndarray:
-    """[N, 7, L] rank (1 = top) of values[n] among the values the number tokens spell, reading the residual after
-    each block at each position through the final norm and the LM head; a value scores the highest logit of the
-    tokens that spell it. nan where values[n] is None/nan or no token spells it."""
-    ids, token_values = number_token_values(model)
-    unique, group = np.unique(token_values, return_inverse=True)
-    head = model.lm.get_output_embeddings().weight[torch.as_tensor(ids, device=model.device)]  # [T, d]
-    group_t = torch.as_tensor(group, device=model.device)
-    norm = final_norm(model)
-    n, positions, layers, d = resid.shape
-    ranks = np.full((n, positions, layers), np.nan)
-    where = {float(v): k for k, v in enumerate(unique)}
-    target = np.array([where.get(float(v), -1) if v is not None and not pd.isna(v) else -1 for v in values])
-    for start in range(0, n, batch):
-        rows = np.arange(start, min(n, start + batch))
-        x = torch.as_tensor(resid[rows], dtype=model.dtype, device=model.device)
-        logits = (norm(x) @ head.T).float()  # [b, 7, L, T]
-        scores = logits.new_full((*logits.shape[:-1], len(unique)), -torch.inf)
-        scores.scatter_reduce_(-1, group_t.expand_as(logits), logits, "amax")  # [b, 7, L, U]
-        for i, row in enumerate(rows):
-            if target[row] < 0:
-                continue
-            own = scores[i, ..., target[row]]
-            ranks[row] = (1 + (scores[i] > own[..., None]).sum(-1)).cpu().numpy()
-    return ranks
-
-
-def lens_table(model: CODIModel, resid: np.ndarray, solutions: Sequence[str], max_steps: int = 7) -> pd.DataFrame:
-    """One row per (target value: each step's and the answer, position, layer): the share of problems whose
-    target ranks first among the number tokens, within the top 5, the median rank, and n ranked."""
-    rows = []
-    for name, labels in targets(solutions, max_steps).items():
-        if name.startswith("op"):
-            continue
-        ranks = lens_ranks(model, resid, labels)
-        ranked = ~np.isnan(ranks[:, 0, 0])
-        if not ranked.any():
-            continue
-        for p, position in enumerate(POSITIONS):
-            for layer in range(resid.shape[2]):
-                r = ranks[ranked, p, layer]
-                rows.append({"target": name, "position": position, "layer": layer, "n": int(ranked.sum()),
-                             "top1": float((r == 1).mean()), "top5": float((r <= 5).mean()),
-                             "median_rank": float(np.median(r))})
-    return pd.DataFrame(rows)

@@ -429,7 +429,7 @@ class AttentionFlow(FlowSpec):
         """Attribution patching: every head's estimated effect from one backward pass; the heads to scan, in groups."""
         from metaflow.cards import Markdown
 
-        from codi_attn.heads import plan_scan
+        from codi_attn.heads_run import plan_scan
 
         s = self.settings
         checkpoints = self._checkpoints("attribution")
@@ -450,7 +450,8 @@ class AttentionFlow(FlowSpec):
         from metaflow.cards import Markdown
 
         from codi_attn.conventions import head_label
-        from codi_attn.heads import problem_texts, scan_heads
+        from codi_attn.heads import problem_texts
+        from codi_attn.heads_run import scan_heads
 
         s = self.settings
         self.group_index = self.index
@@ -511,7 +512,8 @@ class AttentionFlow(FlowSpec):
 
         self.held_out_part, self.checkpoint_batches = None, None
         if self.input:
-            from codi_attn.heads import held_out_part, problem_texts
+            from codi_attn.heads import problem_texts
+            from codi_attn.heads_run import held_out_part
 
             checkpoints = self._checkpoints("held-out", [self.problem_ids[i] for i in self.held_out_plan.problems_b],
                                             [list(self.held_out_plan.sets[i][2]) for i in self.input])
@@ -576,7 +578,7 @@ class AttentionFlow(FlowSpec):
         """One group of the thought analysis on the whole sample: the recording run, or mean or pair patches."""
         from metaflow.cards import Markdown
 
-        from codi_attn.contents import analyse_group
+        from codi_attn.contents_run import analyse_group
 
         self.thought_index = self.index
         units = list(self.input)
@@ -636,7 +638,7 @@ class AttentionFlow(FlowSpec):
         from metaflow.cards import Markdown
 
         from codi_attn.heads import problem_texts
-        from codi_attn.validate import validate_group
+        from codi_attn.validate_run import validate_group
 
         self.validation_index = self.index
         conds = list(self.input)

@@ -1,9 +1,10 @@
 """Answer and gold parsing as the official evaluation does it (codi-spec trap 5)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from codi_attn.answers import is_correct, normalize_question, parse_answer, parse_gold
+from codi_attn.answers import correctness, is_correct, normalize_question, parse_answer, parse_gold
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -47,3 +48,12 @@ def test_answer_and_gold_meet():
 
 def test_normalize_question():
     assert normalize_question("  Tom has  3 pens.  ") == "Tom has 3 pens."
+
+
+def test_correctness_of_parsed_predictions():
+    """[N] bool per problem; no prediction (nan) is wrong; no golds: all False; a count mismatch names both."""
+    np.testing.assert_array_equal(correctness(np.array([5.0, np.nan, 7.0]), ["#### 5", "5", "6"]), [True, False, False])
+    np.testing.assert_array_equal(correctness(np.array([1.0, 2.0]), None), [False, False])
+    np.testing.assert_array_equal(correctness(np.array([1000.0, 0.5]), ["1,000", "#### .5"]), [True, True])
+    with pytest.raises(ValueError, match="3 gold answers for 2 problems"):
+        correctness(np.array([1.0, 2.0]), ["1", "2", "3"])

@@ -1,4 +1,5 @@
-"""The extraction benchmark runs on the tiny shape, writes its JSON and really checks (a) against (c).
+"""The extraction benchmark runs on the tiny shape, writes its JSON and really checks (a) against (c); the causal
+benchmark reports its ratios; the flow benchmark counts a run's tasks.
 
 No timing assertions: timings live in the benchmark, never in the test suite.
 """
@@ -104,3 +105,42 @@ def test_causal_benchmark_reports_its_ratios(tmp_path, gsm8k_train):
     for key in ("validation_over_extraction", "scan_over_extraction", "scan_condition_over_extraction",
                 "thoughts_over_extraction"):
         assert result[key] > 0
+
+
+def load_flow_bench():
+    spec = importlib.util.spec_from_file_location("bench_flow", ROOT / "benchmarks" / "bench_flow.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flow_benchmark_counts_the_clean_runs_tasks(clean_run):
+    """bench_flow.py on the tests' clean run (no new flow run here): every task once, split into the steps with
+    @resources and the rest, and the seconds add up."""
+    from flowrun import use_datastore
+
+    flow = load_flow_bench()
+    run, root, _ = clean_run
+    use_datastore(root)
+    model = flow.model_steps(flow.FLOW_FILE)
+    assert model == {"extract", "attribute_heads", "scan_heads", "test_held_out", "analyse_thoughts",
+                     "validate_conditions"}
+    times = flow.task_times(run)
+    got = flow.summarise(times, model)
+    tasks = {s.id: len(list(s)) for s in run}
+    assert got["tasks"] == sum(tasks.values()) and set(got["per_step"]) == set(tasks)
+    assert got["model_tasks"] == sum(n for step, n in tasks.items() if step in model)
+    assert got["model_task_seconds"] + got["model_free_task_seconds"] == pytest.approx(got["task_seconds"])
+    assert all(seconds > 0 for _, seconds in times)
+
+
+def test_flow_benchmark_refuses_a_bad_param(capsys):
+    flow = load_flow_bench()
+    with pytest.raises(SystemExit):
+        flow.main(["--param", "heads"])
+    assert "--param takes NAME=VALUE (a flow parameter), got 'heads'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        flow.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--flow", "--tiny", "--param", "--repeats", "--json"):
+        assert option in text, text

@@ -97,7 +97,7 @@ def test_extract_shard_killed_after_two_batches_redoes_only_the_rest(gpt2_model,
 
 
 def test_head_scan_interrupted_redoes_only_the_batches_left(gpt2_model, files):
-    from codi_attn.heads import scan_heads
+    from codi_attn.heads_run import scan_heads
 
     args = (gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, [(0, 1), (1, 2)], ("mean", "resample"))
     clean = scan_heads(*args, batch_size=2, max_new_tokens=3)
@@ -118,7 +118,8 @@ def test_validation_group_interrupted_equals_uninterrupted(gpt2_model, files):
     no-op's batches (run alone) and the other conditions' (two stacked in one forward) are saved apart."""
     import pandas as pd
 
-    from codi_attn.validate import plan_validation, validate_group
+    from codi_attn.validate import plan_validation
+    from codi_attn.validate_run import validate_group
     from test_validate import ranked
 
     plan = plan_validation(ranked(gpt2_model), gpt2_model.n_layers, gpt2_model.n_heads, len(QUESTIONS), k=2,
@@ -154,7 +155,7 @@ def test_held_out_interrupted_redoes_only_the_batches_left(gpt2_model, files):
     import pandas as pd
 
     from codi_attn.extract import extract
-    from codi_attn.heads import held_out, scan_heads
+    from codi_attn.heads_run import held_out, scan_heads
 
     scan = scan_heads(gpt2_model, QUESTIONS * 2, GOLDS * 2, SOLUTIONS * 2, [(0, 1), (1, 2), (0, 0)], ("mean",),
                       batch_size=2, max_new_tokens=3)
@@ -178,7 +179,7 @@ def test_attribution_interrupted_redoes_only_the_batches_left(unpacked_models, f
     equal an uninterrupted run's."""
     import pandas as pd
 
-    from codi_attn.heads import plan_scan
+    from codi_attn.heads_run import plan_scan
 
     problems = [{"id": str(i), "question": q, "answer": g, "solution": s}
                 for i, (q, g, s) in enumerate(zip(QUESTIONS, GOLDS, SOLUTIONS))]

@@ -1,5 +1,6 @@
-"""The analyse_thoughts report (codi_attn.contents): every part on the demo model, findings that say what the
-tables say, decodability against every control, and honest notes where a sample is too small for a part."""
+"""The analyse_thoughts report (codi_attn.contents, run by codi_attn.contents_run): every part on the demo model,
+findings that say what the tables say, decodability against every control, and honest notes where a sample is too small
+for a part."""
 from __future__ import annotations
 
 import pickle
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from codi_attn import contents as C
+from codi_attn import contents_run as CR
 from codi_attn.conventions import N_THOUGHTS
 from codi_attn.patching import MIN_PATCHED
 from codi_attn.probes import MIN_PROBLEMS, POSITIONS
@@ -27,7 +29,7 @@ def demo_report():
 
     model = load_codi("demo", device="cpu", dtype="float32")
     problems = _problems("synthetic", "test", MIN_PROBLEMS)
-    return model, problems, C.analyse_thoughts(model, problems, True, [(1, 0), (0, 3)], batch_size=8,
+    return model, problems, CR.analyse_thoughts(model, problems, True, [(1, 0), (0, 3)], batch_size=8,
                                                max_new_tokens=8, n_boot=50, seed=0, stack=4)
 
 
@@ -89,7 +91,7 @@ def test_small_sample_says_which_parts_it_cannot_show(gpt2_model, gsm8k_train):
     """Six GSM8K problems on the tiny model: no probe, no mean patching; the notes say why, the card renders."""
     from cards.thoughts_card import thoughts_card
 
-    report = C.analyse_thoughts(gpt2_model, _problems(str(gsm8k_train), "train", 6), False, batch_size=3,
+    report = CR.analyse_thoughts(gpt2_model, _problems(str(gsm8k_train), "train", 6), False, batch_size=3,
                                 max_new_tokens=4, n_boot=10)
     assert report.probes.empty and report.mean_patching.empty
     assert report.notes[:2] == [
@@ -109,7 +111,7 @@ def grouped(demo_report):
     model, problems, _ = demo_report
     plan = C.plan_thoughts(problems, True, model.n_layers, [(1, 0), (0, 3)], n_boot=50, seed=0)
     groups = plan.groups(8)
-    parts = [C.analyse_group(model, problems, plan, g, batch_size=8, max_new_tokens=8, stack=4) for g in groups[::-1]]
+    parts = [CR.analyse_group(model, problems, plan, g, batch_size=8, max_new_tokens=8, stack=4) for g in groups[::-1]]
     return plan, groups, parts[::-1]
 
 
@@ -136,7 +138,7 @@ def test_join_refuses_parts_that_do_not_make_the_plan(demo_report, grouped):
         with pytest.raises(ValueError, match="the thought parts hold units"):
             C.join_thoughts(plan, wrong, problems)
     with pytest.raises(ValueError, match="a group holds the units of one part"):
-        C.analyse_group(demo_report[0], problems, plan, plan.units[:2])
+        CR.analyse_group(demo_report[0], problems, plan, plan.units[:2])
 
 
 def test_a_killed_group_redoes_only_the_batches_left(demo_report, grouped, tmp_path):
@@ -157,9 +159,9 @@ def test_a_killed_group_redoes_only_the_batches_left(demo_report, grouped, tmp_p
         folder = files.path("checkpoints", "1", "analyse_thoughts", str(g))
         first = DiesAfter(files, folder, saves=2)
         with pytest.raises(Interrupted):
-            C.analyse_group(model, problems, plan, group, batch_size=8, max_new_tokens=8, stack=4, checkpoints=first)
+            CR.analyse_group(model, problems, plan, group, batch_size=8, max_new_tokens=8, stack=4, checkpoints=first)
         rerun = Checkpoints(files, folder)
-        part = C.analyse_group(model, problems, plan, group, batch_size=8, max_new_tokens=8, stack=4,
+        part = CR.analyse_group(model, problems, plan, group, batch_size=8, max_new_tokens=8, stack=4,
                                checkpoints=rerun)
         assert rerun.loaded == first.saved and len(rerun.saved) >= 1 and not set(rerun.saved) & set(first.saved)
         baseline = {"record": [], "mean": ["thoughts"], "pair": ["pairs"]}[group[0].part]

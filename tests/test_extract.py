@@ -8,7 +8,7 @@ import torch
 
 from codi_attn import runner as runner_mod
 from codi_attn.conventions import MASS_PARTS, N_THOUGHTS
-from codi_attn.extract import CaptureAttention, correctness, extract
+from codi_attn.extract import CaptureAttention, extract
 from codi_attn.hooks import RecordThoughts
 from codi_attn.runner import Runner, prefill_groups, tokenize_questions
 from reference import QUESTIONS, full_sequence_reference
@@ -114,7 +114,6 @@ def test_correctness_uses_parsed_answers(gpt2_model):
     ex = extract(gpt2_model, QUESTIONS[:2], golds=["#### 5", "7"], max_new_tokens=4)
     for text, pred, ok, gold in zip(ex.text, ex.prediction, ex.correct, [5.0, 7.0]):
         assert ok == (not np.isnan(pred) and pred == gold)
-    np.testing.assert_array_equal(correctness(np.array([5.0, np.nan, 7.0]), ["#### 5", "5", "6"]), [True, False, False])
     with pytest.raises(ValueError, match="3 gold answers for 2 problems"):
         extract(gpt2_model, QUESTIONS[:2], golds=["1", "2", "3"], max_new_tokens=1)
 

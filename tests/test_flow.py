@@ -102,6 +102,26 @@ def test_arrays_equal_direct_extraction(clean_run, gsm8k_train):
     np.testing.assert_allclose(stats["incoming_baseline"][:4], uniform, rtol=2e-3)
 
 
+def test_reports_read_back_without_pytorch(clean_run):
+    """A notebook reads the causal, thought and validation reports through the Client API without loading PyTorch
+    or transformers (the reports' classes live in the analyses' model-free modules)."""
+    import subprocess
+    import sys
+
+    run, root, _ = clean_run
+    code = ("import sys; from metaflow import Run, metadata, namespace; metadata('local@' + sys.argv[1]); "
+            "namespace(None); d = Run(sys.argv[2]).data; "
+            "print(len(d.head_effects), len(d.thought_report.probes) > 0, len(d.validation_result.validation), "
+            "'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(root), run.pathspec], cwd=root, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(FLOW_FILE.parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    use_datastore(root)
+    d = run.data
+    assert out.stdout.split() == [str(len(d.head_effects)), str(len(d.thought_report.probes) > 0),
+                                  str(len(d.validation_result.validation)), "False", "False"]
+
+
 def test_cards_on_every_step(clean_run):
     from metaflow.cards import get_cards
 

@@ -1,5 +1,6 @@
-"""Which heads carry the thoughts (codi_attn.heads): the exact scan against independent computations, attribution
-patching against the exact first-order change, random sets, the held-out split, shards, correlations, the card."""
+"""Which heads carry the thoughts (codi_attn.heads, and its runs on the model in codi_attn.heads_run): the exact scan
+against independent computations, attribution patching against the exact first-order change, random sets, the held-out
+split, shards, correlations, the card."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from codi_attn import heads as H
+from codi_attn import heads_run as HR
 from codi_attn.extract import extract
 from codi_attn.runner import Runner, head_dim, layer_module
 
@@ -35,7 +37,7 @@ def test_scan_zero_everywhere_equals_zeroing_the_weight_rows(demo):
     output projection's weight zeroed (no hook at all), for heads of every layer."""
     model, questions, golds, solutions = demo
     chosen = [(0, 1), (1, 2), (2, 0), (3, 3)]
-    scan = H.scan_heads(model, questions, golds, solutions, chosen, ("zero",), ("all",), batch_size=8,
+    scan = HR.scan_heads(model, questions, golds, solutions, chosen, ("zero",), ("all",), batch_size=8,
                         max_new_tokens=8)
     d = head_dim(model)
     for c, (layer, head) in enumerate(scan.heads):
@@ -56,7 +58,7 @@ def test_scan_effects_are_the_per_problem_changes(demo):
     """Effects: accuracy and its change are the means of the per-problem outcomes, the interval contains the
     point, answers changed counts changed predictions; a subset gives the subset's numbers."""
     model, questions, golds, solutions = demo
-    scan = H.scan_heads(model, questions, golds, solutions, [(2, 0), (0, 1)], ("mean", "resample"), batch_size=8,
+    scan = HR.scan_heads(model, questions, golds, solutions, [(2, 0), (0, 1)], ("mean", "resample"), batch_size=8,
                         max_new_tokens=8)
     eff = scan.effects(n_boot=200)
     assert len(eff) == 4 and list(eff.columns) == list(H.EFFECT_COLUMNS)
@@ -75,10 +77,10 @@ def test_scan_effects_are_the_per_problem_changes(demo):
 
 def test_shards_merge_into_the_unsharded_scan(gpt2_model):
     """Scanning head groups and merging them gives the scan of all heads, array for array."""
-    every = H.all_heads(gpt2_model)
+    every = HR.all_heads(gpt2_model)
     kwargs = dict(kinds=("mean", "zero"), batch_size=2, max_new_tokens=3)
-    whole = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, every, **kwargs)
-    parts = [H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, every[i: i + 3], **kwargs)
+    whole = HR.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, every, **kwargs)
+    parts = [HR.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, every[i: i + 3], **kwargs)
              for i in range(0, len(every), 3)]
     merged = H.merge_scans(parts)
     assert merged.heads == whole.heads and merged.kinds == whole.kinds
@@ -87,7 +89,7 @@ def test_shards_merge_into_the_unsharded_scan(gpt2_model):
     pd.testing.assert_frame_equal(merged.effects(n_boot=50), whole.effects(n_boot=50))
     with pytest.raises(ValueError, match="overlap"):
         H.merge_scans([parts[0], parts[0]])
-    other = H.scan_heads(gpt2_model, QUESTIONS[::-1], GOLDS[::-1], SOLUTIONS[::-1], every[:1], **kwargs)
+    other = HR.scan_heads(gpt2_model, QUESTIONS[::-1], GOLDS[::-1], SOLUTIONS[::-1], every[:1], **kwargs)
     with pytest.raises(ValueError, match="different baselines"):
         H.merge_scans([parts[0], other])
 
@@ -99,9 +101,9 @@ def test_attribution_equals_the_exact_first_order_change(demo, monkeypatch):
     layer, head, eps = 2, 0, 1e-2
     d = head_dim(model)
     direction = torch.randn(d, generator=torch.Generator().manual_seed(0))
-    base = H.run_baseline(Runner(model, 8, 8), questions, golds, solutions, ("zero",), ("thoughts",))
-    monkeypatch.setattr(H.HeadGradients, "_replacement", lambda self, kind, k, l, batch, a: a + eps * direction)
-    estimate = H.attribution(model, questions, base, ("zero",), batch_size=8)
+    base = HR.run_baseline(Runner(model, 8, 8), questions, golds, solutions, ("zero",), ("thoughts",))
+    monkeypatch.setattr(HR.HeadGradients, "_replacement", lambda self, kind, k, l, batch, a: a + eps * direction)
+    estimate = HR.attribution(model, questions, base, ("zero",), batch_size=8)
     shifted = base.shift_hook()
 
     def nudge(value, point, batch):
@@ -146,9 +148,9 @@ def test_held_out_halves_never_share_a_problem(n):
 
 
 def test_held_out_selects_on_a_and_measures_on_b(gpt2_model):
-    scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
+    scan = HR.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
     attention = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=1).attention
-    held = H.held_out(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, scan, attention, k=2, n_random=5, n_boot=50,
+    held = HR.held_out(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, scan, attention, k=2, n_random=5, n_boot=50,
                       batch_size=2, max_new_tokens=3)
     a = H.split_halves(len(QUESTIONS))[0]
     chosen = H.causal_order(scan.effects(a, n_boot=0)).head(2)["label"].tolist()
@@ -161,15 +163,15 @@ def test_held_out_groups_joined_in_any_order_equal_one_process(gpt2_model):
     """The flow's held-out tasks: sets ablated in groups (each group with its own half-B baseline; one condition
     per forward), joined in any order, give the one-process test exactly; the join refuses missing, repeated and
     mismatched parts."""
-    scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
+    scan = HR.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean",), batch_size=2, max_new_tokens=3)
     attention = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=1).attention
     options = {"batch_size": 2, "max_new_tokens": 3}
-    whole = H.held_out(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, scan, attention, k=2, n_random=5, n_boot=50,
+    whole = HR.held_out(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, scan, attention, k=2, n_random=5, n_boot=50,
                        **options)
     plan = H.plan_held_out(scan, attention, k=2, n_random=5)
     groups = plan.groups(3)
     assert len(groups) == 4 and sorted(i for g in groups for i in g) == list(range(len(plan.sets)))
-    parts = [H.held_out_part(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, plan, g, **options) for g in groups]
+    parts = [HR.held_out_part(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, plan, g, **options) for g in groups]
     joined = H.join_held_out(plan, parts[::-1], GOLDS, n_boot=50)
     pd.testing.assert_frame_equal(joined.sets, whole.sets, check_exact=True)
     pd.testing.assert_frame_equal(joined.summary, whole.summary, check_exact=True)
@@ -215,7 +217,7 @@ def test_correlations_find_a_planted_relation():
 def causal(model, problems, scan, ex, kind, positions, n_random, n_boot, batch_size, max_new_tokens):
     """The flow's plan_held_out -> test_held_out groups -> join_heads, in one process: (scan, report)."""
     plan = H.plan_held_out(scan, ex.attention, kind, positions, n_random=n_random)
-    parts = [H.held_out_part(model, QUESTIONS, GOLDS, SOLUTIONS, plan, group, batch_size, max_new_tokens)
+    parts = [HR.held_out_part(model, QUESTIONS, GOLDS, SOLUTIONS, plan, group, batch_size, max_new_tokens)
              for group in plan.groups(4)]
     return scan, H.causal_analysis(scan, plan, parts, problems, ex.attention, ex.mass, None, kind, positions, n_boot)
 
@@ -226,7 +228,7 @@ def test_report_card_and_figures(gpt2_model):
 
     problems = [{"question": q, "answer": g, "solution": s} for q, g, s in zip(QUESTIONS, GOLDS, SOLUTIONS)]
     ex = extract(gpt2_model, QUESTIONS, GOLDS, max_new_tokens=3)
-    scan = H.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean", "zero"), batch_size=2,
+    scan = HR.scan_heads(gpt2_model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("mean", "zero"), batch_size=2,
                         max_new_tokens=3)
     scan, report = causal(gpt2_model, problems, scan, ex, "mean", "thoughts", n_random=4, n_boot=50, batch_size=2,
                           max_new_tokens=3)
@@ -249,7 +251,7 @@ def test_causal_comparison_across_models(gpt2_model, llama_model):
     for model in (gpt2_model, llama_model):
         problems = [{"question": q, "answer": g, "solution": s} for q, g, s in zip(QUESTIONS, GOLDS, SOLUTIONS)]
         ex = extract(model, QUESTIONS, GOLDS, max_new_tokens=2)
-        scan = H.scan_heads(model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("zero",), positions=("all",), batch_size=4,
+        scan = HR.scan_heads(model, QUESTIONS, GOLDS, SOLUTIONS, kinds=("zero",), positions=("all",), batch_size=4,
                             max_new_tokens=2)
         reports.append(causal(model, problems, scan, ex, "zero", "all", n_random=3, n_boot=20, batch_size=4,
                               max_new_tokens=2)[1])

@@ -1,5 +1,5 @@
-"""Patching (codi_attn.patching): pairs change exactly one number with the gold recomputed; patching nothing
-recovers 0 and patching everything 1; mean patching's bookkeeping."""
+"""Patching (codi_attn.patching, run by codi_attn.patching_run): pairs change exactly one number with the gold
+recomputed; patching nothing recovers 0 and patching everything 1; mean patching's bookkeeping."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -7,6 +7,7 @@ from dataclasses import asdict
 import pytest
 
 from codi_attn import patching as P
+from codi_attn import patching_run as PR
 from codi_attn.hooks import RecordThoughts
 from codi_attn.runner import Runner
 from codi_attn.solutions import numbers_in
@@ -25,7 +26,7 @@ def test_pairs_change_one_number_and_recompute_the_gold(demo):
     from codi_attn.demo.task import apply_op, chain_of
 
     model, problems = demo
-    pairs = P.make_pairs(model, problems, synthetic=True)
+    pairs = PR.make_pairs(model, problems, synthetic=True)
     assert len(pairs) >= 15
     for pair in pairs:
         clean = problems[pair.index]
@@ -42,7 +43,7 @@ def test_gsm8k_pairs_recompute_the_chain(gpt2_model, real_gsm8k):
     from codi_attn.data import load_records, sample_problems
 
     problems = [asdict(p) for p in sample_problems(load_records(str(real_gsm8k), "train"), 30)]
-    pairs = P.make_pairs(gpt2_model, problems, synthetic=False)
+    pairs = PR.make_pairs(gpt2_model, problems, synthetic=False)
     assert pairs
     for pair in pairs:
         clean = problems[pair.index]
@@ -52,13 +53,13 @@ def test_gsm8k_pairs_recompute_the_chain(gpt2_model, real_gsm8k):
 
 def test_patching_nothing_gives_0_and_everything_gives_1(demo):
     model, problems = demo
-    pairs = P.make_pairs(model, problems, synthetic=True)
+    pairs = PR.make_pairs(model, problems, synthetic=True)
 
     def extra(corrupted):
         clean = [problems[p.index]["question"] for p in pairs]
-        return [("nothing", []), ("everything", [P.PatchEmbeddings(model, clean)])]
+        return [("nothing", []), ("everything", [PR.PatchEmbeddings(model, clean)])]
 
-    table, facts = P.pair_patching(model, problems, pairs, batch_size=8, max_new_tokens=8, n_boot=50, extra=extra)
+    table, facts = PR.pair_patching(model, problems, pairs, batch_size=8, max_new_tokens=8, n_boot=50, extra=extra)
     rows = table.set_index("thought")
     assert facts["valid"] > 6
     assert rows.loc["nothing", "recovery"] == 0.0 and rows.loc["nothing", "answers_clean"] < 0.5
@@ -73,7 +74,7 @@ def test_mean_patching_bookkeeping(demo):
     model, problems = demo
     thoughts = RecordThoughts(len(problems))
     Runner(model, 8, 8).run([p["question"] for p in problems], [thoughts])
-    table = P.mean_patching(model, problems, thoughts.z, synthetic=True, batch_size=8, max_new_tokens=8, n_boot=50,
+    table = PR.mean_patching(model, problems, thoughts.z, synthetic=True, batch_size=8, max_new_tokens=8, n_boot=50,
                             max_steps=2, min_share=0.0, stack=4)
     assert set(table["kind"]) == {"same", "different"} and set(table["step"]) <= {1, 2}
     assert table["accuracy"].between(0, 1).all() and table[table["kind"] == "different"]["counterfactual"].notna().all()

@@ -1,13 +1,15 @@
-"""Probes (codi_attn.probes): a planted linear feature is recovered and the controls stay at chance; the stacked
-fit is the per-target RidgeClassifier; lens ranks equal a direct LM-head computation; residuals are the model's."""
+"""Probes (codi_attn.probes) and the lens (codi_attn.lens): a planted linear feature is recovered and the controls stay
+at chance; the stacked fit is the per-target RidgeClassifier; lens ranks equal a direct LM-head computation; residuals
+are the model's."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
 
-from codi_attn.probes import (POSITIONS, RecordResiduals, control_labels, cross_validated, final_norm, lens_ranks,
-                              number_token_values, run_probes, targets)
+from codi_attn.hooks import RecordResiduals
+from codi_attn.lens import final_norm, lens_ranks, number_token_values
+from codi_attn.probes import POSITIONS, control_labels, cross_validated, run_probes, targets
 from codi_attn.runner import Runner
 from reference import QUESTIONS
 

@@ -1,4 +1,5 @@
-"""Causal validation: controls, measures, logit lens and the card, on the tiny fixtures (codi-spec traps 3-6)."""
+"""Causal validation (codi_attn.validate, and its runs on the model in codi_attn.validate_run): controls, measures,
+logit lens and the card, on the tiny fixtures (codi-spec traps 3-6)."""
 from __future__ import annotations
 
 import pickle
@@ -14,9 +15,9 @@ from codi_attn.data import gold_answer
 from codi_attn.extract import extract
 from codi_attn.hooks import AnswerLogits, FeedThoughts, RecordThoughts, swap_partners
 from codi_attn.runner import Generation, Runner, number_tokens
-from codi_attn.validate import (COLUMNS, GROUPS, Outcome, answer_token_kl, answers_changed, bootstrap_interval,
-                                intermediate_results, logit_lens, random_controls, resample_indices, run_validation,
-                                token_kl, token_number)
+from codi_attn.validate import (COLUMNS, GROUPS, answers_changed, bootstrap_interval, intermediate_results,
+                                random_controls, resample_indices, token_number)
+from codi_attn.validate_run import Outcome, answer_token_kl, logit_lens, run_validation, token_kl
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber."]
@@ -321,7 +322,8 @@ def test_validation_in_groups_equals_one_run_of_every_condition(gpt2_model):
     refused."""
     from dataclasses import replace
 
-    from codi_attn.validate import join_validation, plan_validation, validate_group
+    from codi_attn.validate import join_validation, plan_validation
+    from codi_attn.validate_run import validate_group
 
     options = {"batch_size": 3, "max_new_tokens": 2, "n_boot": 50, "seed": 3, "stack": 4}
     whole = validate(gpt2_model, k=1, n_random=1, **options)
