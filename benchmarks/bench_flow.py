@@ -76,6 +76,34 @@ def parse_param(text: str) -> tuple[str, str]:
     return name, value
 
 
+def parameter_types(flow_file: Path) -> dict[str, type]:
+    """name -> type of every `Parameter(name, ..., type=T)` of the flow file (str where it names none)."""
+    types = {"bool": bool, "int": int, "float": float, "str": str}
+    return {ast.literal_eval(c.args[0]): types[next((k.value.id for k in c.keywords if k.arg == "type"), "str")]
+            for c in ast.walk(ast.parse(flow_file.read_text()))
+            if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "Parameter"}
+
+
+def typed(params: dict[str, str], types: dict[str, type]) -> dict:
+    """The --param values as the flow's parameters take them (Metaflow's Runner checks the types)."""
+    out = {}
+    for name, value in params.items():
+        if name not in types:
+            raise ValueError(f"--param {name}: the flow has no such parameter (it has {', '.join(sorted(types))})")
+        kind = types[name]
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--param {name}={value}: true or false")
+            out[name] = value.lower() == "true"
+        else:
+            try:
+                out[name] = kind(value)
+            except ValueError:
+                article = "an" if kind is int else "a"
+                raise ValueError(f"--param {name}={value}: not {article} {kind.__name__}") from None
+    return out
+
+
 def run_once(flow_file: Path, params: dict, root: Path):
     """One `run` in a datastore under `root`; the Client API Run (ValueError with its output if it failed)."""
     from metaflow import Runner, metadata, namespace
@@ -113,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny and not args.gsm8k.is_file():
         p.error(f"--gsm8k {args.gsm8k}: no such file (GSM8K's train.jsonl, for --tiny)")
 
+    try:
+        params = typed(dict(args.param), parameter_types(args.flow))
+    except ValueError as e:
+        p.error(str(e))
     work = Path(tempfile.mkdtemp(prefix="bench_flow_"))
-    params = dict(args.param)
     if args.tiny:
         sys.path.insert(0, str(REPO))
         from codi_attn.fixtures import build_tiny_codi

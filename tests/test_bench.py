@@ -139,6 +139,14 @@ def test_flow_benchmark_refuses_a_bad_param(capsys):
     with pytest.raises(SystemExit):
         flow.main(["--param", "heads"])
     assert "--param takes NAME=VALUE (a flow parameter), got 'heads'" in capsys.readouterr().err
+    for bad, why in (("heads=maybe", "--param heads=maybe: true or false"),
+                     ("n_boot=many", "--param n_boot=many: not an int"),
+                     ("head=false", "--param head: the flow has no such parameter (it has ablation, ")):
+        with pytest.raises(SystemExit):
+            flow.main(["--param", bad])
+        assert why in capsys.readouterr().err
+    assert flow.typed({"heads": "False", "n_problems": "6", "n_boot": "10"}, flow.parameter_types(flow.FLOW_FILE)) == {
+        "heads": False, "n_problems": "6", "n_boot": 10}  # as the flow's Parameters type them
     with pytest.raises(SystemExit):
         flow.main(["--help"])
     text = capsys.readouterr().out

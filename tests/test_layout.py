@@ -67,8 +67,9 @@ def step_imports() -> dict[str, list[str]]:
 
 def test_model_free_steps_and_report_readers_never_load_torch():
     """Every step without @resources but start imports what it imports without loading PyTorch, transformers or
-    scikit-learn (on 2 cores PyTorch and transformers are ~2 s of each such task), and a notebook can unpickle the reports (CausalReport, ThoughtReport,
-    ValidationResult and the plans and parts the joins read) from codi_attn.heads / contents / validate alone."""
+    scikit-learn (on 2 cores PyTorch and transformers are ~2 s of each such task), and a notebook can unpickle the
+    reports (CausalReport, ThoughtReport, ValidationResult and the plans and parts the joins read) from
+    codi_attn.heads / contents / validate alone."""
     steps = step_imports()
     del steps["start"]  # it checks --device (cuda present?) with PyTorch, before any work
     assert {"metrics", "join_scan", "plan_held_out", "join_heads", "plan_thoughts", "join_thoughts",
