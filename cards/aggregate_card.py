@@ -97,7 +97,8 @@ def end_card(run_pathspec: str, model_name: str, demo: bool, accuracy: float, n:
                  f"```python\nfrom metaflow import Run\nrun = Run(\"{run_pathspec}\")\n"
                  "run.data.attention_raw      # float16 [N, L, H, 6, 6]\n"
                  "run.data.ranked_heads       # DataFrame, one row per (layer, head)\n"
-                 "run.data.head_effects       # DataFrame, each head's ablation effect with intervals\n```\n"
+                 + ("run.data.head_effects       # DataFrame, each head's ablation effect with intervals\n"
+                    if causal is not None else "") + "```\n"
                  f"Cards: `python flows/attention_flow.py card view {run_id}/aggregate` (any step name)\n\n"
                  f"Files: `python -m codi_attn export {run_id} out/` writes results/{model_name}/ and "
                  f"figures/{model_name}/"),

@@ -33,3 +33,16 @@ def test_end_card_names_the_composite_and_the_causal_heads():
     assert _table(end_card(*args, _report([]), []))["causally critical heads (zero ablation)"] == "none"
     assert _table(end_card(*args, None, ["AttentionFlow/3"]))["causally critical heads"] == \
         "not measured (--heads false)"
+
+
+def test_end_card_points_at_head_effects_only_where_measured():
+    """The Client API snippet names run.data.head_effects where the causal head analysis ran (it is None where
+    --heads false skipped it)."""
+    args = ("AttentionFlow/12", "demo", True, 0.76, 100, ["L0H0"])
+
+    def snippet(causal) -> str:
+        return next(p.render()["source"] for p in end_card(*args, causal, []) if "Read the results" in
+                    str(p.render()))
+
+    assert "run.data.head_effects" in snippet(_report([("L1H2", -0.2)]))
+    assert "run.data.head_effects" not in snippet(None) and "run.data.ranked_heads" in snippet(None)
