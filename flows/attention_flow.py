@@ -244,7 +244,7 @@ class AttentionFlow(FlowSpec):
 
     def _next_analysis(self, done: str | None) -> str:
         """The first of the analyses after `done` (None: before the first) that this run's parameters ask for, or
-        "compare" where none is left: the condition of the switches after metrics, join_heads and join_thoughts."""
+        "compare" where none is left: the condition of the switches in metrics, after_heads and after_thoughts."""
         asked = {"heads": self.heads, "thoughts": self.thought_analysis, "validation": self.validate}
         later = list(asked)[list(asked).index(done) + 1:] if done else list(asked)
         return next((analysis for analysis in later if asked[analysis]), "compare")
