@@ -19,15 +19,18 @@ import argparse
 import ast
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_extract import DEFAULT_GSM8K, machine_info  # noqa: E402
+
 FLOW_FILE = REPO / "flows" / "attention_flow.py"
-DEFAULT_GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 TINY = {"model": "gpt2", "n_problems": "6", "shard_size": 4, "batch_size": 3, "max_new_tokens": 4, "device": "cpu",
         "dtype": "float32", "n_boot": 10, "validate_k": 2, "validate_random": 1, "head_random_sets": 4}
 
@@ -56,17 +59,6 @@ def summarise(times: list[tuple[str, float]], model: set[str]) -> dict:
             "model_tasks": len(times) - len(free), "model_task_seconds": sum(s for step, s in times if step in model),
             "model_free_tasks": len(free), "model_free_task_seconds": sum(free),
             "model_free_seconds_per_task": sum(free) / len(free) if free else 0.0, "per_step": per_step}
-
-
-def machine_info() -> dict:
-    """The CPU's model name (numbers are only comparable on one kind), cores, Python."""
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version()}
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            info["cpu"] = line.split(":", 1)[1].strip()
-            break
-    return info
 
 
 def parse_param(text: str) -> tuple[str, str]:
@@ -164,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['model_tasks']} model tasks {r['model_task_seconds']:.1f} s; {r['model_free_tasks']} model-free "
               f"tasks {r['model_free_task_seconds']:.1f} s ({r['model_free_seconds_per_task']:.2f} s each)", flush=True)
     out = {"flow": str(args.flow), "params": {k: str(v) for k, v in params.items()}, "runs": runs,
-           "machine": machine_info()}
+           "machine": machine_info(torch.device("cpu"))}  # the CPU's name: numbers compare only on one kind
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0
