@@ -15,12 +15,11 @@ import torch
 
 from codi_attn.model import CODIModel
 from codi_attn.probes import POSITIONS, targets
+from codi_attn.validate import token_number
 
 
 def number_token_values(model: CODIModel) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, values) of the tokens that spell a number (the module docstring's matching rule)."""
-    from codi_attn.validate import token_number
-
     texts = model.tokenizer.batch_decode([[i] for i in range(len(model.tokenizer))])
     special = set(model.tokenizer.all_special_ids)
     pairs = [(i, token_number(t)) for i, t in enumerate(texts) if i not in special]
@@ -28,12 +27,10 @@ def number_token_values(model: CODIModel) -> tuple[np.ndarray, np.ndarray]:
     return np.array([i for i, _ in pairs], dtype=np.int64), np.array([v for _, v in pairs], dtype=np.float64)
 
 
-
 def final_norm(model: CODIModel) -> torch.nn.Module:
     """The LM's final norm (GPT-2 ln_f, LLaMA norm), applied before the LM head."""
     body = model.lm.base_model
     return body.ln_f if hasattr(body, "ln_f") else body.norm
-
 
 
 @torch.inference_mode()
@@ -62,7 +59,6 @@ def lens_ranks(model: CODIModel, resid: np.ndarray, values: np.ndarray, batch: i
             own = scores[i, ..., target[row]]
             ranks[row] = (1 + (scores[i] > own[..., None]).sum(-1)).cpu().numpy()
     return ranks
-
 
 
 def lens_table(model: CODIModel, resid: np.ndarray, solutions: Sequence[str], max_steps: int = 7) -> pd.DataFrame:
