@@ -7,13 +7,15 @@ run from the failed one) redo only the batches that had not finished.
 A task reads a checkpoint from its own run first (an earlier attempt), then from the run it resumes (Metaflow's
 origin run), and saves what it took from there under its own run as well, so that a resume of a resume finds it.
 The fingerprint hashes the task's inputs (settings, problems, heads), so a task with other inputs never reads it.
-Checkpoints are pickled Python objects (numpy arrays inside), as Metaflow's artifacts are.
+Checkpoints are pickled Python objects (numpy arrays inside), as Metaflow's artifacts are. One that no longer
+unpickles (written by another version of codi-attn, whose classes moved) is recomputed, with a warning naming it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import pickle
+import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -31,14 +33,23 @@ class Checkpoints:
         self.saved: list[str] = []  # names computed and saved by this task
 
     def load(self, name: str):
-        """The object saved as `name` by an earlier attempt or the origin run, else None."""
+        """The object saved as `name` by an earlier attempt or the origin run, else None (also where what was saved
+        does not unpickle: a warning on stderr names it, and the caller recomputes and overwrites it)."""
         for folder in (self.folder, *self.fallbacks):
-            data = self.files.get(self.files.storage.path_join(folder, name))
-            if data is not None:
-                if folder != self.folder:
-                    self.files.put(self.files.storage.path_join(self.folder, name), data)
-                self.loaded.append(name)
-                return pickle.loads(data)
+            path = self.files.storage.path_join(folder, name)
+            data = self.files.get(path)
+            if data is None:
+                continue
+            try:
+                obj = pickle.loads(data)
+            except Exception as ex:  # a class renamed or moved since it was written, or bytes that are no pickle
+                print(f"warning: checkpoint {path} does not load ({type(ex).__name__}: {ex}); written by another "
+                      "version of codi-attn? Recomputing it.", file=sys.stderr, flush=True)
+                continue
+            if folder != self.folder:
+                self.files.put(self.files.storage.path_join(self.folder, name), data)
+            self.loaded.append(name)
+            return obj
         return None
 
     def save(self, name: str, obj) -> None:

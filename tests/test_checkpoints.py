@@ -3,6 +3,9 @@ extract shard, the head scan and a validation group stopped mid-way, rerun, redo
 bit for bit what an uninterrupted run gives."""
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 
@@ -74,6 +77,27 @@ def test_checkpoints_read_back_own_run_then_origin(files):
     assert again.counts() == {"loaded": 2, "computed": 1}
     assert fingerprint({"n": 1}, [1, 2]) != fingerprint({"n": 2}, [1, 2]) == fingerprint({"n": 2}, (1, 2))
     assert remembered(None, "batch-0", lambda: 5) == 5
+
+
+def test_a_checkpoint_that_no_longer_unpickles_is_recomputed_with_a_warning(files, capsys):
+    """A checkpoint whose class has moved since it was written (codi-attn upgraded between a task's death and its
+    resume), or bytes that are no pickle, is recomputed with a warning naming it, not a failed task; the
+    recomputed object replaces it."""
+    moved = types.ModuleType("codi_attn_moved")
+    moved.Gone = type("Gone", (), {"__module__": "codi_attn_moved"})
+    sys.modules["codi_attn_moved"] = moved
+    try:
+        Checkpoints(files, folder(files, "1")).save("batch-0", moved.Gone())
+    finally:
+        del sys.modules["codi_attn_moved"]
+    files.put(files.storage.path_join(folder(files, "1"), "batch-1"), b"no pickle")
+    resumed = Checkpoints(files, folder(files, "2"), [folder(files, "1")])
+    assert [remembered(resumed, f"batch-{b}", lambda: f"recomputed {b}") for b in (0, 1)] == \
+        ["recomputed 0", "recomputed 1"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "batch-0" in err[0] and "ModuleNotFoundError" in err[0] and "batch-1" in err[1]
+    assert resumed.counts() == {"loaded": 0, "computed": 2}
+    assert Checkpoints(files, folder(files, "2")).load("batch-0") == "recomputed 0"
 
 
 def test_extract_shard_killed_after_two_batches_redoes_only_the_rest(gpt2_model, files, monkeypatch):
