@@ -5,7 +5,8 @@ decoded token) a short prompt's row would read and score every padded key of tha
 on GSM8K batches (the longest prompts 2-3x the median) that is about half of the keys, and on CPU these steps
 are bound by reading them. Here each one-query forward runs its attention per run of consecutive rows whose
 first visible key lies in the same block of `KEY_QUANTUM` columns, on the keys from that block on, with the
-model's own kernel (its eager function, or sdpa). Eager's weights come back at full width, zeros left of the
+function the model's forward would call (its eager function, or sdpa; a function a user registered under either
+name with transformers' AttentionInterface included). Eager's weights come back at full width, zeros left of the
 window: what the masked full-width softmax gives there (exp(min - max) underflows to 0).
 
 A row's window depends only on its own mask, never on its neighbours, so stacked conditions keep each row's
@@ -68,15 +69,24 @@ def eager_function(module: nn.Module) -> Callable:
     return function
 
 
+def kernel_function(module: nn.Module, kernel: str) -> Callable:
+    """The function `module`'s own forward calls for implementation `kernel` ("eager" or "sdpa"), looked up as its
+    modeling file looks it up (its ALL_ATTENTION_FUNCTIONS, falling back to its eager function), so that a function
+    a user registered under that name with transformers' AttentionInterface runs in the windows too."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    functions = getattr(sys.modules[type(module).__module__], "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+    return functions.get_interface(kernel, eager_function(module))
+
+
 def windowed(kernel: str) -> Callable:
     """The windowed twin of the eager or sdpa attention function (transformers' AttentionInterface signature:
     query [B, H, q, dh], key / value [B, H_kv, S, dh], mask [B, 1, q, S]; returns output [B, q, H, dh] and
     weights [B, H, q, S] or None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base = eager_function(module) if kernel == "eager" else sdpa_attention_forward
+        base = kernel_function(module, kernel)
         visible = visible_keys(attention_mask, query.shape[0]) if query.shape[-2] == 1 else None
         windows = None if visible is None else key_windows(visible)
         if windows is None or len(windows) == 1 and windows[0][1] == 0:  # nothing to cut

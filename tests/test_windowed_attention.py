@@ -129,6 +129,25 @@ def test_runner_results_with_windows_equal_full_width(any_model, unpacked_models
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def test_windows_run_the_function_a_user_registered_for_the_kernel(gpt2_model, monkeypatch):
+    """A function registered as "sdpa" with transformers' AttentionInterface (what the model's own forward would
+    call) is what the windowed decode steps call too, on the cut keys; the tokens are those of the stock kernel."""
+    from transformers import AttentionInterface
+
+    key_widths = []
+
+    def counted(module, query, key, value, attention_mask, **kwargs):
+        key_widths.append((query.shape[-2], key.shape[-2]))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    stock = extract(gpt2_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=3)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counted)
+    ran = extract(gpt2_model, UNEVEN, batch_size=len(UNEVEN), max_new_tokens=3)
+    width = max(query for query, _ in key_widths)  # the prefill's widest group: one query per prompt token
+    assert any(query == 1 and keys < width for query, keys in key_widths), "no windowed call reached the function"
+    assert ran.text == stock.text
+
+
 def test_batch_equals_batch_of_one_with_windows_cut(any_model):
     """Trap 8 where windows are cut: every problem's attention, mass split and answer in a batch of prompts
     several windows apart equal its batch-of-one result (which has no padding)."""
