@@ -477,7 +477,9 @@ class PaddedBatch:
     def forward(self, embeds: torch.Tensor, phase: str) -> torch.Tensor:
         """Run the body (no LM head) on one new position per problem, embeds [B, d]; its hidden state [B, d]."""
         self.phase = phase
-        positions = self.mask.sum(-1, keepdim=True)
+        # the codi-spec position (BOT at length - 1, thought k at length - 1 + k, ...), never the mask's count of
+        # visible keys: a mask hook hiding a thought or question columns from later queries moves no position
+        positions = (self.lengths + (self.mask.shape[1] - self.width))[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         out = self.model.lm.base_model(inputs_embeds=embeds[:, None], attention_mask=self.mask,
                                        position_ids=positions, use_cache=True, **{self.cache_arg: self.cache})

@@ -4,6 +4,8 @@ Nothing here uses the runner: these computations read codi-spec's positions stra
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -18,20 +20,27 @@ QUESTIONS = [
 ]
 
 
-def full_sequence_reference(model, question: str, thoughts: np.ndarray):
-    """6x6 block and mass split from ONE eager forward over [question, BOT, z1..z6] (no cache, no batching).
+def full_sequence_reference(model, question: str, thoughts: np.ndarray, blocked: Sequence[int] = ()):
+    """6x6 block and mass split from ONE eager forward over [question, BOT, z1..z6] (no cache, no batching), with
+    the keys of the `blocked` thoughts (numbered from 1) hidden from every later query.
 
     Independent of the runner's cache, padding and row bookkeeping: positions are read straight off
-    the codi-spec layout (question 0..Q-1, BOT at Q, z_k at Q+k).
+    the codi-spec layout (question 0..Q-1, BOT at Q, z_k at Q+k), whatever is blocked.
     """
     ids = tokenize_questions(model, [question])[0]
     q = len(ids) - 1
     embed = model.lm.get_input_embeddings()
     with torch.no_grad():
         seq = torch.cat([embed(torch.tensor([ids])), torch.tensor(thoughts[None], dtype=model.dtype)], dim=1)
+        n = seq.shape[1]
+        visible = torch.ones(n, n, dtype=torch.bool).tril()
+        for k in blocked:
+            visible[q + k + 1:, q + k] = False
+        mask = torch.zeros(n, n, dtype=model.dtype).masked_fill(~visible, torch.finfo(model.dtype).min)
         model.lm.set_attn_implementation("eager")
         try:
-            out = model.lm.base_model(inputs_embeds=seq, output_attentions=True)
+            out = model.lm.base_model(inputs_embeds=seq, attention_mask=mask[None, None],
+                                      position_ids=torch.arange(n)[None], output_attentions=True)
         finally:
             model.lm.set_attn_implementation("sdpa")
     full = torch.stack(out.attentions, dim=1)[0].float().numpy()  # [L, H, S, S]

@@ -74,6 +74,20 @@ def test_blocked_thought_gets_exactly_zero_weight(any_model):
     assert not np.allclose(blocked.attention[..., 2:, :], base.attention[..., 2:, :])
 
 
+def test_blocked_runs_equal_the_full_sequence_forward_with_the_keys_hidden(any_model):
+    """Blocking moves no position: thoughts blocked in a padded batch give the attention and mass split of one
+    eager forward over [question, BOT, z1..z6] at the codi-spec positions with those keys hidden from later
+    queries (a position counted from the visible keys would put every later thought one step early)."""
+    for thoughts in ([2], [1, 4]):
+        fed = RecordThoughts(3)
+        blocked = extract(any_model, QUESTIONS[:3], batch_size=3, max_new_tokens=1,
+                          hooks=[BlockThoughts(thoughts), fed])
+        for k, question in enumerate(QUESTIONS[:3]):
+            block, split = full_sequence_reference(any_model, question, fed.z[k], blocked=thoughts)
+            np.testing.assert_allclose(blocked.attention[k], block, atol=1e-5, err_msg=f"{thoughts} problem {k}")
+            np.testing.assert_allclose(blocked.mass[k], split, atol=1e-5, err_msg=f"{thoughts} problem {k}")
+
+
 def test_blocked_thoughts_are_validated():
     with pytest.raises(ValueError, match="thought numbers 1..6"):
         BlockThoughts([7])
