@@ -215,13 +215,15 @@ def _checkpoint_file(ckpt: str, download: bool = True) -> Path | None:
                 return cached
         return None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     err: Exception | None = None
     for name in CKPT_FILES:
         try:
             return Path(hf_hub_download(ckpt, name))
-        except EntryNotFoundError as e:
+        except LocalEntryNotFoundError as e:  # offline and not cached (an EntryNotFoundError too: caught first)
+            raise _hub_hint("checkpoint", ckpt, "--ckpt", e) from e
+        except EntryNotFoundError as e:  # the repo answered: it has no such file
             err = e
         except Exception as e:  # offline, unknown repo, gated: all mean "pass a local dir"
             raise _hub_hint("checkpoint", ckpt, "--ckpt", e) from e

@@ -245,6 +245,16 @@ def test_unreachable_hub_id_says_what_to_pass(tmp_path):
     assert "'meta-llama/Llama-3.2-1B-Instruct'" in run.stderr and "--base /path/to/dir" in run.stderr
 
 
+def test_unreachable_hub_checkpoint_says_what_to_pass(tmp_path, tiny_llama):
+    """Offline, with a local base, the preset's hub checkpoint fails with a message naming its id and --ckpt, not
+    as a repo that holds no weights (huggingface_hub's offline error is an EntryNotFoundError too)."""
+    code = f"from codi_attn.model import load_codi; load_codi('llama', base={str(tiny_llama[0])!r})"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0 and "CODILoadError" in run.stderr and "holds none" not in run.stderr
+    assert "checkpoint 'zen-E/CODI-llama3.2-1b-Instruct'" in run.stderr and "--ckpt /path/to/dir" in run.stderr
+
+
 def test_missing_demo_model_says_how_to_rebuild(monkeypatch, tmp_path):
     import codi_attn.model as model_mod
 
