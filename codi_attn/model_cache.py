@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from codi_attn.datastore import DatastoreFiles
-from codi_attn.model import CODIModel, _checkpoint_file, _hub_hint, is_local, load_codi
+from codi_attn.model import CODILoadError, CODIModel, _checkpoint_file, _hub_hint, is_local, load_codi
 
 BASE_FILES = ("*.json", "*.txt", "*.model")  # config and tokenizer: the weights come from the checkpoint
 
@@ -35,18 +35,25 @@ def download(source: str, what: str) -> list[Path]:
 
 def cache_model_files(files: DatastoreFiles, run_id: str, base: str, ckpt: str) -> dict:
     """Download every hub id among `base` and `ckpt` once and store its files in the datastore; returns the cache
-    entry {'base'|'ckpt': {'source', 'paths', 'names'}} (empty for local directories)."""
-    entry = {}
+    entry {'base'|'ckpt': {'source', 'paths', 'names'}} (empty for local directories). A hub id that cannot be
+    downloaded raises CODILoadError, after both were tried: one line for each that failed."""
+    entry, failed = {}, []
     for what, source in (("base", base), ("ckpt", ckpt)):
         if is_local(source):
             continue
-        local = download(source, what)
+        try:
+            local = download(source, what)
+        except CODILoadError as e:
+            failed.append(str(e))
+            continue
         root = local[0].parent if what == "ckpt" else _common_folder(local)
         names = [str(p.relative_to(root)) for p in local]
         paths = [files.path("models", str(run_id), what, name) for name in names]
         for path, file in zip(paths, local):
             files.put_file(path, file)
         entry[what] = {"source": source, "paths": paths, "names": names}
+    if failed:
+        raise CODILoadError("\n".join(failed))
     return entry
 
 

@@ -279,10 +279,14 @@ class AttentionFlow(FlowSpec):
             print(f"WARNING: {note}")
         current.run.add_tag(f"model:{self.model}")
         from codi_attn.datastore import task_files
+        from codi_attn.model import CODILoadError
         from codi_attn.model_cache import cache_model_files
 
-        self.model_files = cache_model_files(task_files(self), current.run_id, self.settings["base"],
-                                             self.settings["ckpt"])  # hub files, once for every shard
+        try:  # hub files, once for every shard
+            self.model_files = cache_model_files(task_files(self), current.run_id, self.settings["base"],
+                                                 self.settings["ckpt"])
+        except CODILoadError as e:  # offline, unknown or gated: the message says what to pass instead
+            raise InvalidRun(str(e)) from None
         for what, entry in self.model_files.items():
             print(f"{what} {entry['source']}: {len(entry['paths'])} file(s) cached in the datastore for the model "
                   "steps")

@@ -332,6 +332,19 @@ def test_bad_input_fails_in_start(tmp_path, tiny_gpt2, gsm8k_train):
     assert [s.id for s in result.run] == ["start"]  # nothing ran after start
 
 
+def test_offline_hub_models_fail_in_start_saying_what_to_pass(tmp_path, gsm8k_train):
+    """--model gpt2 offline with nothing cached: start fails without a traceback, one line for the base model and
+    one for the checkpoint, each naming its hub id and the flag that takes a local directory."""
+    result = run_flow(tmp_path / "ds", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, model="gpt2",
+                      dataset=str(gsm8k_train), n_problems="4", device="cpu")
+    assert result.status == "failed"
+    output = result.stdout_text + result.stderr_text
+    assert "AttentionFlow cannot start" in output and "Traceback" not in output
+    assert "base model 'openai-community/gpt2'" in output and "--base /path/to/dir" in output
+    assert "checkpoint 'zen-E/CODI-gpt2'" in output and "--ckpt /path/to/dir" in output
+    assert [s.id for s in result.run] == ["start"]
+
+
 def test_code_package_ships_project_code(tmp_path):
     """--with kubernetes/batch: the code package holds codi_attn/ and cards/ beside the flow file, and a
     task started from the unpacked package imports them from there."""
