@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from codi_attn.conventions import ABLATIONS, POSITIONS
-from codi_attn.data import dataset_fingerprint, load_records, resolve_n, sample_problems
+from codi_attn.data import SPLITS, dataset_fingerprint, load_records, resolve_n, sample_problems
 from codi_attn.presets import PRESETS
 from codi_attn.runs import named_runs, sample_difference
 
@@ -63,6 +63,9 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         if not where or any(w not in POSITIONS for w in where) or len(set(where)) < len(where):
             errors.append(f"--head_positions must list distinct places among {', '.join(POSITIONS)}, got "
                           f"{p['head_positions']!r}")
+        if kinds == ("resample",) and "thoughts" not in where:
+            errors.append("--head_kinds resample is defined at the thought positions only, and --head_positions "
+                          f"{p['head_positions']!r} leaves the scan nothing to run: add thoughts, or a mean / zero kind")
         out["head_kinds"], out["head_positions"] = kinds, where
         out["head_scan"] = parse_head_scan(p["head_scan"], errors)
         if p["head_group_size"] <= 0 or p["head_random_sets"] <= 0:
@@ -88,11 +91,22 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
             check("--model/--ckpt/--base", lambda: locate_sources(p["model"], ckpt=sources[1], base=sources[0]))
         out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
     runs = check("--compare_with", lambda: named_runs(flow_name, p["compare_with"])) if p["compare_with"] else None
-    records = check("--dataset", lambda: load_records(out["dataset"], split))
+    records = None
+    if split not in SPLITS:
+        errors.append(f"--split must be auto or one of {', '.join(SPLITS)}, got {p['split']!r}")
+    else:
+        records = check("--dataset", lambda: load_records(out["dataset"], split))
     if records is not None:
         before = len(errors)
         out["n"] = check("--n_problems", lambda: resolve_n(p["n_problems"], len(records)))
         out["n_records"] = len(records)
+        n = out["n"] or len(records)
+        pairs = [what for what, on in (("--head_kinds resample", p["heads"] and "resample" in out["head_kinds"]),
+                                       ("--ablation resample", p["validate"] and p["ablation"] == "resample")) if on]
+        if len(errors) == before and n < 2 and pairs:
+            errors.append(f"--n_problems: {' and '.join(pairs)} feed each problem another problem's head inputs, "
+                          f"which needs two problems or more; this run has {n}: sample more, or ablate by mean / "
+                          "zero")
         if runs and len(errors) == before:  # the other runs must have sampled the problems this run will
             fingerprint = dataset_fingerprint(sample_problems(records, out["n"], seed=p["seed"], split=split))
             errors += [f"--compare_with: {d}" for d in (sample_difference(r, fingerprint, out) for r in runs) if d]

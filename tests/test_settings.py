@@ -54,7 +54,12 @@ def _jsonl(tmp_path, name, lines):
     ({"ckpt": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
     ({"dtype": "int8"}, r"--dtype: unknown dtype 'int8'"),
     ({"device": "gpu:x"}, r"--device: "),
-    ({"split": "dev"}, r"--dataset: split must be one of train, test"),
+    ({"split": "dev"}, r"^--split must be auto or one of train, test, got 'dev'$"),
+    ({"n_problems": "1"}, r"^--n_problems: --head_kinds resample feed each problem another problem's head inputs, "
+                          r"which needs two problems or more; this run has 1"),
+    ({"n_problems": "1", "head_kinds": "mean", "ablation": "resample"}, r"^--n_problems: --ablation resample feed"),
+    ({"head_kinds": "resample", "head_positions": "all"}, r"^--head_kinds resample is defined at the thought "
+                                                          r"positions only"),
     ({"compare_with": "123456789"}, r"--compare_with: run AttentionFlow/123456789 not found"),
     ({"validate_k": 0}, r"--validate_k and --validate_random must be positive"),
     ({"validate_group_size": 0}, r"--validate_group_size must be a positive integer, got 0"),
