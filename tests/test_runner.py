@@ -12,7 +12,7 @@ from codi_attn import runner as runner_mod
 from codi_attn.conventions import N_THOUGHTS, THOUGHTS
 from codi_attn.kv_cache import PreallocatedLayer, preallocated_cache
 from codi_attn.runner import (PREFILL_EFFICIENCY, PaddedBatch, Runner, consecutive_runs, decode_answer, head_dim,
-                              number_tokens, point, point_names, prefill_groups, tokenize_questions)
+                              layer_module, number_tokens, point, point_names, prefill_groups, tokenize_questions)
 
 QUESTIONS = [
     "Natalia sold 48 clips in April. How many clips?",
@@ -42,6 +42,23 @@ def test_point_names_parse_into_k_l_t():
             point(bad)
     names = point_names(2, 3)
     assert len(names) == len(set(names)) and "decode.2.token" in names and "decode.3.token" not in names
+
+
+def test_layer_points_hook_the_modules_named_in_transformers(any_model):
+    """Trap 4: head_in is the input of the attention's output projection (GPT-2's attn.c_proj, LLaMA's
+    self_attn.o_proj), not of the MLP's; attn is the attention module, resid the block (module names written
+    out here from transformers' modeling files, not read from the presets)."""
+    lm = any_model.lm
+    for layer in range(any_model.n_layers):
+        if any_model.family == "gpt2":
+            block = lm.transformer.h[layer]
+            attention, projection = block.attn, block.attn.c_proj
+        else:
+            block = lm.model.layers[layer]
+            attention, projection = block.self_attn, block.self_attn.o_proj
+        assert layer_module(any_model, "resid", layer) is block
+        assert layer_module(any_model, "attn", layer) is attention
+        assert layer_module(any_model, "head_in", layer) is projection
 
 
 def test_every_point_fires_once_per_batch_with_its_shape(gpt2_model):
