@@ -110,9 +110,18 @@ def test_hub_claimed_only_above_lift_threshold(share, hub):
     a *= np.random.default_rng(0).uniform(0.9, 1.1, (30, 2, 3, 1, 1))
     r = M.analyze(a, n_boot=50)
     z1 = r.position_lift.iloc[0]
+    # incoming to z1 counts rows z3..z6 (i >= j + 2); causal-uniform, row i gives each key 1 / (i + 1)
+    assert z1["baseline"] == pytest.approx(np.mean([1 / 3, 1 / 4, 1 / 5, 1 / 6]), rel=1e-9)
     assert z1["lift"] == pytest.approx((1 - share) + share / z1["baseline"], rel=1e-6)
     assert bool(z1["is_hub"]) == hub
     assert r.hubs == ([0] if hub else [])
+
+
+def test_sequential_attention_lifts_no_position():
+    """Attention to the previous thought only is no hub attention: incoming to j leaves out row j + 1, so every
+    position's lift is exactly 0."""
+    lift = M.analyze(patterned(["sequential"] * 2, noise=0.0), n_boot=0).position_lift
+    assert (lift.loc[lift["rows"] > 0, "lift"] == 0).all() and (lift["rows"] > 0).sum() == 4
 
 
 def test_hub_at_a_late_position_is_not_claimable():
