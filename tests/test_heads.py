@@ -55,11 +55,15 @@ def test_scan_zero_everywhere_equals_zeroing_the_weight_rows(demo):
 
 
 def test_scan_effects_are_the_per_problem_changes(demo):
-    """Effects: accuracy and its change are the means of the per-problem outcomes, the interval contains the
+    """The baseline is a plain run on the same problems. Effects: accuracy and its change are the means of the per-problem outcomes, the interval contains the
     point, answers changed counts changed predictions; a subset gives the subset's numbers."""
     model, questions, golds, solutions = demo
     scan = HR.scan_heads(model, questions, golds, solutions, [(2, 0), (0, 1)], ("mean", "resample"), batch_size=8,
                         max_new_tokens=8)
+    plain = extract(model, questions, golds, batch_size=8, max_new_tokens=8)  # trap 6: the same problems' baseline
+    assert 0 < plain.correct.mean() < 1, "a baseline on other problems could not be told apart"
+    np.testing.assert_array_equal(scan.base_correct, plain.correct)
+    np.testing.assert_array_equal(scan.base_prediction, plain.prediction)
     eff = scan.effects(n_boot=200)
     assert len(eff) == 4 and list(eff.columns) == list(H.EFFECT_COLUMNS)
     for c, row in eff.iterrows():
