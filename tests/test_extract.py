@@ -12,6 +12,7 @@ from codi_attn.extract import CaptureAttention, extract
 from codi_attn.hooks import RecordThoughts
 from codi_attn.runner import Runner, prefill_groups, tokenize_questions
 from reference import QUESTIONS, full_sequence_reference
+from steering import forced_answer
 
 def extract_with_thoughts(model, questions, **kwargs):
     """extract plus the thoughts it fed: (Extraction, RecordThoughts)."""
@@ -111,9 +112,13 @@ def test_progress_reports_every_problem(gpt2_model):
 
 
 def test_correctness_uses_parsed_answers(gpt2_model):
-    ex = extract(gpt2_model, QUESTIONS[:2], golds=["#### 5", "7"], max_new_tokens=4)
-    for text, pred, ok, gold in zip(ex.text, ex.prediction, ex.correct, [5.0, 7.0]):
-        assert ok == (not np.isnan(pred) and pred == gold)
+    """Decoding forced to 'The answer is: 7': parsed to 7 for both problems, right against gold 7 ("#### 7" or
+    "7"), wrong against 5."""
+    with forced_answer(gpt2_model, "The answer is: 7"):
+        ex = extract(gpt2_model, QUESTIONS[:3], golds=["#### 5", "#### 7", "7"], max_new_tokens=8)
+    assert ex.text == ["The answer is: 7"] * 3
+    np.testing.assert_array_equal(ex.prediction, [7.0] * 3)
+    assert ex.correct.tolist() == [False, True, True]
     with pytest.raises(ValueError, match="3 gold answers for 2 problems"):
         extract(gpt2_model, QUESTIONS[:2], golds=["1", "2", "3"], max_new_tokens=1)
 

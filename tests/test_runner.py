@@ -178,9 +178,13 @@ def test_a_replaced_thought_is_what_gets_fed(gpt2_model):
 
     runner = Runner(gpt2_model, max_new_tokens=1)
     runner.run(QUESTIONS[:1], [("thought.1.z", double), ("thought.1.z", lambda v, p, b: seen.update(z=v))])
-    plain = {}
-    runner.run(QUESTIONS[:1], [("thought.1.z", lambda v, p, b: plain.update(z=v))])
+    plain, itself = {}, {}
+    base = runner.run(QUESTIONS[:1], [("thought.1.z", lambda v, p, b: plain.update(z=v)),
+                                      ("thought.6.z", lambda v, p, b: plain.update(z6=v))])
     torch.testing.assert_close(seen["z"], 2 * plain["z"], rtol=0, atol=0)
+    again = runner.run(QUESTIONS[:1], [("thought.1.z", lambda v, p, b: v.clone()),
+                                       ("thought.6.z", lambda v, p, b: itself.update(z6=v))])
+    assert torch.equal(itself["z6"], plain["z6"]) and np.array_equal(again.tokens, base.tokens)
 
 
 def test_replaced_residual_and_logits_steer_the_run(gpt2_model):

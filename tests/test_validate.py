@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ from codi_attn.runner import Generation, Runner, number_tokens
 from codi_attn.validate import (COLUMNS, GROUPS, answers_changed, bootstrap_interval, intermediate_results,
                                 random_controls, resample_indices, token_number)
 from codi_attn.validate_run import Outcome, answer_token_kl, logit_lens, run_validation, token_kl
+from steering import forced_answer, steered
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber."]
@@ -35,42 +35,6 @@ def ranked(model, seed: int = 0) -> pd.DataFrame:
     layer, head = (x.ravel() for x in np.indices((model.n_layers, model.n_heads)))
     df = pd.DataFrame({"layer": layer, "head": head, "composite": np.random.default_rng(seed).random(layer.size)})
     return df.sort_values("composite", ascending=False).reset_index(drop=True)
-
-
-@contextmanager
-def steered(model, steer):
-    """Greedy decoding steered by `steer(logits_row, last_token_id)`, applied in place to every LM-head output
-    row, keyed on the last token fed to the model."""
-    last = {}
-
-    def remember(module, args):
-        last["ids"] = args[0] if args[0].ndim == 1 else args[0][:, -1]
-
-    def push(module, args, logits):
-        for row, i in enumerate(last["ids"].tolist()):
-            steer(logits[row], i)
-        return logits
-
-    hooks = [model.lm.get_input_embeddings().register_forward_pre_hook(remember),
-             model.lm.get_output_embeddings().register_forward_hook(push)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def forced_answer(model, text: str):
-    """Make greedy decoding spell `text` then stop: a bigram script keyed on the last token fed to the model."""
-    script = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(set(script)) == len(script), "the script needs distinct tokens"
-    after = dict(zip([model.eot_id, *script], [*script, model.stop_ids[0]]))
-
-    def steer(logits, last_id):
-        if last_id in after:
-            logits[after[last_id]] += 1e4
-
-    return steered(model, steer)
 
 
 def fixed_prefix_then_number(model, prefix: str):
