@@ -2,6 +2,7 @@
 recomputed; patching nothing recovers 0 and patching everything 1; mean patching's bookkeeping."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 import pytest
@@ -49,6 +50,13 @@ def test_gsm8k_pairs_recompute_the_chain(gpt2_model, real_gsm8k):
         clean = problems[pair.index]
         a, b = [v for *_, v in numbers_in(clean["question"])], [v for *_, v in numbers_in(pair.question)]
         assert sum(x != y for x, y in zip(a, b)) == 1 and pair.answer != float(clean["answer"].replace(",", ""))
+        # the corrupted solution is a consistent chain: every calculator annotation recomputed by Python's own
+        # arithmetic (to the 6 significant digits it is written with), and its final answer is the pair's
+        steps = re.findall(r"<<([^=<>]+)=([^<>]+)>>", pair.solution)
+        assert steps
+        for expression, result in steps:
+            assert eval(expression.replace(",", ""), {}) == pytest.approx(float(result.replace(",", "")), rel=1e-5)
+        assert float(pair.solution.split("####")[-1].strip().replace(",", "")) == pytest.approx(pair.answer, rel=1e-5)
 
 
 def test_patching_nothing_gives_0_and_everything_gives_1(demo):
