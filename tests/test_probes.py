@@ -1,17 +1,10 @@
-"""Probes (codi_attn.probes) and the lens (codi_attn.lens): a planted linear feature is recovered and the controls stay
-at chance; the stacked fit is the per-target RidgeClassifier; lens ranks equal a direct LM-head computation; residuals
-are the model's."""
+"""Probes (codi_attn.probes): a planted linear feature is recovered and the controls stay at chance; the stacked fit
+is the per-target RidgeClassifier; the targets read the solution."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
-import torch
 
-from codi_attn.hooks import RecordResiduals
-from codi_attn.lens import final_norm, lens_ranks, number_token_values
 from codi_attn.probes import POSITIONS, control_labels, cross_validated, run_probes, targets
-from codi_attn.runner import Runner
-from reference import QUESTIONS
 
 
 def planted(n: int = 120, d: int = 16, layers: int = 3, seed: int = 0):
@@ -74,26 +67,3 @@ def test_targets_read_the_solution():
     t = targets(["<<2+3=5>>\n<<5*2=10>>\n#### 10", "<<4-1=3>>\n#### 3"], max_steps=2)
     assert list(t["step 1"]) == [5.0, 3.0] and list(t["step 2"]) == [10.0, None]
     assert list(t["answer"]) == [10.0, 3.0] and list(t["op 2"]) == ["*", None]
-
-
-def test_residuals_and_lens_ranks_equal_a_direct_computation(gpt2_model):
-    """RecordResiduals' last layer at thought k, through the final norm, is the thought's final hidden state; the
-    lens rank equals ranking the LM head's logits over the number tokens directly."""
-    from codi_attn.hooks import RecordThoughts
-
-    m = gpt2_model
-    resid, thoughts = RecordResiduals(m, 2), RecordThoughts(2)
-    Runner(m, max_new_tokens=1).run(QUESTIONS[:2], [resid, thoughts])
-    with torch.no_grad():
-        last = final_norm(m)(torch.as_tensor(resid.resid[:, 1:, -1])).numpy()
-    np.testing.assert_allclose(last, thoughts.hidden, atol=1e-5)
-    ids, values = number_token_values(m)
-    value = values[3]
-    ranks = lens_ranks(m, resid.resid, np.array([value, None], dtype=object))
-    assert np.isnan(ranks[1]).all()
-    head = m.lm.get_output_embeddings().weight.detach()
-    with torch.no_grad():
-        logits = (final_norm(m)(torch.as_tensor(resid.resid[0])) @ head[torch.as_tensor(ids)].T).numpy()
-    scores = pd.DataFrame(logits.reshape(-1, len(ids)).T).groupby(values).max()  # a value: its best token
-    direct = 1 + (scores.to_numpy() > scores.loc[value].to_numpy()).sum(0)
-    np.testing.assert_array_equal(ranks[0].ravel(), direct)

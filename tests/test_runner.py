@@ -10,7 +10,7 @@ import torch
 
 from codi_attn import runner as runner_mod
 from codi_attn.conventions import N_THOUGHTS, THOUGHTS
-from codi_attn.kv_cache import PreallocatedLayer, preallocated_cache
+from codi_attn.kv_cache import PreallocatedLayer
 from codi_attn.runner import (PREFILL_EFFICIENCY, PaddedBatch, Runner, consecutive_runs, decode_answer, head_dim,
                               layer_module, number_tokens, point, point_names, prefill_groups, tokenize_questions)
 
@@ -274,27 +274,6 @@ def test_prefill_groups_by_hand():
     assert prefill_groups([30, 10, 11, 29, 12, 31, 100], efficiency=0.95) == [[1, 2], [4], [3, 0, 5], [6]]
 
 
-def test_preallocated_layer_equals_concatenation_grows_and_rewinds():
-    """Writing into reserved room (and growing past it) gives exactly what DynamicLayer's torch.cat gives;
-    rewinding keeps the first positions untouched."""
-    from transformers.cache_utils import DynamicLayer
-
-    torch.manual_seed(0)
-    room, plain = PreallocatedLayer(capacity=6), DynamicLayer()
-    for n in (4, 1, 1, 3, 1):  # prefill, then one-position steps; 4 + 1 + 1 exactly fills, 3 more must grow
-        k, v = torch.randn(2, 3, n, 5), torch.randn(2, 3, n, 5)
-        got, want = room.update(k, v), plain.update(k, v)
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
-        assert room.get_seq_length() == plain.get_seq_length()
-    assert room.buffers[0].shape[-2] >= 10
-    prompt = room.keys[..., :4, :].clone()
-    room.rewind(4)
-    assert room.get_seq_length() == 4 and torch.equal(room.keys, prompt)
-    with pytest.raises(ValueError, match="cannot rewind"):
-        room.rewind(5)
-
-
 def test_runner_cache_is_preallocated_and_its_memory_reused(gpt2_model, monkeypatch):
     """The cache layers are PreallocatedLayers with room for the thoughts, EOT and the decode budget; the next
     batch (and the next run) writes into the same memory instead of fresh pages."""
@@ -384,21 +363,6 @@ def test_padded_batch_prefill_gives_every_row_its_own_result(gpt2_model, order):
                 group = next(g for g in groups if b in g)
                 outside = batch.width - max(len(rows[k]) for k in group)
                 assert not joined.keys[b, :, :outside].any() and not joined.values[b, :, :outside].any()
-
-
-def test_preallocated_layer_refuses_what_would_leave_it_stale():
-    layer = PreallocatedLayer(capacity=4)
-    layer.update(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, 3))
-    for call in (lambda: layer.crop(-1), layer.reset, lambda: layer.batch_select_indices(torch.tensor([0]))):
-        with pytest.raises(NotImplementedError, match="only appends"):
-            call()
-
-
-def test_sliding_window_models_are_refused():
-    from transformers import MistralConfig
-
-    with pytest.raises(NotImplementedError, match="full-attention models"):
-        preallocated_cache(MistralConfig(sliding_window=4, num_hidden_layers=2), 8)
 
 
 def test_decoding_stops_at_stop_token(gpt2_model, monkeypatch):

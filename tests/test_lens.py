@@ -1,0 +1,35 @@
+"""The lens per layer (codi_attn.lens): residuals through the final norm are the model's hidden states, and lens ranks
+equal ranking the LM head's logits over the number tokens directly."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from codi_attn.hooks import RecordResiduals
+from codi_attn.lens import final_norm, lens_ranks, number_token_values
+from codi_attn.runner import Runner
+from reference import QUESTIONS
+
+
+def test_residuals_and_lens_ranks_equal_a_direct_computation(gpt2_model):
+    """RecordResiduals' last layer at thought k, through the final norm, is the thought's final hidden state; the
+    lens rank equals ranking the LM head's logits over the number tokens directly."""
+    from codi_attn.hooks import RecordThoughts
+
+    m = gpt2_model
+    resid, thoughts = RecordResiduals(m, 2), RecordThoughts(2)
+    Runner(m, max_new_tokens=1).run(QUESTIONS[:2], [resid, thoughts])
+    with torch.no_grad():
+        last = final_norm(m)(torch.as_tensor(resid.resid[:, 1:, -1])).numpy()
+    np.testing.assert_allclose(last, thoughts.hidden, atol=1e-5)
+    ids, values = number_token_values(m)
+    value = values[3]
+    ranks = lens_ranks(m, resid.resid, np.array([value, None], dtype=object))
+    assert np.isnan(ranks[1]).all()
+    head = m.lm.get_output_embeddings().weight.detach()
+    with torch.no_grad():
+        logits = (final_norm(m)(torch.as_tensor(resid.resid[0])) @ head[torch.as_tensor(ids)].T).numpy()
+    scores = pd.DataFrame(logits.reshape(-1, len(ids)).T).groupby(values).max()  # a value: its best token
+    direct = 1 + (scores.to_numpy() > scores.loc[value].to_numpy()).sum(0)
+    np.testing.assert_array_equal(ranks[0].ravel(), direct)
