@@ -191,18 +191,20 @@ class HeadGradients(Hook):
 
 
 def attribution(model: CODIModel, questions: Sequence[str], base: Baseline, kinds: Sequence[str] = ("mean",),
-                batch_size: int = 16, checkpoints: Checkpoints | None = None) -> pd.DataFrame:
+                batch_size: int = 16, checkpoints: Checkpoints | None = None,
+                progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Attribution-patching estimate of every head's effect at the thoughts: one row per head and kind with the
     mean estimated change of the answer's logit difference (`estimate`) over the problems with an answer step.
 
     `model` must have PyTorch's linear layers (load_codi(..., prepack=False)); decoding runs up to the last answer
-    step only; with `checkpoints`, every finished batch's estimates are saved and read back."""
+    step only; with `checkpoints`, every finished batch's estimates are saved and read back; `progress(k)` after
+    each batch of k problems."""
     budget = int(base.answer_step.max()) + 1 if (base.answer_step >= 0).any() else 0
     if not budget:
         raise ValueError("no problem has an answer step (a number in its decoded answer): nothing to attribute")
     hook = HeadGradients(model, base, kinds)
     with frozen(model):  # the graph starts at the head inputs: no weight gradients, no activations kept for them
-        Runner(model, batch_size, budget, gradients=True).run(questions, [hook], checkpoints=checkpoints,
+        Runner(model, batch_size, budget, gradients=True).run(questions, [hook], progress, checkpoints,
                                                               name="attribution")
     has = base.answer_step >= 0
     rows = []
@@ -232,9 +234,11 @@ def frozen(model: CODIModel) -> Iterator[None]:
 
 def held_out_part(model: CODIModel, questions: Sequence[str], golds: Sequence[str], solutions: Sequence[str],
                   plan: HeldOutPlan, indices: Sequence[int], batch_size: int = 16, max_new_tokens: int = 256,
-                  stack: int = 1, checkpoints: Checkpoints | None = None) -> HeldOutPart:
+                  stack: int = 1, checkpoints: Checkpoints | None = None,
+                  progress: Callable[[int], None] | None = None) -> HeldOutPart:
     """Ablate the plan's sets `indices` on half B, against a baseline run on B; with `checkpoints`, the baseline
-    and every finished batch are saved as they come and read back."""
+    and every finished batch are saved as they come and read back; `progress(k)` after each batch of k problems
+    of B through every set."""
     qs, gs, ss = ([x[i] for i in plan.problems_b] for x in (questions, golds, solutions))
     runner = Runner(model, batch_size, max_new_tokens, stack=stack)
     base = remembered(checkpoints, "held-out-baseline", lambda: run_baseline(runner, qs, gs, ss, (plan.kind,),
@@ -242,7 +246,7 @@ def held_out_part(model: CODIModel, questions: Sequence[str], golds: Sequence[st
     shifts = [base.shift_hook() for _ in indices]
     generations = runner.run_conditions(
         qs, [[ablation(model, base, list(plan.sets[i][2]), plan.kind, plan.positions), shift]
-             for i, shift in zip(indices, shifts)], checkpoints=checkpoints, name="held-out")
+             for i, shift in zip(indices, shifts)], progress, checkpoints, name="held-out")
     n = len(qs)
     return HeldOutPart(list(indices), [plan.sets[i][2] for i in indices], base.correct, base.prediction,
                        base.logit_diff,
@@ -267,15 +271,17 @@ def held_out(model: CODIModel, questions: Sequence[str], golds: Sequence[str], s
 
 def plan_scan(model: CODIModel, problems: Sequence[dict], kinds: Sequence[str], positions: Sequence[str],
               scan: tuple[str, int | None], group_size: int, batch_size: int = 16, max_new_tokens: int = 256,
-              checkpoints: Checkpoints | None = None) -> tuple[pd.DataFrame, list[list[Head]]]:
+              checkpoints: Checkpoints | None = None, progress: Callable[[int], None] | None = None
+              ) -> tuple[pd.DataFrame, list[list[Head]]]:
     """The attribute_heads step: attribution estimates of every head (at the thoughts, for each kind), and the
     heads the exact scan ablates, in groups of group_size: all of them, or for scan = ("top", M) the M with the
     most harmful estimate under the first kind. `model` needs PyTorch's linear layers; with `checkpoints`, the
-    baseline and every finished batch of the attribution are saved as they come and read back."""
+    baseline and every finished batch of the attribution are saved as they come and read back; `progress(k)` after
+    each batch of k problems of the attribution."""
     questions, golds, solutions = problem_texts(problems)
     base = remembered(checkpoints, "baseline", lambda: run_baseline(Runner(model, batch_size, max_new_tokens),
                                                                     questions, golds, solutions, kinds, ("thoughts",)))
-    estimates = attribution(model, questions, base, kinds, batch_size, checkpoints)
+    estimates = attribution(model, questions, base, kinds, batch_size, checkpoints, progress)
     heads = all_heads(model)
     if scan[0] == "top":
         first = estimates[estimates["kind"] == kinds[0]].sort_values(["estimate", "label"], kind="stable")

@@ -437,9 +437,11 @@ class AttentionFlow(FlowSpec):
 
         s = self.settings
         checkpoints = self._checkpoints("attribution")
+        problems = self._sample()
         self.head_estimates, self.head_groups = plan_scan(
-            self._load_model(prepack=False), self._sample(), s["head_kinds"], s["head_positions"], s["head_scan"],
-            self.head_group_size, self.batch_size, self.max_new_tokens, checkpoints)
+            self._load_model(prepack=False), problems, s["head_kinds"], s["head_positions"], s["head_scan"],
+            self.head_group_size, self.batch_size, self.max_new_tokens, checkpoints,
+            self._progress("attribution", f"of {len(problems)} problems through the backward pass"))
         self._report_checkpoints(checkpoints)
         current.card.append(Markdown(
             f"# Attribute heads\n\nAttribution estimates for every head; {sum(map(len, self.head_groups))} heads to "
@@ -461,9 +463,12 @@ class AttentionFlow(FlowSpec):
         self.group_index = self.index
         group = [tuple(h) for h in self.input]
         checkpoints = self._checkpoints(group)
+        problems = self._sample()
+        progress = self._progress(f"scan group {self.index + 1}/{len(self.head_groups)}",
+                                  f"of {len(problems)} problems through the group's {len(group)} head(s)")
         self.head_scan_part = scan_heads(
-            self._group_model(len(self.head_groups)), *problem_texts(self._sample()), group, s["head_kinds"],
-            s["head_positions"], self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
+            self._group_model(len(self.head_groups)), *problem_texts(problems), group, s["head_kinds"],
+            s["head_positions"], self.batch_size, self.max_new_tokens, progress, self._stack(), checkpoints)
         self._report_checkpoints(checkpoints)
         current.card.append(Markdown(f"# Scan heads: group {self.index + 1} of {len(self.head_groups)}\n\n"
                                      f"{len(group)} heads: {' '.join(head_label(*h) for h in group)}."))
@@ -521,9 +526,12 @@ class AttentionFlow(FlowSpec):
 
             checkpoints = self._checkpoints("held-out", [self.problem_ids[i] for i in self.held_out_plan.problems_b],
                                             [list(self.held_out_plan.sets[i][2]) for i in self.input])
+            progress = self._progress(f"held-out group {self.index + 1}/{len(self.held_out_groups)}",
+                                      f"of {len(self.held_out_plan.problems_b)} problems of half B through the "
+                                      f"group's {len(self.input)} head set(s)")
             self.held_out_part = held_out_part(
                 self._group_model(len(self.held_out_groups)), *problem_texts(self._sample()), self.held_out_plan,
-                self.input, self.batch_size, self.max_new_tokens, stack=self._stack(), checkpoints=checkpoints)
+                self.input, self.batch_size, self.max_new_tokens, self._stack(), checkpoints, progress)
             self._report_checkpoints(checkpoints)
         sets = [self.held_out_plan.sets[i] for i in self.input] if self.input else []
         current.card.append(Markdown(

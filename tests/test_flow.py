@@ -167,6 +167,17 @@ def test_causal_head_analysis_in_the_run(clean_run):
     assert sorted(map(tuple, sum(d.head_groups, []))) == [(l, h) for l in range(2) for h in range(4)]
     card = card_data(run["join_heads"].task)
     assert "Which heads carry the thoughts?" in card and "causally critical" in card
+    # the long steps say how far they are, batch by batch (batch_size 3: 3, then all 6 problems)
+    assert "attribution: 3 of 6 problems through the backward pass\nattribution: 6 of 6" in \
+        run["attribute_heads"].task.stdout
+    scans = list(run["scan_heads"])
+    for task in scans:
+        group = f"scan group {task.data.group_index + 1}/{len(scans)}"
+        heads = len(d.head_groups[task.data.group_index])
+        assert f"{group}: 6 of 6 problems through the group's {heads} head(s)" in task.stdout
+    b = len(d.causal_report.held_out.problems_b)
+    assert all(f"of {b} problems of half B through the group's" in t.stdout for t in run["test_held_out"]
+               if t.data.held_out_part is not None)
 
 
 def test_card_cli_view_and_get(clean_run, tmp_path):
