@@ -13,7 +13,11 @@ EPILOG = """examples:
 
 out/results/<model>/ gets attention_raw.npy, attention_mass.npy, attention_avg.npy, attention_std.npy,
 problems.csv, ranked_heads.csv, heads_ranked_by_*.csv, criteria.csv, comparison_*.csv,
-attention_stats.json, failed_problems.json, summary.json; out/figures/<model>/ the cards' figures (.png).
+attention_stats.json, failed_problems.json, summary.json, and from the analyses that ran: head_effects.csv,
+head_correlations.csv, head_attribution_agreement.csv, held_out_sets.csv, held_out_summary.csv,
+causal_comparison_*.csv, validation.csv, thought_probes.csv, thought_lens.csv, thought_mean_patching.csv,
+thought_pair_patching.csv, thought_attended_by_kind.csv, thought_attended_by_step.csv and
+thought_findings.json; out/figures/<model>/ the cards' figures (.png).
 Files are written to a hidden folder in OUT_DIR and moved into place when all are complete: a failed export
 leaves nothing behind; an existing export of that name is kept unless --overwrite."""
 

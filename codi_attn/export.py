@@ -177,6 +177,9 @@ def _result_writers(run, res: Path) -> dict[Path, Callable[[Path], None]]:
                    "head_attribution_agreement": report.agreement}
         if report.held_out is not None:
             tables |= {"held_out_sets": report.held_out.sets, "held_out_summary": report.held_out.summary}
+    validation = getattr(d, "validation", None) if "validation" in d else None
+    if validation is not None:
+        tables["validation"] = validation
     thoughts = getattr(d, "thought_report", None) if "thought_report" in d else None
     if thoughts is not None:
         tables |= {"thought_probes": thoughts.probes, "thought_lens": thoughts.lens,

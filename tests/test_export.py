@@ -52,6 +52,9 @@ def test_export_files_equal_artifacts(clean_run, tmp_path):
     np.testing.assert_allclose(effects["delta_accuracy"], d.head_effects["delta_accuracy"])
     assert len(pd.read_csv(res / "held_out_sets.csv")) == len(d.causal_report.held_out.sets)
     assert (res / "head_correlations.csv").exists() and (res / "head_attribution_agreement.csv").exists()
+    validation = pd.read_csv(res / "validation.csv")
+    assert list(validation["condition"]) == list(d.validation["condition"])
+    np.testing.assert_allclose(validation["accuracy"], d.validation["accuracy"])
     report = d.thought_report
     probes = pd.read_csv(res / "thought_probes.csv")
     assert len(probes) == len(report.probes)
@@ -89,7 +92,7 @@ def test_cli_errors_and_help(clean_run, tmp_path, capsys):
         main(["export", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "RUN_ID" in out and "results/<model>/" in out and "--datastore" in out
+    assert "RUN_ID" in out and "results/<model>/" in out and "--datastore" in out and "validation.csv" in out
 
 
 def test_unfinished_run_is_refused():
