@@ -51,6 +51,7 @@ import fnmatch
 import inspect
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -216,6 +217,9 @@ class Hooks:
 
 
 NO_HOOKS = Hooks((), ())
+# per causal LM, the runners whose runs are under way, innermost last (a run started from inside a hook): only the
+# innermost one's module hooks act, so an outer run's layer hooks never fire on a nested run's forwards
+_RUNNING: "weakref.WeakKeyDictionary[nn.Module, list[Runner]]" = weakref.WeakKeyDictionary()
 
 # ------------------------------------------------------------------------------------------------ the loop
 
@@ -760,7 +764,8 @@ class Runner:
 
     @contextmanager
     def _module_hooks(self, conds: list[Hooks]) -> Iterator[None]:
-        handles = []
+        handles, running = [], _RUNNING.setdefault(self.model.lm, [])
+        running.append(self)
         try:
             for kind in LAYER_KINDS:
                 for layer in range(self.model.n_layers):
@@ -775,11 +780,14 @@ class Runner:
         finally:
             for handle in handles:
                 handle.remove()
+            running.remove(self)
 
     def _head_in_hook(self, layer: int):
+        running = _RUNNING[self.model.lm]
+
         def hook(module: nn.Module, args: tuple):
             name = f"{self._batch.phase}.head_in.{layer}"
-            if not self._active.get(name):
+            if running[-1] is not self or not self._active.get(name):
                 return None
             x = args[0]  # [B, S, H * dh]
             b, s = x.shape[:2]
@@ -793,9 +801,11 @@ class Runner:
         return hook
 
     def _output_hook(self, kind: str, layer: int):
+        running = _RUNNING[self.model.lm]
+
         def hook(module: nn.Module, args: tuple, output):
             name = f"{self._batch.phase}.{kind}.{layer}"
-            if not self._active.get(name):
+            if running[-1] is not self or not self._active.get(name):
                 return None
             if kind == "attn":
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None

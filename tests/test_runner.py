@@ -313,6 +313,28 @@ def test_a_run_inside_a_hook_gets_buffers_of_its_own(gpt2_model):
     assert all(torch.equal(a, b) for a, b in zip(seen, want, strict=True))
 
 
+def test_a_run_inside_a_hook_is_untouched_by_the_outer_runs_layer_hooks(gpt2_model):
+    """An outer run's layer hooks (heads ablated at every head_in) act on its own forwards only: a run started
+    from one of its hooks gives a plain run's tokens, and the outer run the tokens it gives without the nested
+    run."""
+    from codi_attn.ablation import AblateHeads
+
+    qs = QUESTIONS[:2]
+    alone = Runner(gpt2_model, batch_size=2, max_new_tokens=3).run(qs).tokens
+    inner = []
+
+    def nested(value, point, batch):
+        inner.append(Runner(gpt2_model, batch_size=2, max_new_tokens=3).run(qs).tokens)
+
+    def outer(*extra):
+        ablate = AblateHeads(gpt2_model, [(0, 0), (1, 1)], "zero", positions="all")
+        return Runner(gpt2_model, batch_size=2, max_new_tokens=3).run(qs, [ablate, *extra]).tokens
+
+    with_nested = outer(("thought.2.z", nested))
+    assert len(inner) == 1 and np.array_equal(inner[0], alone)
+    assert np.array_equal(with_nested, outer()) and not np.array_equal(with_nested, alone)
+
+
 def test_a_run_inside_a_hook_runs_like_one_on_its_own(gpt2_model):
     """A run started from a thought hook (where the outer run has switched to eager attention) uses the model's
     own kernels for its prefill and decoding: its thoughts, capture and answers equal a top-level run's bit for
