@@ -22,7 +22,8 @@ import pandas as pd
 
 FLOW_NAME = "AttentionFlow"
 ARRAYS = {  # artifact -> what it holds (also written to summary.json)
-    "attention_raw": "float16 [N, L, H, 6, 6]: A[n, l, h, i, j], query thought i -> key thought j, share of the whole row",
+    "attention_raw": "float16 [N, L, H, 6, 6]: A[n, l, h, i, j], query thought i + 1 -> key thought j + 1 (axes "
+                     "from 0), share of the whole row",
     "attention_mass": "float16 [N, L, H, 6, 4]: each thought row's share on sink, question, bot, thoughts",
     "attention_avg": "float32 [L, H, 6, 6]: mean of attention_raw over problems",
     "attention_std": "float32 [L, H, 6, 6]: std of attention_raw over problems",

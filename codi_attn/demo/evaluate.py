@@ -9,7 +9,6 @@ Batches hold problems with one question and CoT length, so nothing is padded.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from codi_attn.conventions import N_THOUGHTS
 from codi_attn.demo import task
 from codi_attn.demo.codi import CODI, load_model
 from codi_attn.demo.tokenizer import Encoded, encode, gold_answer
-from codi_attn.hooks import FeedThoughts, swap_partners
+from codi_attn.hooks import FeedThoughts, solution_steps, swap_partners
 from codi_attn.runner import greedy_steps
 
 MODES = ("prj", "zeros", "bot", "swap", "teacher", "nocot")
@@ -104,7 +103,7 @@ def accuracy(model: CODI, tok: PreTrainedTokenizerFast, records: list[dict], mod
 
 def evaluate_all(model: CODI, tok: PreTrainedTokenizerFast, test: list[dict], modes: tuple[str, ...]) -> dict:
     """Held-out accuracy of each mode, overall and by number of operations."""
-    steps = [len(re.findall(r"<<", r["answer"])) for r in test]
+    steps = [solution_steps(r["answer"]) for r in test]
     result: dict = {}
     for mode in modes:
         ok = [p == gold_answer(r) for p, r in zip(predict(model, tok, test, mode), test)]

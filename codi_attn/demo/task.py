@@ -25,7 +25,7 @@ from functools import cache
 MAX_VALUE = 19  # largest start, operand or intermediate value
 MAX_OPERAND = 9  # largest number added or subtracted
 STEPS = (5, 6, 7)  # numbers of chained operations in the shipped splits (with 2-4 a small model answers
-# in one pass over the question and its latents carry nothing problem-specific: see the demo model's card)
+# in one pass over the question and its thoughts carry nothing problem-specific: see the demo model's card)
 TEST_SIZE = 1000  # default size of the test split
 TRAIN_SIZE = 100_000  # default size of the train split
 SEEDS = {"train": 1, "test": 2}  # stream seed of each split

@@ -68,7 +68,7 @@ def teacher_forward(model: CODI, b: Encoded, cache: DynamicCache | None = None
 
 def student_forward(model: CODI, b: Encoded, cache: DynamicCache | None = None
                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Student CE on "The answer is:", N, eos after question + BOT + six latents + EOT,
+    """Student CE on "The answer is:", N, eos after question + BOT + six thoughts + EOT,
     and its hidden states at "The answer is:": n_layer+1 x [B, d]. A given cache
     holds the question's keys and values."""
     cache, _ = model.think(b.question, cache=cache)
