@@ -77,6 +77,11 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         errors.append(f"--condition_rows must be 0 or more, got {p['condition_rows']}")
     if p["n_boot"] < 0:
         errors.append(f"--n_boot must be 0 or more, got {p['n_boot']}")
+    analyses = [f"--{name}" for name in ("heads", "validate", "thought_analysis") if p[name]]
+    if p["n_boot"] == 0 and analyses:
+        errors.append(f"--n_boot 0 gives no intervals, and the verdicts of {', '.join(analyses)} (critical heads, "
+                      "effects that exclude 0, results decodable above control) rest on them: give --n_boot "
+                      f"(default 200), or turn {' and '.join(analyses)} off with false")
     if not 0.0 <= p["max_failed_fraction"] <= 1.0:
         errors.append(f"--max_failed_fraction must be between 0 and 1, got {p['max_failed_fraction']}")
     check("--dtype", lambda: resolve_device_dtype("cpu", p["dtype"]))

@@ -105,8 +105,12 @@ class AttentionFlow(FlowSpec):
                            "demo model's synthetic set (held out from its training), train otherwise (the design's "
                            "sample).")
     n_problems = Parameter("n_problems", default="100", type=str,
-                           help="Problems to sample (seed-42 sample of the design); 0 or all = the whole split.")
-    seed = Parameter("seed", default=42, type=int, help="Seed of the problem sample.")
+                           help="Problems to sample (the design's seeded sample, --seed); 0 or all = the whole "
+                                "split.")
+    seed = Parameter("seed", default=42, type=int,
+                     help="Seed of the problem sample (the design's: 42), and of everything drawn at random "
+                          "afterwards: bootstrap resamples, the held-out halves and random head sets, the "
+                          "validation's random heads and resample partners, the thought analysis's plan.")
     shard_size = Parameter("shard_size", default=50, type=int,
                            help="Problems per extract task; a failed shard is rerun alone by resume.")
     batch_size = Parameter("batch_size", default=16, type=int, help="Problems per forward batch.")
@@ -119,7 +123,9 @@ class AttentionFlow(FlowSpec):
                                     help="A shard in which more than this fraction of problems raise fails "
                                          "(the failures are recorded either way).")
     n_boot = Parameter("n_boot", default=200, type=int,
-                       help="Bootstrap resamples of the problems for the metrics' 95% intervals (0 = none).")
+                       help="Bootstrap resamples of the problems for every 95% interval: the metrics', the head "
+                            "effects', the validation's and the thought analysis's. 0 = no intervals, only with "
+                            "--heads, --validate and --thought_analysis false (their verdicts rest on intervals).")
     validate = Parameter("validate", default=True, type=bool,
                          help="Run the causal validation step (head ablation, thought blocking and the latent "
                               "swap, with controls); --validate false skips it.")
@@ -577,7 +583,7 @@ class AttentionFlow(FlowSpec):
         heads = [] if self.causal_report is None else [
             (int(r.layer), int(r.head)) for r in self.causal_report.critical().itertuples()]
         self.thought_plan = plan_thoughts(self._sample(), self.settings["dataset"] == "synthetic",
-                                          self.model_info["n_layers"], heads, max(self.n_boot, 1), self.seed)
+                                          self.model_info["n_layers"], heads, self.n_boot, self.seed)
         self.thought_groups = self.thought_plan.groups(self.thought_group_size)
         current.card.append(Markdown(f"# Plan thoughts\n\n{len(self.thought_plan.units)} units (the recording, mean "
                                      f"and pair patches) in {len(self.thought_groups)} group(s)."))

@@ -12,7 +12,7 @@ N, SHARD = 6, 4  # two shards: 4 + 2 problems
 S3_BUCKET = "codi-attn-tests"  # on the test S3 server (conftest.py's s3_server)
 
 
-DEMO_PARAMS = {"n_problems": "6", "shard_size": 3, "batch_size": 1, "n_boot": 0, "heads": False,
+DEMO_PARAMS = {"n_problems": "6", "shard_size": 3, "batch_size": 1, "n_boot": 20, "heads": False,
                "thought_analysis": False, "validate_group_size": 10}  # the demo run of the tests: 2 shards of 3 batches
 
 

@@ -54,6 +54,8 @@ def _jsonl(tmp_path, name, lines):
     ({"ckpt": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
     ({"dtype": "int8"}, r"--dtype: unknown dtype 'int8'"),
     ({"device": "gpu:x"}, r"--device: "),
+    ({"n_boot": 0, "heads": False}, r"^--n_boot 0 gives no intervals, and the verdicts of --validate, "
+                                    r"--thought_analysis \(critical heads"),
     ({"split": "dev"}, r"^--split must be auto or one of train, test, got 'dev'$"),
     ({"n_problems": "1"}, r"^--n_problems: --head_kinds resample feed each problem another problem's head inputs, "
                           r"which needs two problems or more; this run has 1"),
