@@ -113,7 +113,7 @@ def _read_hub(split: str) -> list[dict]:
         raise DatasetError(
             f"could not load the GSM8K {split} split from the Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without network, pass a local "
-            f"copy: --dataset path/to/{split}.jsonl (e.g. ../shared/data/gsm8k/{split}.jsonl)") from e
+            f"copy of OpenAI's grade-school-math {split}.jsonl: --dataset /path/to/gsm8k/{split}.jsonl") from e
     return [_check_record(dict(rec), f"hub gsm8k/main {split}, row {i}") for i, rec in enumerate(ds)]
 
 

@@ -1,7 +1,7 @@
 """AttentionFlow: how the six continuous thoughts of a CODI model attend to each other, head by head.
 
     python flows/attention_flow.py run                       # offline demo model
-    python flows/attention_flow.py run --model llama --dataset ../shared/data/gsm8k/train.jsonl
+    python flows/attention_flow.py run --model llama --dataset /path/to/gsm8k/train.jsonl
     python flows/attention_flow.py resume                    # rerun only the shards that died
     python flows/attention_flow.py run --with kubernetes     # shards on GPUs (@resources below)
 """

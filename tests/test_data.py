@@ -159,7 +159,7 @@ def test_hub_offline_tells_user_to_pass_a_file(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets", raising=False)
-    with pytest.raises(DatasetError, match=r"--dataset path/to/train\.jsonl"):
+    with pytest.raises(DatasetError, match=r"--dataset /path/to/gsm8k/train\.jsonl"):
         load_records("gsm8k", "train")
 
 
