@@ -35,14 +35,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_extract import DEFAULT_GSM8K, build_model, machine_info  # noqa: E402
+from bench_extract import DEFAULT_GSM8K, HelpFormatter, build_model, machine_info  # noqa: E402
 
 
 def problems(args) -> tuple[list[str], list[str], list[str]]:
     """(questions, gold answers, solutions) of the seed-42 sample."""
-    from codi_attn.data import load_records, sample_problems
+    from codi_attn.data import DatasetError, load_records, sample_problems
 
-    records = load_records("synthetic", "test") if args.model == "demo" else load_records(str(args.gsm8k), "train")
+    try:
+        records = load_records("synthetic", "test") if args.model == "demo" else load_records(str(args.gsm8k), "train")
+    except DatasetError as e:
+        raise SystemExit(f"--gsm8k: {e}") from None
     split = "test" if args.model == "demo" else "train"
     sample = sample_problems(records, args.n_problems, seed=42, split=split)
     return [p.question for p in sample], [p.answer for p in sample], [p.solution for p in sample]
@@ -50,15 +53,16 @@ def problems(args) -> tuple[list[str], list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=("demo",), default=None, help="the shipped demo model (default)")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", choices=("demo",), default=None,
+                   help="the shipped demo model, on its synthetic test split (what runs without --shape)")
     p.add_argument("--shape", choices=("tiny", "gpt2", "llama"), default=None,
                    help="a random-weight model of this shape instead of the demo")
-    p.add_argument("--n-problems", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-problems", type=int, default=100, help="problems of the seed-42 sample")
+    p.add_argument("--batch-size", type=int, default=16, help="problems per forward batch")
     p.add_argument("--max-new-tokens", type=int, default=256, help="decode budget (random weights use all of it)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K)
+    p.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K, help="GSM8K JSONL file of the --shape models")
     p.add_argument("--scan", action="store_true", help="also time the single-head scan (codi_attn.heads)")
     p.add_argument("--scan-heads", type=int, default=0, help="heads the scan times (0: every head)")
     p.add_argument("--skip-validation", action="store_true", help="time the scan only")
@@ -67,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                         "the flow's, 0: one condition at a time)")
     p.add_argument("--thoughts", action="store_true",
                    help="also time analyse_thoughts (codi_attn.contents; the demo model's synthetic records)")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
+    if args.model is not None and args.shape is not None:
+        p.error("--model demo and --shape are two models: give one")
     if args.model is None and args.shape is None:
         args.model = "demo"
     if args.threads:
@@ -79,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     from codi_attn.runner import CONDITION_ROWS, stack_for
     from codi_attn.validate_run import run_validation
 
+    questions, golds, solutions = problems(args)  # a bad --gsm8k fails before a model is built
     if args.model == "demo":
         model = load_codi("demo", device="cpu", dtype="float32")
     else:
         import tempfile
 
         model = build_model(args.shape, "cpu", "float32", Path(tempfile.mkdtemp()))
-    questions, golds, solutions = problems(args)
     kwargs = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     rows = CONDITION_ROWS if args.condition_rows is None else args.condition_rows
     stack = stack_for(args.batch_size, rows)

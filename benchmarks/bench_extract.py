@@ -117,6 +117,13 @@ def parse_n(text: str) -> int | None:
     return n
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show (None, or False for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench_extract.py",
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "matmul peak measured in the same run.",
         epilog="The module docstring states the FLOP formula and what each variant does. "
                "Exit status 2 means (a) and (c) disagree beyond --atol.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="tiny",
                    help="model shape, random weights: tiny (GPT-2 family, 2 layers x 4 heads, d=64, saved and "
                         "loaded in the release layout), gpt2 (GPT-2 124M: 12x12, d=768), llama "
@@ -470,7 +477,12 @@ def padding_efficiency(lengths: Sequence[int], batch_size: int, shard_size: int)
 def load_questions(path: Path, n: int | None) -> list[str]:
     from codi_attn.data import load_records, sample_problems
 
-    records = load_records(str(path), "train")
+    from codi_attn.data import DatasetError
+
+    try:
+        records = load_records(str(path), "train")
+    except DatasetError as e:
+        raise SystemExit(f"--gsm8k: {e}") from None
     if n is not None and n > len(records):
         raise SystemExit(f"--n-problems {n} is larger than {path}, which holds {len(records)} problems")
     return [p.question for p in sample_problems(records, n, seed=42, split="train")]

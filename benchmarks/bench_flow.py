@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_extract import DEFAULT_GSM8K, machine_info  # noqa: E402
+from bench_extract import DEFAULT_GSM8K, HelpFormatter, machine_info  # noqa: E402
 
 FLOW_FILE = REPO / "flows" / "attention_flow.py"
 TINY = {"model": "gpt2", "n_problems": "6", "shard_size": 4, "batch_size": 3, "max_new_tokens": 4, "device": "cpu",
@@ -116,7 +116,7 @@ def run_once(flow_file: Path, params: dict, root: Path):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--flow", type=Path, default=FLOW_FILE, help="the flow file to run (another commit's, to compare)")
     p.add_argument("--tiny", action="store_true", help="a random-weight tiny GPT-2 CODI on 6 GSM8K problems "
                                                        "instead of the default demo run")

@@ -89,6 +89,18 @@ def test_help_names_every_option(bench, capsys):
         assert option in text
 
 
+def test_help_shows_defaults_only_where_there_are_some(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 8)" in text and "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_bad_gsm8k_file_is_one_line_naming_it(bench, tmp_path):
+    with pytest.raises(SystemExit, match=rf"^--gsm8k: dataset file {tmp_path}/nope.jsonl does not exist$"):
+        bench.main(["--gsm8k", str(tmp_path / "nope.jsonl"), "--n-problems", "2"])
+
+
 def test_causal_benchmark_reports_its_ratios(tmp_path, gsm8k_train):
     """bench_causal.py: one extraction, then the validation and a scan of two heads on the same problems."""
     import subprocess
