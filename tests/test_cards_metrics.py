@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from metaflow.cards import Image, Markdown, Table
 
-from cards.compare_card import compare_card, differences_frame, no_comparison_card
+from cards.compare_card import basis_md, compare_card, differences_frame, no_comparison_card
 from cards.common import cell
 from cards.metrics_card import _criteria_md, _hub_md, criteria_frame, metrics_card
 from codi_attn import metrics as M
@@ -94,3 +94,14 @@ def test_no_comparison_card_gives_one_runnable_command_per_other_model():
     demo = re.search(r"```\n(.*?)\n```", _texts(no_comparison_card("demo", "synthetic", "test", 100, 42, "ab")),
                      flags=re.S).group(1).splitlines()
     assert [shlex.split(line)[4] for line in demo] == ["gpt2", "llama"]
+
+
+def test_basis_md_marks_a_different_sample_in_bold():
+    basis = {"same_sample": False, "fingerprints": ("a" * 64, "b" * 64), "sampled": (6, 8), "extracted": (6, 7),
+             "in_both": 4, "shapes": ((2, 4), (3, 8)), "differences": ["--n_problems 6 here, 8 there"]}
+    text = basis_md("AttentionFlow/7", basis)._text
+    assert "same sample" not in text
+    assert ("- Sample: **different samples** (dataset fingerprint aaaaaaaaaaaa here, bbbbbbbbbbbb there): the "
+            "differences below mix models and problems; extracted 6 of 6 here, 7 of 8 there, 4 in both") in text
+    assert text.endswith("- Model shape: 2 layers x 4 heads here, 3 x 8 there.\n"
+                         "- Settings that differ besides the model: --n_problems 6 here, 8 there.")

@@ -1,4 +1,4 @@
-"""codi_attn.plots: every figure builds and draws, with axes, titles and the thought labels."""
+"""codi_attn.figures: every figure builds and draws, with axes, titles and the thought labels."""
 from __future__ import annotations
 
 import io

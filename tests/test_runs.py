@@ -1,10 +1,9 @@
-"""codi_attn.runs: what two runs' comparison rests on, and the compare card's account of it (the run lookups
-themselves run in tests/test_flow.py)."""
+"""codi_attn.runs: what two runs' comparison rests on (the compare card's account of it is in
+tests/test_cards_metrics.py, the run lookups themselves run in tests/test_flow.py)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from cards.compare_card import basis_md
 from codi_attn.runs import comparison_basis, sample_difference, setting_differences
 
 SETTINGS = {"model": "gpt2", "ckpt": "/a", "base": "/b", "dataset": "train.jsonl", "split": "train", "n": 6,
@@ -41,14 +40,3 @@ def test_comparison_basis_counts_what_each_run_extracted():
                      "extracted": (2, 2), "in_both": 1, "shapes": ((2, 4), (3, 8)),
                      "differences": ["--max_new_tokens 4 here, 8 there"]}
     assert not comparison_basis(data(["a"], 2, 4), data(["a"], 2, 4, fingerprint="e" * 64))["same_sample"]
-
-
-def test_basis_md_marks_a_different_sample_in_bold():
-    basis = {"same_sample": False, "fingerprints": ("a" * 64, "b" * 64), "sampled": (6, 8), "extracted": (6, 7),
-             "in_both": 4, "shapes": ((2, 4), (3, 8)), "differences": ["--n_problems 6 here, 8 there"]}
-    text = basis_md("AttentionFlow/7", basis)._text
-    assert "same sample" not in text
-    assert ("- Sample: **different samples** (dataset fingerprint aaaaaaaaaaaa here, bbbbbbbbbbbb there): the "
-            "differences below mix models and problems; extracted 6 of 6 here, 7 of 8 there, 4 in both") in text
-    assert text.endswith("- Model shape: 2 layers x 4 heads here, 3 x 8 there.\n"
-                         "- Settings that differ besides the model: --n_problems 6 here, 8 there.")
