@@ -81,3 +81,26 @@ def test_outcome_line_counts_the_failed_by_id():
         "of the extracted")
     assert shards.outcome_line("run", 2, np.array([True, True]), []) == (
         "run: 2 of 2 problems extracted, 0 failed; accuracy 100.0% of the extracted")
+
+
+def test_attention_stats_by_hand():
+    """The run's overall numbers: incoming to thought j is the mean weight from the thoughts two or more steps
+    later, its baseline the same under causal-uniform attention with the observed row masses, the mass split the
+    mean of each part, self-attention the mean diagonal."""
+    rng = np.random.default_rng(0)
+    a = np.tril(rng.uniform(0, 0.2, (5, 2, 3, 6, 6))).astype(np.float16)
+    m = rng.dirichlet(np.ones(4), (5, 2, 3, 6)).astype(np.float16)
+    stats = shards.attention_stats(a, m, ("sink", "question", "bot", "thoughts"))
+    col = a.astype(np.float64).mean(axis=(0, 1, 2))
+    row_mass = col.sum(-1)
+    np.testing.assert_allclose(stats["incoming"][:4], [col[j + 2:, j].mean() for j in range(4)], rtol=1e-5)
+    np.testing.assert_allclose(stats["incoming_baseline"][:4],
+                               [np.mean([row_mass[i] / (i + 1) for i in range(j + 2, 6)]) for j in range(4)],
+                               rtol=1e-5)
+    np.testing.assert_allclose(stats["incoming_lift"][:4],
+                               np.array(stats["incoming"][:4]) / np.array(stats["incoming_baseline"][:4]))
+    assert np.isnan(stats["incoming"][4:]).all() and np.isnan(stats["incoming_lift"][4:]).all()
+    np.testing.assert_allclose(list(stats["mass_mean"].values()), m.astype(np.float32).mean(axis=(0, 1, 2, 3)),
+                               rtol=1e-5)
+    assert stats["self_attention"] == pytest.approx(np.diagonal(col).mean(), rel=1e-5)
+    assert stats["n_problems"] == 5 and np.shape(stats["mass_by_layer"]) == (2, 4)
