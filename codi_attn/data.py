@@ -72,14 +72,16 @@ def _check_record(rec, where: str) -> dict:
 
 def _read_file(path: Path) -> list[dict]:
     if not path.exists():
-        raise DatasetError(f"dataset file {path} does not exist")
+        hint = "" if path.suffix or len(path.parts) > 1 else \
+            f" (and it is not one of the dataset names {HUB_NAME}, {SYNTHETIC_NAME})"
+        raise DatasetError(f"dataset file {path} does not exist{hint}")
     if not path.is_file():
         raise DatasetError(f"dataset {path} is not a file (pass a .jsonl or .json file of GSM8K records)")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json"):
         raise DatasetError(f"dataset file {path}: expected a .jsonl or .json file, got {suffix or 'no suffix'!r}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some Windows editors write one) is no JSON
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"dataset file {path} cannot be read: {e}") from e
     records = []

@@ -89,9 +89,19 @@ def test_bad_split():
         load_records("whatever.jsonl", "validation")
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(DatasetError, match=r"dataset file .*nope\.jsonl does not exist"):
+def test_missing_file(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match=r"dataset file .*nope\.jsonl does not exist$"):
         load_records(str(tmp_path / "nope.jsonl"), "train")
+    monkeypatch.chdir(tmp_path)  # a bare word that is neither a file nor a dataset name: a misspelt name
+    with pytest.raises(DatasetError, match=r"^dataset file gsm8 does not exist \(and it is not one of the dataset "
+                                           r"names gsm8k, synthetic\)$"):
+        load_records("gsm8", "train")
+
+
+def test_a_byte_order_mark_is_not_malformed_json(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "How many?", "answer": "#### 3"}).encode() + b"\n")
+    assert load_records(str(path), "train")[0]["question"] == "How many?"
 
 
 def test_directory_and_wrong_suffix(tmp_path):
