@@ -138,11 +138,13 @@ class AttentionFlow(FlowSpec):
                                     help="Validation conditions per validate_conditions task (a failed group is "
                                          "rerun alone by resume).")
     ablation = Parameter("ablation", default="mean", type=str,
-                         help="Head ablation: mean (replace the head's output-projection input by its mean over "
+                         help="Head ablation of the validation (--validate; the head scan takes --head_kinds): "
+                              "mean (replace the head's output-projection input by its mean over "
                               "problems), zero, or resample (by its input on another problem with as many "
                               "solution steps, at the same thought).")
     ablation_positions = Parameter("ablation_positions", default="thoughts", type=str,
-                                   help="Where heads are ablated: thoughts (the six thought steps) or all (every "
+                                   help="Where the validation ablates heads (the head scan: --head_positions): "
+                                        "thoughts (the six thought steps) or all (every "
                                         "position: question, thoughts, EOT and decoding; mean and zero only).")
     heads = Parameter("heads", default=True, type=bool,
                       help="Run the causal head analysis (attribute_heads, scan_heads, join_scan, plan_held_out, "
