@@ -262,7 +262,8 @@ def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path)) if safetensors else torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError) as e:
-        what = str(e).splitlines()[0][:160] if str(e) else "no message"
+        first = str(e).splitlines()[0] if str(e) else "no message"
+        what = first if len(first) <= 240 else first[:240].rsplit(" ", 1)[0] + " ..."  # whole words, marked cut
         raise CODILoadError(
             f"checkpoint file {path} ({path.stat().st_size} bytes) cannot be read as "
             f"{'safetensors' if safetensors else 'a torch.save state dict'} ({type(e).__name__}: {what}); it is "
