@@ -218,15 +218,18 @@ def _checkpoint_file(ckpt: str, download: bool = True) -> Path | None:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     err: Exception | None = None
+    offline: Exception | None = None
     for name in CKPT_FILES:
         try:
             return Path(hf_hub_download(ckpt, name))
-        except LocalEntryNotFoundError as e:  # offline and not cached (an EntryNotFoundError too: caught first)
-            raise _hub_hint("checkpoint", ckpt, "--ckpt", e) from e
+        except LocalEntryNotFoundError as e:  # offline and not cached (an EntryNotFoundError too: caught first);
+            offline = offline or e  # the next file may be in the cache
         except EntryNotFoundError as e:  # the repo answered: it has no such file
             err = e
-        except Exception as e:  # offline, unknown repo, gated: all mean "pass a local dir"
+        except Exception as e:  # unknown repo, gated, hub down: all mean "pass a local dir"
             raise _hub_hint("checkpoint", ckpt, "--ckpt", e) from e
+    if offline is not None:
+        raise _hub_hint("checkpoint", ckpt, "--ckpt", offline) from offline
     raise CODILoadError(f"hub repo {ckpt} holds none of {', '.join(CKPT_FILES)}") from err
 
 
