@@ -252,28 +252,57 @@ def locate_sources(model: str, ckpt: str | None = None, base: str | None = None)
     return found
 
 
-def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors (`pytorch_model.bin` or `model.safetensors`), dtypes as stored; a file that is
-    truncated or not a checkpoint raises CODILoadError naming it."""
+def _unreadable(path: Path, e: Exception) -> CODILoadError:
+    first = str(e).splitlines()[0] if str(e) else "no message"
+    what = first if len(first) <= 240 else first[:240].rsplit(" ", 1)[0] + " ..."  # whole words, marked cut
+    kind = "safetensors" if path.suffix == ".safetensors" else "a torch.save state dict"
+    return CODILoadError(f"checkpoint file {path} ({path.stat().st_size} bytes) cannot be read as {kind} "
+                         f"({type(e).__name__}: {what}); it is truncated or not a checkpoint: download or copy it "
+                         "again")
+
+
+def _read_checkpoint(ckpt: str | Path, meta: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, dtypes as stored, or with `meta` only their shapes (meta tensors: a safetensors
+    file's header, a torch.save file's pickle, no weight read); a file that is truncated or not a checkpoint raises
+    CODILoadError naming it."""
     import pickle
 
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = _checkpoint_file(str(ckpt))
-    safetensors = path.suffix == ".safetensors"
     try:
-        state = load_file(str(path)) if safetensors else torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix != ".safetensors":
+            state = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True)
+        elif not meta:
+            state = load_file(str(path))
+        else:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except (SafetensorError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else "no message"
-        what = first if len(first) <= 240 else first[:240].rsplit(" ", 1)[0] + " ..."  # whole words, marked cut
-        raise CODILoadError(
-            f"checkpoint file {path} ({path.stat().st_size} bytes) cannot be read as "
-            f"{'safetensors' if safetensors else 'a torch.save state dict'} ({type(e).__name__}: {what}); it is "
-            f"truncated or not a checkpoint: download or copy it again") from None
+        raise _unreadable(path, e) from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CODILoadError(f"checkpoint file {path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
+
+
+def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (`pytorch_model.bin` or `model.safetensors`), dtypes as stored; a file that is
+    truncated or not a checkpoint raises CODILoadError naming it."""
+    return _read_checkpoint(ckpt, meta=False)
+
+
+def check_checkpoint(model: str, base: Path, ckpt: Path) -> None:
+    """The checkpoint file `ckpt`'s keys and shapes against the CODI module of preset `model` on the config in the
+    local folder `base`, without reading a weight or allocating one (meta tensors): CODILoadError as `load_codi`
+    would raise it, at the cost of a header."""
+    from transformers import AutoConfig
+
+    state = _read_checkpoint(ckpt, meta=True)
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        module, _ = codi_module(config, state, get_preset(model).lora_alpha)
+    check_keys(module.state_dict(), state, f"checkpoint {ckpt}")
 
 
 def _describe(keys: list[str], n: int = 5) -> str:
@@ -295,6 +324,25 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: s
     Raises CODILoadError naming `where`, the first few offending keys and their counts.
     """
     expected = module.state_dict()
+    check_keys(expected, state, where)
+    non_finite = _non_finite(state)
+    if non_finite:  # before the ties: a NaN in a tied tensor is the problem, not the tie
+        raise CODILoadError(f"{where} holds NaN or inf in {len(non_finite)} tensor(s) (first: "
+                            f"{'; '.join(non_finite[:3])}); the weights are corrupt: download or copy them again")
+    by_storage: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    for names in by_storage.values():
+        first = state[names[0]].float()
+        for other in names[1:]:
+            if not torch.allclose(first, state[other].float(), rtol=1e-2, atol=1e-2):
+                raise CODILoadError(f"tied tensors differ in {where}: {names[0]} vs {other} "
+                                    f"(max |diff| {(first - state[other].float()).abs().max():.3g})")
+
+
+def check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
+    """Every key of `expected` in `state` with its shape, and no other: CODILoadError naming `where`, the first few
+    offending keys and their counts."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -312,19 +360,24 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: s
             hint = (f"\nA different key prefix? The model expects e.g. {sorted(missing)[0]!r}, "
                     f"the file has e.g. {sorted(unexpected)[0]!r}.")
         raise CODILoadError(f"{where} does not match the CODI model:\n  " + "\n  ".join(problems) + hint)
-    non_finite = _non_finite(state)
-    if non_finite:  # before the ties: a NaN in a tied tensor is the problem, not the tie
-        raise CODILoadError(f"{where} holds NaN or inf in {len(non_finite)} tensor(s) (first: "
-                            f"{'; '.join(non_finite[:3])}); the weights are corrupt: download or copy them again")
-    by_storage: dict[int, list[str]] = {}
-    for name, tensor in expected.items():
-        by_storage.setdefault(tensor.data_ptr(), []).append(name)
-    for names in by_storage.values():
-        first = state[names[0]].float()
-        for other in names[1:]:
-            if not torch.allclose(first, state[other].float(), rtol=1e-2, atol=1e-2):
-                raise CODILoadError(f"tied tensors differ in {where}: {names[0]} vs {other} "
-                                    f"(max |diff| {(first - state[other].float()).abs().max():.3g})")
+
+
+def codi_module(config, state: dict[str, torch.Tensor], lora_alpha: float) -> tuple[CODIModule, int | None]:
+    """The CODI module the checkpoint `state` must fill, weights uninitialised (under torch.device("meta"): no
+    memory): the base causal LM of `config` with the three special tokens, LoRA of the checkpoint's rank (None:
+    none), the projection of its width; and that rank."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=torch.float32)
+        lm.resize_token_embeddings(config.vocab_size + 3, mean_resizing=False)
+    rank = lora_rank(state)
+    if rank is not None:
+        lm = wrap_lora(lm, rank, lora_alpha)
+    d_model = config.hidden_size
+    prj_w = state.get("prj.1.weight")
+    return CODIModule(lm, make_projection(d_model, prj_w.shape[0] if prj_w is not None else d_model)), rank
 
 
 def lora_rank(state: dict[str, torch.Tensor]) -> int | None:
@@ -364,9 +417,6 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
     prepack: on CPU in float32, pack the decoder's linear weights once for oneDNN (`codi_attn.prepack`); such a
     model cannot be deep-copied, moved or cast (load it again instead, or pass prepack=False).
     `source['files']` records the files read: {'base': {name: {'path', 'size', 'sha256'}}, 'ckpt': {...}}."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     preset = get_preset(model)
     base, ckpt = resolve_sources(model, ckpt, base)
     dev, dt = resolve_device_dtype(device, dtype)
@@ -384,16 +434,8 @@ def load_codi(model: str = "demo", ckpt: str | None = None, base: str | None = N
                             f"the config's vocab_size {vocab}")
 
     fused = fuse_gelu(config)
-    with no_init_weights():  # every weight comes from the checkpoint, checked strictly below
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=torch.float32)
-        lm.resize_token_embeddings(vocab + 3, mean_resizing=False)
-    rank = lora_rank(state)
-    if rank is not None:
-        lm = wrap_lora(lm, rank, preset.lora_alpha)
-    d_model = config.hidden_size
-    prj_w = state.get("prj.1.weight")
-    prj = make_projection(d_model, prj_w.shape[0] if prj_w is not None else d_model)
-    module = CODIModule(lm, prj)
+    module, rank = codi_module(config, state, preset.lora_alpha)  # every weight from the checkpoint, checked here
+    lm, prj = module.codi, module.prj
     check_state_dict(module, state, f"checkpoint {ckpt_file}")
     module.load_state_dict(state, strict=True)
     if rank is not None:

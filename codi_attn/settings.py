@@ -25,7 +25,8 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     """Validate every parameter cheaply (nothing is loaded but the dataset records and the base's config.json;
     model files are only looked for, in the local hub cache for hub ids) and return the settings the run uses, plus n (None = whole split) and n_records. Every problem found is
     reported at once, one line each naming the parameter, in a SettingsError."""
-    from codi_attn.model import check_device, locate_sources, resolve_device_dtype, resolve_sources
+    from codi_attn.model import (CONFIG_FILE, check_checkpoint, check_device, locate_sources, resolve_device_dtype,
+                                 resolve_sources)
 
     dataset = resolve_dataset(p["dataset"], p["model"], p["ckpt"], p["base"])
     split = p["split"] if p["split"] != "auto" else ("test" if dataset == DEMO_DATASET else "train")
@@ -93,7 +94,11 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         sources = check("--model/--ckpt/--base", lambda: resolve_sources(p["model"], p["ckpt"] or None,
                                                                           p["base"] or None))
         if sources:  # config, tokenizer and checkpoint files where they can be found without loading
-            check("--model/--ckpt/--base", lambda: locate_sources(p["model"], ckpt=sources[1], base=sources[0]))
+            found = check("--model/--ckpt/--base", lambda: locate_sources(p["model"], ckpt=sources[1],
+                                                                         base=sources[0]))
+            if found and found["base"] and found["ckpt"]:  # keys and shapes from the file's header
+                check("--model/--ckpt/--base", lambda: check_checkpoint(
+                    p["model"], found["base"][CONFIG_FILE].parent, next(iter(found["ckpt"].values()))))
         out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
     runs = check("--compare_with", lambda: named_runs(flow_name, p["compare_with"])) if p["compare_with"] else None
     records = None

@@ -116,6 +116,31 @@ def test_preset_family_must_match_the_base_config(tiny_gpt2, tiny_llama, params)
                               f"model_type 'llama': pass --model llama for this base, or a gpt2 --base")
 
 
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_checkpoint_keys_and_shapes_are_checked_in_start(tmp_path, tiny_gpt2, params, fmt):
+    """A checkpoint with a key renamed, a tensor of the wrong shape or truncated bytes is refused by check_settings
+    (from the file's header: no weight read), with load_codi's message; the unchanged one passes."""
+    from codi_attn.fixtures import save_checkpoint
+    from codi_attn.model import read_state_dict
+
+    base, state = tiny_gpt2[0], read_state_dict(tiny_gpt2[1])
+    good = save_checkpoint(state, tmp_path / "good", fmt=fmt)
+    settings.check_settings(params(base=str(base), ckpt=str(good)))
+    renamed = {("prj.4.weight" if k == "prj.3.weight" else k): v for k, v in state.items()}
+    narrow = {k: (v[:, :-1].contiguous() if k == "prj.1.weight" else v) for k, v in state.items()}
+    for name, broken, message in (("renamed", renamed, r"missing keys: 1 \(first: prj\.3\.weight\)"),
+                                  ("narrow", narrow, r"wrong shapes: 1 \(first: prj\.1\.weight")):
+        ckpt = save_checkpoint(broken, tmp_path / name, fmt=fmt)
+        with pytest.raises(ValueError, match=rf"^--model/--ckpt/--base: checkpoint {ckpt}.* does not match the CODI "
+                                             rf"model:\n  (.*\n  )?{message}"):
+            settings.check_settings(params(base=str(base), ckpt=str(ckpt)))
+    cut = tmp_path / "cut" / good.name
+    cut.parent.mkdir()
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cannot be read as .*truncated or not a checkpoint"):
+        settings.check_settings(params(base=str(base), ckpt=str(cut.parent)))
+
+
 def test_checkpoint_dir_with_both_formats_says_which_to_pass(tmp_path, tiny_gpt2, params):
     import shutil
 
