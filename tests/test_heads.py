@@ -163,6 +163,44 @@ def test_held_out_selects_on_a_and_measures_on_b(gpt2_model):
     assert (held.summary["n_random"] == 5).all() and (held.summary["percentile"].between(0, 100)).all()
 
 
+def test_held_out_measures_every_set_on_half_b_alone(demo):
+    """Each held-out set's numbers are those of half B's problems with the set's heads' rows of the output
+    projection's weight zeroed (zero ablation at all positions: no hook at all), against a plain run on B; the
+    causal set is the top k on half A's scan alone."""
+    model, questions, golds, solutions = demo
+    scan = HR.scan_heads(model, questions, golds, solutions, kinds=("zero",), positions=("all",), batch_size=8,
+                         max_new_tokens=8)
+    attention = extract(model, questions, golds, batch_size=8, max_new_tokens=1).attention
+    held = HR.held_out(model, questions, golds, solutions, scan, attention, "zero", "all", k=2, n_random=3,
+                       n_boot=50, batch_size=8, max_new_tokens=8)
+    a, b = held.problems_a, held.problems_b
+    assert not set(a) & set(b) and len(a) + len(b) == len(questions)
+    on_a = H.causal_order(scan.effects(a, n_boot=0)).head(2)
+    assert held.sets.loc[0, "heads"] == " ".join(on_a["label"])
+    qs, gs = [questions[i] for i in b], [golds[i] for i in b]
+    plain = extract(model, qs, gs, batch_size=8, max_new_tokens=8)
+    d = head_dim(model)
+    for row in held.sets.itertuples():
+        saved = {}
+        for label in row.heads.split():
+            layer, head = (int(x) for x in label[1:].split("H"))
+            proj = layer_module(model, "head_in", layer)
+            saved.setdefault(layer, proj.weight.detach().clone())
+            with torch.no_grad():
+                proj.weight[head * d:(head + 1) * d] = 0.0
+        try:
+            zeroed = extract(model, qs, gs, batch_size=8, max_new_tokens=8)
+        finally:
+            with torch.no_grad():
+                for layer, weight in saved.items():
+                    layer_module(model, "head_in", layer).weight.copy_(weight)
+        assert row.accuracy == zeroed.correct.mean(), row.name
+        assert row.delta_accuracy == pytest.approx(zeroed.correct.mean() - plain.correct.mean()), row.name
+        same = (zeroed.prediction == plain.prediction) | (np.isnan(zeroed.prediction) & np.isnan(plain.prediction))
+        assert row.answers_changed == pytest.approx((~same).mean()), row.name
+    assert held.sets["delta_accuracy"].ne(0).any(), "no set changed B's accuracy: the check could not tell"
+
+
 def test_held_out_groups_joined_in_any_order_equal_one_process(gpt2_model):
     """The flow's held-out tasks: sets ablated in groups (each group with its own half-B baseline; one condition
     per forward), joined in any order, give the one-process test exactly; the join refuses missing, repeated and
