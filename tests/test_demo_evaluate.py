@@ -9,7 +9,7 @@ from codi_attn.demo import evaluate as E
 from codi_attn.demo import task
 from codi_attn.demo.codi import load_model
 from codi_attn.demo.tokenizer import gold_answer
-from codi_attn.hooks import FeedThoughts, swap_partners
+from codi_attn.hooks import FeedThoughts, solution_steps, swap_partners
 from codi_attn.presets import DEMO_DIR
 
 
@@ -36,6 +36,21 @@ def test_shipped_reproduces_recorded_subset_accuracy(shipped):
     assert E.accuracy(model, tok, subset, "prj") == pytest.approx(m["subset"]["prj"], abs=0.011)  # one problem of
     zeros = E.accuracy(model, tok, subset, "zeros")  # slack for other CPUs
     assert zeros == pytest.approx(m["subset"]["zeros"], abs=0.011)
+
+
+def test_shipped_reproduces_every_recorded_test_accuracy(shipped):
+    """`--evaluate`'s whole test entry (every mode of TEST_MODES, overall and by number of steps) comes back from
+    the shipped weights, to two problems per entry (other CPUs' kernels may flip one; this EPYC gives it exactly)."""
+    model, tok, m = shipped
+    test = task.synthetic_records("test", m["test"]["n"])
+    got = {"n": len(test)} | E.evaluate_all(model, tok, test, E.TEST_MODES)
+    assert got.keys() == m["test"].keys() and got["by_steps"].keys() == m["test"]["by_steps"].keys()
+    steps = [solution_steps(r["answer"]) for r in test]
+    for mode in E.TEST_MODES:
+        assert got[mode] == pytest.approx(m["test"][mode], abs=2.01 / len(test)), mode
+        for k, entry in m["test"]["by_steps"].items():
+            n = steps.count(int(k))
+            assert got["by_steps"][k][mode] == pytest.approx(entry[mode], abs=2.01 / n), (mode, k)
 
 
 def test_swap_mode_feeds_each_problem_its_partners_thoughts(shipped):
