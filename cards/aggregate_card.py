@@ -82,16 +82,20 @@ def end_card(run_pathspec: str, model_name: str, demo: bool, accuracy: float, n:
 
         parts.append(Markdown(f"> **{DEMO_BANNER}**"))
     if causal is None:
-        causal_row = ["causally critical heads", "not measured (--heads false)"]
+        causal_rows = [["causally critical heads", "not measured (--heads false)"]]
     else:
+        from cards.heads_card import held_out_answer, ranking_answer
+
         critical = list(causal.critical()["label"])
-        causal_row = [f"causally critical heads ({causal.settings['kind']} ablation)",
-                      ", ".join(critical[:5]) + (f" and {len(critical) - 5} more" if len(critical) > 5 else "")
-                      or "none"]
+        causal_rows = [[f"causally critical heads ({causal.settings['kind']} ablation)",
+                        ", ".join(critical[:5]) + (f" and {len(critical) - 5} more" if len(critical) > 5 else "")
+                        or "none"],
+                       ["does the attention ranking predict them?", ranking_answer(causal)],
+                       ["held out: accuracy change on half B (points, 95% interval)", held_out_answer(causal)]]
     parts += [
         Table([["model", model_name], ["problems", str(n)], ["accuracy", f"{100 * accuracy:.1f}%"],
                ["top heads (composite attention score)", ", ".join(top_heads) or "n/a"],
-               causal_row,
+               *causal_rows,
                ["compared with", ", ".join(compared) or "no other model yet"]], headers=["", ""]),
         Markdown("## Read the results\n"
                  f"```python\nfrom metaflow import Run\nrun = Run(\"{run_pathspec}\")\n"

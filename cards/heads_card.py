@@ -19,6 +19,34 @@ def _interval(lo: float, hi: float) -> str:
     return f"[{_points(lo)}, {_points(hi)}]"
 
 
+def composite_correlation(report: CausalReport) -> pd.Series | None:
+    """The composite score's Spearman with the accuracy drop across heads (spearman, ci_low, ci_high, n_heads), or
+    None where too few heads were scanned; it predicts the effect where the interval's low end is above 0."""
+    corr = report.correlations
+    row = corr[(corr["metric"] == "composite") & (corr["effect"] == "accuracy drop")]
+    return row.iloc[0] if len(row) else None
+
+
+def ranking_answer(report: CausalReport) -> str:
+    """Does the attention ranking predict which heads matter, in one line (the end card)."""
+    r = composite_correlation(report)
+    if r is None:
+        return "not measured (too few heads scanned)"
+    if math.isnan(r.spearman):
+        return f"undefined: the composite or the accuracy drop is the same for all {r.n_heads} heads"
+    return (f"{'yes' if r.ci_low > 0 else 'no'}: Spearman {r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] "
+            f"between composite and accuracy drop over {r.n_heads} heads")
+
+
+def held_out_answer(report: CausalReport) -> str:
+    """The held-out top-k sets' accuracy change on half B next to their random sets', in one line (the end card)."""
+    held = report.held_out
+    if held is None:
+        return "not measured"
+    return "; ".join(f"{r.selection} top-{held.k} {_points(r.delta_accuracy)} {_interval(r.delta_ci_low, r.delta_ci_high)}"
+                     f" vs random {100 * r.random_mean:+.1f} ± {100 * r.random_sd:.1f}" for r in held.summary.itertuples())
+
+
 def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
     """The findings in plain words, one sentence per bullet."""
     s = report.settings
@@ -31,13 +59,11 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
                f"Composite above {COMPOSITE_CRITICAL}: {', '.join(composite) or 'none'}; in both: "
                f"{', '.join(sorted(set(critical['label']) & set(composite))) or 'none'}.")
     corr = report.correlations
-    row = corr[(corr["metric"] == "composite") & (corr["effect"] == "accuracy drop")]
-    if len(row):
-        r = row.iloc[0]
-        predicts = r.ci_low > 0
+    r = composite_correlation(report)
+    if r is not None:
         out.append(f"Across heads the composite score and the accuracy drop have Spearman {r.spearman:+.2f} "
                    f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]: the attention ranking "
-                   + ("predicts the causal effect." if predicts else "**does not predict** the causal effect."))
+                   + ("predicts the causal effect." if r.ci_low > 0 else "**does not predict** the causal effect."))
     best = corr[corr["effect"] == "accuracy drop"].sort_values("spearman", ascending=False)
     if len(best):
         b = best.iloc[0]
