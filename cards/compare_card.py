@@ -135,5 +135,6 @@ def causal_comparison_card(df: pd.DataFrame) -> list:
             f"{100 * d:+.1f} ({p:.0f}%)" for d, p in zip(df["held_out_delta"], df["held_out_percentile"])],
     })
     return [Markdown(f"## Causal critical heads ({df['kind'].iloc[0]} ablation at the {df['positions'].iloc[0]})\n\n"
-                     "Critical: ablating the head alone costs at least 5 points, the interval excluding 0; depth "
+                     "Critical: ablating the head alone costs at least 5 points, and the loss survives a 5% "
+                     "false-discovery rate over the model's heads (sign test, Benjamini-Hochberg); depth "
                      "in thirds of the normalised layer index, so models of different depth compare."), table(shown)]

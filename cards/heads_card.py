@@ -7,7 +7,7 @@ import pandas as pd
 from metaflow.cards import Markdown
 
 from cards.common import cell, image, table
-from codi_attn.heads import CRITICAL_DROP, CausalReport
+from codi_attn.heads import CRITICAL_DROP, FDR, CausalReport
 from codi_attn.metrics import CRITICAL_COMPOSITE as COMPOSITE_CRITICAL
 
 
@@ -55,7 +55,9 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
     composite = ranked_heads[ranked_heads["composite"] > COMPOSITE_CRITICAL]["label"].tolist()
     names = ", ".join(critical["label"]) or "none"
     out.append(f"{len(critical)} of {s['n_layers'] * s['n_heads']} heads are causally critical ({s['kind']} ablation "
-               f"alone costs at least {100 * CRITICAL_DROP:.0f} points, interval excluding 0): {names}. "
+               f"alone costs at least {100 * CRITICAL_DROP:.0f} points, and the loss survives a "
+               f"{100 * FDR:.0f}% false-discovery rate over the heads: exact sign test on the answers it flips, "
+               f"Benjamini-Hochberg): {names}. "
                f"Composite above {COMPOSITE_CRITICAL}: {', '.join(composite) or 'none'}; in both: "
                f"{', '.join(sorted(set(critical['label']) & set(composite))) or 'none'}.")
     corr = report.correlations
@@ -64,13 +66,21 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
         out.append(f"Across heads the composite score and the accuracy drop have Spearman {r.spearman:+.2f} "
                    f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]: the attention ranking "
                    + ("predicts the causal effect." if r.ci_low > 0 else "**does not predict** the causal effect."))
-    best = corr[corr["effect"] == "accuracy drop"].sort_values("spearman", ascending=False)
-    if len(best):
-        b = best.iloc[0]
-        out.append(f"The attention metric closest to the effect is {b.metric}: Spearman {b.spearman:+.2f} "
-                   f"[{b.ci_low:+.2f}, {b.ci_high:+.2f}]"
-                   + ("." if b.ci_low > 0 else "; its interval includes 0, so no attention metric here predicts "
-                      "which heads matter."))
+    drop = corr[corr["effect"] == "accuracy drop"]
+    if len(drop):
+        real = drop[(drop["ci_low"] > 0) | (drop["ci_high"] < 0)]
+        if len(real):
+            names = ", ".join(f"{r.metric} {r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+                              + (" (negative: heads scoring lower matter more)" if r.spearman < 0 else "")
+                              for r in real.itertuples())
+            out.append(f"Of the {len(drop)} attention metrics, the Spearman with the accuracy drop has an interval "
+                       f"excluding 0 for {names}; each interval is at 95%, so among {len(drop)} one may be "
+                       "chance.")
+        else:
+            b = drop.sort_values("spearman", ascending=False).iloc[0]
+            out.append(f"None of the {len(drop)} attention metrics has a Spearman with the accuracy drop whose "
+                       f"interval excludes 0 (the highest: {b.metric} {b.spearman:+.2f} [{b.ci_low:+.2f}, "
+                       f"{b.ci_high:+.2f}]): no attention metric here predicts which heads matter.")
     held = report.held_out
     if held is not None:
         for r in held.summary.itertuples():
@@ -100,7 +110,8 @@ def _effects_table(report: CausalReport, kind: str, n: int = 30) -> list:
         "KL answer token": [cell(v) for v in df["kl_answer_token"]],
         "Δ logit diff": [cell(v) for v in df["logit_diff_change"]],
         "attribution estimate": [cell(v) for v in df["estimate"]],
-        "composite": [cell(v) for v in df["composite"]], "critical": df["critical"]})
+        "q (FDR)": [cell(v) for v in df["q_value"]], "composite": [cell(v) for v in df["composite"]],
+        "critical": df["critical"]})
     return [table(shown)]
 
 
@@ -135,8 +146,9 @@ def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
                   table(_held_out_table(held))]
     if len(report.agreement):
         parts += [Markdown("## Attribution patching against the exact scan"), image(attribution_scatter(report))]
-    parts += [Markdown(f"## Critical heads side by side\n\nCausal: Δ ≤ -{100 * CRITICAL_DROP:.0f} points with the "
-                       f"interval below 0 ({s['kind']} ablation). Composite: the design's score above "
+    parts += [Markdown(f"## Critical heads side by side\n\nCausal: Δ ≤ -{100 * CRITICAL_DROP:.0f} points and "
+                       f"q < {FDR} ({s['kind']} ablation; q: the sign test's p-value adjusted over the heads, "
+                       f"Benjamini-Hochberg). Composite: the design's score above "
                        f"{COMPOSITE_CRITICAL}."),
               table(_side_by_side(report, ranked_heads))]
     for kind in s["kinds"]:

@@ -4,11 +4,13 @@ split, shards, correlations, the card."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import false_discovery_control
 
 from codi_attn import heads as H
 from codi_attn import heads_run as HR
@@ -76,7 +78,43 @@ def test_scan_effects_are_the_per_problem_changes(demo):
     half = scan.effects(np.arange(12), n_boot=0)
     assert (half["n_problems"] == 12).all()
     assert half.loc[0, "accuracy"] == scan.correct[0, :12].mean()
-    assert eff.loc[0, "critical"] == (eff.loc[0, "delta_ci_high"] < 0 and eff.loc[0, "delta_accuracy"] <= -0.05)
+    for c, row in eff.iterrows():  # the sign test by hand: P(at least `lost` of the flips are losses | fair coin)
+        lost = int((scan.base_correct & ~scan.correct[c]).sum())
+        flips = lost + int((~scan.base_correct & scan.correct[c]).sum())
+        by_hand = sum(math.comb(flips, i) for i in range(lost, flips + 1)) / 2 ** flips
+        assert row["p_value"] == pytest.approx(by_hand, rel=1e-9)
+    assert (eff["critical"] == ((eff["q_value"] < H.FDR) & (eff["delta_accuracy"] <= -H.CRITICAL_DROP))).all()
+
+
+def test_critical_heads_control_the_false_discovery_rate():
+    """Benjamini-Hochberg by hand (q_i = min over j >= i of p_(j) m / j, per kind and positions). 300 heads that
+    flip answers both ways at random (no effect) give no critical head where a per-head interval calls dozens; 10
+    heads planted to lose 20 of 100 answers among them are all found."""
+    rng = np.random.default_rng(0)
+    n, null, planted = 100, 300, 10
+    base = rng.random(n) < 0.76
+    correct = np.array([np.where(rng.random(n) < 0.08, ~base, base) for _ in range(null)]
+                       + [np.where(np.isin(np.arange(n), rng.choice(np.flatnonzero(base), 20, replace=False)),
+                                   False, base) for _ in range(planted)])
+    c = null + planted
+    heads = [(i // 10, i % 10) for i in range(c)]
+    scan = H.HeadScan(heads, ["mean"] * c, ["thoughts"] * c, base, base.astype(float), np.zeros(n), correct,
+                      correct.astype(float), np.zeros((c, n), np.float32), np.zeros((c, n), np.float32))
+    eff = scan.effects(n_boot=200)
+    p = eff["p_value"].to_numpy()
+    order = np.argsort(p)
+    q = np.empty(c)
+    q[order] = np.minimum.accumulate((p[order] * c / np.arange(1, c + 1))[::-1])[::-1].clip(max=1)
+    np.testing.assert_allclose(eff["q_value"], q, rtol=1e-12)
+    assert eff["critical"][null:].all()
+    alone = dataclasses.replace(scan, heads=heads[:null], kinds=["mean"] * null, positions=["thoughts"] * null,
+                                correct=correct[:null], prediction=correct[:null].astype(float),
+                                kl=scan.kl[:null], logit_diff=scan.logit_diff[:null]).effects(n_boot=200)
+    per_head = (alone["delta_ci_high"] < 0) & (alone["delta_accuracy"] <= -H.CRITICAL_DROP)
+    assert not alone["critical"].any() and per_head.sum() >= 10
+    other = dataclasses.replace(scan, kinds=["mean"] * null + ["zero"] * planted)  # adjusted within a kind
+    np.testing.assert_allclose(other.effects(n_boot=0)["q_value"][null:],
+                               false_discovery_control(p[null:], method="bh"), rtol=1e-12)
 
 
 def test_shards_merge_into_the_unsharded_scan(gpt2_model):
@@ -254,6 +292,20 @@ def test_correlations_find_a_planted_relation():
     assert corr.loc[("composite", "logit-diff drop"), "spearman"] == pytest.approx(1.0)
     assert corr.loc[("composite", "accuracy drop"), "spearman"] > 0.8
     assert set(corr.index.get_level_values(0)) == set(H.METRICS)
+    # a scan of some heads only (--head_scan top:M), in any order: the correlations are over those heads
+    from scipy.stats import spearmanr
+
+    some = [4, 0, 5, 1]
+    part = H.HeadScan([heads[c] for c in some], ["mean"] * 4, ["thoughts"] * 4, base, np.zeros(n), np.zeros(n),
+                      correct[some], np.zeros((4, n)), np.zeros((4, n), np.float32), logit_diff[some])
+    corr = H.metric_correlations(part, attention, None, n_boot=30).set_index(["metric", "effect"])
+    metrics = H.head_metrics(attention, None).set_index(["layer", "head"]).loc[[heads[c] for c in some]]
+    for m in H.METRICS:
+        expected = spearmanr(metrics[m], 1 - correct[some].mean(1)).statistic
+        assert corr.loc[(m, "accuracy drop"), "spearman"] == pytest.approx(expected), m
+        assert corr.loc[(m, "accuracy drop"), "n_heads"] == 4
+    report = H.causal_report(part, attention, None, None, None, n_boot=20, n_boot_correlations=20)
+    assert len(report.correlations) == 2 * len(H.METRICS) and len(report.head_effects) == 4
 
 
 def causal(model, problems, scan, ex, kind, positions, n_random, n_boot, batch_size, max_new_tokens):
@@ -304,3 +356,43 @@ def test_causal_comparison_across_models(gpt2_model, llama_model):
         assert row.critical == len(critical) and row.critical_heads == " ".join(critical["label"])
         assert row.critical_early + row.critical_middle + row.critical_late == row.critical
     assert causal_comparison_card(df)[1].render()["type"] == "table"
+
+
+def test_a_top_m_scan_reports_on_its_heads(unpacked_models):
+    """--head_scan top:3: attribution picks three heads, the exact scan ablates those, and the held-out test, the
+    correlations (over the three heads) and the card are made from them."""
+    from cards.heads_card import heads_card
+    from codi_attn.metrics import head_scores
+
+    model = unpacked_models["gpt2"]
+    problems = [{"question": q, "answer": g, "solution": s} for q, g, s in zip(QUESTIONS, GOLDS, SOLUTIONS)]
+    estimates, groups = HR.plan_scan(model, problems, ("mean",), ("thoughts",), ("top", 3), 2, 2, 3)
+    heads = [h for g in groups for h in g]
+    first = estimates.sort_values(["estimate", "label"], kind="stable").head(3)
+    assert heads == [(int(r.layer), int(r.head)) for r in first.itertuples()] and [len(g) for g in groups] == [2, 1]
+    scan = H.merge_scans([HR.scan_heads(model, QUESTIONS, GOLDS, SOLUTIONS, g, batch_size=2, max_new_tokens=3)
+                          for g in groups])
+    ex = extract(model, QUESTIONS, GOLDS, max_new_tokens=3)
+    _, report = causal(model, problems, scan, ex, "mean", "thoughts", n_random=3, n_boot=20, batch_size=2,
+                       max_new_tokens=3)
+    assert sorted(zip(report.head_effects["layer"], report.head_effects["head"])) == sorted(heads)
+    assert (report.correlations["n_heads"] == 3).all() and len(report.correlations) == 2 * len(H.METRICS)
+    assert set(report.held_out.summary["selection"]) == {"causal", "composite"}
+    assert any(c.render()["type"] == "image" for c in heads_card(report, head_scores(ex.attention)))
+
+
+def test_attribution_estimates_sit_on_the_thought_rows_only():
+    """Attribution is made at the six thoughts: its estimate stands beside the scan's thought-position effects and
+    is missing (nan) beside the all-position ones."""
+    rng = np.random.default_rng(1)
+    n, heads = 20, [(0, 0), (0, 1)]
+    attention = rng.dirichlet(np.ones(6), (n, 1, 2, 6)).astype(np.float32)
+    scan = H.HeadScan(heads * 2, ["mean"] * 4, ["thoughts", "thoughts", "all", "all"], np.ones(n, bool), np.zeros(n),
+                      np.zeros(n), rng.random((4, n)) > 0.3, np.zeros((4, n)), np.zeros((4, n), np.float32),
+                      np.zeros((4, n), np.float32))
+    estimates = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "label": ["L0H0", "L0H1"], "kind": ["mean"] * 2,
+                              "estimate": [-0.5, 0.25]})
+    effects = H.causal_report(scan, attention, None, estimates, None, n_boot=10, n_boot_correlations=5).head_effects
+    by = effects.set_index(["positions", "label"])["estimate"]
+    assert by[("thoughts", "L0H0")] == -0.5 and by[("thoughts", "L0H1")] == 0.25
+    assert by.loc["all"].isna().all() and len(effects) == 4

@@ -1,0 +1,42 @@
+"""cards.heads_card: the verdict's sentences on the attention metrics against the causal effect."""
+from __future__ import annotations
+
+import pandas as pd
+
+from cards.heads_card import verdict
+from codi_attn.heads import CausalReport
+
+
+def _report(spearman: dict[str, tuple[float, float, float]]) -> CausalReport:
+    """A report with no critical head whose correlations are `spearman`: metric -> (rho, low, high)."""
+    effects = pd.DataFrame([{"label": "L0H0", "layer": 0, "head": 0, "delta_accuracy": 0.0, "logit_diff_change": 0.0,
+                             "critical": False, "kind": "mean", "positions": "thoughts"}])
+    rows = [{"metric": m, "effect": e, "spearman": rho, "ci_low": lo, "ci_high": hi, "n_heads": 16}
+            for m, (rho, lo, hi) in spearman.items() for e in ("accuracy drop", "logit-diff drop")]
+    return CausalReport(effects, pd.DataFrame(), pd.DataFrame(rows), None,
+                        {"kind": "mean", "positions": "thoughts", "n_layers": 4, "n_heads": 4})
+
+
+RANKED = pd.DataFrame({"label": ["L0H0"], "composite": [0.5]})
+
+
+def test_verdict_names_every_metric_whose_interval_excludes_0():
+    """The demo run's case: composite's interval includes 0, thought_share's lies below 0; the verdict names
+    thought_share (negative) and says it is one of six 95% intervals, not that no metric predicts."""
+    lines = verdict(_report({"composite": (0.009, -0.279, 0.177), "skip": (0.103, -0.179, 0.289),
+                             "thought_share": (-0.335, -0.568, -0.146), "flow": (-0.07, -0.34, 0.14)}), RANKED)
+    line = next(l for l in lines if "attention metrics" in l)
+    assert "thought_share -0.34 [-0.57, -0.15] (negative: heads scoring lower matter more)" in line
+    assert "skip" not in line and "composite" not in line and "among 4 one may be chance" in line
+    assert any("**does not predict**" in l for l in lines)
+    both = next(l for l in verdict(_report({"skip": (0.5, 0.2, 0.7), "hub": (-0.4, -0.6, -0.1)}), RANKED)
+                if "attention metrics" in l)
+    assert "skip +0.50 [+0.20, +0.70]" in both and "hub -0.40" in both
+
+
+def test_verdict_says_no_metric_predicts_only_when_every_interval_includes_0():
+    lines = verdict(_report({"composite": (0.009, -0.279, 0.177), "skip": (0.103, -0.179, 0.289)}), RANKED)
+    line = next(l for l in lines if "attention metrics" in l)
+    assert line == ("None of the 2 attention metrics has a Spearman with the accuracy drop whose interval excludes 0 "
+                    "(the highest: skip +0.10 [-0.18, +0.29]): no attention metric here predicts which heads matter.")
+    assert "0 of 16 heads are causally critical" in lines[0] and "false-discovery rate" in lines[0]
