@@ -43,7 +43,8 @@ from scipy.stats import binomtest, false_discovery_control
 
 from codi_attn.answers import correctness
 from codi_attn.conventions import MASS_PARTS, Head, head_label
-from codi_attn.validate import CI_LEVEL, K_SHARE, answers_changed, bootstrap_interval, resample_indices
+from codi_attn.validate import (CI_LEVEL, K_SHARE, answers_changed, bootstrap_interval, random_head_sets,
+                               resample_indices)
 
 CRITICAL_DROP = 0.05  # a causally critical head costs at least 5 points of accuracy ...
 FDR = 0.05  # ... and its loss survives a 5% false-discovery rate over the heads scanned alike
@@ -151,35 +152,6 @@ def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("a held-out test needs two problems or more")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[: n // 2]), np.sort(order[n // 2:])
-
-
-def random_head_sets(top: Sequence[Head], n_layers: int, n_heads: int, n_sets: int, rng: np.random.Generator
-                     ) -> tuple[list[tuple[Head, ...]], bool]:
-    """n_sets distinct sets of len(top) heads, none in `top`: with `top`'s layer multiset where those layers have
-    enough other heads for n_sets distinct layer-matched sets (the flag), otherwise drawn from all the other heads.
-    Fewer sets come back only when fewer distinct ones exist at all."""
-    excluded, k = set(top), len(top)
-    need = Counter(layer for layer, _ in top)
-    pools = {layer: [(layer, h) for h in range(n_heads) if (layer, h) not in excluded] for layer in need}
-    everything = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
-    matched_sets = math.prod(math.comb(len(pools[layer]), count) for layer, count in need.items())
-    matched = matched_sets >= n_sets
-    possible = matched_sets if matched else math.comb(len(everything), k)
-    sets: list[tuple[Head, ...]] = []
-    seen = set()
-    for _ in range(50 * n_sets):
-        if len(sets) == min(n_sets, possible):
-            break
-        if matched:
-            chosen = [pools[layer][i] for layer, count in sorted(need.items())
-                      for i in rng.choice(len(pools[layer]), size=count, replace=False)]
-        else:
-            chosen = [everything[i] for i in rng.choice(len(everything), size=k, replace=False)]
-        key = tuple(sorted(chosen))
-        if key not in seen:
-            seen.add(key)
-            sets.append(key)
-    return sets, matched
 
 
 def causal_order(effects: pd.DataFrame) -> pd.DataFrame:

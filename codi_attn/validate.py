@@ -87,29 +87,34 @@ def top_heads(ranked_heads: pd.DataFrame, k: int) -> list[Head]:
     return [(int(r.layer), int(r.head)) for r in best.itertuples()]
 
 
-def random_controls(top: list[Head], n_layers: int, n_heads: int, n_draws: int,
-                    rng: np.random.Generator) -> tuple[list[list[Head]], bool]:
-    """n_draws sets of len(top) heads, none in `top`, with the layer multiset of `top`.
-
-    A layer with too few other heads takes the shortfall from its nearest layers (lower first on ties);
-    the flag says whether every draw matched the layers exactly.
-    """
-    excluded = set(top)
+def random_head_sets(top: Sequence[Head], n_layers: int, n_heads: int, n_sets: int, rng: np.random.Generator
+                     ) -> tuple[list[tuple[Head, ...]], bool]:
+    """n_sets distinct sets of len(top) heads, none in `top`: with `top`'s layer multiset where those layers have
+    enough other heads for n_sets distinct layer-matched sets (the flag), otherwise drawn from all the other heads.
+    Fewer sets come back only when fewer distinct ones exist at all."""
+    excluded, k = set(top), len(top)
     need = Counter(layer for layer, _ in top)
-    draws, matched = [], True
-    for _ in range(n_draws):
-        chosen: list[Head] = []
-        for layer, count in sorted(need.items()):
-            for source in sorted(range(n_layers), key=lambda other: (abs(other - layer), other)):
-                pool = [(source, h) for h in range(n_heads) if (source, h) not in excluded | set(chosen)]
-                take = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
-                chosen += [pool[i] for i in take]
-                count -= len(take)
-                if not count:
-                    break
-                matched = False  # the rest comes from another layer
-        draws.append(sorted(chosen))
-    return draws, matched
+    pools = {layer: [(layer, h) for h in range(n_heads) if (layer, h) not in excluded] for layer in need}
+    everything = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
+    matched_sets = math.prod(math.comb(len(pools[layer]), count) for layer, count in need.items())
+    matched = matched_sets >= n_sets
+    possible = matched_sets if matched else math.comb(len(everything), k)
+    sets: list[tuple[Head, ...]] = []
+    seen = set()
+    for _ in range(50 * n_sets):
+        if len(sets) == min(n_sets, possible):
+            break
+        if matched:
+            chosen = [pools[layer][i] for layer, count in sorted(need.items())
+                      for i in rng.choice(len(pools[layer]), size=count, replace=False)]
+        else:
+            chosen = [everything[i] for i in rng.choice(len(everything), size=k, replace=False)]
+        key = tuple(sorted(chosen))
+        if key not in seen:
+            seen.add(key)
+            sets.append(key)
+    return sets, matched
+
 
 
 @dataclass(frozen=True)
@@ -207,9 +212,9 @@ class ValidationPlan:
 def plan_validation(ranked_heads: pd.DataFrame, n_layers: int, n_heads: int, n_problems: int, k: int = 10,
                     n_random: int = 5, seed: int = 0) -> ValidationPlan:
     """The conditions: the top-k heads of `ranked_heads` (columns layer, head, composite), k capped at a quarter of
-    the model's heads (noted), so that other heads are left for the random controls (matched by layer, so where the
-    top heads crowd one layer the draws can still coincide: the card says so), n_random same-layer controls, the
-    blocking, and the latent swap where there are two problems or more."""
+    the model's heads (noted), so that other heads are left for the random controls, n_random distinct random sets
+    of k other heads (`random_head_sets`: from the top-k's layers where they leave enough distinct sets, otherwise
+    from all layers; noted), the blocking, and the latent swap where there are two problems or more."""
     if k < 1 or n_random < 1:
         raise ValueError(f"k and n_random must be positive, got {k}, {n_random}")
     notes = []
@@ -219,14 +224,17 @@ def plan_validation(ranked_heads: pd.DataFrame, n_layers: int, n_heads: int, n_p
         notes.append(f"k capped at {k_used} (a quarter of the model's {n_total} heads) so that other heads are left "
                      "for the random controls")
     top = top_heads(ranked_heads, k_used)
-    controls, matched = random_controls(top, n_layers, n_heads, n_random, np.random.default_rng(seed))
+    controls, matched = random_head_sets(top, n_layers, n_heads, n_random, np.random.default_rng(seed))
     if not matched:
-        notes.append("some random controls borrow heads from neighbouring layers: a top-k layer has too few "
-                     "other heads")
+        notes.append(f"the random controls come from all layers: the top-{k_used}'s layers have too few other heads "
+                     f"for {n_random} distinct layer-matched sets")
+    if len(controls) < n_random:
+        notes.append(f"only {len(controls)} distinct random sets of {k_used} heads exist outside the top-{k_used}")
     if n_problems < 2:
         notes.append("no latent swap: it needs two problems or more")
     return ValidationPlan(conditions(top, controls, n_problems >= 2),
-                          {"k": k_used, "k_requested": k, "n_random": n_random, "n_problems": n_problems, "seed": seed},
+                          {"k": k_used, "k_requested": k, "n_random": n_random, "n_problems": n_problems, "seed": seed,
+                           "controls_matched": matched},
                           notes)
 
 
@@ -254,7 +262,8 @@ def join_validation(plan: ValidationPlan, parts: Sequence[ValidationPart]) -> Va
             raise ValueError("the validation parts ran different baselines (another model or other problems?)")
     noop = [p.noop_identical for p in parts if p.noop_identical is not None]
     settings = {"k": plan.settings["k"], "k_requested": plan.settings["k_requested"],
-                "n_random": plan.settings["n_random"], **first.settings}
+                "n_random": plan.settings["n_random"], "controls_matched": plan.settings["controls_matched"],
+                **first.settings}
     return ValidationResult(pd.DataFrame([first.baseline, *rows], columns=list(COLUMNS)), first.logit_lens,
                             bool(noop and noop[0]), settings, list(plan.notes))
 

@@ -15,7 +15,7 @@ from codi_attn.extract import extract
 from codi_attn.hooks import AnswerLogits, FeedThoughts, RecordThoughts, swap_partners
 from codi_attn.runner import Generation, Runner, number_tokens
 from codi_attn.validate import (COLUMNS, GROUPS, answers_changed, bootstrap_interval, intermediate_results,
-                                random_controls, resample_indices, token_number)
+                                plan_validation, random_head_sets, resample_indices, token_number)
 from codi_attn.validate_run import Outcome, answer_token_kl, logit_lens, run_validation, token_kl
 from steering import forced_answer, steered
 
@@ -70,21 +70,27 @@ def test_answer_token_kl_sees_interventions_behind_a_fixed_prefix(gpt2_model):
     assert df.loc["swap thoughts", "kl_answer_token"] > 0
 
 
-def test_random_controls_match_layers_and_avoid_top():
-    top = [(0, 1), (0, 2), (2, 5)]
-    draws, matched = random_controls(top, n_layers=3, n_heads=8, n_draws=5, rng=np.random.default_rng(0))
-    assert matched and len(draws) == 5
-    for draw in draws:
-        assert Counter(layer for layer, _ in draw) == Counter({0: 2, 2: 1})
-        assert not set(draw) & set(top) and len(set(draw)) == 3
-    assert len({tuple(d) for d in draws}) > 1, "draws must vary"
-    # a layer whose heads are all top heads lends from its nearest layer
-    full = [(1, h) for h in range(4)]
-    draws, matched = random_controls(full, n_layers=3, n_heads=4, n_draws=2, rng=np.random.default_rng(0))
-    assert not matched
-    for draw in draws:
-        assert len(set(draw)) == 4 and not set(draw) & set(full)
-        assert Counter(layer for layer, _ in draw) == Counter({0: 4})  # layer 0 before layer 2 on ties
+def test_plan_draws_distinct_controls_and_says_where_they_come_from():
+    """The validation's controls are the held-out test's random sets (`random_head_sets`): distinct, outside the
+    top-k, layer-matched where the top-k's layers leave enough heads; the demo's top-4 (three of layer 0's four
+    heads) gets five distinct sets from all layers, noted, and the verdict says "from all layers"."""
+    first = [(0, 0), (0, 1), (0, 2), (1, 1)]
+    order = first + [(l, h) for l in range(4) for h in range(4) if (l, h) not in first]
+    ranked = pd.DataFrame({"layer": [l for l, _ in order], "head": [h for _, h in order],
+                           "composite": np.linspace(1, 0, 16)})
+    plan = plan_validation(ranked, n_layers=4, n_heads=4, n_problems=10, k=4, n_random=5)
+    top = next(c for c in plan.conditions if c.group == "top-k").heads
+    assert sorted(top) == sorted(first)
+    controls = [c.heads for c in plan.conditions if c.group == "random control"]
+    assert len(controls) == 5 == len(set(controls)) and not any(set(c) & set(top) for c in controls)
+    assert not plan.settings["controls_matched"] and any("from all layers" in n for n in plan.notes)
+    wide = pd.DataFrame({"layer": [l for l in range(3) for _ in range(8)], "head": list(range(8)) * 3,
+                         "composite": np.linspace(1, 0, 24)})
+    plan = plan_validation(wide, n_layers=3, n_heads=8, n_problems=10, k=3, n_random=5)
+    top = next(c for c in plan.conditions if c.group == "top-k").heads
+    for c in (c.heads for c in plan.conditions if c.group == "random control"):
+        assert Counter(layer for layer, _ in c) == Counter(layer for layer, _ in top)
+    assert plan.settings["controls_matched"] and not plan.notes
 
 
 @pytest.mark.parametrize("values", [np.r_[np.ones(3), np.zeros(97)], np.ones(10), np.zeros(10), np.ones(1),
@@ -239,10 +245,16 @@ def test_verdict_says_when_random_draws_repeat(gpt2_model):
 
     result = validate(gpt2_model, k=2, n_random=3, batch_size=3, max_new_tokens=2, n_boot=50)
     rand = result.validation["group"] == "random control"
+    def control_line() -> str:
+        return next(line for line in verdict(result) if "random heads" in line)
+
     result.validation.loc[rand, "heads"] = ["L0H1 L1H1", "L0H1 L1H2", "L0H3 L1H2"]
-    assert not any("distinct" in line for line in verdict(result))
+    assert "distinct" not in control_line()
     result.validation.loc[rand, "heads"] = result.validation.loc[rand, "heads"].iloc[0]
-    assert any("over 3 draws, only 1 distinct head set" in line for line in verdict(result))
+    assert "over 3 draws, only 1 distinct head set" in control_line()
+    for matched, where in ((True, "from the same layers"), (False, "from all layers")):
+        result.settings["controls_matched"] = matched
+        assert f"random heads {where}" in control_line()
 
 
 def test_card_reads_a_kl_that_no_problem_could_give(gpt2_model):
@@ -262,10 +274,15 @@ def test_card_reads_a_kl_that_no_problem_could_give(gpt2_model):
 
 
 def test_run_validation_resample_ablation(gpt2_model):
-    """Resample ablation runs end to end: the full table, the controls and the bit-for-bit no-op."""
+    """Resample ablation runs end to end: the full table, the controls and the bit-for-bit no-op; every ablated
+    row and the swap took other problems' inputs (a head's own input would change nothing, bit for bit:
+    test_ablation), so each changed an answer."""
     result = validate(gpt2_model, k=2, n_random=1, ablation="resample", batch_size=2, max_new_tokens=3, n_boot=50)
     check_result(result, gpt2_model, k=2, n_random=1)
     assert result.settings["ablation"] == "resample"
+    df = result.validation
+    moved = df[df["group"].isin(["top-k", "top-k single", "random control", "latent swap"])]
+    assert len(moved) == 5 and (moved["answers_changed"] > 0).all()
 
 
 def test_validation_in_groups_equals_one_run_of_every_condition(gpt2_model):
@@ -294,3 +311,18 @@ def test_validation_in_groups_equals_one_run_of_every_condition(gpt2_model):
     other = replace(parts[1], baseline={**parts[1].baseline, "accuracy": 0.5})  # as another model's baseline
     with pytest.raises(ValueError, match="different baselines"):
         join_validation(plan, [parts[0], other])
+
+
+def test_random_sets_are_distinct_and_layer_matched_or_say_they_are_not():
+    rng = np.random.default_rng(0)
+    top = [(0, 1), (2, 3), (2, 4)]
+    sets, matched = random_head_sets(top, n_layers=4, n_heads=12, n_sets=50, rng=rng)
+    assert matched and len(sets) == 50 == len(set(sets))
+    for s in sets:
+        assert sorted(l for l, _ in s) == [0, 2, 2] and not set(s) & set(top)
+    # two of layer 1's three other heads: only 3 layer-matched sets exist, fewer than 50: drawn from all layers
+    sets, matched = random_head_sets([(1, 0), (1, 1), (1, 2)], n_layers=3, n_heads=5, n_sets=50, rng=rng)
+    assert not matched and len(sets) == 50 == len(set(sets))
+    assert any(len({l for l, _ in s}) > 1 for s in sets)
+    sets, _ = random_head_sets([(0, 0)], n_layers=1, n_heads=4, n_sets=50, rng=rng)
+    assert sorted(sets) == [((0, 1),), ((0, 2),), ((0, 3),)]  # all there are
