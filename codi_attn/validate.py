@@ -57,7 +57,7 @@ LENS_TOP_N = 5  # tokens per thought checked for intermediate results
 COLUMNS = ("condition", "group", "heads", "blocked", "accuracy", "ci_low", "ci_high", "delta_accuracy",
            "delta_ci_low", "delta_ci_high", "answers_changed", "kl_answer_token", "kl_compared")
 INTERMEDIATE = re.compile(r"<<[^<>]*=([^<>=]+)>>")
-NUMBER_TOKEN = re.compile(r"-?\d+(\.\d+)?")
+NUMBER_TOKEN = re.compile(r"-?(0|[1-9]\d*)(\.\d*[1-9])?")  # a value written out: not "012", "00", "12.0"
 
 
 @dataclass
@@ -187,7 +187,9 @@ def intermediate_results(solution: str) -> set[float]:
 
 
 def token_number(text: str) -> float | None:
-    """The number a decoded token spells (surrounding spaces and commas ignored), else None."""
+    """The number a decoded token spells as it is written out (surrounding spaces and commas ignored; "12", not
+    "012" or "12.0": LLaMA-3's tokenizer has every three-digit string, so a looser rule gives small values two or
+    three spellings to score by), else None."""
     text = text.strip().replace(",", "")
     return float(text) if NUMBER_TOKEN.fullmatch(text) else None
 

@@ -132,6 +132,8 @@ def test_intermediate_results_and_number_tokens():
     assert intermediate_results("<<1,200*2=2,400>> and <<5*.25=1.25>> <<x=oops>>\n#### 2400") == {2400.0, 1.25}
     assert intermediate_results("#### 5") == set()
     assert token_number(" 72") == 72.0 and token_number("1,200") == 1200.0 and token_number(" clips") is None
+    assert token_number("0") == 0.0 and token_number(" 0.5") == 0.5 and token_number("-3") == -3.0
+    assert [token_number(t) for t in ("012", "00", "005", "12.0", "12.", ".5", "1.50")] == [None] * 7
 
 
 def test_logit_lens_counts_thoughts_that_decode_to_intermediate_results(gpt2_model):
