@@ -7,7 +7,6 @@ whose number is a literal of step s's expression (codi_attn.solutions).
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 from codi_attn.conventions import N_THOUGHTS, THOUGHTS, Head, thought_name
 from codi_attn.model import CODIModel
 from codi_attn.runner import Hook, PaddedBatch, Point
-from codi_attn.solutions import solution_steps
+from codi_attn.solutions import literals, solution_steps
 
 KINDS = ("number", "operation", "other")
 OPERATION_WORDS = frozenset("""more less gets buys finds gives away sells loses doubles triples twice thrice half
@@ -97,11 +96,11 @@ def question_tokens(model: CODIModel, question_ids: Sequence[int], solution: str
 
     texts = [model.tokenizer.decode([i]) for i in question_ids]
     steps = solution_steps(solution)
-    literals = [{float(x) for x in re.findall(r"\d+(?:\.\d+)?", s.expression.replace(",", ""))} for s in steps]
+    operands = [{v for _, _, v in literals(s.expression)} for s in steps]
     operand_of = []
     for text in texts:
         value = token_number(text)
-        operand_of.append(tuple(s + 1 for s, lits in enumerate(literals) if value is not None and value in lits))
+        operand_of.append(tuple(s + 1 for s, values in enumerate(operands) if value is not None and value in values))
     return QuestionTokens(texts, [token_kind(t) for t in texts], operand_of)
 
 

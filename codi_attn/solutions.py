@@ -3,7 +3,7 @@ the question changed with every later value recomputed (the corrupted side of a 
 
 Step s (1-based) is the s-th `<<...>>` annotation. Its operation is the expression's outermost operator
 (`+ - * /`). Expressions are evaluated with a small arithmetic evaluator (numbers, + - * /, parentheses,
-unary minus), never with eval.
+unary minus), never with eval. A literal of an expression is a number written in it (LITERAL: `12`, `1.5`, `.75`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 STEP = re.compile(r"<<([^<>=]*)=([^<>=]+)>>")
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w.]*\d)")
+LITERAL = re.compile(r"\d+(?:\.\d+)?|\.\d+")  # a number in an expression whose commas are removed
 OPERATIONS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _APPLY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -68,8 +69,9 @@ def numbers_in(text: str) -> list[tuple[int, int, float]]:
     return [(m.start(), m.end(), float(m.group().replace(",", ""))) for m in NUMBER.finditer(text)]
 
 
-def _literals(expression: str) -> list[tuple[int, int, float]]:
-    return [(m.start(), m.end(), float(m.group())) for m in re.finditer(r"\d+(?:\.\d+)?", expression.replace(",", ""))]
+def literals(expression: str) -> list[tuple[int, int, float]]:
+    """(start, end, value) of every literal of an expression, positions in the expression with commas removed."""
+    return [(m.start(), m.end(), float(m.group())) for m in LITERAL.finditer(expression.replace(",", ""))]
 
 
 def _format(value: float) -> str:
@@ -105,7 +107,7 @@ def change_number(question: str, solution: str, index: int, new: float) -> Count
     for step in steps:
         expression = step.expression.replace(",", "")
         pieces, last = [], 0
-        for a, b, value in _literals(expression):
+        for a, b, value in literals(expression):
             pieces.append(expression[last:a])
             if value in mapping:
                 used = True
@@ -143,7 +145,7 @@ def answer_if(question: str, solution: str, step: int, value: float) -> float | 
     for st in steps[step:]:
         expression = st.expression.replace(",", "")
         pieces, last = [], 0
-        for a, b, literal in _literals(expression):
+        for a, b, literal in literals(expression):
             pieces += [expression[last:a], _format(mapping[literal]) if literal in mapping else expression[a:b]]
             last = b
         try:

@@ -40,6 +40,10 @@ def test_token_kinds_and_operands(gpt2_model):
     tokens = question_tokens(gpt2_model, ids, "<<48+2=50>>\n<<50*2=100>>\n#### 100")
     marked = {t.strip(): ops for t, ops in zip(tokens.text, tokens.operand_of) if ops}
     assert marked.get("48") == (1,) and marked.get("2") == (1, 2)
+    ids = tokenize_questions(gpt2_model, ["Tom has 48 pens and 2 cups."])[0][:-1]
+    tokens = question_tokens(gpt2_model, ids, "<<.48*2=0.96>>\n<<48+1=49>>\n#### 49")  # .48 is not the text's 48
+    marked = {t.strip(): ops for t, ops in zip(tokens.text, tokens.operand_of) if ops}
+    assert marked == {"48": (2,), "2": (1,)}
 
 
 def test_summary_shares_add_up():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from codi_attn.solutions import answer_if, change_number, evaluate, numbers_in, solution_steps
+from codi_attn.solutions import answer_if, change_number, evaluate, literals, numbers_in, solution_steps
 
 SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
             "in April and May.\n#### 72")
@@ -48,3 +48,13 @@ def test_answer_if_a_step_had_another_result():
     assert answer_if("Tom has 2 bags.", "<<4-2=2>>\n<<2*5=10>>\n#### 10", 1, 3) is None  # the question writes 2
     assert answer_if("Tom has 7 bags.", "<<9-7=2>>\n<<2+2=4>>\n<<4-2=2>>\n#### 2", 1, 3) is None  # 2 twice
     assert answer_if(QUESTION, SOLUTION, 3, 1) is None
+
+
+def test_literals_read_a_leading_decimal_point():
+    """`.75` is 0.75 (588 of GSM8K's 7473 train solutions write such a literal), for the answer a step leads to
+    and for a changed question number alike."""
+    assert literals("3/4+.75*1,200") == [(0, 1, 3.0), (2, 3, 4.0), (4, 7, 0.75), (8, 12, 1200.0)]
+    assert answer_if("Tom has 8 bags.", "<<3/4=.75>>\n<<.75*8=6>>\n#### 6", 1, 0.5) == 4.0
+    cf = change_number("Each apple costs 0.75 dollars. Tom buys 8 apples. How much does he pay?",
+                       "He pays .75*8 = <<.75*8=6>>6 dollars.\n#### 6", 0, 1.75)
+    assert cf is not None and cf.answer == 14.0 and cf.steps[0].expression == "1.75*8"
