@@ -614,7 +614,8 @@ def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = 
 def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] = ("a", "b")) -> pd.DataFrame:
     """Model-level quantities of two runs side by side (any L x H): section, quantity, group, value
     and interval of each, diff = a - b with its bootstrap interval (independent resamples of each
-    run, paired by draw index), and `real` (the interval excludes 0; NA without draws).
+    run: b's draws taken in a shuffled order, since two runs of the same size and seed drew the
+    same problem weights), and `real` (the interval excludes 0; NA without draws).
     Column suffixes are the names; df.attrs holds names and basis."""
     if a.basis != b.basis:
         raise ValueError(f"compare reports on one basis, got {a.basis!r} and {b.basis!r}")
@@ -630,7 +631,8 @@ def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] =
     lo, hi = np.full(len(df), np.nan), np.full(len(df), np.nan)
     both = df["_ia"].notna() & df["_ib"].notna()
     if n_draws:
-        d = (a.draws[:n_draws, df.loc[both, "_ia"].astype(int)] - b.draws[:n_draws, df.loc[both, "_ib"].astype(int)])
+        shuffled = np.random.default_rng([a.seed, b.seed, len(b.draws)]).permutation(len(b.draws))[:n_draws]
+        d = a.draws[:n_draws, df.loc[both, "_ia"].astype(int)] - b.draws[shuffled][:, df.loc[both, "_ib"].astype(int)]
         lo[both.to_numpy()], hi[both.to_numpy()] = _interval(d)
     df["diff_lo"], df["diff_hi"] = lo, hi
     real = pd.array([pd.NA if np.isnan(l) else bool(l > 0 or h < 0) for l, h in zip(lo, hi)], dtype="boolean")

@@ -314,9 +314,13 @@ def test_compare_different_shapes():
 
 
 def test_compare_identical_runs_shows_no_difference():
+    """A run against itself: no difference, and an interval as wide as two independent runs' (the same problem
+    weights in both, paired by draw, would give [0, 0] everywhere)."""
     r = M.analyze(random_attention(), n_boot=30)
     df = M.compare_reports(r, r)
     assert np.allclose(df["diff"], 0) and not df["real"].any()
+    row = df.set_index(["quantity", "group"]).loc[("row entropy", "all")]
+    assert 1.0 < (row["diff_hi"] - row["diff_lo"]) / (row["hi_a"] - row["lo_a"]) < 2.0  # ~sqrt(2) if independent
 
 
 def test_compare_needs_one_basis():
