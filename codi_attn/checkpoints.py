@@ -61,14 +61,21 @@ class Checkpoints:
         return {"loaded": len(self.loaded), "computed": len(self.saved)}
 
 
-def remembered(checkpoints: Checkpoints | None, name: str, compute: Callable[[], T]) -> T:
-    """`compute()`, or what an earlier attempt saved as `name` (saved now where it was computed)."""
+def remembered(checkpoints: Checkpoints | None, name: str, compute: Callable[[], T],
+               redo: Callable[[T], T | None] | None = None) -> T:
+    """`compute()`, or what an earlier attempt saved as `name` (saved now where it was computed). With `redo`, what
+    is read back goes through it: what it returns instead of None (the object with the parts that had failed
+    computed again) is saved in its place and counts as computed as well as read back."""
     if checkpoints is None:
         return compute()
     saved = checkpoints.load(name)
     if saved is None:
         saved = compute()
-        checkpoints.save(name, saved)
+    elif redo is None or (again := redo(saved)) is None:
+        return saved
+    else:
+        saved = again
+    checkpoints.save(name, saved)
     return saved
 
 

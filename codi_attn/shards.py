@@ -51,7 +51,8 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
     """Extract the problems of one shard in batches. A question that is empty or too long fails alone, before
     any batch; a batch that raises is retried problem by problem, so one bad problem costs only itself; each
     failure is recorded as {'id', 'error'}, in input order. With `checkpoints`, each finished batch is saved as
-    `batch-{i}`, and a batch found there is read back instead of extracted.
+    `batch-{i}`, and a batch found there is read back instead of extracted, but for its failed problems, which are
+    extracted again (and the batch saved again).
 
     Returns ids, attention float16 [n, L, H, 6, 6], mass float16 [n, L, H, 6, 4], texts, predictions
     float64 [n], correct bool [n] for the n problems that succeeded (in input order), and failed.
@@ -101,7 +102,16 @@ def extract_shard(model, problems: list[dict], batch_size: int, max_new_tokens: 
             computed.append(b)
             return batch(chunk) if chunk else ([], [])
 
-        results, failures = remembered(checkpoints, f"batch-{b}", compute)
+        def redo(saved, b=b):
+            """A saved batch's failed problems tried again (an error may pass: out of memory); None if none failed."""
+            results, failures = saved
+            if not failures:
+                return None
+            computed.append(b)
+            again, failures = batch([position[f["id"]] for f in failures])
+            return results + again, failures
+
+        results, failures = remembered(checkpoints, f"batch-{b}", compute, redo)
         failed |= {position[f["id"]]: f for f in failures}
         for idx, ex in results:
             attention[idx], mass[idx] = ex.attention, ex.mass

@@ -120,6 +120,35 @@ def test_extract_shard_killed_after_two_batches_redoes_only_the_rest(gpt2_model,
         np.testing.assert_array_equal(out[key], clean[key], err_msg=key)
 
 
+def test_extract_shard_rerun_extracts_the_failed_problems_again(gpt2_model, files, monkeypatch):
+    """Problems that raised (an error that passes, such as running out of memory) are saved as failed with their
+    batch; a rerun extracts only them again, reads the rest back, and a rerun of that reads everything back."""
+    import codi_attn.extract
+    from codi_attn.shards import FAIL_PROBLEMS_ENV, extract_shard
+
+    problems = [{"id": f"train_{k}", "question": q, "answer": g, "solution": s}
+                for k, (q, g, s) in enumerate(zip(QUESTIONS, GOLDS, SOLUTIONS))]
+    clean = extract_shard(gpt2_model, problems, batch_size=2, max_new_tokens=3)  # batches of 2, 2, 1
+    monkeypatch.setenv(FAIL_PROBLEMS_ENV, "train_1,train_4")
+    first = Checkpoints(files, folder(files, "1"))
+    failed = extract_shard(gpt2_model, problems, batch_size=2, max_new_tokens=3, checkpoints=first)
+    assert [f["id"] for f in failed["failed"]] == ["train_1", "train_4"]
+    monkeypatch.setenv(FAIL_PROBLEMS_ENV, "")
+    asked, extract = [], codi_attn.extract.extract
+    monkeypatch.setattr(codi_attn.extract, "extract", lambda model, qs, *a, **kw: asked.append(qs) or extract(
+        model, qs, *a, **kw))
+    rerun = Checkpoints(files, folder(files, "2"), [folder(files, "1")])
+    out = extract_shard(gpt2_model, problems, batch_size=2, max_new_tokens=3, checkpoints=rerun)
+    assert asked == [[QUESTIONS[1]], [QUESTIONS[4]]]
+    assert rerun.loaded == ["batch-0", "batch-1", "batch-2"] and rerun.saved == ["batch-0", "batch-2"]
+    assert out["ids"] == clean["ids"] and out["texts"] == clean["texts"] and out["failed"] == []
+    for key in ("attention", "mass", "predictions", "correct"):
+        np.testing.assert_array_equal(out[key], clean[key], err_msg=key)
+    again = Checkpoints(files, folder(files, "3"), [folder(files, "2")])
+    assert extract_shard(gpt2_model, problems, batch_size=2, max_new_tokens=3, checkpoints=again)["ids"] == clean["ids"]
+    assert len(asked) == 2 and again.counts() == {"loaded": 3, "computed": 0}
+
+
 def test_head_scan_interrupted_redoes_only_the_batches_left(gpt2_model, files):
     from codi_attn.heads_run import scan_heads
 
