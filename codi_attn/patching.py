@@ -3,8 +3,8 @@
 Mean patching (Cywinski et al.). For thought k and solution step s, each problem's thought k is replaced by the
 mean thought k of the other problems whose step s has the same value (`same`: the answer should not move), or
 of the problems whose step s has one other value v' (`different`: if thought k carries step s, the answer moves
-to the counterfactual answer, the chain recomputed from v'). Measured: accuracy, and the share of answers equal
-to the counterfactual.
+to the counterfactual answer: the chain recomputed from v', the gold following the steps that have its value,
+codi_attn.solutions.answer_if). Measured: accuracy, and the share of answers equal to the counterfactual.
 
 Pairs. A clean problem and its corrupted twin with one number of the question changed (same token length; the
 gold recomputed: codi_attn.solutions, or the demo task's own chain). The corrupted run is patched with the
@@ -37,7 +37,8 @@ MIN_PATCHED = 10  # a step is mean-patched where at least this many problems hav
 
 
 def counterfactual_answer(problem: dict, step: int, value: float, synthetic: bool) -> float | None:
-    """The answer if step `step` of the problem had the result `value` (None where it cannot be told)."""
+    """The gold answer if step `step` of the problem had the result `value` (None where it cannot be told): the
+    demo task's chain ends in its gold; a GSM8K gold moves only through the steps that have its value."""
     if synthetic:
         from codi_attn.demo.task import answer_if as demo_answer_if
 

@@ -5,10 +5,10 @@ codi_attn.lens).
 Positions: p = 0 is BOT (the last prompt position, whose final hidden state gives z1), p = k the position where
 thought k is fed.
 
-Probes (Hewitt & Liang 2019). For each target (the value of solution step s, `step s`; the final answer,
-`answer`; the operation of step s, `op s`), position and layer: a standardised ridge classifier
-(scikit-learn), 5-fold cross-validated over problems (no problem is in its own training fold); accuracy of the
-out-of-fold predictions with a 95 % bootstrap interval. Two controls on the same inputs and folds: the labels
+Probes (Hewitt & Liang 2019). For each target (the value of solution step s, `step s`; the gold final answer
+after '####', `answer`, which is not always the last step's value; the operation of step s, `op s`), position and
+layer: a standardised ridge classifier (scikit-learn), 5-fold cross-validated over problems (no problem is in its
+own training fold); accuracy of the out-of-fold predictions with a 95 % bootstrap interval. Two controls on the same inputs and folds: the labels
 permuted across problems (the chance floor), and the control task: a random label fixed per value of a surface
 feature of the question (its first number), drawn with the target's label frequencies, which a probe can only
 learn by memorising that feature. Selectivity = accuracy - control accuracy.
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from codi_attn.answers import parse_gold
 from codi_attn.conventions import THOUGHTS
 from codi_attn.solutions import numbers_in, solution_steps
 from codi_attn.validate import drawn_interval
@@ -36,12 +37,12 @@ TOO_FEW = f"fewer than {MIN_PROBLEMS} problems have any one target with 2 or mor
 
 def targets(solutions: Sequence[str], max_steps: int = 7) -> dict[str, np.ndarray]:
     """Labels per target over the problems (object arrays, None where a problem does not have it): `step s`
-    (the value of step s), `answer` (the last step's value), `op s` (its operation)."""
+    (the value of step s), `answer` (the gold answer after '####'), `op s` (step s's operation)."""
     steps = [solution_steps(s) for s in solutions]
     out: dict[str, np.ndarray] = {}
     for s in range(1, max_steps + 1):
         out[f"step {s}"] = np.array([st[s - 1].value if len(st) >= s else None for st in steps], dtype=object)
-    out["answer"] = np.array([st[-1].value if st else None for st in steps], dtype=object)
+    out["answer"] = np.array([parse_gold(s) for s in solutions], dtype=object)
     for s in range(1, max_steps + 1):
         out[f"op {s}"] = np.array([st[s - 1].operation or None if len(st) >= s else None for st in steps],
                                   dtype=object)

@@ -4,13 +4,22 @@ the question changed with every later value recomputed (the corrupted side of a 
 Step s (1-based) is the s-th `<<...>>` annotation. Its operation is the expression's outermost operator
 (`+ - * /`). Expressions are evaluated with a small arithmetic evaluator (numbers, + - * /, parentheses,
 unary minus), never with eval. A literal of an expression is a number written in it (LITERAL: `12`, `1.5`, `.75`).
+
+The gold answer is the number after '####' (codi_attn.answers.parse_gold), not the last step's value: the two
+differ in 377 of GSM8K's 7473 train solutions (the last annotation a side calculation, or the answer worked out
+in the text). A changed step moves the gold only through the steps whose value is the gold: the gold becomes
+their recomputed value (unchanged where none of them depends on the changed step), and cannot be told where no
+step has the gold's value or those steps disagree.
 """
 from __future__ import annotations
 
 import ast
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from codi_attn.answers import parse_gold
 
 STEP = re.compile(r"<<([^<>=]*)=([^<>=]+)>>")
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w.]*\d)")
@@ -74,6 +83,13 @@ def literals(expression: str) -> list[tuple[int, int, float]]:
     return [(m.start(), m.end(), float(m.group())) for m in LITERAL.finditer(expression.replace(",", ""))]
 
 
+def gold_after(steps: Sequence[Step], values: Sequence[float], gold: float | None) -> float | None:
+    """The gold answer once the steps' values became `values` [len(steps)] (module docstring): the new value of
+    the steps whose value is `gold`; None where no step has it or their new values differ."""
+    new = {v for st, v in zip(steps, values) if st.value == gold}
+    return new.pop() if len(new) == 1 else None
+
+
 def _format(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
@@ -84,7 +100,7 @@ class Counterfactual:
 
     question: str
     solution: str  # the recomputed `<<expression=value>>` chain and '#### answer'
-    answer: float
+    answer: float  # the gold answer recomputed (gold_after)
     changed: tuple[float, float]  # (old, new) number of the question
     steps: tuple[Step, ...]
 
@@ -93,7 +109,8 @@ def change_number(question: str, solution: str, index: int, new: float) -> Count
     """The question with its index-th number set to `new`, the solution's steps recomputed: every expression
     literal equal to the old number, or to a value an earlier step had, takes the new number or that step's new
     value. None where that is ambiguous (the old number appears twice in the question, or a step's value equals a
-    number of the question, so that a literal could be either) or where no step uses the changed number."""
+    number of the question, so that a literal could be either), where no step uses the changed number, or where
+    the new gold answer cannot be told (gold_after)."""
     numbers = numbers_in(question)
     if not 0 <= index < len(numbers):
         return None
@@ -123,25 +140,26 @@ def change_number(question: str, solution: str, index: int, new: float) -> Count
         if step.value != value:
             mapping[step.value] = value
         rewritten.append(Step(text, value, step.operation))
-    if not used:
+    answer = gold_after(steps, [st.value for st in rewritten], parse_gold(solution))
+    if not used or answer is None:
         return None
-    answer = rewritten[-1].value
     new_question = question[:start] + _format(new) + question[end:]
     chain = "\n".join(f"<<{s.expression}={_format(s.value)}>>" for s in rewritten) + f"\n#### {_format(answer)}"
     return Counterfactual(new_question, chain, answer, (old, new), tuple(rewritten))
 
 
 def answer_if(question: str, solution: str, step: int, value: float) -> float | None:
-    """The final answer if step `step` (1-based) had the result `value`, every later step recomputed with its
-    literals equal to an earlier result taking that result's new value; None where another step had the same
-    result or the question writes that number (a literal could then be either), or the chain does not evaluate."""
+    """The gold answer if step `step` (1-based) had the result `value`, every later step recomputed with its
+    literals equal to an earlier result taking that result's new value, the gold following the steps that have
+    its value (gold_after); None where another step had the same result or the question writes that number (a
+    literal could then be either), where the chain does not evaluate or the new gold cannot be told."""
     steps = solution_steps(solution)
     if not 1 <= step <= len(steps):
         return None
     results = [st.value for st in steps]
     if results.count(results[step - 1]) > 1 or results[step - 1] in {v for _, _, v in numbers_in(question)}:
         return None
-    mapping, new = {results[step - 1]: float(value)}, float(value)
+    mapping, values = {results[step - 1]: float(value)}, [*results[: step - 1], float(value)]
     for st in steps[step:]:
         expression = st.expression.replace(",", "")
         pieces, last = [], 0
@@ -152,6 +170,7 @@ def answer_if(question: str, solution: str, step: int, value: float) -> float | 
             new = evaluate("".join(pieces) + expression[last:])
         except ValueError:
             return None
+        values.append(new)
         if st.value != new:
             mapping[st.value] = new
-    return new
+    return gold_after(steps, values, parse_gold(solution))

@@ -64,6 +64,9 @@ def test_control_labels_are_fixed_per_feature_value_with_the_targets_classes():
 
 
 def test_targets_read_the_solution():
-    t = targets(["<<2+3=5>>\n<<5*2=10>>\n#### 10", "<<4-1=3>>\n#### 3"], max_steps=2)
-    assert list(t["step 1"]) == [5.0, 3.0] and list(t["step 2"]) == [10.0, None]
-    assert list(t["answer"]) == [10.0, 3.0] and list(t["op 2"]) == ["*", None]
+    """`answer` is the gold after '####': not the last step where that is a side calculation, and there where a
+    solution has no step."""
+    t = targets(["<<2+3=5>>\n<<5*2=10>>\n#### 10", "<<4-1=3>>\n<<3*7=21>>\n<<21-20=1>>\n#### 21", "#### 1,200"],
+                max_steps=2)
+    assert list(t["step 1"]) == [5.0, 3.0, None] and list(t["step 2"]) == [10.0, 21.0, None]
+    assert list(t["answer"]) == [10.0, 21.0, 1200.0] and list(t["op 2"]) == ["*", "*", None]

@@ -58,3 +58,18 @@ def test_literals_read_a_leading_decimal_point():
     cf = change_number("Each apple costs 0.75 dollars. Tom buys 8 apples. How much does he pay?",
                        "He pays .75*8 = <<.75*8=6>>6 dollars.\n#### 6", 0, 1.75)
     assert cf is not None and cf.answer == 14.0 and cf.steps[0].expression == "1.75*8"
+
+
+SIDE = "Tom has 4 boxes of 3 pens and 5 more pens. Ann has 25 pens. How many pens does Tom have?"
+SIDE_SOLUTION = "<<4*3=12>>\n<<12+5=17>>\nAnn has <<25-17=8>>8 more.\n#### 17"  # the last step is a side calculation
+
+
+def test_the_gold_follows_the_steps_that_have_its_value():
+    """The gold (after '####') moves with step 2, whose value it is, not with the last step; a step that does not
+    feed it leaves it; a gold that no step has cannot be told."""
+    assert answer_if(SIDE, SIDE_SOLUTION, 1, 13) == 18.0  # 13+5; the last step would give 25-18 = 7
+    assert answer_if(SIDE, SIDE_SOLUTION, 3, 9) == 17.0
+    assert answer_if(SIDE, "<<4*3=12>>\n<<12+5=17>>\n#### 34", 1, 13) is None  # 34 = 2*17 in the text
+    cf = change_number(SIDE, SIDE_SOLUTION, 0, 6)
+    assert cf is not None and [s.value for s in cf.steps] == [18.0, 23.0, 2.0]
+    assert cf.answer == 23.0 and cf.solution.endswith("#### 23")
