@@ -37,7 +37,7 @@ class ExportError(ValueError):
 def find_run(run_id: str, flow: str = FLOW_NAME):
     """The run named by an id, a pathspec 'Flow/id' or 'latest' (latest successful run), in any namespace."""
     from metaflow import Flow, Run, namespace
-    from metaflow.exception import MetaflowNotFound
+    from metaflow.exception import MetaflowInvalidPathspec, MetaflowNotFound
 
     namespace(None)
     try:
@@ -47,6 +47,8 @@ def find_run(run_id: str, flow: str = FLOW_NAME):
                 raise ExportError(f"{flow} has no successful run in this datastore")
             return run
         return Run(run_id if "/" in run_id else f"{flow}/{run_id}")
+    except MetaflowInvalidPathspec:
+        raise ExportError(f"{run_id!r} names no run: pass a run id, {flow}/RUN_ID or latest") from None
     except MetaflowNotFound as e:
         raise ExportError(f"run {run_id!r} not found in this datastore ({e}); pass --datastore DIR (the "
                           f"folder that holds .metaflow) or set METAFLOW_DATASTORE_SYSROOT_LOCAL") from None
@@ -74,6 +76,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
+def folder_name(name: str | None, model: str) -> str:
+    """The folder under results/ and figures/: --name (default: the model) made safe; ExportError naming --name
+    where nothing of it is left, or only '.' or '..' (results/ itself or the folder above)."""
+    slug = _slug(name or model)
+    if slug in ("", ".", ".."):
+        what = f"--name {name!r}" if name else f"the run's model name {model!r}, the default of --name,"
+        raise ExportError(f"{what} leaves no folder name under results/ and figures/ (got {slug!r}): pass "
+                          "--name with a letter or digit in it")
+    return slug
+
+
 def _save_figure(fig, path: Path) -> None:
     fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
     fig.clear()
@@ -90,7 +103,7 @@ def export_run(run, out_dir: str | Path, name: str | None = None, figures: bool 
     if not run.successful:
         raise ExportError(f"run {run.pathspec} did not finish; resume it first: "
                           f"python flows/attention_flow.py resume --origin-run-id {run.id}")
-    d, name, out = run.data, _slug(name or run.data.model), Path(out_dir)
+    d, name, out = run.data, folder_name(name, run.data.model), Path(out_dir)
     folders = [Path("results") / name] + ([Path("figures") / name] if figures else [])
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder: pass a folder as OUT_DIR")

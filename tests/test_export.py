@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from codi_attn.__main__ import main
-from codi_attn.export import ExportError, export_run
+from codi_attn.export import ExportError, export_run, find_run
 from flowrun import ROOT, use_datastore  # clean_run (conftest.py): the flow run shared with test_flow.py
 
 
@@ -99,6 +99,31 @@ def test_unfinished_run_is_refused():
     run = SimpleNamespace(successful=False, pathspec="AttentionFlow/7", id="7")
     with pytest.raises(ExportError, match="resume it first: python flows/attention_flow.py resume --origin-run-id 7"):
         export_run(run, "/nonexistent")
+
+
+@pytest.mark.parametrize("name", ["/", "..", ".", "  "])
+def test_a_name_that_leaves_no_folder_is_refused_and_nothing_changes(tmp_path, name):
+    """--name '/' would export into results/ itself (--overwrite removing every earlier export), '..' above it."""
+    run = SimpleNamespace(successful=True, data=SimpleNamespace(model="gpt2"), pathspec="AttentionFlow/7", id="7")
+    earlier = tmp_path / "out" / "results" / "gpt2" / "summary.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    with pytest.raises(ExportError, match=rf"^--name {re.escape(repr(name))} leaves no folder name under results/"):
+        export_run(run, tmp_path / "out", name=name, overwrite=True)
+    assert _files(tmp_path / "out") == {"results/gpt2/summary.json": b"{}"}
+    with pytest.raises(ExportError, match=r"^--name "):
+        export_run(run, tmp_path / "new", name=name)
+    assert not (tmp_path / "new").exists()  # no empty OUT_DIR/results/ left behind
+
+
+def test_a_pathspec_of_a_step_is_refused_in_one_line(clean_run, tmp_path, capsys):
+    _, root, _ = clean_run
+    assert main(["export", "AttentionFlow/1/start", str(tmp_path / "out"), "--datastore", str(root)]) == 2
+    assert capsys.readouterr().err == ("error: 'AttentionFlow/1/start' names no run: pass a run id, "
+                                       "AttentionFlow/RUN_ID or latest\n")
+    with pytest.raises(ExportError, match="names no run"):
+        find_run("AttentionFlow/1/start/2")
+    assert not (tmp_path / "out").exists()
 
 
 def _files(folder) -> dict:
