@@ -1,8 +1,10 @@
 """Run settings of AttentionFlow: every parameter checked cheaply, before any shard runs."""
 from __future__ import annotations
 
+import os
+
 from codi_attn.conventions import ABLATIONS, POSITIONS
-from codi_attn.data import SPLITS, dataset_fingerprint, load_records, resolve_n, sample_problems
+from codi_attn.data import HUB_NAME, SPLITS, SYNTHETIC_NAME, dataset_fingerprint, load_records, resolve_n, sample_problems
 from codi_attn.presets import PRESETS
 from codi_attn.runs import named_runs, sample_difference
 
@@ -67,6 +69,11 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         if kinds == ("resample",) and "thoughts" not in where:
             errors.append("--head_kinds resample is defined at the thought positions only, and --head_positions "
                           f"{p['head_positions']!r} leaves the scan nothing to run: add thoughts, or a mean / zero kind")
+        elif kinds[:1] == ("resample",) and where[:1] == ("all",):
+            errors.append(f"--head_kinds {p['head_kinds']!r} with --head_positions {p['head_positions']!r}: the "
+                          "verdict, the critical heads and the held-out test take the first kind at the first "
+                          "positions, and resample is not run at all positions: list thoughts first in "
+                          "--head_positions, or a mean / zero kind first in --head_kinds")
         out["head_kinds"], out["head_positions"] = kinds, where
         out["head_scan"] = parse_head_scan(p["head_scan"], errors)
         if p["head_group_size"] <= 0 or p["head_random_sets"] <= 0:
@@ -99,7 +106,10 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
             if found and found["base"] and found["ckpt"]:  # keys and shapes from the file's header
                 check("--model/--ckpt/--base", lambda: check_checkpoint(
                     p["model"], found["base"][CONFIG_FILE].parent, next(iter(found["ckpt"].values()))))
-        out["base"], out["ckpt"] = sources or (p["base"], p["ckpt"])
+            if found and found["base"] and p["heads"]:
+                error = head_scan_error(out["head_scan"], found["base"][CONFIG_FILE].read_text(encoding="utf-8"))
+                errors += [error] if error else []
+        out["base"], out["ckpt"] = (absolute(s) for s in sources) if sources else (p["base"], p["ckpt"])
     runs = check("--compare_with", lambda: named_runs(flow_name, p["compare_with"])) if p["compare_with"] else None
     records = None
     if split not in SPLITS:
@@ -122,7 +132,36 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
             errors += [f"--compare_with: {d}" for d in (sample_difference(r, fingerprint, out) for r in runs) if d]
     if errors:
         raise SettingsError("\n".join(errors))
+    if dataset not in (HUB_NAME, SYNTHETIC_NAME):
+        out["dataset"] = absolute(dataset)
     return out
+
+
+def absolute(source: str) -> str:
+    """A local path as an absolute one (a resume from another folder finds it), a hub id as it is."""
+    from codi_attn.model import is_local
+
+    path = os.path.expanduser(source)
+    return os.path.abspath(path) if is_local(source) and os.path.exists(path) else source
+
+
+def head_scan_error(head_scan: tuple[str, int | None], config_text: str) -> str | None:
+    """Why --head_scan top:M cannot work on the model of this config.json text (None when it can): the held-out
+    test selects its k top heads (codi_attn.heads.default_k) among the scanned ones, so M must be k or more."""
+    import json
+
+    from codi_attn.heads import MAX_K, default_k
+
+    config = json.loads(config_text)
+    n_layers = config.get("num_hidden_layers", config.get("n_layer"))
+    n_heads = config.get("num_attention_heads", config.get("n_head"))
+    if head_scan[0] != "top" or not n_layers or not n_heads:
+        return None
+    k = default_k(n_layers, n_heads)
+    if head_scan[1] >= k:
+        return None
+    return (f"--head_scan top:{head_scan[1]} scans fewer heads than the held-out test selects among them: k = {k} "
+            f"(a quarter of the model's {n_layers} x {n_heads} heads, at most {MAX_K}): give top:{k} or more, or all")
 
 
 def parse_head_scan(spec: str, errors: list[str]) -> tuple[str, int | None]:

@@ -69,6 +69,11 @@ def _jsonl(tmp_path, name, lines):
     ({"ablation": "noise"}, r"--ablation must be one of mean, zero, resample, got 'noise'"),
     ({"ablation_positions": "bot"}, r"--ablation_positions must be one of thoughts, all"),
     ({"ablation": "resample", "ablation_positions": "all"}, r"--ablation resample is defined at the thought"),
+    ({"head_kinds": "resample,mean", "head_positions": "all,thoughts"},
+     r"^--head_kinds 'resample,mean' with --head_positions 'all,thoughts': the verdict, the critical heads and the "
+     r"held-out test take the first kind at the first positions, and resample is not run at all positions"),
+    ({"head_scan": "top:1"}, r"^--head_scan top:1 scans fewer heads than the held-out test selects among them: k = 2 "
+                             r"\(a quarter of the model's 2 x 4 heads, at most 10\): give top:2 or more, or all$"),
 ])
 def test_check_settings_messages(overrides, message, tiny_gpt2, params):
     base, ckpt = tiny_gpt2
@@ -105,6 +110,31 @@ def test_check_settings_bad_files(tmp_path, tiny_gpt2, params):
         settings.check_settings(params(base=base, ckpt=ckpt, dataset=str(unreadable)))
     ok = settings.check_settings(params(base=base, ckpt=ckpt, n_problems="all"))
     assert ok["n"] is None and ok["n_records"] == 7473
+
+
+def test_held_out_k_and_scanned_combinations_that_work(tiny_gpt2, params):
+    """top:k scans enough heads for the held-out test; resample may come first where thoughts do."""
+    base, ckpt = map(str, tiny_gpt2)
+    ok = settings.check_settings(params(base=base, ckpt=ckpt, head_scan="top:2", head_kinds="resample,mean",
+                                        head_positions="thoughts,all"))
+    assert ok["head_scan"] == ("top", 2) and ok["head_kinds"] == ("resample", "mean")
+    assert settings.check_settings(params(base=base, ckpt=ckpt, head_scan="top:1", heads=False))["heads"] is False
+    llama = '{"model_type": "llama", "num_hidden_layers": 16, "num_attention_heads": 32}'
+    assert settings.head_scan_error(("top", 9), llama).startswith("--head_scan top:9 scans fewer heads than the "
+                                                                  "held-out test selects among them: k = 10")
+    assert settings.head_scan_error(("top", 10), llama) is settings.head_scan_error(("all", None), llama) is None
+
+
+def test_local_paths_are_stored_absolute(tiny_gpt2, gsm8k_train, params, monkeypatch):
+    """Relative --base, --ckpt and --dataset are stored absolute: a resume from another folder finds them (and does
+    not take them for hub ids)."""
+    import shutil
+
+    base, ckpt = tiny_gpt2
+    monkeypatch.chdir(base.parent)
+    shutil.copy(gsm8k_train, base.parent / "train.jsonl")
+    ok = settings.check_settings(params(base=base.name, ckpt=f"./{ckpt.name}", dataset="train.jsonl"))
+    assert (ok["base"], ok["ckpt"], ok["dataset"]) == (str(base), str(ckpt), str(base.parent / "train.jsonl"))
 
 
 def test_preset_family_must_match_the_base_config(tiny_gpt2, tiny_llama, params):
