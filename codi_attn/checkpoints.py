@@ -6,7 +6,7 @@ run from the failed one) redo only the batches that had not finished.
 
 A task reads a checkpoint from its own run first (an earlier attempt), then from the run it resumes (Metaflow's
 origin run), and saves what it took from there under its own run as well, so that a resume of a resume finds it.
-The fingerprint hashes the task's inputs (settings, problems, heads), so a task with other inputs never reads it.
+The fingerprint hashes the task's inputs (settings, problems with their text and gold, heads), so a task with other inputs never reads it.
 Checkpoints are pickled Python objects (numpy arrays inside), as Metaflow's artifacts are. One that no longer
 unpickles (written by another version of codi-attn, whose classes moved) is recomputed, with a warning naming it.
 """
@@ -83,6 +83,12 @@ def fingerprint(*inputs) -> str:
     """16 hex digits of sha256 over the inputs' JSON (tuples as lists, other objects as their str)."""
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def problem_content(problems: Sequence[dict]) -> list[list[str]]:
+    """What checkpoints are keyed on for a task's problems: each one's id, question and gold (a problem whose text
+    or gold changed under the same id is another problem)."""
+    return [[p["id"], p["question"], p["answer"]] for p in problems]
 
 
 def task_checkpoints(flow, *inputs) -> Checkpoints:

@@ -2,6 +2,7 @@
 
     provenance = run_provenance(settings)   # start: {'base': entry, 'ckpt': entry, 'dataset': entry}
     check_files(provenance, model.source["files"], "extract 1/2")   # ProvenanceError naming each changed file
+    check_dataset(provenance, "sample")   # the same for the dataset file, read again by a resumed sample
 
 An entry is {'source', 'where', 'files': {name: {'path', 'size', 'sha256'}} or None}; None where start could not
 find the files without network (a hub id not in the local hub cache): `pin_files` then pins them to what the
@@ -83,10 +84,21 @@ def check_files(provenance: dict, loaded: dict[str, dict | None], who: str) -> N
                 lines.append(f"{ROLES[role]} file {new['path']} changed since the run started (sha256 "
                              f"{old['sha256'][:12]}... then, {new['sha256'][:12]}... now)")
     if lines:
+        what = "dataset file differs from the one" if set(loaded) == {"dataset"} else "model files differ from those"
         raise ProvenanceError(
-            f"{who}: the model files differ from those this run started with:\n  " + "\n  ".join(lines) +
+            f"{who}: the {what} this run started with:\n  " + "\n  ".join(lines) +
             "\nThe run's finished tasks used the files as they were, and going on would mix their results with "
             "these. Restore the files to resume, or start a new run (`run` instead of `resume`).")
+
+
+def check_dataset(provenance: dict, who: str) -> None:
+    """ProvenanceError when the dataset file start fingerprinted is gone or holds other bytes now (nothing to check
+    for the hub's gsm8k and the synthetic set)."""
+    then = provenance["dataset"]["files"]
+    if not then:
+        return
+    now = {name: fingerprint(Path(entry["path"])) for name, entry in then.items() if Path(entry["path"]).is_file()}
+    check_files(provenance, {"dataset": now}, who)
 
 
 def pin_files(provenance: dict, loaded: list[tuple[str, dict]]) -> dict:

@@ -34,6 +34,10 @@ def _fail_hook(shard_index: int, computed: int) -> None:
     raise RuntimeError(f"test hook {FAIL_SHARD_ENV}={spec}: shard {shard_index} fails on purpose")
 
 
+class ShardError(RuntimeError):
+    """Extraction that cannot go on: a shard over --max_failed_fraction, or no problem extracted at all."""
+
+
 METAFLOW_MAX_WORKERS = 16  # Metaflow's default --max-workers: how many foreach tasks a local run starts at once
 
 
@@ -139,8 +143,9 @@ def outcome_line(what: str, n: int, correct: np.ndarray, failed: list[dict], sho
 def check_failures(failed: list[dict], n: int, max_fraction: float, shard_index: int) -> None:
     """Fail the shard (shard_index from 0) when more than max_fraction of its n problems raised."""
     if len(failed) > max_fraction * n:
-        raise RuntimeError(f"shard {shard_index + 1}: {len(failed)} of {n} problems failed, more than "
-                           f"--max_failed_fraction={max_fraction}; first: {failed[0]['id']}: {failed[0]['error']}")
+        raise ShardError(f"shard {shard_index + 1}: {len(failed)} of {n} problems failed, more than "
+                         f"--max_failed_fraction={max_fraction}; first: {failed[0]['id']}: {failed[0]['error']}. "
+                         "`resume` extracts the failed problems again and reads the others back")
 
 
 def merge_shards(sampled_ids: list[str], shards: list[dict]) -> dict:
@@ -163,7 +168,8 @@ def merge_shards(sampled_ids: list[str], shards: list[dict]) -> dict:
     position = {i: n for n, i in enumerate(sampled_ids)}
     failed = sorted((f for s in shards for f in s["failed"]), key=lambda f: position[f["id"]])
     if not ids:
-        raise RuntimeError(f"no problem was extracted ({len(failed)} failed); first error: {failed[0]['error']}")
+        raise ShardError(f"no problem was extracted ({len(failed)} failed); first error: {failed[0]['id']}: "
+                         f"{failed[0]['error']}")
     return {"ids": ids,
             "attention": np.stack(gather("attention")).astype(np.float16),
             "mass": np.stack(gather("mass")).astype(np.float16),

@@ -33,6 +33,12 @@ class CannotContinue(MetaflowException):
     headline = "AttentionFlow cannot go on"
 
 
+class ExtractionFailed(MetaflowException):
+    """A shard over --max_failed_fraction, or a run with no problem extracted: headline + message."""
+
+    headline = "AttentionFlow extraction failed"
+
+
 class ship_project_code(FlowMutator):
     """Put codi_attn/ and cards/ into the code package beside this file, so that tasks run remotely
     (--with kubernetes, --with batch) import them without installing codi-attn in the image."""
@@ -233,10 +239,11 @@ class AttentionFlow(FlowSpec):
         return progress
 
     def _checkpoints(self, *inputs):
-        """This task's mid-task checkpoints (codi_attn.checkpoints), keyed by the settings and `inputs`."""
-        from codi_attn.checkpoints import task_checkpoints
+        """This task's mid-task checkpoints (codi_attn.checkpoints), keyed by the settings, the sample's problems
+        (ids, questions and golds) and `inputs`."""
+        from codi_attn.checkpoints import problem_content, task_checkpoints
 
-        return task_checkpoints(self, self.settings, *inputs)
+        return task_checkpoints(self, self.settings, problem_content(self.problems), *inputs)
 
     def _report_checkpoints(self, checkpoints) -> None:
         """Keep and print how many batches this task read back from a checkpoint and how many it computed."""
@@ -298,6 +305,15 @@ class AttentionFlow(FlowSpec):
         for what, entry in self.model_files.items():
             print(f"{what} {entry['source']}: {len(entry['paths'])} file(s) cached in the datastore for the model "
                   "steps")
+        if self.heads and "base" in self.model_files:  # a hub base: its config may not have been there to check
+            from codi_attn.model import CONFIG_FILE
+            from codi_attn.settings import head_scan_error
+
+            entry = self.model_files["base"]
+            config = task_files(self).get(entry["paths"][entry["names"].index(CONFIG_FILE)])
+            error = head_scan_error(self.settings["head_scan"], config.decode("utf-8"))
+            if error:
+                raise InvalidRun(error)
         current.card.extend(start_card(self.settings, self.demo, [note] if note else []))
         self.next(self.sample)
 
@@ -306,10 +322,15 @@ class AttentionFlow(FlowSpec):
     def sample(self):
         """The design's problem sample (codi-spec section 6), its fingerprint, and the shards."""
         from cards.sample_card import sample_card
-        from codi_attn.data import dataset_fingerprint, load_records, sample_problems
+        from codi_attn.data import DatasetError, dataset_fingerprint, load_records, sample_problems
+        from codi_attn.provenance import ProvenanceError, check_dataset
 
         s = self.settings
-        records = load_records(s["dataset"], s["split"])
+        try:  # a resume reads the dataset again: it must be the file start fingerprinted
+            check_dataset(self.provenance, current.pathspec)
+            records = load_records(s["dataset"], s["split"])
+        except (DatasetError, ProvenanceError) as e:
+            raise CannotContinue(str(e)) from None
         problems = sample_problems(records, s["n"], seed=self.seed, split=s["split"])
         self.problems = [asdict(p) for p in problems]
         self.problem_ids = [p.id for p in problems]
@@ -328,7 +349,7 @@ class AttentionFlow(FlowSpec):
         from tqdm import tqdm
 
         from cards.extract_card import ExtractProgress
-        from codi_attn.shards import check_failures, extract_shard, outcome_line
+        from codi_attn.shards import ShardError, check_failures, extract_shard, outcome_line
 
         self.shard_index = self.index
         problems = self.input
@@ -355,7 +376,10 @@ class AttentionFlow(FlowSpec):
         progress.finish(self.shard_ids, self.correct, self.failed_problems, time.time() - started)
         print(outcome_line(f"shard {self.index + 1}/{len(self.shards)}", len(problems), self.correct,
                            self.failed_problems), flush=True)
-        check_failures(self.failed_problems, len(problems), self.max_failed_fraction, self.index)
+        try:
+            check_failures(self.failed_problems, len(problems), self.max_failed_fraction, self.index)
+        except ShardError as e:
+            raise ExtractionFailed(str(e)) from None
         self.next(self.aggregate)
 
     @card(type="blank")
@@ -367,7 +391,7 @@ class AttentionFlow(FlowSpec):
         from cards.aggregate_card import aggregate_card
         from codi_attn.conventions import MASS_PARTS
         from codi_attn.provenance import ProvenanceError, pin_files
-        from codi_attn.shards import attention_stats, merge_shards, outcome_line
+        from codi_attn.shards import ShardError, attention_stats, merge_shards, outcome_line
 
         self.merge_artifacts(inputs, include=["settings", "demo", "model_files", "problems", "problem_ids",
                                               "dataset_fingerprint", "shards"])
@@ -378,9 +402,12 @@ class AttentionFlow(FlowSpec):
         except ProvenanceError as e:
             raise CannotContinue(str(e)) from None
         self.model_info = shards[0].model_info
-        merged = merge_shards(self.problem_ids, [
-            {"ids": s.shard_ids, "attention": s.attention, "mass": s.mass, "texts": s.texts,
-             "predictions": s.predictions, "correct": s.correct, "failed": s.failed_problems} for s in shards])
+        try:
+            merged = merge_shards(self.problem_ids, [
+                {"ids": s.shard_ids, "attention": s.attention, "mass": s.mass, "texts": s.texts,
+                 "predictions": s.predictions, "correct": s.correct, "failed": s.failed_problems} for s in shards])
+        except ShardError as e:
+            raise ExtractionFailed(str(e)) from None
         self.sampled_ids = self.problem_ids
         self.problem_ids = merged["ids"]
         self.attention_raw = merged["attention"]

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from codi_attn.checkpoints import Checkpoints, fingerprint, remembered
+from codi_attn.checkpoints import Checkpoints, fingerprint, problem_content, remembered
 from codi_attn.datastore import DatastoreFiles
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
@@ -77,6 +77,15 @@ def test_checkpoints_read_back_own_run_then_origin(files):
     assert again.counts() == {"loaded": 2, "computed": 1}
     assert fingerprint({"n": 1}, [1, 2]) != fingerprint({"n": 2}, [1, 2]) == fingerprint({"n": 2}, (1, 2))
     assert remembered(None, "batch-0", lambda: 5) == 5
+
+
+def test_checkpoints_are_keyed_on_the_problems_text_and_gold():
+    """A record edited under the same id (its question or its gold) is another problem: other checkpoints."""
+    problems = [{"id": "train_3", "question": QUESTIONS[0], "answer": "48", "solution": SOLUTIONS[0]}]
+    key = fingerprint({"n": 1}, problem_content(problems))
+    assert fingerprint({"n": 1}, problem_content([{**problems[0], "question": QUESTIONS[1]}])) != key
+    assert fingerprint({"n": 1}, problem_content([{**problems[0], "answer": "49"}])) != key
+    assert fingerprint({"n": 1}, problem_content([{**problems[0], "solution": "#### 48"}])) == key
 
 
 def test_a_checkpoint_that_no_longer_unpickles_is_recomputed_with_a_warning(files, capsys):

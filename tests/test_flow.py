@@ -269,6 +269,58 @@ def test_shard_death_then_resume_equals_clean_run(clean_run, killed_run):
     assert d.ranked_heads.equals(c.ranked_heads)
 
 
+@pytest.fixture(scope="module")
+def failed_problems_run(tiny_gpt2, gsm8k_train, tmp_path_factory):
+    """A one-shard run on a copy of the train file that stops in extract: one of its three problems raises, over
+    --max_failed_fraction 0.1: (datastore root, the failed run's result, the dataset copy)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("failed_problems_ds")
+    dataset = shutil.copy(gsm8k_train, root / "train.jsonl")
+    failed = run_flow(root, env={"CODI_ATTN_FAIL_PROBLEMS": seed42_ids(3)[1]},
+                      **tiny_params(*tiny_gpt2, dataset, n_problems="3", shard_size=3, heads=False, validate=False,
+                                    thought_analysis=False))
+    return root, failed, Path(dataset)
+
+
+def test_too_many_failed_problems_stop_the_shard_in_one_line(failed_problems_run):
+    _, failed, _ = failed_problems_run
+    assert failed.status == "failed"
+    output = failed.stdout_text + failed.stderr_text
+    assert "AttentionFlow extraction failed" in output and "Traceback" not in output
+    assert (f"shard 1: 1 of 3 problems failed, more than --max_failed_fraction=0.1; first: {seed42_ids(3)[1]}: "
+            "RuntimeError: test hook CODI_ATTN_FAIL_PROBLEMS") in output
+    assert "`resume` extracts the failed problems again and reads the others back" in output
+    assert "aggregate" not in [s.id for s in failed.run]
+
+
+def test_resume_refuses_a_changed_dataset(failed_problems_run):
+    """A sampled record's question is edited after start: sample, rerun by `resume sample`, stops naming the file
+    and both hashes, without a traceback, and nothing after it runs (no old attention scored on new text)."""
+    import hashlib
+    import json
+
+    root, failed, dataset = failed_problems_run
+    original = dataset.read_bytes()
+    lines = original.decode("utf-8").splitlines(keepends=True)
+    index = int(seed42_ids(3)[0].split("_")[1])
+    record = json.loads(lines[index])
+    lines[index] = json.dumps({**record, "question": record["question"] + " Answer in cents."}) + "\n"
+    edited = "".join(lines).encode("utf-8")
+    try:
+        dataset.write_bytes(edited)
+        resumed = run_flow(root, resume=True, origin_run_id=failed.run.id, step_to_rerun="sample")
+    finally:
+        dataset.write_bytes(original)
+    assert resumed.status == "failed"
+    output = resumed.stdout_text + resumed.stderr_text
+    assert "AttentionFlow cannot go on" in output and "Traceback" not in output
+    then, now = (hashlib.sha256(b).hexdigest()[:12] for b in (original, edited))
+    assert "the dataset file differs from the one this run started with" in output
+    assert f"dataset file {dataset} changed since the run started (sha256 {then}... then, {now}... now)" in output
+    assert "extract" not in [s.id for s in resumed.run]
+
+
 def test_full_datastore_stops_naming_it_and_resume_finishes(clean_run, small_disk, tiny_gpt2, gsm8k_train):
     """The datastore on a real 5 MB tmpfs fills up mid-run: the run stops with one line naming the datastore and
     what to do, no traceback; on the disk made larger, `resume` clones what was stored and finishes with arrays

@@ -13,7 +13,7 @@ import pytest
 
 from codi_attn import provenance
 from codi_attn.model import load_codi
-from codi_attn.provenance import ProvenanceError, check_files, pin_files, run_provenance
+from codi_attn.provenance import ProvenanceError, check_dataset, check_files, pin_files, run_provenance
 
 
 def _settings(base, ckpt, dataset, model="gpt2") -> dict:
@@ -114,3 +114,24 @@ def test_pin_files_pins_what_start_could_not_find_and_checks_every_shard(run_pro
     with pytest.raises(ProvenanceError, match=r"^shard 2: the model files differ"):
         pin_files(unpinned, [("shard 1", first), ("shard 2", other)])
     check_files(unpinned, other, "extract 1/2")  # nothing pinned yet: an extract task has nothing to check against
+
+
+def test_a_changed_or_missing_dataset_file_is_named_with_both_hashes(tiny_gpt2, tmp_path):
+    """sample, rerun by a resume, reads the dataset again: an edited record or a file gone stops it, named."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "What is 2 plus 2?", "answer": "2+2=4\\n#### 4"}\n')
+    prov = run_provenance(_settings(*tiny_gpt2, data))
+    check_dataset(prov, "AttentionFlow/7/sample/2")  # unchanged: nothing to say
+    then = prov["dataset"]["files"]["train.jsonl"]["sha256"]
+    data.write_text('{"question": "What is 2 plus 3?", "answer": "2+3=5\\n#### 5"}\n')
+    now = hashlib.sha256(data.read_bytes()).hexdigest()
+    with pytest.raises(ProvenanceError) as err:
+        check_dataset(prov, "AttentionFlow/7/sample/2")
+    lines = str(err.value).splitlines()
+    assert lines[:2] == ["AttentionFlow/7/sample/2: the dataset file differs from the one this run started with:",
+                         f"  dataset file {data} changed since the run started (sha256 {then[:12]}... then, "
+                         f"{now[:12]}... now)"]
+    data.unlink()
+    with pytest.raises(ProvenanceError, match=f"dataset file {data} was read when the run started and is not there"):
+        check_dataset(prov, "sample")
+    check_dataset({**prov, "dataset": {"source": "gsm8k", "where": "hub", "files": None}}, "sample")

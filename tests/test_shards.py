@@ -27,7 +27,9 @@ def test_extract_shard_isolates_failing_problem(gpt2_model, monkeypatch):
     assert out["attention"].dtype == np.float16
     np.testing.assert_array_equal(out["attention"], ex.attention.astype(np.float16))
     assert out["texts"] == ex.text
-    with pytest.raises(RuntimeError, match="1 of 5 problems failed, more than --max_failed_fraction=0.1"):
+    with pytest.raises(shards.ShardError, match=r"^shard 1: 1 of 5 problems failed, more than --max_failed_fraction=0.1"
+                                                r"; first: train_1: RuntimeError: .*`resume` extracts the failed "
+                                                r"problems again and reads the others back$"):
         shards.check_failures(out["failed"], 5, 0.1, 0)
     shards.check_failures(out["failed"], 5, 0.2, 0)  # exactly at the bound is fine
 
@@ -49,6 +51,8 @@ def test_merge_shards_checks_coverage():
         shards.merge_shards(["a", "b"], [shard(["a"])])
     with pytest.raises(RuntimeError, match=r"unknown \['z'\]"):
         shards.merge_shards(["a"], [shard(["a", "z"])])
+    with pytest.raises(shards.ShardError, match=r"^no problem was extracted \(2 failed\); first error: a: x$"):
+        shards.merge_shards(["a", "b"], [shard([], failed=["b"]), shard([], failed=["a"])])
 
 
 @pytest.mark.parametrize("n_shards, cpus, threads", [(2, 2, 1), (1, 8, 8), (3, 8, 2), (5, 2, 1), (100, 64, 4)])
