@@ -4,7 +4,9 @@ Mean patching (Cywinski et al.). For thought k and solution step s, each problem
 mean thought k of the other problems whose step s has the same value (`same`: the answer should not move), or
 of the problems whose step s has one other value v' (`different`: if thought k carries step s, the answer moves
 to the counterfactual answer: the chain recomputed from v', the gold following the steps that have its value,
-codi_attn.solutions.answer_if). Measured: accuracy, and the share of answers equal to the counterfactual.
+codi_attn.solutions.answer_if). `different` leaves out the problems whose counterfactual equals their gold (step s
+does not feed the answer): an answer that stays correct there would read as moved. Measured: accuracy, and the
+share of answers equal to the counterfactual.
 
 Pairs. A clean problem and its corrupted twin with one number of the question changed (same token length; the
 gold recomputed: codi_attn.solutions, or the demo task's own chain). The corrupted run is patched with the
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from codi_attn.answers import correctness
+from codi_attn.answers import correctness, parse_gold
 from codi_attn.conventions import THOUGHTS, thought_name
 from codi_attn.solutions import answer_if, change_number, numbers_in, solution_steps
 from codi_attn.validate import CI_LEVEL, drawn_interval
@@ -69,7 +71,7 @@ class Donors:
     """Whom each problem takes its mean from under one (step, kind), and what it should answer then."""
 
     donors: list[list[int]]  # per problem: the problems whose mean thought it is fed (empty: not patched)
-    target: np.ndarray  # [N] the counterfactual answer (`different`; nan otherwise or where none)
+    target: np.ndarray  # [N] the counterfactual answer (`different`, where it differs from the gold; nan otherwise)
 
     @property
     def used(self) -> np.ndarray:
@@ -78,7 +80,8 @@ class Donors:
 
 
 def donors(problems: Sequence[dict], step: int, kind: str, synthetic: bool) -> Donors:
-    """The donors of every problem for step `step` and `kind` (the same for every thought)."""
+    """The donors of every problem for step `step` and `kind` (the same for every thought); under `different`, none
+    where the counterfactual cannot be told or equals the problem's gold."""
     values = [[st.value for st in solution_steps(p["solution"])] for p in problems]
     have = [i for i, v in enumerate(values) if len(v) >= step]
     by_value: dict[float, list[int]] = {}
@@ -93,7 +96,7 @@ def donors(problems: Sequence[dict], step: int, kind: str, synthetic: bool) -> D
             continue
         other = next((w for w in ranked if w != v), None)
         cf = None if other is None else counterfactual_answer(problems[i], step, other, synthetic)
-        if cf is not None:
+        if cf is not None and cf != parse_gold(problems[i]["answer"]):
             out[i], target[i] = by_value[other], cf
     return Donors(out, target)
 
@@ -169,7 +172,7 @@ def twins(problem: dict, synthetic: bool):
     for which, (_, _, old) in enumerate(numbers_in(problem["question"])):
         for delta in (1, -1):
             cf = change_number(problem["question"], problem["solution"], which, old + delta)
-            if cf is not None:
+            if cf is not None and cf != parse_gold(problems[i]["answer"]):
                 yield Pair(-1, cf.question, cf.solution, cf.answer, cf.changed)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from codi_attn import patching as P
@@ -90,3 +91,27 @@ def test_mean_patching_bookkeeping(demo):
     from codi_attn.demo.task import answer_if
 
     assert P.counterfactual_answer(problems[0], 1, 5, True) == answer_if(record, 1, 5)
+
+
+# GSM8K-style problems whose step 3 is a side calculation that the gold (step 2's value) does not read
+SIDE_A = [4] * 6 + [5] * 5 + [7]
+
+
+def _side_problems() -> list[dict]:
+    return [{"question": f"Tom has {a} boxes of 3 pens and 5 more pens. Ann has 50 pens. How many pens does Tom have?",
+             "solution": f"<<{a}*3={3 * a}>>\n<<{3 * a}+5={3 * a + 5}>>\n<<50-{3 * a + 5}={45 - 3 * a}>>\n"
+                         f"#### {3 * a + 5}", "answer": str(3 * a + 5)} for a in SIDE_A]
+
+
+def test_different_leaves_out_problems_whose_counterfactual_is_the_gold():
+    """A step that does not feed the gold has a counterfactual equal to it: no donors there (a problem that stays
+    correct would read as moved), and no `different` patch of that step; a step that feeds it keeps its donors."""
+    problems = _side_problems()
+    side = P.donors(problems, 3, "different", synthetic=False)
+    assert not side.used.any() and np.isnan(side.target).all()
+    fed = P.donors(problems, 1, "different", synthetic=False)
+    other = {4: 5, 5: 4, 7: 4}  # the most frequent other value of a (step 1 = 3a)
+    assert fed.used.all() and list(fed.target) == [3 * other[a] + 5 for a in SIDE_A]
+    assert fed.donors[0] == [i for i, a in enumerate(SIDE_A) if a == 5]
+    planned = {(p.step, p.kind) for p in P.mean_patches(problems, False, max_steps=3, min_share=0.0)}
+    assert planned == {(1, "same"), (1, "different"), (2, "same"), (2, "different"), (3, "same")}
