@@ -12,8 +12,13 @@ def _pct(v: float) -> str:
     return "n/a" if pd.isna(v) else f"{100 * v:.0f}%"
 
 
+def _points(v: float) -> str:
+    return "n/a" if pd.isna(v) else f"{100 * v:+.0f}"
+
+
 def thoughts_card(report: ThoughtReport) -> list:
-    """Components of the card: conventions, findings, attended tokens, probes, lens, patching."""
+    """Components of the card: conventions, findings, attended tokens, probes, lens, patching (and its mean patching
+    table)."""
     from codi_attn.figures.thoughts import attended_examples, attended_kinds, lens_maps, patching_maps, probe_maps
 
     s = report.settings
@@ -53,11 +58,26 @@ def thoughts_card(report: ThoughtReport) -> list:
               image(lens_maps(report)),
               Markdown("## Patching\n\nMean patching: thought k replaced by the mean thought k of the problems whose "
                        "step s has the same value (the answer should stay) or one other value (if thought k holds "
-                       "step s, the answer moves to the counterfactual, the chain recomputed from that value). "
+                       "step s, the answer moves to the counterfactual: the chain recomputed from that value, the "
+                       "gold answer following the steps that have its value). The other-value rows leave out the "
+                       "problems whose counterfactual equals their gold (step s does not feed the answer), where an "
+                       "answer that stays correct would read as moved. Each row's accuracy is set against the "
+                       "unpatched accuracy of the same problems, the change with a paired bootstrap interval. "
                        "Clean -> corrupted: pairs whose questions differ in one number (same length, gold "
                        "recomputed); the corrupted run patched with the clean run's residual at thought k after "
                        "block l, or with the clean z_k; recovery = (LD_patched - LD_corrupted) / (LD_clean - "
                        "LD_corrupted) of the mean logit difference between the clean and the corrupted answer "
                        "token: 0 = nothing recovered, 1 = the clean run."),
               image(patching_maps(report))]
+    mp = report.mean_patching
+    if len(mp):
+        parts.append(table(pd.DataFrame({
+            "thought": mp["thought"], "step": mp["step"], "kind": mp["kind"], "n": mp["n"],
+            "accuracy": [f"{_pct(a)} [{_pct(lo)}, {_pct(hi)}]" for a, lo, hi in
+                         zip(mp["accuracy"], mp["ci_low"], mp["ci_high"])],
+            "unpatched (same problems)": [_pct(v) for v in mp["baseline_accuracy"]],
+            "change": [f"{_points(c)} [{_points(lo)}, {_points(hi)}]" for c, lo, hi in
+                       zip(mp["change"], mp["change_low"], mp["change_high"])],
+            "to the counterfactual": [f"{_pct(c)} [{_pct(lo)}, {_pct(hi)}]" if pd.notna(c) else "" for c, lo, hi in
+                                      zip(mp["counterfactual"], mp["cf_low"], mp["cf_high"])]})))
     return parts

@@ -112,7 +112,7 @@ class Recording:
     examples: list[dict]
     probes: pd.DataFrame
     lens: pd.DataFrame
-    baseline_accuracy: float
+    baseline_correct: np.ndarray  # [N] bool: the unpatched run answers the problem correctly
 
 
 @dataclass
@@ -142,8 +142,8 @@ def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Seq
                for u, pred, ld in zip(part.units, part.predictions, part.logit_diff)]
     prediction, logit_diff = {n: p for n, p, _ in patches}, {n: ld for n, _, ld in patches}
     mean = [u for u in plan.units if u.part == "mean"]
-    patched = mean_table(problems, [u.patch for u in mean], [prediction[u.name] for u in mean], s["synthetic"],
-                         s["n_boot"], s["seed"])
+    patched = mean_table(problems, [u.patch for u in mean], [prediction[u.name] for u in mean], rec.baseline_correct,
+                         s["synthetic"], s["n_boot"], s["seed"])
     notes = []
     if rec.probes.empty:
         notes.append(f"no probe: {TOO_FEW}")
@@ -171,7 +171,8 @@ def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Seq
                 "heads": [head_label(*h) for h in s["heads"]], "n_boot": s["n_boot"], "seed": s["seed"],
                 "synthetic": s["synthetic"]}
     report = ThoughtReport(rec.attended, rec.by_kind, rec.by_step, rec.heads_by_kind, rec.examples, rec.probes,
-                           rec.lens, patched, pair_patching, facts, rec.baseline_accuracy, settings, notes=notes)
+                           rec.lens, patched, pair_patching, facts, float(rec.baseline_correct.mean()), settings,
+                           notes=notes)
     report.findings = findings(report)
     return report
 
@@ -233,18 +234,26 @@ def findings(report: ThoughtReport) -> list[str]:
                    f"{100 * top.top1:.0f}% of the {top.n} problems it ranks ({top.target} at {top.position} layer "
                    f"{top.layer}; targets ranked on at least {MIN_PROBLEMS} problems).")
     mp = report.mean_patching
-    if len(mp):
-        same, diff = mp[mp["kind"] == "same"], mp[mp["kind"] == "different"]
-        moved = diff.sort_values("counterfactual", ascending=False).iloc[0]
-        out.append(f"Mean patching: replacing a thought by the mean thought of problems with the same value of a "
-                   f"step leaves {100 * same['accuracy'].min():.0f}-{100 * same['accuracy'].max():.0f}% accuracy "
-                   f"(baseline {100 * report.baseline_accuracy:.0f}%); with another value, at most "
-                   f"{100 * moved.counterfactual:.0f}% [{100 * moved.cf_low:.0f}, {100 * moved.cf_high:.0f}] of the "
-                   f"answers move to the counterfactual ({moved.thought}, step {moved.step}).")
-        if same["accuracy"].min() < report.baseline_accuracy - 0.1:
-            worst = same.sort_values("accuracy").iloc[0]
-            out.append(f"Even the same-value mean costs accuracy (down to {100 * worst.accuracy:.0f}% at "
-                       f"{worst.thought}): the thoughts carry more of their problem than one step's value.")
+    same, diff = mp[mp["kind"] == "same"], mp[mp["kind"] == "different"]
+    if len(same):
+        out.append(f"Mean patching: replacing a thought by the mean thought of the problems with the same value of a "
+                   f"step leaves {100 * same['accuracy'].min():.0f}-{100 * same['accuracy'].max():.0f}% accuracy, "
+                   f"against {100 * same['baseline_accuracy'].min():.0f}-{100 * same['baseline_accuracy'].max():.0f}% "
+                   f"unpatched on the same problems (change {100 * same['change'].min():+.0f} to "
+                   f"{100 * same['change'].max():+.0f} points).")
+        worst = same.sort_values("change", kind="stable").iloc[0]
+        if worst.change_high < 0:
+            out.append(f"Even the same-value mean costs accuracy: {worst.thought}, step {worst.step}, "
+                       f"{100 * worst.accuracy:.0f}% against {100 * worst.baseline_accuracy:.0f}% unpatched on the "
+                       f"same problems ({100 * worst.change:+.0f} points [{100 * worst.change_low:+.0f}, "
+                       f"{100 * worst.change_high:+.0f}]): the thoughts carry more of their problem than one step's "
+                       f"value.")
+    if len(diff):
+        moved = diff.sort_values("counterfactual", ascending=False, kind="stable").iloc[0]
+        out.append(f"Mean patching with another value of a step: at most {100 * moved.counterfactual:.0f}% "
+                   f"[{100 * moved.cf_low:.0f}, {100 * moved.cf_high:.0f}] of the answers move to the counterfactual "
+                   f"({moved.thought}, step {moved.step}; problems whose counterfactual equals their gold, where the "
+                   f"step does not feed the answer, left out).")
     pp = report.pair_patching
     if len(pp) and pp["recovery"].notna().any():
         layers = pp[pp["layer"] != "z"].sort_values("recovery", ascending=False)

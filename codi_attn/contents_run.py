@@ -69,7 +69,7 @@ def _record(model: CODIModel, problems: Sequence[dict], heads: Sequence[Head], n
             batch_size: int, max_new_tokens: int, checkpoints: Checkpoints | None,
             progress: Callable[[int], None] | None) -> Recording:
     """The recording run (attended tokens of every head and of `heads`, the residual stream) and what is read off
-    it: token kinds, probes, lens, accuracy."""
+    it: token kinds, probes, lens, each problem's correctness."""
     questions = [p["question"] for p in problems]
     solutions = [p["solution"] for p in problems]
     n = len(problems)
@@ -86,7 +86,7 @@ def _record(model: CODIModel, problems: Sequence[dict], heads: Sequence[Head], n
                      attended_summary(chosen.weights, tokens)[0] if chosen else None, examples,
                      run_probes(resid.resid, solutions, questions, n_boot=n_boot, seed=seed),
                      lens_table(model, resid.resid, solutions),
-                     float(correctness(gen.prediction, [p["answer"] for p in problems]).mean()))
+                     correctness(gen.prediction, [p["answer"] for p in problems]))
 
 
 def _thoughts(runner: Runner, problems: Sequence[dict]) -> np.ndarray:

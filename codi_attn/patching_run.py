@@ -43,14 +43,14 @@ def mean_outcomes(model: CODIModel, problems: Sequence[dict], patches: Sequence[
     return [g.prediction for g in generations]
 
 
-def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarray, synthetic: bool,
-                  batch_size: int = 16, max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0,
+def mean_patching(model: CODIModel, problems: Sequence[dict], thoughts: np.ndarray, baseline: np.ndarray,
+                  synthetic: bool, batch_size: int = 16, max_new_tokens: int = 256, n_boot: int = 200, seed: int = 0,
                   max_steps: int = 7, min_share: float = MIN_SHARE, stack: int = 1) -> pd.DataFrame:
     """`mean_patches`, `mean_outcomes` and `mean_table` in one: one row per (thought k, step s, same|different).
-    thoughts: [N, 6, d], the thoughts the baseline fed (RecordThoughts.z)."""
+    thoughts: [N, 6, d], the thoughts the baseline fed (RecordThoughts.z); baseline: [N] bool, its correctness."""
     patches = mean_patches(problems, synthetic, max_steps, min_share)
     predictions = mean_outcomes(model, problems, patches, thoughts, synthetic, batch_size, max_new_tokens, stack)
-    return mean_table(problems, patches, predictions, synthetic, n_boot, seed)
+    return mean_table(problems, patches, predictions, baseline, synthetic, n_boot, seed)
 
 
 # ---------------------------------------------------------------- pairs

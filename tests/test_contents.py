@@ -70,6 +70,57 @@ def test_findings_say_what_the_tables_say(demo_report):
     assert f"from {r.thought}'s residual after block {r.layer}" in report.findings[-1]
 
 
+def _mean_report(rows: list[dict]) -> C.ThoughtReport:
+    """A report with nothing but these mean-patching rows (and a sample baseline that none of them has)."""
+    from codi_attn.patching import MEAN_PATCHING_COLUMNS
+
+    empty = pd.DataFrame()
+    return C.ThoughtReport([], empty, empty, None, [], empty, empty, pd.DataFrame(rows, columns=MEAN_PATCHING_COLUMNS),
+                           empty, {}, 0.9, {"n_layers": 2})
+
+
+SAME = [{"thought": "z1", "step": 1, "kind": "same", "n": 12, "accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8,
+         "baseline_accuracy": 0.4, "change": 0.1, "change_low": -0.1, "change_high": 0.3},
+        {"thought": "z3", "step": 1, "kind": "same", "n": 11, "accuracy": 0.2, "ci_low": 0.0, "ci_high": 0.4,
+         "baseline_accuracy": 0.6, "change": -0.4, "change_low": -0.6, "change_high": -0.2}]
+DIFFERENT = [{"thought": t, "step": 2, "kind": "different", "n": 10, "accuracy": 0.3, "ci_low": 0.1, "ci_high": 0.5,
+              "baseline_accuracy": 0.5, "change": -0.2, "change_low": -0.4, "change_high": 0.0, "counterfactual": cf,
+              "cf_low": cf - 0.1, "cf_high": cf + 0.1} for t, cf in (("z2", 0.3), ("z4", 0.6))]
+
+
+def test_mean_patching_findings_compare_the_same_problems_and_need_their_rows():
+    """Same-value accuracy set against the rows' own unpatched accuracy (not the sample's 90%); a cost claimed only
+    where the paired interval of the change lies below 0; each finding only where its rows exist."""
+    both = C.findings(_mean_report(SAME + DIFFERENT))
+    assert both == [
+        "Mean patching: replacing a thought by the mean thought of the problems with the same value of a step leaves "
+        "20-50% accuracy, against 40-60% unpatched on the same problems (change -40 to +10 points).",
+        "Even the same-value mean costs accuracy: z3, step 1, 20% against 60% unpatched on the same problems (-40 "
+        "points [-60, -20]): the thoughts carry more of their problem than one step's value.",
+        "Mean patching with another value of a step: at most 60% [50, 70] of the answers move to the counterfactual "
+        "(z4, step 2; problems whose counterfactual equals their gold, where the step does not feed the answer, left "
+        "out)."]
+    assert C.findings(_mean_report(SAME)) == both[:2]
+    assert C.findings(_mean_report(DIFFERENT)) == both[2:]
+    assert C.findings(_mean_report(SAME[:1])) == [
+        "Mean patching: replacing a thought by the mean thought of the problems with the same value of a step leaves "
+        "50-50% accuracy, against 40-40% unpatched on the same problems (change +10 to +10 points)."]
+    assert C.findings(_mean_report([])) == []
+
+
+def test_card_tables_mean_patching_against_the_same_problems(demo_report):
+    from cards.thoughts_card import thoughts_card
+
+    _, _, report = demo_report
+    mp = report.mean_patching
+    rendered = [part.render() for part in thoughts_card(report)]
+    shown = next(r for r in rendered if r["type"] == "table" and "unpatched (same problems)" in r["columns"])
+    column = shown["columns"].index("unpatched (same problems)")
+    assert [row[column] for row in shown["data"]] == [f"{100 * v:.0f}%" for v in mp["baseline_accuracy"]]
+    text = "\n".join(r["source"] for r in rendered if r["type"] == "markdown")
+    assert "leave out the problems whose counterfactual equals their gold" in text
+
+
 def test_decodable_needs_the_interval_above_every_control():
     row = pd.Series({"ci_low": 0.5, "control": 0.3, "permuted": 0.2, "majority": 0.4})
     assert C.decodable(row)
@@ -173,4 +224,4 @@ def test_a_killed_group_redoes_only_the_batches_left(demo_report, grouped, tmp_p
             r, c = part.recording, clean.recording
             assert all(np.array_equal(a, b) for a, b in zip(r.attended, c.attended))
             assert r.probes.equals(c.probes) and r.lens.equals(c.lens) and r.by_step.equals(c.by_step)
-            assert r.baseline_accuracy == c.baseline_accuracy
+            assert np.array_equal(r.baseline_correct, c.baseline_correct)

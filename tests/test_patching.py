@@ -77,20 +77,80 @@ def test_patching_nothing_gives_0_and_everything_gives_1(demo):
     assert len(table) == 6 * model.n_layers + 6 + 2
 
 
-def test_mean_patching_bookkeeping(demo):
-    """Rows per (thought, step, kind); the counterfactual is the chain recomputed from the donors' value; the
-    same-value mean of a single donor group leaves the donors' value in place."""
+def _demo_step_values(problems: list[dict], step: int) -> list[int | None]:
+    """Step `step`'s value per problem, from the demo task's chain (not from codi_attn.solutions)."""
+    from codi_attn.demo.task import apply_op, chain_of
+
+    out = []
+    for p in problems:
+        v, ops = chain_of({"answer": p["solution"]})
+        for op, b in ops[:step]:
+            v = apply_op(v, op, b)
+        out.append(v if len(ops) >= step else None)
+    return out
+
+
+def test_mean_patching_bookkeeping(demo, monkeypatch):
+    """Every patched run feeds thought k (and no earlier one) the mean thought k of the donors that the demo chain
+    gives (same value; or the most frequent other value, ties by first occurrence), at least MIN_PATCHED problems
+    each; the table's accuracy, same-problem baseline and counterfactual share are those of the runs' answers on
+    those problems, the counterfactual the chain's later operations applied to the donors' value."""
+    from collections import Counter
+
+    from codi_attn.answers import correctness
+    from codi_attn.demo.task import apply_op, chain_of
+
     model, problems = demo
     thoughts = RecordThoughts(len(problems))
-    Runner(model, 8, 8).run([p["question"] for p in problems], [thoughts])
-    table = PR.mean_patching(model, problems, thoughts.z, synthetic=True, batch_size=8, max_new_tokens=8, n_boot=50,
-                            max_steps=2, min_share=0.0, stack=4)
-    assert set(table["kind"]) == {"same", "different"} and set(table["step"]) <= {1, 2}
-    assert table["accuracy"].between(0, 1).all() and table[table["kind"] == "different"]["counterfactual"].notna().all()
-    record = {"answer": problems[0]["solution"]}
-    from codi_attn.demo.task import answer_if
+    gen = Runner(model, 8, 8).run([p["question"] for p in problems], [thoughts])
+    golds = [p["answer"] for p in problems]
+    baseline = correctness(gen.prediction, golds)
+    fed, runs, original = [], [], Runner.run_conditions
 
-    assert P.counterfactual_answer(problems[0], 1, 5, True) == answer_if(record, 1, 5)
+    def recording(self, questions, conditions, *args):
+        recorders = [RecordThoughts(len(questions)) for _ in conditions]
+        fed.extend(recorders)
+        runs.extend(original(self, questions, [[*c, r] for c, r in zip(conditions, recorders)], *args))
+        return runs[-len(conditions):]
+
+    monkeypatch.setattr(Runner, "run_conditions", recording)
+    table = PR.mean_patching(model, problems, thoughts.z, baseline, synthetic=True, batch_size=8, max_new_tokens=8,
+                             n_boot=50, max_steps=2, min_share=0.0, stack=4)
+    patches = P.mean_patches(problems, True, max_steps=2, min_share=0.0)
+    assert len(table) == len(patches) == len(fed) and {(p.step, p.kind) for p in patches} == {
+        (s, k) for s in (1, 2) for k in ("same", "different")}
+    for patch, row, z, run in zip(patches, table.itertuples(), fed, runs):
+        assert (row.thought, row.step, row.kind) == (f"z{patch.thought}", patch.step, patch.kind)
+        values = _demo_step_values(problems, patch.step)
+        count = Counter(v for v in values if v is not None)
+        first = {v: values.index(v) for v in count}
+        ranked = sorted(count, key=lambda v: (-count[v], first[v]))
+        k, used, target = patch.thought - 1, [], {}
+        for i, v in enumerate(values):
+            if patch.kind == "same":
+                donors = [j for j, w in enumerate(values) if w == v and j != i]
+            else:
+                other = next(w for w in ranked if w != v)
+                donors = [j for j, w in enumerate(values) if w == other]
+                _, ops = chain_of({"answer": problems[i]["solution"]})
+                target[i] = other
+                for op, b in ops[patch.step:]:
+                    target[i] = apply_op(target[i], op, b)
+            expected = thoughts.z[donors, k].mean(0) if donors else thoughts.z[i, k]
+            np.testing.assert_allclose(z.z[i, k], expected, atol=1e-5)
+            np.testing.assert_allclose(z.z[i, :k], thoughts.z[i, :k], atol=1e-4)  # nothing earlier is fed
+            if donors:
+                used.append(i)
+                assert np.abs(z.z[i, k] - thoughts.z[i, k]).max() > 1e-3  # really replaced
+        assert row.n == len(used) >= P.MIN_PATCHED
+        ok = correctness(run.prediction, golds)[used]
+        assert row.accuracy == pytest.approx(ok.mean()) and row.baseline_accuracy == pytest.approx(baseline[used].mean())
+        assert row.change == pytest.approx(ok.mean() - baseline[used].mean())
+        if patch.kind == "different":
+            moved = [run.prediction[i] == target[i] for i in used]
+            assert row.counterfactual == pytest.approx(np.mean(moved))
+        else:
+            assert np.isnan(row.counterfactual)
 
 
 # GSM8K-style problems whose step 3 is a side calculation that the gold (step 2's value) does not read
@@ -115,3 +175,23 @@ def test_different_leaves_out_problems_whose_counterfactual_is_the_gold():
     assert fed.donors[0] == [i for i, a in enumerate(SIDE_A) if a == 5]
     planned = {(p.step, p.kind) for p in P.mean_patches(problems, False, max_steps=3, min_share=0.0)}
     assert planned == {(1, "same"), (1, "different"), (2, "same"), (2, "different"), (3, "same")}
+
+
+def test_mean_table_compares_with_the_same_problems_unpatched():
+    """Each row's baseline is the unpatched accuracy of the problems patched (the a = 7 problem has no same-value
+    donor), not the sample's; the change's interval is paired: answers as right as unpatched give exactly [0, 0]."""
+    problems = _side_problems()
+    golds = np.array([3.0 * a + 5 for a in SIDE_A])
+    baseline = np.array([True] * 6 + [False] * 5 + [True])  # 7 of 12; 6 of the 11 with a same-value donor
+    same_prediction = golds.copy()
+    same_prediction[0] = -1.0
+    cf = P.donors(problems, 1, "different", synthetic=False).target
+    different_prediction = np.where(baseline, golds, cf)  # right where the baseline is, else at the counterfactual
+    patches = [P.MeanPatch(2, 1, "same"), P.MeanPatch(2, 1, "different")]
+    table = P.mean_table(problems, patches, [same_prediction, different_prediction], baseline, False, n_boot=200)
+    same, different = table.iloc[0], table.iloc[1]
+    assert same.n == 11 and same.accuracy == pytest.approx(10 / 11) and same.baseline_accuracy == pytest.approx(6 / 11)
+    assert same.change == pytest.approx(4 / 11) and same.change_low <= 4 / 11 <= same.change_high
+    assert different.n == 12 and different.accuracy == different.baseline_accuracy == pytest.approx(7 / 12)
+    assert different.change == different.change_low == different.change_high == 0.0
+    assert different.counterfactual == pytest.approx(5 / 12) and different.ci_high > different.ci_low
