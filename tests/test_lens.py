@@ -1,5 +1,5 @@
-"""The lens per layer (codi_attn.lens): residuals through the final norm are the model's hidden states, and lens ranks
-equal ranking the LM head's logits over the number tokens directly."""
+"""The lens per layer (codi_attn.lens): residuals through the final norm are the model's hidden states (BOT's,
+projected, z1), and lens ranks equal ranking the LM head's logits over the number tokens directly."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +13,8 @@ from reference import QUESTIONS
 
 
 def test_residuals_and_lens_ranks_equal_a_direct_computation(gpt2_model):
-    """RecordResiduals' last layer at thought k, through the final norm, is the thought's final hidden state; the
-    lens rank equals ranking the LM head's logits over the number tokens directly."""
+    """RecordResiduals' last layer at thought k, through the final norm, is the thought's final hidden state, and
+    at BOT, through the final norm and the projection, z1; the lens rank equals ranking the LM head's logits over the number tokens directly."""
     from codi_attn.hooks import RecordThoughts
 
     m = gpt2_model
@@ -23,6 +23,9 @@ def test_residuals_and_lens_ranks_equal_a_direct_computation(gpt2_model):
     with torch.no_grad():
         last = final_norm(m)(torch.as_tensor(resid.resid[:, 1:, -1])).numpy()
     np.testing.assert_allclose(last, thoughts.hidden, atol=1e-5)
+    with torch.no_grad():  # BOT (position 0): its final hidden state, projected, is the first fed thought z1
+        z1 = m.prj(final_norm(m)(torch.as_tensor(resid.resid[:, 0, -1]))).numpy()
+    np.testing.assert_allclose(z1, thoughts.z[:, 0], atol=1e-5)
     ids, values = number_token_values(m)
     value = values[3]
     ranks = lens_ranks(m, resid.resid, np.array([value, None], dtype=object))
