@@ -55,6 +55,7 @@ def find_run(run_id: str, flow: str = FLOW_NAME):
 
 
 def _jsonable(x):
+    """x with numpy values as Python ones and nan or +-inf as null (JSON has neither)."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -64,7 +65,7 @@ def _jsonable(x):
     if isinstance(x, (np.integer, np.bool_)):
         return x.item()
     if isinstance(x, (float, np.floating)):
-        return None if math.isnan(x) else float(x)
+        return float(x) if math.isfinite(x) else None
     return x
 
 

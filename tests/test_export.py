@@ -185,3 +185,15 @@ def test_export_onto_a_full_disk_leaves_no_file_and_keeps_what_was_there(clean_r
                         rf"written to {re.escape(str(out))}, and no file there was changed\)", message), message
     assert _files(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["filler", "results"]  # no hidden staging folder left
+
+
+def test_json_files_hold_no_nan_or_infinity(tmp_path):
+    """JSON has neither nan nor infinity: both are written as null (an incoming lift over a zero baseline is inf),
+    numpy values as plain numbers."""
+    from codi_attn.export import _write_json
+
+    path = tmp_path / "x.json"
+    _write_json(path, {"lift": np.array([1.5, np.inf, -np.inf, np.nan]), "n": np.int64(3), "ok": np.bool_(True),
+                       "nested": [{"v": np.float32(0.25)}]})
+    assert json.loads(path.read_text()) == {"lift": [1.5, None, None, None], "n": 3, "ok": True,
+                                            "nested": [{"v": 0.25}]}
