@@ -104,8 +104,8 @@ class AttentionFlow(FlowSpec):
                      help="Override the preset's base model (config + tokenizer): a local directory or hub id.")
     dataset = Parameter("dataset", default="auto", type=str,
                         help="gsm8k (the Hugging Face hub's gsm8k/main), synthetic (bundled arithmetic set), or "
-                             "a path to a .jsonl / .json file of GSM8K records. auto: synthetic for the demo "
-                             "model, gsm8k otherwise.")
+                             "a path to a .jsonl / .json file of GSM8K records. auto: synthetic for the shipped demo "
+                             "model (--model demo without --ckpt or --base), gsm8k otherwise.")
     split = Parameter("split", default="auto", type=str,
                       help="Dataset split: train or test (names the problems' ids for a file). auto: test for the "
                            "demo model's synthetic set (held out from its training), train otherwise (the design's "
