@@ -8,10 +8,10 @@ thought k is fed.
 Probes (Hewitt & Liang 2019). For each target (the value of solution step s, `step s`; the gold final answer
 after '####', `answer`, which is not always the last step's value; the operation of step s, `op s`), position and
 layer: a standardised ridge classifier (scikit-learn), 5-fold cross-validated over problems (no problem is in its
-own training fold); accuracy of the out-of-fold predictions with a 95 % bootstrap interval. Two controls on the same inputs and folds: the labels
-permuted across problems (the chance floor), and the control task: a random label fixed per value of a surface
-feature of the question (its first number), drawn with the target's label frequencies, which a probe can only
-learn by memorising that feature. Selectivity = accuracy - control accuracy.
+own training fold); accuracy of the out-of-fold predictions with a 95 % bootstrap interval. Two controls on the
+same inputs and folds: the labels permuted across problems (the chance floor), and the control task: a random
+label fixed per value of a surface feature of the question (its first number), drawn with the target's label
+frequencies, which a probe can only learn by memorising that feature. Selectivity = accuracy - control accuracy.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from reference import QUESTIONS
 
 def test_residuals_and_lens_ranks_equal_a_direct_computation(gpt2_model):
     """RecordResiduals' last layer at thought k, through the final norm, is the thought's final hidden state, and
-    at BOT, through the final norm and the projection, z1; the lens rank equals ranking the LM head's logits over the number tokens directly."""
+    at BOT, through the final norm and the projection, z1; the lens rank equals ranking the LM head's logits over
+    the number tokens directly."""
     from codi_attn.hooks import RecordThoughts
 
     m = gpt2_model

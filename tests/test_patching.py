@@ -144,7 +144,8 @@ def test_mean_patching_bookkeeping(demo, monkeypatch):
                 assert np.abs(z.z[i, k] - thoughts.z[i, k]).max() > 1e-3  # really replaced
         assert row.n == len(used) >= P.MIN_PATCHED
         ok = correctness(run.prediction, golds)[used]
-        assert row.accuracy == pytest.approx(ok.mean()) and row.baseline_accuracy == pytest.approx(baseline[used].mean())
+        assert row.accuracy == pytest.approx(ok.mean())
+        assert row.baseline_accuracy == pytest.approx(baseline[used].mean())
         assert row.change == pytest.approx(ok.mean() - baseline[used].mean())
         if patch.kind == "different":
             moved = [run.prediction[i] == target[i] for i in used]
