@@ -4,13 +4,14 @@ Nothing here uses the runner: these computations read codi-spec's positions stra
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from codi_attn.conventions import N_THOUGHTS
-from codi_attn.runner import tokenize_questions
+from codi_attn.conventions import N_THOUGHTS, Head
+from codi_attn.runner import head_dim, layer_module, tokenize_questions
 
 QUESTIONS = [
     "Natalia sold 48 clips in April. How many clips?",
@@ -48,3 +49,21 @@ def full_sequence_reference(model, question: str, thoughts: np.ndarray, blocked:
     block = rows[..., q + 1: q + 1 + N_THOUGHTS]
     split = np.stack([rows[..., 0], rows[..., 1:q].sum(-1), rows[..., q], block.sum(-1)], axis=-1)
     return block, split
+
+
+@contextmanager
+def zeroed_heads(model, heads: Sequence[Head]) -> Iterator[None]:
+    """Zero ablation everywhere without any hook: the heads' input rows of the output projection's weight set to 0
+    (GPT-2's Conv1D weight is [in, out]), restored on exit."""
+    d, saved = head_dim(model), {}
+    try:
+        for layer, head in heads:
+            proj = layer_module(model, "head_in", layer)
+            saved.setdefault(layer, proj.weight.detach().clone())
+            with torch.no_grad():
+                proj.weight[head * d:(head + 1) * d] = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                layer_module(model, "head_in", layer).weight.copy_(weight)

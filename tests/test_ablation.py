@@ -11,6 +11,7 @@ from codi_attn.conventions import N_THOUGHTS
 from codi_attn.extract import extract
 from codi_attn.hooks import RecordThoughts
 from codi_attn.runner import Runner, head_dim, layer_module, tokenize_questions
+from reference import zeroed_heads
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber."]
@@ -199,21 +200,12 @@ def test_zero_ablation_everywhere_equals_zeroing_the_heads_weight_rows(demo_unpa
     entry for entry, what zeroing that head's rows of the output projection's weight gives (an independent
     mechanism: no hook at all)."""
     m = demo_unpacked
-    d = head_dim(m)
     for layer in range(m.n_layers):
-        proj = layer_module(m, "head_in", layer)
         for head in range(m.n_heads):
             hooked = extract(m, demo_questions, batch_size=8, max_new_tokens=8,
                              hooks=[AblateHeads(m, [(layer, head)], "zero", "all")])
-            saved = proj.weight.detach().clone()
-            rows = slice(head * d, (head + 1) * d)
-            with torch.no_grad():  # Conv1D: weight [in, out], the head's input rows are rows of the weight
-                proj.weight[rows] = 0.0
-            try:
+            with zeroed_heads(m, [(layer, head)]):
                 zeroed = extract(m, demo_questions, batch_size=8, max_new_tokens=8)
-            finally:
-                with torch.no_grad():
-                    proj.weight.copy_(saved)
             assert hooked.text == zeroed.text, f"L{layer}H{head}"
             np.testing.assert_allclose(hooked.attention, zeroed.attention, atol=1e-5)
 

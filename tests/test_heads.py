@@ -15,7 +15,8 @@ from scipy.stats import false_discovery_control
 from codi_attn import heads as H
 from codi_attn import heads_run as HR
 from codi_attn.extract import extract
-from codi_attn.runner import Runner, head_dim, layer_module
+from codi_attn.runner import Runner, head_dim
+from reference import zeroed_heads
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber.", "Tom has 3 apples. How many?"]
@@ -41,17 +42,9 @@ def test_scan_zero_everywhere_equals_zeroing_the_weight_rows(demo):
     chosen = [(0, 1), (1, 2), (2, 0), (3, 3)]
     scan = HR.scan_heads(model, questions, golds, solutions, chosen, ("zero",), ("all",), batch_size=8,
                         max_new_tokens=8)
-    d = head_dim(model)
-    for c, (layer, head) in enumerate(scan.heads):
-        proj = layer_module(model, "head_in", layer)
-        saved = proj.weight.detach().clone()
-        with torch.no_grad():
-            proj.weight[head * d:(head + 1) * d] = 0.0
-        try:
+    for c, head in enumerate(scan.heads):
+        with zeroed_heads(model, [head]):
             zeroed = extract(model, questions, golds, batch_size=8, max_new_tokens=8)
-        finally:
-            with torch.no_grad():
-                proj.weight.copy_(saved)
         np.testing.assert_array_equal(scan.correct[c], zeroed.correct)
         np.testing.assert_array_equal(scan.prediction[c], zeroed.prediction)
 
@@ -202,21 +195,9 @@ def test_held_out_measures_every_set_on_half_b_alone(demo):
     assert held.sets.loc[0, "heads"] == " ".join(on_a["label"])
     qs, gs = [questions[i] for i in b], [golds[i] for i in b]
     plain = extract(model, qs, gs, batch_size=8, max_new_tokens=8)
-    d = head_dim(model)
     for row in held.sets.itertuples():
-        saved = {}
-        for label in row.heads.split():
-            layer, head = (int(x) for x in label[1:].split("H"))
-            proj = layer_module(model, "head_in", layer)
-            saved.setdefault(layer, proj.weight.detach().clone())
-            with torch.no_grad():
-                proj.weight[head * d:(head + 1) * d] = 0.0
-        try:
+        with zeroed_heads(model, [tuple(int(x) for x in label[1:].split("H")) for label in row.heads.split()]):
             zeroed = extract(model, qs, gs, batch_size=8, max_new_tokens=8)
-        finally:
-            with torch.no_grad():
-                for layer, weight in saved.items():
-                    layer_module(model, "head_in", layer).weight.copy_(weight)
         assert row.accuracy == zeroed.correct.mean(), row.name
         assert row.delta_accuracy == pytest.approx(zeroed.correct.mean() - plain.correct.mean()), row.name
         same = (zeroed.prediction == plain.prediction) | (np.isnan(zeroed.prediction) & np.isnan(plain.prediction))
