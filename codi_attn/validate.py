@@ -6,8 +6,8 @@ Every condition runs on the same problems as a baseline run of those problems (c
                       recording; must equal the baseline bit for bit (`ValidationResult.noop_identical`)
     top-k             the k best heads by composite, ablated together
     top-k single      each of them alone
-    random control    n_random draws of k heads from the same layers as the top-k (same layer multiset), none
-                      of them a top-k head; a layer without enough other heads lends from its nearest layers
+    random control    n_random distinct sets of k heads, none of them a top-k head (`random_head_sets`): with the
+                      top-k's layer multiset where those layers leave enough distinct sets, else from all layers
     blocking          each thought z1..z6 blocked (later queries give its key exactly zero weight), and all six
     latent swap       each problem fed the six thoughts of its swap partner (codi_attn.hooks.swap_partners: another
                       problem with the same number of solution steps): do the thoughts carry problem-specific

@@ -213,7 +213,7 @@ def run_validation(model: CODIModel, questions: Sequence[str], golds: Sequence[s
                    positions: str = "thoughts", batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
                    n_boot: int = 1000, progress: Callable[[int], None] | None = None, stack: int = 1
                    ) -> ValidationResult:
-    """Ablate the top-k heads of `ranked_heads` (columns layer, head, composite), k random same-layer heads,
+    """Ablate the top-k heads of `ranked_heads` (columns layer, head, composite), random sets of k other heads,
     block each thought and swap the thoughts between problems, on `questions` with gold answers `golds` and
     GSM8K solutions `solutions` (for the logit lens and the swap partners): `plan_validation`, every condition in
     one `validate_group`, `join_validation` (the flow runs groups of conditions as parallel tasks instead).

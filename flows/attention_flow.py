@@ -83,8 +83,8 @@ class AttentionFlow(FlowSpec):
                  tasks, the lens, patching, with the findings in words
       after_thoughts  on to the validation if asked for
       plan_validation  the validation's conditions, in groups
-      validate_conditions  foreach group of validation conditions: ablate the top heads against random same-layer
-                 heads, block each thought, swap thoughts between problems (with a no-op control), each group
+      validate_conditions  foreach group of validation conditions: ablate the top heads against random sets of
+                 other heads, block each thought, swap thoughts between problems (with a no-op control), each group
                  on its own run of the baseline; resumable per group and per batch
       validate_heads  join: the validation table, the no-op check and the logit lens of the thoughts
       compare    against the latest run of every other model on the same sample
@@ -139,7 +139,8 @@ class AttentionFlow(FlowSpec):
                            help="Top heads by composite to ablate, together and one by one (capped at a quarter "
                                 "of the heads).")
     validate_random = Parameter("validate_random", default=5, type=int,
-                                help="Random control draws of k heads from the same layers as the top-k.")
+                                help="Random control sets of k other heads (distinct; from the top-k's layers where they leave "
+                                     "enough heads, else from all layers).")
     validate_group_size = Parameter("validate_group_size", default=8, type=int,
                                     help="Validation conditions per validate_conditions task (a failed group is "
                                          "rerun alone by resume).")
@@ -704,7 +705,7 @@ class AttentionFlow(FlowSpec):
     @card(type="blank")
     @step
     def validate_heads(self, inputs):
-        """Join the validation groups: the causal check of the ranking (top-k vs random same-layer heads, each
+        """Join the validation groups: the causal check of the ranking (top-k vs random sets of other heads, each
         thought blocked, the latent swap, with controls) and the logit lens."""
         from cards.validate_card import validate_card
         from codi_attn.validate import join_validation
