@@ -8,7 +8,7 @@ from metaflow.cards import Markdown, Table
 
 from cards.common import image
 
-from codi_attn.validate import LENS_TOP_N, ValidationResult
+from codi_attn.validate import LENS_TOP_N, ValidationResult, controls_origin
 
 
 def _points(x: float) -> str:
@@ -49,7 +49,7 @@ def verdict(result: ValidationResult) -> list[str]:
     distinct = f", only {n_sets} distinct head set{'s' * (n_sets > 1)}" if n_sets < len(rand) else ""
     out.append(f"Ablating the top-{k} heads ({s['ablation']} ablation) changed accuracy by {_delta(top)} from "
                f"{100 * base['accuracy']:.1f}%, vs {r_delta.mean():+.1f} ± {r_delta.std(ddof=0):.1f} points for "
-               f"{k} random heads {'from the same layers' if s.get('controls_matched', True) else 'from all layers'}"
+               f"{k} random heads {controls_origin(s)}"
                f" (mean ± sd over {len(rand)} draws{distinct}, range "
                f"{r_delta.min():+.1f} to {r_delta.max():+.1f}).")
     below = int((rand["delta_accuracy"] > top["delta_accuracy"]).sum())

@@ -117,6 +117,11 @@ def random_head_sets(top: Sequence[Head], n_layers: int, n_heads: int, n_sets: i
 
 
 
+def controls_origin(settings: dict) -> str:
+    """Where a validation's random controls came from, for its card and figure (runs before the flag: same layers)."""
+    return "from the same layers" if settings.get("controls_matched", True) else "from all layers"
+
+
 @dataclass(frozen=True)
 class Condition:
     """One experiment, as data (picklable: the flow hands groups of them to its validation tasks): heads ablated

@@ -254,9 +254,12 @@ def test_verdict_says_when_random_draws_repeat(gpt2_model):
     assert "distinct" not in control_line()
     result.validation.loc[rand, "heads"] = result.validation.loc[rand, "heads"].iloc[0]
     assert "over 3 draws, only 1 distinct head set" in control_line()
+    from codi_attn.figures.validation import ablation_figure
+
     for matched, where in ((True, "from the same layers"), (False, "from all layers")):
         result.settings["controls_matched"] = matched
         assert f"random heads {where}" in control_line()
+        assert f"random heads {where}" in ablation_figure(result)._suptitle.get_text()
 
 
 def test_card_reads_a_kl_that_no_problem_could_give(gpt2_model):

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from codi_attn.validate import ValidationResult  # noqa: E402
+from codi_attn.validate import ValidationResult, controls_origin  # noqa: E402
 
 DPI = 100
 GROUP_COLORS = {"baseline": "#7f7f7f", "no-op": "#bdbdbd", "top-k": "#d1495b", "top-k single": "#edae49",
@@ -62,10 +62,10 @@ def condition_figure(result: ValidationResult, groups: tuple[str, ...], title: s
 
 
 def ablation_figure(result: ValidationResult) -> Figure:
-    """Top-k heads ablated together vs the random same-layer controls (and the no-op control)."""
+    """Top-k heads ablated together vs the random controls (and the no-op control)."""
     return condition_figure(result, ("no-op", "top-k", "random control"),
                             f"Ablating the top-{result.settings['k']} heads vs {result.settings['k']} random heads "
-                            "from the same layers")
+                            + controls_origin(result.settings))
 
 
 def single_heads_figure(result: ValidationResult) -> Figure:
