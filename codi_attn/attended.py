@@ -3,7 +3,8 @@
 
 Token kinds: `number` (the decoded token has a digit), `operation` (a word or symbol that names an arithmetic
 operation: OPERATION_WORDS, or + - * / x), `other`. The operands of solution step s are the question tokens
-whose number is a literal of step s's expression (codi_attn.solutions).
+whose number is a literal of step s's expression (codi_attn.solutions) and not the result of an earlier step (a
+literal that is an earlier result reads that step, not the question, even where the question also writes it).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class QuestionTokens:
 
     text: list[str]
     kind: list[str]
-    operand_of: list[tuple[int, ...]]  # step numbers s (1-based) whose expression has this token's number
+    operand_of: list[tuple[int, ...]]  # step numbers s (1-based) whose operands have this token's number
 
 
 def question_tokens(model: CODIModel, question_ids: Sequence[int], solution: str) -> QuestionTokens:
@@ -96,7 +97,7 @@ def question_tokens(model: CODIModel, question_ids: Sequence[int], solution: str
 
     texts = [model.tokenizer.decode([i]) for i in question_ids]
     steps = solution_steps(solution)
-    operands = [{v for _, _, v in literals(s.expression)} for s in steps]
+    operands = [{v for _, _, v in literals(s.expression)} - {e.value for e in steps[:i]} for i, s in enumerate(steps)]
     operand_of = []
     for text in texts:
         value = token_number(text)

@@ -44,6 +44,10 @@ def test_token_kinds_and_operands(gpt2_model):
     tokens = question_tokens(gpt2_model, ids, "<<.48*2=0.96>>\n<<48+1=49>>\n#### 49")  # .48 is not the text's 48
     marked = {t.strip(): ops for t, ops in zip(tokens.text, tokens.operand_of) if ops}
     assert marked == {"48": (2,), "2": (1,)}
+    ids = tokenize_questions(gpt2_model, ["Max has 48 cards in 2 boxes."])[0][:-1]
+    tokens = question_tokens(gpt2_model, ids, "<<2*24=48>>\n<<48+1=49>>\n#### 49")
+    marked = {t.strip(): ops for t, ops in zip(tokens.text, tokens.operand_of) if ops}
+    assert marked == {"2": (1,)}  # step 2's 48 is step 1's result, not the question's 48
 
 
 def test_summary_shares_add_up():
