@@ -230,9 +230,12 @@ def findings(report: ThoughtReport) -> list[str]:
     lens = report.lens[report.lens["n"] >= MIN_PROBLEMS] if len(report.lens) else report.lens
     if len(lens):
         top = lens.sort_values("top1", ascending=False).iloc[0]
+        chance = (f", against {100 * top.permuted_top1:.0f}% there with the targets permuted across problems "
+                  f"(at best {100 * lens['permuted_top1'].max():.0f}% over the {len(lens)} cells)"
+                  if "permuted_top1" in lens else "")
         out.append(f"The lens per layer ranks a target value first among the number tokens at best for "
                    f"{100 * top.top1:.0f}% of the {top.n} problems it ranks ({top.target} at {top.position} layer "
-                   f"{top.layer}; targets ranked on at least {MIN_PROBLEMS} problems).")
+                   f"{top.layer}; targets ranked on at least {MIN_PROBLEMS} problems){chance}.")
     mp = report.mean_patching
     same, diff = mp[mp["kind"] == "same"], mp[mp["kind"] == "different"]
     if len(same):

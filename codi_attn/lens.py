@@ -61,9 +61,13 @@ def lens_ranks(model: CODIModel, resid: np.ndarray, values: np.ndarray, batch: i
     return ranks
 
 
-def lens_table(model: CODIModel, resid: np.ndarray, solutions: Sequence[str], max_steps: int = 7) -> pd.DataFrame:
+def lens_table(model: CODIModel, resid: np.ndarray, solutions: Sequence[str], max_steps: int = 7,
+               seed: int = 0) -> pd.DataFrame:
     """One row per (target value: each step's and the answer, position, layer): the share of problems whose
-    target ranks first among the number tokens, within the top 5, the median rank, and n ranked."""
+    target ranks first among the number tokens, within the top 5, the median rank, n ranked, and the chance
+    floor `permuted_top1`: the top-1 share with the ranked problems' targets permuted among them (a lens that
+    reads nothing of the problem, only which values are frequent, scores as high)."""
+    rng = np.random.default_rng(seed)
     rows = []
     for name, labels in targets(solutions, max_steps).items():
         if name.startswith("op"):
@@ -72,10 +76,15 @@ def lens_table(model: CODIModel, resid: np.ndarray, solutions: Sequence[str], ma
         ranked = ~np.isnan(ranks[:, 0, 0])
         if not ranked.any():
             continue
+        shuffled = np.array(labels, dtype=object)
+        idx = np.flatnonzero(ranked)
+        shuffled[idx] = shuffled[rng.permutation(idx)]
+        permuted = lens_ranks(model, resid, shuffled)
         for p, position in enumerate(POSITIONS):
             for layer in range(resid.shape[2]):
                 r = ranks[ranked, p, layer]
                 rows.append({"target": name, "position": position, "layer": layer, "n": int(ranked.sum()),
                              "top1": float((r == 1).mean()), "top5": float((r <= 5).mean()),
-                             "median_rank": float(np.median(r))})
+                             "median_rank": float(np.median(r)),
+                             "permuted_top1": float((permuted[ranked, p, layer] == 1).mean())})
     return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from codi_attn.hooks import RecordResiduals
-from codi_attn.lens import final_norm, lens_ranks, number_token_values
+from codi_attn.lens import final_norm, lens_ranks, lens_table, number_token_values
 from codi_attn.runner import Runner
 from reference import QUESTIONS
 
@@ -37,3 +37,28 @@ def test_residuals_and_lens_ranks_equal_a_direct_computation(gpt2_model):
     scores = pd.DataFrame(logits.reshape(-1, len(ids)).T).groupby(values).max()  # a value: its best token
     direct = 1 + (scores.to_numpy() > scores.loc[value].to_numpy()).sum(0)
     np.testing.assert_array_equal(ranks[0].ravel(), direct)
+
+
+def test_lens_table_shares_and_its_permuted_floor(gpt2_model):
+    """Each cell's top-1 / top-5 shares and median rank are those of lens_ranks over the problems ranked; the
+    permuted floor equals top-1 where every problem has the same target (a permutation changes nothing) and is a
+    share elsewhere."""
+    from codi_attn.probes import targets
+
+    m = gpt2_model
+    resid = RecordResiduals(m, 4)
+    Runner(m, max_new_tokens=1).run(QUESTIONS, [resid])
+    solutions = ["<<12*4=48>>\n<<48+2=50>>\n#### 50", "<<12*4=48>>\n<<48+24=72>>\n#### 72",
+                 "<<12*4=48>>\n<<48-46=2>>\n#### 2", "<<12*4=48>>\n<<48/2=24>>\n#### 24"]
+    table = lens_table(m, resid.resid, solutions).set_index(["target", "position", "layer"])
+    labels = targets(solutions, 7)
+    for name in ("step 1", "step 2"):
+        ranks = lens_ranks(m, resid.resid, labels[name])
+        ranked = ~np.isnan(ranks[:, 0, 0])
+        cell = table.loc[(name, "z3", 1)]
+        r = ranks[ranked, 3, 1]
+        assert cell["n"] == ranked.sum() and cell["top1"] == (r == 1).mean() and cell["top5"] == (r <= 5).mean()
+        assert cell["median_rank"] == np.median(r)
+    one = table.loc["step 1"]  # 48 for every problem
+    np.testing.assert_array_equal(one["permuted_top1"], one["top1"])
+    assert table["permuted_top1"].between(0, 1).all()
