@@ -631,7 +631,7 @@ class AttentionFlow(FlowSpec):
         self.thought_index = self.index
         units = list(self.input)
         progress = self._progress("thoughts", f"problems through the group's {len(units)} unit(s)")
-        checkpoints = self._checkpoints([u.name for u in units])
+        checkpoints = self._checkpoints(units, self.thought_plan.settings)  # what each unit patches, the heads read
         self.thought_part = analyse_group(self._group_model(len(self.thought_groups)), self._sample(),
                                           self.thought_plan, units, self.batch_size, self.max_new_tokens,
                                           self._stack(), checkpoints, progress)
@@ -692,7 +692,7 @@ class AttentionFlow(FlowSpec):
         conds = list(self.input)
         problems = self._sample()
         progress = self._progress("validate", f"of {len(problems)} problems through the group's conditions")
-        checkpoints = self._checkpoints([c.name for c in conds])
+        checkpoints = self._checkpoints(conds)  # each condition's heads and blocked thoughts, not only its name
         self.validation_part = validate_group(
             self._group_model(len(self.validation_groups)), *problem_texts(problems), conds, ablation=self.ablation,
             positions=self.ablation_positions, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,

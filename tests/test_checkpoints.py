@@ -88,6 +88,24 @@ def test_checkpoints_are_keyed_on_the_problems_text_and_gold():
     assert fingerprint({"n": 1}, problem_content([{**problems[0], "solution": "#### 48"}])) == key
 
 
+def test_group_checkpoints_are_keyed_on_what_the_conditions_do():
+    """The validation and thought tasks key their checkpoints on their conditions and units themselves (the flow's
+    _checkpoints(conds) / (units, plan settings)): a condition of the same name with other heads, or a plan
+    reading other heads, is another key (a resume after the ranking changed must not read back another head set's
+    outcomes)."""
+    from codi_attn.contents import ThoughtUnit
+    from codi_attn.patching import MeanPatch
+    from codi_attn.validate import Condition
+
+    group = [Condition("top-2", "top-k", ((0, 1), (1, 2))), Condition("random 1", "random control", ((0, 3), (1, 0)))]
+    other = [group[0], Condition("random 1", "random control", ((0, 2), (1, 0)))]
+    assert fingerprint(group) != fingerprint(other) and fingerprint(group) == fingerprint(list(group))
+    units = [ThoughtUnit("record"), ThoughtUnit("mean", MeanPatch(2, 1, "same"))]
+    assert fingerprint(units, {"heads": [(2, 0)]}) != fingerprint(units, {"heads": [(1, 2)]})
+    different = [units[0], ThoughtUnit("mean", MeanPatch(2, 1, "different"))]
+    assert fingerprint(units, {"heads": [(2, 0)]}) != fingerprint(different, {"heads": [(2, 0)]})
+
+
 def test_a_checkpoint_that_no_longer_unpickles_is_recomputed_with_a_warning(files, capsys):
     """A checkpoint whose class has moved since it was written (codi-attn upgraded between a task's death and its
     resume), or bytes that are no pickle, is recomputed with a warning naming it, not a failed task; the
