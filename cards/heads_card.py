@@ -43,8 +43,9 @@ def held_out_answer(report: CausalReport) -> str:
     held = report.held_out
     if held is None:
         return "not measured"
-    return "; ".join(f"{r.selection} top-{held.k} {_points(r.delta_accuracy)} {_interval(r.delta_ci_low, r.delta_ci_high)}"
-                     f" vs random {100 * r.random_mean:+.1f} ± {100 * r.random_sd:.1f}" for r in held.summary.itertuples())
+    return "; ".join(f"{r.selection} top-{held.k} {_points(r.delta_accuracy)} "
+                     f"{_interval(r.delta_ci_low, r.delta_ci_high)} vs random {100 * r.random_mean:+.1f} ± "
+                     f"{100 * r.random_sd:.1f}" for r in held.summary.itertuples())
 
 
 def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:

@@ -6,7 +6,8 @@ run from the failed one) redo only the batches that had not finished.
 
 A task reads a checkpoint from its own run first (an earlier attempt), then from the run it resumes (Metaflow's
 origin run), and saves what it took from there under its own run as well, so that a resume of a resume finds it.
-The fingerprint hashes the task's inputs (settings, problems with their text and gold, heads), so a task with other inputs never reads it.
+The fingerprint hashes the task's inputs (settings, problems with their text and gold, heads), so a task with
+other inputs never reads it.
 Checkpoints are pickled Python objects (numpy arrays inside), as Metaflow's artifacts are. One that no longer
 unpickles (written by another version of codi-attn, whose classes moved) is recomputed, with a warning naming it.
 """

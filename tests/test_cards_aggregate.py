@@ -19,7 +19,8 @@ def _report(critical: list[tuple[str, float]]) -> CausalReport:
     rows.append({"label": "L0H0", "delta_accuracy": -0.5, "logit_diff_change": 0.0, "critical": False,
                  "kind": "zero", "positions": "thoughts"})
     correlations = pd.DataFrame(columns=["metric", "effect", "spearman", "ci_low", "ci_high", "n_heads"])
-    return CausalReport(pd.DataFrame(rows), pd.DataFrame(), correlations, None, {"kind": "zero", "positions": "thoughts"})
+    return CausalReport(pd.DataFrame(rows), pd.DataFrame(), correlations, None,
+                        {"kind": "zero", "positions": "thoughts"})
 
 
 def test_end_card_names_the_composite_and_the_causal_heads():

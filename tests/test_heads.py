@@ -50,8 +50,9 @@ def test_scan_zero_everywhere_equals_zeroing_the_weight_rows(demo):
 
 
 def test_scan_effects_are_the_per_problem_changes(demo):
-    """The baseline is a plain run on the same problems. Effects: accuracy and its change are the means of the per-problem outcomes, the interval contains the
-    point, answers changed counts changed predictions; a subset gives the subset's numbers."""
+    """The baseline is a plain run on the same problems. Effects: accuracy and its change are the means of the
+    per-problem outcomes, the interval contains the point, answers changed counts changed predictions, the sign
+    test's p-value is the binomial tail by hand; a subset gives the subset's numbers."""
     model, questions, golds, solutions = demo
     scan = HR.scan_heads(model, questions, golds, solutions, [(2, 0), (0, 1)], ("mean", "resample"), batch_size=8,
                         max_new_tokens=8)
