@@ -139,8 +139,8 @@ class AttentionFlow(FlowSpec):
                            help="Top heads by composite to ablate, together and one by one (capped at a quarter "
                                 "of the heads).")
     validate_random = Parameter("validate_random", default=5, type=int,
-                                help="Random control sets of k other heads (distinct; from the top-k's layers where they leave "
-                                     "enough heads, else from all layers).")
+                                help="Random control sets of k other heads (distinct; from the top-k's layers "
+                                     "where they leave enough heads, else from all layers).")
     validate_group_size = Parameter("validate_group_size", default=8, type=int,
                                     help="Validation conditions per validate_conditions task (a failed group is "
                                          "rerun alone by resume).")
