@@ -142,7 +142,13 @@ def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
     if report.held_out is not None:
         held = report.held_out
         parts += [Markdown(f"## Held out: selected on half A ({len(held.problems_a)} problems), measured on half B "
-                           f"({len(held.problems_b)})"),
+                           f"({len(held.problems_b)})\n\nThe sets are ablated on B with B's own head means or inputs. "
+                           "The selection reads the exact scan's effects on A, whose mean ablation used means over "
+                           "all the problems (B's included)"
+                           + (", among the heads attribution patching on all the problems chose for the scan"
+                              if len(report.head_effects[["layer", "head"]].drop_duplicates())
+                              < s["n_layers"] * s["n_heads"] else "")
+                           + ": B enters the selection only through those means."),
                   image(held_out_figure(held)),
                   table(_held_out_table(held))]
     if len(report.agreement):

@@ -306,6 +306,8 @@ def test_report_card_and_figures(gpt2_model):
     rendered = [c.render() for c in heads_card(report, ranked)]
     images = [r for r in rendered if r["type"] == "image"]
     assert len(images) == 3 and all(r["src"].startswith("data:image/png") for r in images)
+    held_out = next(r["source"] for r in rendered if r["type"] == "markdown" and "## Held out" in r["source"])
+    assert "means over all the problems" in held_out and "chose for the scan" not in held_out  # every head scanned
 
 
 def test_causal_comparison_across_models(gpt2_model, llama_model):
@@ -350,7 +352,10 @@ def test_a_top_m_scan_reports_on_its_heads(unpacked_models):
     assert sorted(zip(report.head_effects["layer"], report.head_effects["head"])) == sorted(heads)
     assert (report.correlations["n_heads"] == 3).all() and len(report.correlations) == 2 * len(H.METRICS)
     assert set(report.held_out.summary["selection"]) == {"causal", "composite"}
-    assert any(c.render()["type"] == "image" for c in heads_card(report, head_scores(ex.attention)))
+    rendered = [c.render() for c in heads_card(report, head_scores(ex.attention))]
+    assert any(r["type"] == "image" for r in rendered)
+    held_out = next(r["source"] for r in rendered if r["type"] == "markdown" and "## Held out" in r["source"])
+    assert "attribution patching on all the problems chose for the scan" in held_out  # B's way into the selection
 
 
 def test_attribution_estimates_sit_on_the_thought_rows_only():
