@@ -53,12 +53,14 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
     s = report.settings
     out = []
     critical = report.critical()
+    effects = report.head_effects
+    n_scanned = int(((effects["kind"] == s["kind"]) & (effects["positions"] == s["positions"])).sum())
     composite = ranked_heads[ranked_heads["composite"] > COMPOSITE_CRITICAL]["label"].tolist()
     names = ", ".join(critical["label"]) or "none"
     out.append(f"{len(critical)} of {s['n_layers'] * s['n_heads']} heads are causally critical ({s['kind']} ablation "
                f"alone costs at least {100 * CRITICAL_DROP:.0f} points, and the loss survives a "
-               f"{100 * FDR:.0f}% false-discovery rate over the heads: exact sign test on the answers it flips, "
-               f"Benjamini-Hochberg): {names}. "
+               f"{100 * FDR:.0f}% false-discovery rate over the {n_scanned} head{'s' * (n_scanned != 1)} scanned: exact sign "
+               f"test on the answers it flips, Benjamini-Hochberg): {names}. "
                f"Composite above {COMPOSITE_CRITICAL}: {', '.join(composite) or 'none'}; in both: "
                f"{', '.join(sorted(set(critical['label']) & set(composite))) or 'none'}.")
     corr = report.correlations
@@ -111,7 +113,7 @@ def _effects_table(report: CausalReport, kind: str, n: int = 30) -> list:
         "KL answer token": [cell(v) for v in df["kl_answer_token"]],
         "Δ logit diff": [cell(v) for v in df["logit_diff_change"]],
         "attribution estimate": [cell(v) for v in df["estimate"]],
-        "q (FDR)": [cell(v) for v in df["q_value"]], "composite": [cell(v) for v in df["composite"]],
+        "q (FDR)": [cell(v) for v in df.get("q_value", pd.Series(float("nan"), index=df.index))], "composite": [cell(v) for v in df["composite"]],
         "critical": df["critical"]})
     return [table(shown)]
 
@@ -142,13 +144,7 @@ def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
     if report.held_out is not None:
         held = report.held_out
         parts += [Markdown(f"## Held out: selected on half A ({len(held.problems_a)} problems), measured on half B "
-                           f"({len(held.problems_b)})\n\nThe sets are ablated on B with B's own head means or inputs. "
-                           "The selection reads the exact scan's effects on A, whose mean ablation used means over "
-                           "all the problems (B's included)"
-                           + (", among the heads attribution patching on all the problems chose for the scan"
-                              if len(report.head_effects[["layer", "head"]].drop_duplicates())
-                              < s["n_layers"] * s["n_heads"] else "")
-                           + ": B enters the selection only through those means."),
+                           f"({len(held.problems_b)})\n\n" + _held_out_selection(report)),
                   image(held_out_figure(held)),
                   table(_held_out_table(held))]
     if len(report.agreement):
@@ -161,6 +157,20 @@ def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
     for kind in s["kinds"]:
         parts += [Markdown(f"## Heads by effect: {kind} ablation (most harmful first)"), *_effects_table(report, kind)]
     return parts
+
+
+def _held_out_selection(report: CausalReport) -> str:
+    """How half B can enter the selection on half A, for the ablation kind the held-out test used."""
+    s = report.settings
+    through = {"mean": "the scan's mean ablation used means over all the problems (B's included)",
+               "resample": "the scan's resample ablation took its inputs from swap partners among all the problems",
+               "zero": ""}[s["kind"]]
+    partial = len(report.head_effects[["layer", "head"]].drop_duplicates()) < s["n_layers"] * s["n_heads"]
+    chosen = "attribution patching on all the problems chose the heads scanned" if partial else ""
+    ways = " and ".join(w for w in (through, chosen) if w)
+    return ("The sets are ablated on B against B's own baseline (and B's own means or inputs). The selection reads "
+            "the exact scan's effects on A; " + (f"{ways}: that is how B enters it." if ways else
+                                                 "B does not enter it."))
 
 
 def _held_out_table(held) -> pd.DataFrame:

@@ -70,7 +70,7 @@ def thoughts_card(report: ThoughtReport) -> list:
                        "token: 0 = nothing recovered, 1 = the clean run."),
               image(patching_maps(report))]
     mp = report.mean_patching
-    if len(mp):
+    if len(mp) and "baseline_accuracy" in mp:  # runs before the same-problem baseline have no such columns
         parts.append(table(pd.DataFrame({
             "thought": mp["thought"], "step": mp["step"], "kind": mp["kind"], "n": mp["n"],
             "accuracy": [f"{_pct(a)} [{_pct(lo)}, {_pct(hi)}]" for a, lo, hi in

@@ -244,9 +244,11 @@ def findings(report: ThoughtReport) -> list[str]:
                    f"against {100 * same['baseline_accuracy'].min():.0f}-{100 * same['baseline_accuracy'].max():.0f}% "
                    f"unpatched on the same problems (change {100 * same['change'].min():+.0f} to "
                    f"{100 * same['change'].max():+.0f} points).")
-        worst = same.sort_values("change", kind="stable").iloc[0]
-        if worst.change_high < 0:
-            out.append(f"Even the same-value mean costs accuracy: {worst.thought}, step {worst.step}, "
+        costly = same[same["change_high"] < 0].sort_values("change", kind="stable")
+        if len(costly):
+            worst = costly.iloc[0]
+            out.append(f"Even the same-value mean costs accuracy in {len(costly)} of {len(same)} cells (interval "
+                       f"below 0); at most {worst.thought}, step {worst.step}, "
                        f"{100 * worst.accuracy:.0f}% against {100 * worst.baseline_accuracy:.0f}% unpatched on the "
                        f"same problems ({100 * worst.change:+.0f} points [{100 * worst.change_low:+.0f}, "
                        f"{100 * worst.change_high:+.0f}]): the thoughts carry more of their problem than one step's "

@@ -65,8 +65,9 @@ def lens_table(model: CODIModel, resid: np.ndarray, solutions: Sequence[str], ma
                seed: int = 0) -> pd.DataFrame:
     """One row per (target value: each step's and the answer, position, layer): the share of problems whose
     target ranks first among the number tokens, within the top 5, the median rank, n ranked, and the chance
-    floor `permuted_top1`: the top-1 share with the ranked problems' targets permuted among them (a lens that
-    reads nothing of the problem, only which values are frequent, scores as high)."""
+    floor `permuted_top1`: the top-1 share with the ranked problems' targets permuted among them (one draw of
+    numpy's default_rng(seed) per target, in target order; a lens that reads nothing of the problem, only which
+    values are frequent, scores as high)."""
     rng = np.random.default_rng(seed)
     rows = []
     for name, labels in targets(solutions, max_steps).items():

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 
 from codi_attn.conventions import ABLATIONS, POSITIONS
-from codi_attn.data import HUB_NAME, SPLITS, SYNTHETIC_NAME, dataset_fingerprint, load_records, resolve_n, sample_problems
+from codi_attn.data import (HUB_NAME, SPLITS, SYNTHETIC_NAME, dataset_fingerprint, load_records, resolve_n,
+                            sample_problems)
 from codi_attn.presets import PRESETS
 from codi_attn.runs import named_runs, sample_difference
 

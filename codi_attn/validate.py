@@ -269,7 +269,7 @@ def join_validation(plan: ValidationPlan, parts: Sequence[ValidationPart]) -> Va
             raise ValueError("the validation parts ran different baselines (another model or other problems?)")
     noop = [p.noop_identical for p in parts if p.noop_identical is not None]
     settings = {"k": plan.settings["k"], "k_requested": plan.settings["k_requested"],
-                "n_random": plan.settings["n_random"], "controls_matched": plan.settings["controls_matched"],
+                "n_random": plan.settings["n_random"], "controls_matched": plan.settings.get("controls_matched", True),
                 **first.settings}
     return ValidationResult(pd.DataFrame([first.baseline, *rows], columns=list(COLUMNS)), first.logit_lens,
                             bool(noop and noop[0]), settings, list(plan.notes))

@@ -95,8 +95,9 @@ def test_mean_patching_findings_compare_the_same_problems_and_need_their_rows():
     assert both == [
         "Mean patching: replacing a thought by the mean thought of the problems with the same value of a step leaves "
         "20-50% accuracy, against 40-60% unpatched on the same problems (change -40 to +10 points).",
-        "Even the same-value mean costs accuracy: z3, step 1, 20% against 60% unpatched on the same problems (-40 "
-        "points [-60, -20]): the thoughts carry more of their problem than one step's value.",
+        "Even the same-value mean costs accuracy in 1 of 2 cells (interval below 0); at most z3, step 1, 20% against "
+        "60% unpatched on the same problems (-40 points [-60, -20]): the thoughts carry more of their problem than one "
+        "step's value.",
         "Mean patching with another value of a step: at most 60% [50, 70] of the answers move to the counterfactual "
         "(z4, step 2; problems whose counterfactual equals their gold, where the step does not feed the answer, left "
         "out)."]
@@ -106,6 +107,9 @@ def test_mean_patching_findings_compare_the_same_problems_and_need_their_rows():
         "Mean patching: replacing a thought by the mean thought of the problems with the same value of a step leaves "
         "50-50% accuracy, against 40-40% unpatched on the same problems (change +10 to +10 points)."]
     assert C.findings(_mean_report([])) == []
+    wide = {**SAME[1], "thought": "z5", "n": 3, "change": -0.5, "change_low": -0.9, "change_high": 0.1}
+    costly = C.findings(_mean_report([*SAME, wide]))[1]  # the largest drop is noise: the cost is z3's
+    assert costly.startswith("Even the same-value mean costs accuracy in 1 of 3 cells (interval below 0); at most z3")
 
 
 def test_card_tables_mean_patching_against_the_same_problems(demo_report):

@@ -61,4 +61,15 @@ def test_lens_table_shares_and_its_permuted_floor(gpt2_model):
         assert cell["median_rank"] == np.median(r)
     one = table.loc["step 1"]  # 48 for every problem
     np.testing.assert_array_equal(one["permuted_top1"], one["top1"])
-    assert table["permuted_top1"].between(0, 1).all()
+    rng = np.random.default_rng(0)  # the docstring's draws, one per target in order: the other problems' targets
+    for name in (t for t in labels if not t.startswith("op")):
+        ranked = ~np.isnan(lens_ranks(m, resid.resid, labels[name])[:, 0, 0])
+        if not ranked.any():
+            continue
+        shuffled, idx = np.array(labels[name], dtype=object), np.flatnonzero(ranked)
+        shuffled[idx] = shuffled[rng.permutation(idx)]
+        by_hand = (lens_ranks(m, resid.resid, shuffled)[ranked] == 1).mean(0)  # [7, L]
+        got = table.loc[name]["permuted_top1"].to_numpy().reshape(by_hand.shape)
+        np.testing.assert_array_equal(got, by_hand)
+        if name == "step 2":  # distinct values: another problem's target is a real control
+            assert (shuffled[idx] != np.array(labels[name], dtype=object)[idx]).any()
