@@ -94,6 +94,18 @@ def _format(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def substitute(expression: str, mapping: dict[float, float]) -> tuple[str, bool]:
+    """The expression (commas removed) with every literal that is a key of `mapping` written as its value, and
+    whether any literal was."""
+    expression = expression.replace(",", "")
+    pieces, last, used = [], 0, False
+    for a, b, literal in literals(expression):
+        used |= literal in mapping
+        pieces += [expression[last:a], _format(mapping[literal]) if literal in mapping else expression[a:b]]
+        last = b
+    return "".join(pieces) + expression[last:], used
+
+
 @dataclass(frozen=True)
 class Counterfactual:
     """A question with one number changed and what its solution becomes."""
@@ -122,18 +134,8 @@ def change_number(question: str, solution: str, index: int, new: float) -> Count
     mapping = {old: new}
     used, rewritten = False, []
     for step in steps:
-        expression = step.expression.replace(",", "")
-        pieces, last = [], 0
-        for a, b, value in literals(expression):
-            pieces.append(expression[last:a])
-            if value in mapping:
-                used = True
-                pieces.append(_format(mapping[value]))
-            else:
-                pieces.append(expression[a:b])
-            last = b
-        pieces.append(expression[last:])
-        text = "".join(pieces)
+        text, changed = substitute(step.expression, mapping)
+        used |= changed
         value = evaluate(text)
         if step.value in mapping and mapping[step.value] != value:
             return None  # a later literal equal to this value would be read as the old number's substitute
@@ -161,13 +163,8 @@ def answer_if(question: str, solution: str, step: int, value: float) -> float | 
         return None
     mapping, values = {results[step - 1]: float(value)}, [*results[: step - 1], float(value)]
     for st in steps[step:]:
-        expression = st.expression.replace(",", "")
-        pieces, last = [], 0
-        for a, b, literal in literals(expression):
-            pieces += [expression[last:a], _format(mapping[literal]) if literal in mapping else expression[a:b]]
-            last = b
         try:
-            new = evaluate("".join(pieces) + expression[last:])
+            new = evaluate(substitute(st.expression, mapping)[0])
         except ValueError:
             return None
         values.append(new)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from codi_attn.solutions import answer_if, change_number, evaluate, literals, numbers_in, solution_steps
+from codi_attn.solutions import answer_if, change_number, evaluate, literals, numbers_in, solution_steps, substitute
 
 SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
             "in April and May.\n#### 72")
@@ -59,6 +59,13 @@ def test_literals_read_a_leading_decimal_point():
                        "He pays .75*8 = <<.75*8=6>>6 dollars.\n#### 6", 0, 1.75)
     assert cf is not None and cf.answer == 14.0 and cf.steps[0].expression == "1.75*8"
 
+
+
+def test_substitute_rewrites_whole_literals_only():
+    """A literal is replaced only where it is a key, as a whole number: 2 in 12 or in .25 stays; commas go."""
+    assert substitute("12*2+.25-1,200", {2.0: 3.0, 1200.0: 0.5}) == ("12*3+.25-0.5", True)
+    assert substitute("12*4", {2.0: 3.0}) == ("12*4", False)
+    assert substitute("2/3", {2.0: 2.5, 3.0: 4.0}) == ("2.5/4", True)
 
 SIDE = "Tom has 4 boxes of 3 pens and 5 more pens. Ann has 25 pens. How many pens does Tom have?"
 SIDE_SOLUTION = "<<4*3=12>>\n<<12+5=17>>\nAnn has <<25-17=8>>8 more.\n#### 17"  # the last step is a side calculation
