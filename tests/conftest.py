@@ -13,6 +13,44 @@ GSM8K_PLACES = (SHARED / "data" / "gsm8k" / "train.jsonl", Path("/work/shared/da
 GSM8K_TRAIN_SIZE = 7473
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (the README's test command), each worker's torch, and the flow runs it starts, take
+    its share of the cores: two workers each running 2-thread torch on 2 cores made some tests 7x slower."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if count > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // count))  # read when torch is imported, after this
+
+
+_share_the_cores()
+
+FIRST = ("test_flow.py", "test_s3.py")  # the modules with the longest flow runs: each makes one shared run first
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """FIRST's modules first, the rest in their order: with `--dist loadscope --no-loadscope-reorder` xdist hands
+    out modules in this order, so two workers start the two shared runs side by side and nobody waits for them."""
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+
+
+def shared_once(tmp_path_factory, name: str, make) -> dict:
+    """`make(root)` (a JSON-able dict) computed once per test session, under `root` = the session's temporary
+    folder / name: with pytest-xdist, by the first worker that asks while the others wait on a file lock, then
+    read back from name.json. A `make` that raises leaves nothing, so the next worker tries again."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder all workers' temporary folders are in
+    done = base / f"{name}.json"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            done.write_text(json.dumps(make(base / name)))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def gsm8k_train(tmp_path_factory) -> Path:
     """GSM8K's train.jsonl from ../shared; where that is missing (a user's clone), a stand-in of as many
@@ -44,28 +82,40 @@ def real_gsm8k(gsm8k_train) -> Path:
 
 @pytest.fixture(scope="session")
 def clean_run(tiny_gpt2, gsm8k_train, tmp_path_factory):
-    """One uninterrupted gpt2 flow run per test session, shared by test_flow.py and test_export.py:
-    (Run, datastore root, (base, ckpt))."""
-    from flowrun import run_flow, tiny_params
+    """One uninterrupted gpt2 flow run per test session (shared_once), shared by test_flow.py, test_export.py and
+    others: (Run, datastore root, (base, ckpt) of the tiny model it ran, the same weights as tiny_gpt2's)."""
+    from metaflow import Run
 
-    root = tmp_path_factory.mktemp("clean_ds")
-    result = run_flow(root, **tiny_params(*tiny_gpt2, gsm8k_train))
-    assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
-    return result.run, root, tiny_gpt2
+    from flowrun import run_flow, tiny_params, use_datastore
+
+    def make(root: Path) -> dict:
+        result = run_flow(root, **tiny_params(*tiny_gpt2, gsm8k_train))
+        assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
+        return {"run": result.run.pathspec, "root": str(root), "model": [str(p) for p in tiny_gpt2]}
+
+    made = shared_once(tmp_path_factory, "clean_ds", make)
+    use_datastore(Path(made["root"]))
+    return Run(made["run"]), Path(made["root"]), tuple(Path(p) for p in made["model"])
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """One default run per test session: the offline demo model on the bundled synthetic set (DEMO_PARAMS: two
-    shards of three batches, validated, no head analysis), offline: (Run, datastore root). The S3 test's
-    uninterrupted reference."""
-    from flowrun import DEMO_PARAMS, run_flow
+    """One default run per test session (shared_once): the offline demo model on the bundled synthetic set
+    (DEMO_PARAMS: two shards of three batches, validated, no head analysis), offline: (Run, datastore root). The
+    S3 test's uninterrupted reference."""
+    from metaflow import Run
 
-    root = tmp_path_factory.mktemp("demo_ds")
-    result = run_flow(root, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, **DEMO_PARAMS)
-    assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
-    assert "DEMO MODEL" in result.stdout_text  # the banner
-    return result.run, root
+    from flowrun import DEMO_PARAMS, run_flow, use_datastore
+
+    def make(root: Path) -> dict:
+        result = run_flow(root, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, **DEMO_PARAMS)
+        assert result.status == "successful", result.stdout_text[-3000:] + result.stderr_text[-3000:]
+        assert "DEMO MODEL" in result.stdout_text  # the banner
+        return {"run": result.run.pathspec, "root": str(root)}
+
+    made = shared_once(tmp_path_factory, "demo_ds", make)
+    use_datastore(Path(made["root"]))
+    return Run(made["run"]), Path(made["root"])
 
 
 @pytest.fixture(scope="session")
