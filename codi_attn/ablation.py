@@ -144,8 +144,8 @@ class HeadMeans(Hook):
 
 
 class HeadInputs(Hook):
-    """Every problem's head inputs at the six thoughts, [N, 6, L, H, d_head] (the model's dtype, on the host;
-    `layers` limits it to some layers, the others staying 0)."""
+    """Every problem's head inputs at the six thoughts, [N, 6, L, H, d_head] float32 on the host (exact for the
+    model's float16 or bfloat16 values); `layers` limits it to some layers, the others staying 0."""
 
     points = ("thought.*.head_in.*",)
     recorded = ("inputs",)

@@ -342,8 +342,11 @@ def consecutive_runs(rows: Sequence[int]) -> list[slice]:
 
 
 def decode_budget(model: CODIModel, prompt_len: int, max_new_tokens: int) -> int:
-    """Tokens to decode after EOT: max_new_tokens, capped by the context left after the thoughts and EOT."""
-    return max(0, min(max_new_tokens, model.max_positions - prompt_len - N_THOUGHTS - 1))
+    """Tokens to decode after EOT: max_new_tokens, capped by the context. The prompt, six thoughts and EOT take
+    positions 0 .. prompt_len + 6; the first token comes from EOT's logits, and each later one is read after its
+    predecessor is fed at the next position, so the last of `budget` tokens needs prompt_len + 5 + budget to be a
+    position of the model."""
+    return max(0, min(max_new_tokens, model.max_positions - prompt_len - N_THOUGHTS))
 
 
 @dataclass
@@ -635,11 +638,15 @@ class Runner:
         self._d_head = head_dim(model)
 
     def batches(self, questions: Sequence[str]) -> list[tuple[list[int], list[list[int]]]]:
-        """(rows, token ids) of each batch: problems sorted by length (less padding), batch_size at a time."""
+        """(rows, token ids) of each batch: problems sorted by length (less padding), batch_size at a time. A batch
+        decodes as far as its longest prompt leaves room for, so the problems whose context leaves fewer than
+        max_new_tokens (the longest, at the end of the order) run one per batch: each decodes as far as alone."""
         token_ids = tokenize_questions(self.model, questions)
         order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
-        return [(rows, [token_ids[k] for k in rows])
-                for rows in (order[s: s + self.batch_size] for s in range(0, len(order), self.batch_size))]
+        full = [k for k in order if decode_budget(self.model, len(token_ids[k]), self.max_new_tokens)
+                == self.max_new_tokens]
+        chunks = [full[s: s + self.batch_size] for s in range(0, len(full), self.batch_size)]
+        return [(rows, [token_ids[k] for k in rows]) for rows in chunks + [[k] for k in order[len(full):]]]
 
     def run(self, questions: Sequence[str], hooks: Iterable = (), progress: Callable[[int], None] | None = None,
             checkpoints=None, name: str = "batch") -> Generation:

@@ -51,6 +51,40 @@ def full_sequence_reference(model, question: str, thoughts: np.ndarray, blocked:
     return block, split
 
 
+def latent_loop(model, question: str, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """codi-spec section 3 by full forwards and nothing else: no cache, no padding, no batch. Each step runs the
+    whole sequence so far ([question, BOT], then the thoughts, EOT, the decoded tokens, as embeddings) and reads
+    its last position: z_{k+1} = prj(final-norm hidden state), the first token from EOT's logits with EOT
+    excluded, until a stop token (kept) or max_new_tokens. Returns the thoughts z1..z6 [6, d], the hidden state at
+    each thought [6, d] (float32) and the decoded ids."""
+    embed = model.lm.get_input_embeddings()
+    seq = embed(torch.tensor([tokenize_questions(model, [question])[0]]))  # [1, Q + 1, d]
+
+    def last_hidden(seq: torch.Tensor) -> torch.Tensor:
+        return model.lm.base_model(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]
+                                   ).last_hidden_state[:, -1]  # [1, d]
+
+    thoughts, hidden, tokens = [], [], []
+    with torch.no_grad():
+        h = last_hidden(seq)
+        for _ in range(N_THOUGHTS):
+            z = model.prj(h)
+            seq = torch.cat([seq, z[:, None]], dim=1)
+            h = last_hidden(seq)
+            thoughts.append(z[0])
+            hidden.append(h[0])
+        seq = torch.cat([seq, embed(torch.tensor([[model.eot_id]]))], dim=1)
+        for _ in range(max_new_tokens):
+            logits = model.lm.get_output_embeddings()(last_hidden(seq)).float()
+            logits[:, model.eot_id] = -torch.inf
+            token = int(logits.argmax(-1))
+            tokens.append(token)
+            if token in model.stop_ids:
+                break
+            seq = torch.cat([seq, embed(torch.tensor([[token]]))], dim=1)
+    return torch.stack(thoughts).float().numpy(), torch.stack(hidden).float().numpy(), tokens
+
+
 @contextmanager
 def zeroed_heads(model, heads: Sequence[Head]) -> Iterator[None]:
     """Zero ablation everywhere without any hook: the heads' input rows of the output projection's weight set to 0

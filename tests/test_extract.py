@@ -41,17 +41,17 @@ def test_first_thought_is_projection_of_bot_hidden_state(any_model):
 
 
 def test_invariants_causal_diagonal_mass(any_model):
+    """Shapes, dtypes and what the extraction must never give: an empty diagonal (trap 1) or row 0, a mass split
+    that does not sum to 1, a 6x6 block holding a whole row. (Causality and the block's values are checked against
+    one full forward by the full_sequence_reference tests above.)"""
     ex = extract(any_model, QUESTIONS, batch_size=3, max_new_tokens=2)
     n, layers, heads = len(QUESTIONS), any_model.n_layers, any_model.n_heads
     assert ex.attention.shape == (n, layers, heads, 6, 6) and ex.attention.dtype == np.float32
     assert ex.mass.shape == (n, layers, heads, 6, len(MASS_PARTS))
-    upper = np.triu_indices(6, k=1)
-    assert np.all(ex.attention[..., upper[0], upper[1]] == 0.0)  # exactly zero: j > i is never attended
     diagonal = np.diagonal(ex.attention, axis1=-2, axis2=-1)
     assert np.all(diagonal > 0), "self-attention of each thought must not be zero (trap 1 signature)"
     assert np.all(ex.attention[..., 0, 0] > 0), "row 0 (z1 attending itself) must not be empty"
     np.testing.assert_allclose(ex.mass.sum(-1), 1.0, atol=1e-3)
-    np.testing.assert_allclose(ex.mass[..., 3], ex.attention.sum(-1), atol=1e-6)
     assert np.all(ex.attention.sum(-1) < 1.0)  # rows of the 6x6 block are fractions of the whole row
 
 

@@ -13,14 +13,8 @@ from codi_attn.conventions import N_THOUGHTS, THOUGHTS
 from codi_attn.kv_cache import PreallocatedLayer
 from codi_attn.runner import (PREFILL_EFFICIENCY, PaddedBatch, Runner, consecutive_runs, decode_answer, head_dim,
                               layer_module, number_tokens, point, point_names, prefill_groups, tokenize_questions)
-
-QUESTIONS = [
-    "Natalia sold 48 clips in April. How many clips?",
-    "A robe takes 2 bolts of blue fiber and half that much white fiber.  How many bolts in total does it take?",
-    "Weng earns $12 an hour.",
-    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
-]
-
+from reference import QUESTIONS, latent_loop
+from steering import steered
 
 class Spy:
     """Records (name, shape, batch rows) of every call at the points it is attached to; replaces nothing."""
@@ -122,8 +116,12 @@ def test_reused_prefill_equals_a_fresh_one_bit_for_bit(gpt2_model):
     every condition's results equal its own run, bit for bit, whatever ran before it on the same prefill."""
     from codi_attn.hooks import BlockThoughts, RecordThoughts
 
-    def hooks():
-        return [[RecordThoughts(4)], [BlockThoughts([2]), RecordThoughts(4)], [RecordThoughts(4)]]
+    def stop_at_once(v, p, b):
+        return torch.full_like(v, gpt2_model.stop_ids[0])
+
+    def hooks():  # the first stops every row at its first token: `done` must not outlive the rewind
+        return [[("decode.0.token", stop_at_once)], [RecordThoughts(4)], [BlockThoughts([2]), RecordThoughts(4)],
+                [RecordThoughts(4)]]
 
     runner = Runner(gpt2_model, batch_size=3, max_new_tokens=4)
     shared = hooks()
@@ -131,11 +129,15 @@ def test_reused_prefill_equals_a_fresh_one_bit_for_bit(gpt2_model):
     for c, (condition, generation) in enumerate(zip(hooks(), together)):
         alone = runner.run(QUESTIONS, condition)
         np.testing.assert_array_equal(generation.tokens, alone.tokens)
+        if c == 0:
+            assert (generation.tokens[:, 0] == gpt2_model.stop_ids[0]).all() and (generation.tokens[:, 1:] == -1).all()
+            continue
         theirs = next(h for h in condition if isinstance(h, RecordThoughts))
         ours = next(h for h in shared[c] if isinstance(h, RecordThoughts))
         np.testing.assert_array_equal(ours.z, theirs.z)
         np.testing.assert_array_equal(ours.hidden, theirs.hidden)
-    assert not np.array_equal(shared[1][1].hidden, shared[0][0].hidden)  # the blocking did act in between
+    assert not np.array_equal(shared[2][1].hidden, shared[1][0].hidden)  # the blocking did act in between
+    assert (together[1].tokens[:, 1:] >= 0).all()  # the random fixture never stops on its own
 
 
 def test_prefill_is_computed_once_per_batch_for_conditions_that_share_it(gpt2_model, monkeypatch):
@@ -169,6 +171,21 @@ def test_replacements_are_checked_and_read_only_points_refuse(gpt2_model):
         runner.run(QUESTIONS[:1], [lambda v, p, b: None])
 
 
+def test_thoughts_and_tokens_equal_codi_specs_loop_by_full_forwards(any_model):
+    """z1..z6, the hidden state at each thought and the decoded ids of a batch of uneven questions equal
+    codi-spec section 3 run by full forwards, one question at a time (reference.latent_loop: no cache, no
+    padding, no batch)."""
+    from codi_attn.hooks import RecordThoughts
+
+    thoughts = RecordThoughts(len(QUESTIONS))
+    run = Runner(any_model, batch_size=4, max_new_tokens=6).run(QUESTIONS, [thoughts])
+    for k, question in enumerate(QUESTIONS):
+        z, hidden, tokens = latent_loop(any_model, question, 6)
+        np.testing.assert_allclose(thoughts.z[k], z, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(thoughts.hidden[k], hidden, atol=2e-5, rtol=1e-4)
+        assert run.tokens[k].tolist() == tokens + [-1] * (6 - len(tokens))
+
+
 def test_a_replaced_thought_is_what_gets_fed(gpt2_model):
     """thought.{k}.z replacement: the next point sees it, and replacing z1 by itself changes nothing."""
     seen = {}
@@ -177,11 +194,18 @@ def test_a_replaced_thought_is_what_gets_fed(gpt2_model):
         return 2 * v
 
     runner = Runner(gpt2_model, max_new_tokens=1)
-    runner.run(QUESTIONS[:1], [("thought.1.z", double), ("thought.1.z", lambda v, p, b: seen.update(z=v))])
+    runner.run(QUESTIONS[:1], [("thought.1.z", double), ("thought.1.z", lambda v, p, b: seen.update(z=v)),
+                               ("thought.1.hidden", lambda v, p, b: seen.update(h=v))])
     plain, itself = {}, {}
     base = runner.run(QUESTIONS[:1], [("thought.1.z", lambda v, p, b: plain.update(z=v)),
                                       ("thought.6.z", lambda v, p, b: plain.update(z6=v))])
     torch.testing.assert_close(seen["z"], 2 * plain["z"], rtol=0, atol=0)
+    # what the model read at z1's position is the doubled vector: one full forward over [question, BOT, 2 z1]
+    embed = gpt2_model.lm.get_input_embeddings()
+    seq = torch.cat([embed(torch.tensor([tokenize_questions(gpt2_model, QUESTIONS[:1])[0]])), 2 * plain["z"][:, None]], 1)
+    with torch.no_grad():
+        fed = gpt2_model.lm.base_model(inputs_embeds=seq).last_hidden_state[:, -1]
+    torch.testing.assert_close(seen["h"], fed, atol=1e-5, rtol=1e-5)
     again = runner.run(QUESTIONS[:1], [("thought.1.z", lambda v, p, b: v.clone()),
                                        ("thought.6.z", lambda v, p, b: itself.update(z6=v))])
     assert torch.equal(itself["z6"], plain["z6"]) and np.array_equal(again.tokens, base.tokens)
@@ -397,15 +421,21 @@ def test_decoding_stops_at_stop_token(gpt2_model, monkeypatch):
 
 
 def test_eot_is_never_decoded(gpt2_model):
-    """The original decoder excludes EOT from the argmax, even where the model would pick it."""
-    def prefer_eot(v, p, b):
-        v = v.clone()
-        v[:, gpt2_model.eot_id] = 1e9  # the runner masks EOT before the logits point: -inf stays -inf
-        return v
+    """The original decoder excludes EOT from the argmax, even where the model would pick it: with EOT's logit
+    raised far above every other at the LM head, no step decodes it, and the logits hooks see it at -inf."""
+    raised = []
+
+    def prefer_eot(logits, last_id):
+        logits[gpt2_model.eot_id] = 1e9
+        raised.append(int(logits.argmax()) == gpt2_model.eot_id)
 
     seen = []
-    Runner(gpt2_model, max_new_tokens=2).run(QUESTIONS[:1], [("decode.*.logits", lambda v, p, b: seen.append(v))])
-    assert all(torch.isinf(v[:, gpt2_model.eot_id]).all() for v in seen)
+    with steered(gpt2_model, prefer_eot):
+        run = Runner(gpt2_model, batch_size=2, max_new_tokens=3).run(
+            QUESTIONS[:2], [("decode.*.logits", lambda v, p, b: seen.append(v))])
+    assert raised and all(raised)  # the model's own argmax was EOT at every decoded position
+    assert (run.tokens >= 0).all() and not (run.tokens == gpt2_model.eot_id).any()
+    assert len(seen) == 3 and all(torch.isinf(v[:, gpt2_model.eot_id]).all() for v in seen)
 
 
 @pytest.mark.parametrize("question", ["", "   "])
