@@ -381,9 +381,10 @@ class CausalReport:
 
 def causal_report(scan: HeadScan, attention: np.ndarray, mass: np.ndarray | None, estimates: pd.DataFrame | None,
                   held: HeldOut | None, kind: str = "mean", positions: str = "thoughts", n_boot: int = 1000,
-                  n_boot_correlations: int = 200, seed: int = 0) -> CausalReport:
+                  seed: int = 0) -> CausalReport:
     """Assemble the report: effects of every scanned condition with the attention metrics and the attribution
-    estimate beside them, the estimate's agreement with the exact scan, and the metric correlations."""
+    estimate beside them, the estimate's agreement with the exact scan, and the metric correlations (every
+    interval over n_boot resamples)."""
     effects = scan.effects(n_boot=n_boot, seed=seed)
     metrics = head_metrics(attention, mass)[["layer", "head", *METRICS]]
     effects = effects.merge(metrics, on=["layer", "head"], how="left")
@@ -405,7 +406,7 @@ def causal_report(scan: HeadScan, attention: np.ndarray, mass: np.ndarray | None
         correlations = pd.DataFrame(columns=["metric", "effect", "spearman", "ci_low", "ci_high", "n_heads"])
         notes.append(f"too few heads scanned with {kind} ablation at {positions} for rank correlations")
     else:
-        correlations = metric_correlations(scan, attention, mass, kind, positions, n_boot_correlations, seed)
+        correlations = metric_correlations(scan, attention, mass, kind, positions, n_boot, seed)
     if held is not None:
         for row in held.summary.itertuples():
             if not row.layer_matched:

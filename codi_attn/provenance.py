@@ -18,7 +18,7 @@ ROLES = {"base": "base model", "ckpt": "checkpoint", "dataset": "dataset"}
 
 
 class ProvenanceError(ValueError):
-    """Files a task read that differ from those its run started with."""
+    """Files a task read that differ from those its run started with, or an input file that cannot be read."""
 
 
 def fingerprint(path: Path) -> dict:
@@ -52,9 +52,15 @@ def run_provenance(settings: dict) -> dict:
     from codi_attn.data import HUB_NAME, SYNTHETIC_NAME
     from codi_attn.model import is_local, locate_sources
 
+    def read(role: str, files: dict[str, Path] | None) -> dict | None:
+        try:
+            return fingerprint_files(files)
+        except OSError as e:
+            raise ProvenanceError(f"--{role}: cannot read {e.filename} to fingerprint it: {e.strerror}") from None
+
     found = locate_sources(settings["model"], ckpt=settings["ckpt"], base=settings["base"])
     out = {role: {"source": settings[role], "where": _where(found[role], is_local(settings[role])),
-                  "files": fingerprint_files(found[role])} for role in ("base", "ckpt")}
+                  "files": read(role, found[role])} for role in ("base", "ckpt")}
     dataset = settings["dataset"]
     generated = {HUB_NAME: "the hub's gsm8k/main, read through the datasets library (the sample fingerprint "
                            "identifies its problems)",
@@ -62,7 +68,7 @@ def run_provenance(settings: dict) -> dict:
                                  "identifies its problems)"}
     path = Path(dataset).expanduser()
     out["dataset"] = {"source": dataset, "where": generated.get(dataset, "local"),
-                      "files": None if dataset in generated else fingerprint_files({path.name: path})}
+                      "files": None if dataset in generated else read("dataset", {path.name: path})}
     return out
 
 

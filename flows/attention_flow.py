@@ -99,7 +99,7 @@ class AttentionFlow(FlowSpec):
                       help="Model preset: gpt2, llama (released CODI models) or demo (small offline demo model).")
     ckpt = Parameter("ckpt", default="", type=str,
                      help="Override the preset's CODI checkpoint: a local directory (pytorch_model.bin or "
-                          "model.safetensors) or a hub id.")
+                          "model.safetensors), the checkpoint file itself, or a hub id.")
     base = Parameter("base", default="", type=str,
                      help="Override the preset's base model (config + tokenizer): a local directory or hub id.")
     dataset = Parameter("dataset", default="auto", type=str,
@@ -126,7 +126,7 @@ class AttentionFlow(FlowSpec):
     dtype = Parameter("dtype", default="auto", type=str,
                       help="Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
     max_failed_fraction = Parameter("max_failed_fraction", default=0.1, type=float,
-                                    help="A shard in which more than this fraction of problems raise fails "
+                                    help="A shard in which more than this fraction of problems raise fails, 0 to 1 "
                                          "(the failures are recorded either way).")
     n_boot = Parameter("n_boot", default=200, type=int,
                        help="Bootstrap resamples of the problems for every 95% interval: the metrics', the head "
@@ -163,10 +163,12 @@ class AttentionFlow(FlowSpec):
                                 "is the one the card's verdict, the critical heads and the held-out test use).")
     head_positions = Parameter("head_positions", default="thoughts", type=str,
                                help="Where the head scan ablates: thoughts (the six thought steps), all (every "
-                                    "position; mean and zero only), or thoughts,all.")
+                                    "position; mean and zero only), or thoughts,all (the first is the one the "
+                                    "card's verdict, the critical heads and the held-out test use).")
     head_scan = Parameter("head_scan", default="all", type=str,
                           help="Which heads the exact scan ablates: all, or top:M (the M heads the attribution "
-                               "estimate ranks most harmful, for models with many heads on a small machine).")
+                               "estimate ranks most harmful, for models with many heads on a small machine; M at least the "
+                               "held-out test's k, a quarter of the heads and at most 10).")
     head_group_size = Parameter("head_group_size", default=32, type=int,
                                 help="Heads per scan_heads task, and head sets per test_held_out task (a failed group "
                                      "is rerun alone by resume; a multiple of the conditions stacked per forward, "
@@ -285,8 +287,8 @@ class AttentionFlow(FlowSpec):
             raise InvalidRun(str(e)) from None
         try:
             self.provenance = run_provenance(self.settings)
-        except OSError as e:
-            raise InvalidRun(f"cannot read {e.filename} to fingerprint it: {e.strerror}") from None
+        except ValueError as e:  # ProvenanceError: an input file that cannot be read, naming its parameter
+            raise InvalidRun(str(e)) from None
         self.demo = self.model == "demo" and not (self.ckpt or self.base)
         if self.demo:
             print("\n" + "=" * 100 + f"\n{DEMO_BANNER}\n" + "=" * 100 + "\n")
@@ -696,7 +698,8 @@ class AttentionFlow(FlowSpec):
         self.validation_part = validate_group(
             self._group_model(len(self.validation_groups)), *problem_texts(problems), conds, ablation=self.ablation,
             positions=self.ablation_positions, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-            seed=self.seed, progress=progress, stack=self._stack(), checkpoints=checkpoints)
+            seed=self.seed, n_boot=self.n_boot, progress=progress, stack=self._stack(),
+            checkpoints=checkpoints)
         self._report_checkpoints(checkpoints)
         current.card.append(Markdown(f"# Validate: group {self.index + 1} of {len(self.validation_groups)}\n\n"
                                      + ", ".join(f"`{c.name}`" for c in conds)))

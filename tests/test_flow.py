@@ -65,6 +65,8 @@ def test_artifacts_shapes_dtypes_and_sample(clean_run):
     assert groups[:2] == ["baseline", "no-op"] and groups.count("top-k single") == 2
     assert groups.count("random control") == 1 and groups.count("blocking") == 7
     assert d.validation_result.noop_identical
+    assert d.validation_result.settings["n_boot"] == d.causal_report.settings["n_boot"] == d.thought_report.settings[
+        "n_boot"] == 10  # --n_boot for every interval
     assert d.validation.loc[0, "accuracy"] == d.accuracy  # the baseline is re-run on the same problems
     groups = {t.data.validation_index: t.data.validation_part for t in run["validate_conditions"]}
     assert len(groups) == 2 == len(d.validation_groups)  # 13 conditions in groups of 8, joined in table order

@@ -282,8 +282,10 @@ def test_correlations_find_a_planted_relation():
         expected = spearmanr(metrics[m], 1 - correct[some].mean(1)).statistic
         assert corr.loc[(m, "accuracy drop"), "spearman"] == pytest.approx(expected), m
         assert corr.loc[(m, "accuracy drop"), "n_heads"] == 4
-    report = H.causal_report(part, attention, None, None, None, n_boot=20, n_boot_correlations=20)
+    report = H.causal_report(part, attention, None, None, None, n_boot=20, seed=3)
     assert len(report.correlations) == 2 * len(H.METRICS) and len(report.head_effects) == 4
+    pd.testing.assert_frame_equal(report.correlations, H.metric_correlations(part, attention, None, n_boot=20,
+                                                                             seed=3))  # the report's n_boot
 
 
 def causal(model, problems, scan, ex, kind, positions, n_random, n_boot, batch_size, max_new_tokens):
@@ -380,7 +382,7 @@ def test_attribution_estimates_sit_on_the_thought_rows_only():
                       np.zeros((4, n), np.float32))
     estimates = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "label": ["L0H0", "L0H1"], "kind": ["mean"] * 2,
                               "estimate": [-0.5, 0.25]})
-    effects = H.causal_report(scan, attention, None, estimates, None, n_boot=10, n_boot_correlations=5).head_effects
+    effects = H.causal_report(scan, attention, None, estimates, None, n_boot=10).head_effects
     by = effects.set_index(["positions", "label"])["estimate"]
     assert by[("thoughts", "L0H0")] == -0.5 and by[("thoughts", "L0H1")] == 0.25
     assert by.loc["all"].isna().all() and len(effects) == 4

@@ -43,6 +43,16 @@ def test_run_provenance_of_local_files_and_what_load_codi_read(tiny_gpt2, gsm8k_
     check_files(prov, model.source["files"], "extract 1/2")  # the same files pass
 
 
+def test_an_input_that_cannot_be_read_is_named_with_its_parameter(tiny_gpt2, tmp_path):
+    """start fingerprints every input: one it cannot read (here a folder where the dataset file should be) is one
+    message naming the parameter, the path and why."""
+    folder = tmp_path / "train.jsonl"
+    folder.mkdir()
+    with pytest.raises(ProvenanceError) as err:
+        run_provenance(_settings(*tiny_gpt2, folder))
+    assert str(err.value) == f"--dataset: cannot read {folder} to fingerprint it: Is a directory"
+
+
 def test_hub_ids_resolve_to_the_cached_revision(hub_cache, gsm8k_train):
     cache, revision = hub_cache
     prov = run_provenance(_settings("codi-test/base", "codi-test/ckpt", gsm8k_train))
