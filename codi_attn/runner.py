@@ -243,11 +243,12 @@ def thought_steps(prj: nn.Module, step: Callable[[torch.Tensor, int], torch.Tens
 
 def greedy_steps(logits: torch.Tensor, feed: Callable[[torch.Tensor, int], torch.Tensor], budget: int,
                  stop_ids: Sequence[int], eot_id: int, hooks: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                 done: torch.Tensor | None = None) -> torch.Tensor:
+                 done: torch.Tensor | None = None, limits: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy decoding as the original CODI decoder: the EOT id is excluded from the argmax, a row stops at a stop
     id. logits [B, V'] yield token 0; `feed(token, t) -> logits` feeds the token chosen at step t - 1 and returns
-    step t's logits. `done` [B] bool (updated in place) says which rows have stopped. Returns the chosen ids
-    [B, budget], -1 after a row's stop token (which is kept)."""
+    step t's logits. `done` [B] bool (updated in place) says which rows have stopped; `limits` [B], where given,
+    how many tokens each row may decode (at most `budget`): a row is done after its last. Returns the chosen ids
+    [B, budget], -1 after a row's stop token (which is kept) or its limit."""
     n = logits.shape[0]
     generated = torch.full((n, budget), -1, dtype=torch.long, device=logits.device)
     stop = torch.tensor(list(stop_ids), device=logits.device)
@@ -262,6 +263,8 @@ def greedy_steps(logits: torch.Tensor, feed: Callable[[torch.Tensor, int], torch
             token = hooks(f"decode.{t}.token", token)
         generated[:, t] = torch.where(done, -1, token)
         done |= torch.isin(token, stop)
+        if limits is not None:
+            done |= limits <= t + 1
         if bool(done.all()) or t == budget - 1:
             break
         logits = feed(token, t + 1)
@@ -369,8 +372,9 @@ class PaddedBatch:
 
     rows: [B] the problems' indices in the caller's list; width: W, the prompt width (BOT at column W - 1,
     thought k's key at `key_column(k)`); lengths [B]: real prompt tokens per row; mask [B, S]: the attention mask
-    so far (1 = attend); done [B] bool: rows that have emitted their stop token; phase: the forward running
-    ('prefill', 'thought.{k}', 'decode.{t}'). `budget` tokens are decoded; the cache reserves room after the
+    so far (1 = attend); done [B] bool: rows that have emitted their stop token or their last allowed token
+    (decode_limits); phase: the forward running ('prefill', 'thought.{k}', 'decode.{t}'). At most `budget` tokens
+    are decoded (the shortest prompt's decode_budget); the cache reserves room after the
     prompt for the six thoughts, EOT and every decoded token but the last (which is never fed back), in the
     buffers `storage` keeps for `role` where given (codi_attn.kv_cache).
     """
@@ -380,7 +384,7 @@ class PaddedBatch:
                  role: str = "batch"):
         self.model = model
         width = max(map(len, token_ids))
-        self.budget = decode_budget(model, width, max_new_tokens)
+        self.budget = decode_budget(model, min(map(len, token_ids)), max_new_tokens)  # the shortest prompt's
         dev = model.device
         self.rows = np.arange(len(token_ids)) if rows is None else np.asarray(rows)
         self.lengths = torch.tensor([len(t) for t in token_ids], device=dev)
@@ -481,12 +485,18 @@ class PaddedBatch:
         self.mask, self.phase = self.prompt_mask, "prefill"
         self.done = torch.zeros_like(self.done)
 
+    def decode_limits(self) -> torch.Tensor:
+        """[B] tokens each row may decode: decode_budget of its own prompt (the batch's `budget` is the shortest
+        prompt's), so that a row decodes as far as it would alone."""
+        return (self.model.max_positions - self.lengths - N_THOUGHTS).clamp(0, self.budget)
+
     def forward(self, embeds: torch.Tensor, phase: str) -> torch.Tensor:
         """Run the body (no LM head) on one new position per problem, embeds [B, d]; its hidden state [B, d]."""
         self.phase = phase
         # the codi-spec position (BOT at length - 1, thought k at length - 1 + k, ...), never the mask's count of
         # visible keys: a mask hook hiding a thought or question columns from later queries moves no position
-        positions = (self.lengths + (self.mask.shape[1] - self.width))[:, None]
+        # (capped at the last position: only a row past its own decode budget, whose output nobody reads, gets there)
+        positions = (self.lengths + (self.mask.shape[1] - self.width)).clamp(max=self.model.max_positions - 1)[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         out = self.model.lm.base_model(inputs_embeds=embeds[:, None], attention_mask=self.mask,
                                        position_ids=positions, use_cache=True, **{self.cache_arg: self.cache})
@@ -638,15 +648,11 @@ class Runner:
         self._d_head = head_dim(model)
 
     def batches(self, questions: Sequence[str]) -> list[tuple[list[int], list[list[int]]]]:
-        """(rows, token ids) of each batch: problems sorted by length (less padding), batch_size at a time. A batch
-        decodes as far as its longest prompt leaves room for, so the problems whose context leaves fewer than
-        max_new_tokens (the longest, at the end of the order) run one per batch: each decodes as far as alone."""
+        """(rows, token ids) of each batch: problems sorted by length (less padding), batch_size at a time."""
         token_ids = tokenize_questions(self.model, questions)
         order = sorted(range(len(token_ids)), key=lambda k: len(token_ids[k]))
-        full = [k for k in order if decode_budget(self.model, len(token_ids[k]), self.max_new_tokens)
-                == self.max_new_tokens]
-        chunks = [full[s: s + self.batch_size] for s in range(0, len(full), self.batch_size)]
-        return [(rows, [token_ids[k] for k in rows]) for rows in chunks + [[k] for k in order[len(full):]]]
+        return [(rows, [token_ids[k] for k in rows])
+                for rows in (order[s: s + self.batch_size] for s in range(0, len(order), self.batch_size))]
 
     def run(self, questions: Sequence[str], hooks: Iterable = (), progress: Callable[[int], None] | None = None,
             checkpoints=None, name: str = "batch") -> Generation:
@@ -765,7 +771,8 @@ class Runner:
 
         with attention_implementation(model.lm, windowed_implementation(model.lm, model.attention, padding)):
             logits = feed(torch.full((len(batch),), model.eot_id, device=model.device), 0)
-            return greedy_steps(logits, feed, batch.budget, model.stop_ids, model.eot_id, dispatch, batch.done)
+            return greedy_steps(logits, feed, batch.budget, model.stop_ids, model.eot_id, dispatch, batch.done,
+                                batch.decode_limits())
 
     # ---- per-layer points: module hooks that dispatch to the current condition's hooks at the current phase
 

@@ -438,6 +438,27 @@ def test_eot_is_never_decoded(gpt2_model):
     assert len(seen) == 3 and all(torch.isinf(v[:, gpt2_model.eot_id]).all() for v in seen)
 
 
+def test_rows_near_the_context_end_decode_as_far_as_alone(gpt2_model):
+    """Each row decodes as far as its own prompt leaves room for, in a batch with longer or shorter ones: a short
+    question beside two that fill the context decodes what it decodes alone, and at the very end the last token
+    is read at the model's last position (no position error, no token lost): a prompt leaving room for 3 decodes
+    3, one with only its six thoughts and EOT left to place decodes 1."""
+    def question(n_tokens: int) -> str:  # a question of exactly n_tokens tokens with BOT
+        text = "a" + " a" * (n_tokens - len(runner_mod.question_tokens(gpt2_model, "a")))
+        assert len(runner_mod.question_tokens(gpt2_model, text)) == n_tokens
+        return text
+
+    room = gpt2_model.max_positions - N_THOUGHTS  # prompt_len + decoded tokens at most
+    qs = [QUESTIONS[0], question(room - 3), question(room - 1)]
+    batched = Runner(gpt2_model, batch_size=3, max_new_tokens=8).run(qs)
+    assert len(Runner(gpt2_model, batch_size=3, max_new_tokens=8).batches(qs)) == 1  # one batch, not one per budget
+    for k, q in enumerate(qs):
+        alone = Runner(gpt2_model, batch_size=1, max_new_tokens=8).run([q])
+        np.testing.assert_array_equal(batched.tokens[k, :alone.tokens.shape[1]], alone.tokens[0])
+        assert (batched.tokens[k, alone.tokens.shape[1]:] == -1).all()
+    assert [int((row >= 0).sum()) for row in batched.tokens] == [8, 3, 1]  # the random fixture emits no stop
+
+
 @pytest.mark.parametrize("question", ["", "   "])
 def test_empty_question_is_rejected(gpt2_model, question):
     with pytest.raises(ValueError, match="question 1 is empty"):
