@@ -488,7 +488,8 @@ class PaddedBatch:
     def decode_limits(self) -> torch.Tensor:
         """[B] tokens each row may decode: decode_budget of its own prompt (the batch's `budget` is the shortest
         prompt's), so that a row decodes as far as it would alone."""
-        return (self.model.max_positions - self.lengths - N_THOUGHTS).clamp(0, self.budget)
+        return torch.tensor([decode_budget(self.model, n, self.budget) for n in self.lengths.tolist()],
+                            device=self.lengths.device)
 
     def forward(self, embeds: torch.Tensor, phase: str) -> torch.Tensor:
         """Run the body (no LM head) on one new position per problem, embeds [B, d]; its hidden state [B, d]."""

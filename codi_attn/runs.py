@@ -54,7 +54,7 @@ def named_runs(flow_name: str, compare_with: str) -> list:
         try:
             run = Run(pathspec)
         except MetaflowNotFound:
-            raise ValueError(f"run {pathspec} not found in this datastore: pass the id (or AttentionFlow/ID) of a "
+            raise ValueError(f"run {pathspec} not found in this datastore: pass the id (or {flow_name}/ID) of a "
                              "finished run stored there (the local datastore is the .metaflow folder under "
                              "METAFLOW_DATASTORE_SYSROOT_LOCAL, or the current directory)") from None
         if not run.successful:

@@ -167,8 +167,8 @@ class AttentionFlow(FlowSpec):
                                     "card's verdict, the critical heads and the held-out test use).")
     head_scan = Parameter("head_scan", default="all", type=str,
                           help="Which heads the exact scan ablates: all, or top:M (the M heads the attribution "
-                               "estimate ranks most harmful, for models with many heads on a small machine; M at least the "
-                               "held-out test's k, a quarter of the heads and at most 10).")
+                               "estimate ranks most harmful, for models with many heads on a small machine; M at "
+                               "least the held-out test's k, a quarter of the heads and at most 10).")
     head_group_size = Parameter("head_group_size", default=32, type=int,
                                 help="Heads per scan_heads task, and head sets per test_held_out task (a failed group "
                                      "is rerun alone by resume; a multiple of the conditions stacked per forward, "
@@ -278,7 +278,7 @@ class AttentionFlow(FlowSpec):
         """Validate every parameter (model source, dataset file, sizes), before any shard runs; fingerprint the
         input files (provenance)."""
         from cards.sample_card import DEMO_BANNER, start_card
-        from codi_attn.provenance import run_provenance
+        from codi_attn.provenance import ProvenanceError, run_provenance
         from codi_attn.settings import check_settings, shard_note
 
         try:
@@ -287,7 +287,7 @@ class AttentionFlow(FlowSpec):
             raise InvalidRun(str(e)) from None
         try:
             self.provenance = run_provenance(self.settings)
-        except ValueError as e:  # ProvenanceError: an input file that cannot be read, naming its parameter
+        except ProvenanceError as e:  # an input file that cannot be read, naming its parameter
             raise InvalidRun(str(e)) from None
         self.demo = self.model == "demo" and not (self.ckpt or self.base)
         if self.demo:

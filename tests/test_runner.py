@@ -202,7 +202,8 @@ def test_a_replaced_thought_is_what_gets_fed(gpt2_model):
     torch.testing.assert_close(seen["z"], 2 * plain["z"], rtol=0, atol=0)
     # what the model read at z1's position is the doubled vector: one full forward over [question, BOT, 2 z1]
     embed = gpt2_model.lm.get_input_embeddings()
-    seq = torch.cat([embed(torch.tensor([tokenize_questions(gpt2_model, QUESTIONS[:1])[0]])), 2 * plain["z"][:, None]], 1)
+    prompt = embed(torch.tensor([tokenize_questions(gpt2_model, QUESTIONS[:1])[0]]))
+    seq = torch.cat([prompt, 2 * plain["z"][:, None]], 1)
     with torch.no_grad():
         fed = gpt2_model.lm.base_model(inputs_embeds=seq).last_hidden_state[:, -1]
     torch.testing.assert_close(seen["h"], fed, atol=1e-5, rtol=1e-5)
