@@ -36,12 +36,23 @@ def differences_frame(df: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def _resampling_md(df: pd.DataFrame) -> str:
+    """How the differences' intervals were resampled (compare_reports)."""
+    if df.attrs.get("paired"):
+        return ("**Intervals of the differences:** paired by problem (both runs extracted the same problems, "
+                "resampled alike: each draw is the difference on one resample of the problems).")
+    return ("**Intervals of the differences:** each run resampled independently (the runs did not extract the same "
+            "problems in the same order with the same --seed and --n_boot), which is wider than a paired "
+            "resample would be on shared problems.")
+
+
 def _summary_md(df: pd.DataFrame) -> str:
     na, nb = df.attrs.get("names", ("a", "b"))
     real = df[df["real"].fillna(False).astype(bool)]
     main = real[(real["section"] != "depth profile") & (real["quantity"] != "count")]
     lines = [f"**Hubs claimed:** {na}: {_hubs(df, na)}; {nb}: {_hubs(df, nb)} "
              f"(lower 95% bound of the incoming lift >= {LIFT_THRESHOLD:g}).",
+             _resampling_md(df),
              f"**Real differences** (95% interval of {na} - {nb} excludes 0): {len(real)} of {len(df)} "
              f"quantities ({len(real) - len(main)} of them in depth profiles or head counts, which "
              "differ with the number of heads; compare fractions)."]
@@ -53,9 +64,10 @@ def _summary_md(df: pd.DataFrame) -> str:
 
 
 def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
-                 names: tuple[str, str] | None = None) -> list:
+                 names: tuple[str, str] | None = None, comparison: pd.DataFrame | None = None) -> list:
     """Card components comparing two runs, from compare_reports' DataFrame or from the two reports
-    (which adds side-by-side head maps, both criteria tables and both reports' warnings)."""
+    (which adds side-by-side head maps, both criteria tables and both reports' warnings; `comparison`: their
+    compare_reports DataFrame when already computed)."""
     reports = None if isinstance(data, pd.DataFrame) else tuple(data)
     if reports is None:
         df = data.copy()
@@ -63,7 +75,7 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
             df.attrs["names"] = tuple(names)
     else:
         names = names or tuple(r.name or k for r, k in zip(reports, ("a", "b")))
-        df = compare_reports(*reports, names=names)
+        df = compare_reports(*reports, names=names) if comparison is None else comparison
     na, nb = df.attrs.get("names", ("a", "b"))
     parts = [Markdown(f"# Model comparison: {na} vs {nb}")]
     if reports:

@@ -56,12 +56,14 @@ of M's entries (basis), averaged over the causal entries of rows 1..5 and over h
 
 Critical heads: composite > CRITICAL_COMPOSITE (0.7, the design's threshold).
 Success criteria: see CRITERIA; each is shown with its measured value, the value causal-uniform
-attention would give, and pass/fail. Model comparisons bootstrap the two runs independently
-(conservative when they share problems) and call a difference real when its interval excludes 0.
+attention would give, and pass/fail. Model comparisons resample the problems of two runs of the same
+problems together (paired: the difference's interval comes from the per-problem differences), runs of different
+problems independently, and call a difference real when its interval excludes 0.
 """
 from __future__ import annotations
 
 import warnings as _warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -373,6 +375,7 @@ class MetricsReport:
     mass_profile: pd.DataFrame  # per query thought: mean share of the row per MASS_PARTS
     basis_agreement: pd.DataFrame  # per score: Spearman rho raw vs renorm, top-k overlap
     warnings: list[str] = field(default_factory=list)
+    problem_ids: tuple[str, ...] = ()  # [N] the problem of each attention row (empty: not given)
 
     @property
     def n_heads(self) -> int:
@@ -568,13 +571,16 @@ def _mass_profile(a: np.ndarray, mass: np.ndarray | None) -> pd.DataFrame:
 
 
 def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = DEFAULT_BASIS,
-            n_boot: int = 200, seed: int = 0, name: str = "") -> MetricsReport:
+            n_boot: int = 200, seed: int = 0, name: str = "", problem_ids: Sequence[str] = ()) -> MetricsReport:
     """All metrics of one model's attention [N, L, H, 6, 6] (mass [N, L, H, 6, 4] optional):
     scores on both bases, rankings on `basis`, causal-uniform baselines, hub lifts, bootstrap
-    intervals over problems (n_boot resamples, seeded), types, criteria and warnings."""
+    intervals over problems (n_boot resamples, seeded), types, criteria and warnings. problem_ids [N] (optional)
+    names each row's problem, which lets compare_reports pair two runs of the same problems."""
     a = _checked(attention)
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if len(problem_ids) not in (0, len(a)):
+        raise ValueError(f"problem_ids: {len(problem_ids)} ids for {len(a)} problems of attention")
     warnings = input_warnings(a, mass)
     n, n_layers, n_heads = a.shape[:3]
     per_basis = {"renorm": renormalise(a), "raw": a}
@@ -605,18 +611,25 @@ def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = 
         rankings={f"heads_ranked_by_{s}": _by_composite(ranked, s) for s in ("flow", "hub", "skip", "composite")},
         baseline=baseline, position_lift=position_lift, stability=stability, mean_std=mean_std, types=types,
         criteria=criteria, model_stats=model_stats, draws=draws, mass_profile=_mass_profile(a, mass),
-        basis_agreement=_basis_agreement(scores), warnings=warnings)
+        basis_agreement=_basis_agreement(scores), warnings=warnings, problem_ids=tuple(map(str, problem_ids)))
 
 
 # ---------------------------------------------------------------- comparison
 
 
+def paired(a: MetricsReport, b: MetricsReport) -> bool:
+    """Whether two reports' bootstrap draws are paired by problem: the same problems in the same order (problem_ids),
+    resampled with the same weights (the same seed and n_boot), so draw k of both reweights each problem alike."""
+    return bool(a.problem_ids) and a.problem_ids == b.problem_ids and (a.seed, a.n_boot) == (b.seed, b.n_boot)
+
+
 def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] = ("a", "b")) -> pd.DataFrame:
     """Model-level quantities of two runs side by side (any L x H): section, quantity, group, value
-    and interval of each, diff = a - b with its bootstrap interval (independent resamples of each
-    run: b's draws taken in a shuffled order, since two runs of the same size and seed drew the
-    same problem weights), and `real` (the interval excludes 0; NA without draws).
-    Column suffixes are the names; df.attrs holds names and basis."""
+    and interval of each, diff = a - b with its bootstrap interval, and `real` (the interval excludes 0; NA
+    without draws). The interval is paired where both runs resampled the same problems alike (`paired`: the
+    difference of draw k of each, a bootstrap of the per-problem difference); otherwise the runs are resampled
+    independently (b's draws taken in a shuffled order, since two runs of the same size and seed drew the same
+    weights for different problems). Column suffixes are the names; df.attrs holds names, basis and paired."""
     if a.basis != b.basis:
         raise ValueError(f"compare reports on one basis, got {a.basis!r} and {b.basis!r}")
     na, nb = names
@@ -627,16 +640,18 @@ def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] =
     order = {s: i for i, s in enumerate(dict.fromkeys(list(a.model_stats["section"]) + list(b.model_stats["section"])))}
     df = df.sort_values(key, key=lambda s: s.map(order) if s.name == "section" else s, kind="stable")
     df["diff"] = df[f"value_{na}"] - df[f"value_{nb}"]
+    by_problem = paired(a, b)
     n_draws = min(len(a.draws), len(b.draws))
     lo, hi = np.full(len(df), np.nan), np.full(len(df), np.nan)
     both = df["_ia"].notna() & df["_ib"].notna()
     if n_draws:
-        shuffled = np.random.default_rng([a.seed, b.seed, len(b.draws)]).permutation(len(b.draws))[:n_draws]
-        d = a.draws[:n_draws, df.loc[both, "_ia"].astype(int)] - b.draws[shuffled][:, df.loc[both, "_ib"].astype(int)]
+        order_b = (np.arange(n_draws) if by_problem else
+                   np.random.default_rng([a.seed, b.seed, len(b.draws)]).permutation(len(b.draws))[:n_draws])
+        d = a.draws[:n_draws, df.loc[both, "_ia"].astype(int)] - b.draws[order_b][:, df.loc[both, "_ib"].astype(int)]
         lo[both.to_numpy()], hi[both.to_numpy()] = _interval(d)
     df["diff_lo"], df["diff_hi"] = lo, hi
     real = pd.array([pd.NA if np.isnan(l) else bool(l > 0 or h < 0) for l, h in zip(lo, hi)], dtype="boolean")
     df["real"] = real
     df = df.drop(columns=["_ia", "_ib"]).reset_index(drop=True)
-    df.attrs.update(names=tuple(names), basis=a.basis)
+    df.attrs.update(names=tuple(names), basis=a.basis, paired=by_problem)
     return df

@@ -450,7 +450,8 @@ class AttentionFlow(FlowSpec):
         from codi_attn.metrics import analyze
 
         self.metrics_report = analyze(self.attention_raw.astype(np.float32), self.attention_mass.astype(np.float32),
-                                      n_boot=self.n_boot, seed=self.seed, name=self.model)
+                                      n_boot=self.n_boot, seed=self.seed, name=self.model,
+                                      problem_ids=self.problem_ids)
         self.ranked_heads = self.metrics_report.ranked_heads
         self.rankings = self.metrics_report.rankings
         self.criteria = self.metrics_report.criteria
@@ -741,7 +742,7 @@ class AttentionFlow(FlowSpec):
             if names[0] == names[1]:
                 names = (f"{self.model} (this run)", f"{run.data.model} ({run.id})")
             self.comparison[run.pathspec] = compare_reports(self.metrics_report, other, names)
-            parts = compare_card((self.metrics_report, other), names)
+            parts = compare_card((self.metrics_report, other), names, self.comparison[run.pathspec])
             parts.insert(1, basis_md(run.pathspec, comparison_basis(self, run.data)))
             theirs = getattr(run.data, "causal_report", None) if "causal_report" in run.data else None
             if self.causal_report is not None and theirs is not None:

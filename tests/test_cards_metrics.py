@@ -69,6 +69,10 @@ def test_compare_card_from_reports_and_frame(report):
     assert "x vs y" in _texts(parts) and sum(isinstance(p, Image) for p in parts) == 4
     shown = differences_frame(df)
     assert list(shown.columns[3:6]) == ["x", "y", "x - y"] and len(shown) == len(df)
+    assert "each run resampled independently" in text
+    ids = [f"p{i}" for i in range(10)]
+    a, b = (M.analyze(random_attention(n=10, seed=s), n_boot=10, problem_ids=ids) for s in (1, 2))
+    assert "paired by problem" in _texts(compare_card((a, b), ("a", "b"), M.compare_reports(a, b)))
 
 
 @pytest.mark.parametrize("value, text", [(np.nan, "—"), (pd.NA, "—"), (True, "yes"), (np.float64(0.12345), "0.123"),

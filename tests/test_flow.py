@@ -380,8 +380,11 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert (d.causal_report, d.head_effects, d.thought_report, d.validation_result, d.validation) == (None,) * 5
     diff = d.comparison[clean.pathspec]
     assert {"value_llama", "value_gpt2", "diff"} <= set(diff.columns)
+    assert d.metrics_report.problem_ids == tuple(d.problem_ids)
+    assert not diff.attrs["paired"]  # one problem fewer here: the two runs are resampled independently
     card = card_data(result.run["compare"].task)
     assert "Model comparison: llama vs gpt2" in card and "same sample" not in card
+    assert "each run resampled independently" in card
     assert (f"Sample: dataset fingerprint {d.dataset_fingerprint[:12]} in both runs (dataset, split, n_problems and "
             f"seed); extracted {N - 1} of {N} here, {N} of {N} there, {N - 1} in both") in card
     assert "Settings that differ besides the model: --max_failed_fraction 0.5 here, 0.1 there" in card
