@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from codi_attn.answers import parse_gold
 
 STEP = re.compile(r"<<([^<>=]*)=([^<>=]+)>>")
-NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w.]*\d)")
+NUMBER = re.compile(r"(?<![\w.])-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?![\w.]*\d)")  # 1,200  3.5  $.75
 LITERAL = re.compile(r"\d+(?:\.\d+)?|\.\d+")  # a number in an expression whose commas are removed
 OPERATIONS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _APPLY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -122,7 +122,8 @@ def change_number(question: str, solution: str, index: int, new: float) -> Count
     literal equal to the old number, or to a value an earlier step had, takes the new number or that step's new
     value. None where that is ambiguous (the old number appears twice in the question, or a step's value equals a
     number of the question, so that a literal could be either), where no step uses the changed number, or where
-    the new gold answer cannot be told (gold_after)."""
+    the new gold answer cannot be told (gold_after) or a recomputed step does not evaluate (a division by zero, or
+    an expression that is not plain arithmetic, such as `560//15`)."""
     numbers = numbers_in(question)
     if not 0 <= index < len(numbers):
         return None
@@ -136,7 +137,10 @@ def change_number(question: str, solution: str, index: int, new: float) -> Count
     for step in steps:
         text, changed = substitute(step.expression, mapping)
         used |= changed
-        value = evaluate(text)
+        try:
+            value = evaluate(text)
+        except ValueError:
+            return None
         if step.value in mapping and mapping[step.value] != value:
             return None  # a later literal equal to this value would be read as the old number's substitute
         if step.value != value:

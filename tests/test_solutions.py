@@ -60,6 +60,27 @@ def test_literals_read_a_leading_decimal_point():
     assert cf is not None and cf.answer == 14.0 and cf.steps[0].expression == "1.75*8"
 
 
+def test_question_numbers_include_a_leading_decimal_point():
+    """`$.25` in a question is 0.25 (57 of GSM8K's 7473 train questions write such a number): it can be changed, and
+    a step whose value it is makes a literal ambiguous. Parts of other numbers, versions and dates are not numbers."""
+    text = "Soda costs $.25 an ounce, 1,200 of them, 3.5 kg at -2 degrees, v1.2.3 and 5.75."
+    assert [(text[a:b], v) for a, b, v in numbers_in(text)] == [(".25", 0.25), ("1,200", 1200.0), ("3.5", 3.5),
+                                                                ("-2", -2.0), ("5.75", 5.75)]
+    question = "Soda costs $.25 an ounce. Peter brought $2 and leaves with $.50. How many ounces did he buy?"
+    solution = "He spent <<2-.5=1.5>>1.5 dollars.\nHe bought <<1.5/.25=6>>6 ounces.\n#### 6"
+    cf = change_number(question, solution, 0, 0.5)
+    assert cf is not None and cf.answer == 3.0 and "costs $0.5 an ounce" in cf.question
+    assert answer_if(question, "<<2-1.5=.5>>\n<<.5*2=1>>\n#### 1", 1, 1.0) is None  # .5 also a question number
+
+
+def test_change_number_refuses_a_chain_that_no_longer_evaluates():
+    """Changing 1 to 0 makes a divisor zero (4 GSM8K train problems raised here before any counterfactual): no
+    counterfactual, not an error; the same for a step that is not plain arithmetic (`//`)."""
+    assert change_number("Tom has 1 box and 30 apples.", "<<30/1*2=60>>\n#### 60", 0, 0) is None
+    assert change_number("Tom has 3 boxes and 20 apples.", "<<20//3=6>>\n<<6*3=18>>\n#### 18", 0, 4) is None
+    assert change_number("Tom has 1 box and 30 apples.", "<<30/1*2=60>>\n#### 60", 0, 2).answer == 30.0
+
+
 
 def test_substitute_rewrites_whole_literals_only():
     """A literal is replaced only where it is a key, as a whole number: 2 in 12 or in .25 stays; commas go."""
