@@ -122,7 +122,9 @@ def full_size_codi(family: str = "gpt2", dtype: torch.dtype = torch.float32, dev
                    seed: int = 0, prepack: bool = True) -> CODIModel:
     """A GPT-2-124M- or LLaMA-3.2-1B-shaped CODI model with random weights, built in memory (for benchmarks).
 
-    The tokenizer is the tiny fixture tokenizer; the vocabulary size is the release's. `prepack` as in `load_codi`.
+    The tokenizer is the tiny fixture tokenizer (ids below 400, no [PAD] of its own: pad_id, bot_id and eot_id are
+    the model's rows past the release vocabulary, which the runner writes by id); the vocabulary size is the
+    release's. `prepack` as in `load_codi`.
     """
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -138,7 +140,6 @@ def full_size_codi(family: str = "gpt2", dtype: torch.dtype = torch.float32, dev
     lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=torch.float32)
     lm.resize_token_embeddings(v + 3, mean_resizing=False)
     tokenizer = build_tokenizer(family)
-    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     prj = make_projection(config.hidden_size, config.hidden_size)
     lm.to(device=device, dtype=dtype).eval()
     prj.to(device=device, dtype=dtype).eval()
