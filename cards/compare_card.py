@@ -148,5 +148,5 @@ def causal_comparison_card(df: pd.DataFrame) -> list:
     })
     return [Markdown(f"## Causal critical heads ({df['kind'].iloc[0]} ablation at the {df['positions'].iloc[0]})\n\n"
                      "Critical: ablating the head alone costs at least 5 points, and the loss survives a 5% "
-                     "false-discovery rate over the heads scanned (sign test, Benjamini-Hochberg); depth "
+                     "false-discovery rate over the model's heads (sign test, Benjamini-Hochberg); depth "
                      "in thirds of the normalised layer index, so models of different depth compare."), table(shown)]

@@ -57,10 +57,12 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
     n_scanned = int(((effects["kind"] == s["kind"]) & (effects["positions"] == s["positions"])).sum())
     composite = ranked_heads[ranked_heads["composite"] > COMPOSITE_CRITICAL]["label"].tolist()
     names = ", ".join(critical["label"]) or "none"
-    out.append(f"{len(critical)} of {s['n_layers'] * s['n_heads']} heads are causally critical ({s['kind']} ablation "
+    n_model = s["n_layers"] * s["n_heads"]
+    unscanned = (f", {n_model - n_scanned} of them not scanned and counted with p = 1" if n_scanned < n_model else "")
+    out.append(f"{len(critical)} of {n_model} heads are causally critical ({s['kind']} ablation "
                f"alone costs at least {100 * CRITICAL_DROP:.0f} points, and the loss survives a "
-               f"{100 * FDR:.0f}% false-discovery rate over the {n_scanned} head{'s' * (n_scanned != 1)} scanned: exact sign "
-               f"test on the answers it flips, Benjamini-Hochberg): {names}. "
+               f"{100 * FDR:.0f}% false-discovery rate over the model's {n_model} heads{unscanned}: "
+               f"exact sign test on the answers it flips, Benjamini-Hochberg): {names}. "
                f"Composite above {COMPOSITE_CRITICAL}: {', '.join(composite) or 'none'}; in both: "
                f"{', '.join(sorted(set(critical['label']) & set(composite))) or 'none'}.")
     corr = report.correlations

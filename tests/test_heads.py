@@ -80,41 +80,68 @@ def test_scan_effects_are_the_per_problem_changes(demo):
     assert (eff["critical"] == ((eff["q_value"] < H.FDR) & (eff["delta_accuracy"] <= -H.CRITICAL_DROP))).all()
 
 
+def flipped(rng: np.random.Generator, base: np.ndarray, lost: int, gained: int) -> np.ndarray:
+    """The baseline's correctness [N] with `lost` right answers made wrong and `gained` wrong ones made right."""
+    flips = np.r_[rng.choice(np.flatnonzero(base), lost, replace=False),
+                  rng.choice(np.flatnonzero(~base), gained, replace=False)]
+    return np.where(np.isin(np.arange(len(base)), flips), ~base, base)
+
+
+def scan_of(base: np.ndarray, correct: np.ndarray, **settings) -> H.HeadScan:
+    """A mean-ablation scan at the thoughts of len(correct) heads with these outcomes [C, N] (no logits)."""
+    c, n = correct.shape
+    return H.HeadScan([(i // 10, i % 10) for i in range(c)], ["mean"] * c, ["thoughts"] * c, base,
+                      base.astype(float), np.zeros(n), correct, correct.astype(float), np.zeros((c, n), np.float32),
+                      np.zeros((c, n), np.float32), settings)
+
+
+def bh_by_hand(p: np.ndarray, m: int) -> np.ndarray:
+    """q_i = min over j >= i of p_(j) m / j, the ranks j among the given p-values (those left out have p = 1)."""
+    order = np.argsort(p)
+    q = np.empty(len(p))
+    q[order] = np.minimum.accumulate((p[order] * m / np.arange(1, len(p) + 1))[::-1])[::-1].clip(max=1)
+    return q
+
+
 def test_critical_heads_control_the_false_discovery_rate():
-    """Benjamini-Hochberg by hand (q_i = min over j >= i of p_(j) m / j, per kind and positions). 300 heads with no
-    effect (each flips 10 answers, each flip a loss or a gain with probability 1/2) give no critical head where the
-    per-head interval calls some; 10 heads planted to lose 20 of 100 answers among them are all found."""
+    """Benjamini-Hochberg by hand (per kind and positions). 300 heads with no effect (each flips 10 answers, each
+    flip a loss or a gain with probability 1/2) give no critical head where the per-head interval calls some; 10
+    heads planted to lose 20 of 100 answers among them are all found."""
     rng = np.random.default_rng(0)
     n, null, planted = 100, 300, 10
     base = rng.random(n) < 0.76
-
-    def flipped(lost: int, gained: int) -> np.ndarray:
-        flips = np.r_[rng.choice(np.flatnonzero(base), lost, replace=False),
-                      rng.choice(np.flatnonzero(~base), gained, replace=False)]
-        return np.where(np.isin(np.arange(n), flips), ~base, base)
-
-    correct = np.array([flipped(lost, 10 - lost) for lost in rng.binomial(10, 0.5, null)]
-                       + [flipped(20, 0) for _ in range(planted)])
+    correct = np.array([flipped(rng, base, lost, 10 - lost) for lost in rng.binomial(10, 0.5, null)]
+                       + [flipped(rng, base, 20, 0) for _ in range(planted)])
     assert abs(correct[:null].mean() - base.mean()) < 0.005  # no effect on average
-    c = null + planted
-    heads = [(i // 10, i % 10) for i in range(c)]
-    scan = H.HeadScan(heads, ["mean"] * c, ["thoughts"] * c, base, base.astype(float), np.zeros(n), correct,
-                      correct.astype(float), np.zeros((c, n), np.float32), np.zeros((c, n), np.float32))
+    scan = scan_of(base, correct)
     eff = scan.effects(n_boot=200)
     p = eff["p_value"].to_numpy()
-    order = np.argsort(p)
-    q = np.empty(c)
-    q[order] = np.minimum.accumulate((p[order] * c / np.arange(1, c + 1))[::-1])[::-1].clip(max=1)
-    np.testing.assert_allclose(eff["q_value"], q, rtol=1e-12)
+    np.testing.assert_allclose(eff["q_value"], bh_by_hand(p, len(p)), rtol=1e-12)
     assert eff["critical"][null:].all()
-    alone = dataclasses.replace(scan, heads=heads[:null], kinds=["mean"] * null, positions=["thoughts"] * null,
-                                correct=correct[:null], prediction=correct[:null].astype(float),
-                                kl=scan.kl[:null], logit_diff=scan.logit_diff[:null]).effects(n_boot=200)
+    alone = scan_of(base, correct[:null]).effects(n_boot=200)
     per_head = (alone["delta_ci_high"] < 0) & (alone["delta_accuracy"] <= -H.CRITICAL_DROP)
     assert not alone["critical"].any() and per_head.sum() >= 2
     other = dataclasses.replace(scan, kinds=["mean"] * null + ["zero"] * planted)  # adjusted within a kind
     np.testing.assert_allclose(other.effects(n_boot=0)["q_value"][null:],
                                false_discovery_control(p[null:], method="bh"), rtol=1e-12)
+
+
+def test_a_partial_scan_adjusts_over_all_the_models_heads():
+    """--head_scan top:M scans the M heads an estimate on the same problems found most harmful; the heads left out
+    count with p = 1, so the family is the model's heads. Worst case of that choice: of 300 heads with no effect,
+    the 20 that lose most (a perfect estimate). BH over the 20 calls some critical; over the model's 300, none, as
+    with the whole scan."""
+    rng = np.random.default_rng(0)
+    n = 100
+    base = rng.random(n) < 0.76
+    correct = np.array([flipped(rng, base, lost, 14 - lost) for lost in rng.binomial(14, 0.5, 300)])
+    whole = scan_of(base, correct, n_layers=30, n_heads=10).effects(n_boot=0)
+    top = np.argsort(correct.sum(1), kind="stable")[:20]  # the 20 heads that lose most
+    chosen = scan_of(base, correct[top], n_layers=30, n_heads=10).effects(n_boot=0)
+    np.testing.assert_allclose(chosen["q_value"], bh_by_hand(chosen["p_value"].to_numpy(), 300), rtol=1e-12)
+    assert not whole["critical"].any() and not chosen["critical"].any()
+    among_chosen = scan_of(base, correct[top]).effects(n_boot=0)  # no model size given: BH over the 20
+    assert among_chosen["critical"].any()
 
 
 def test_shards_merge_into_the_unsharded_scan(gpt2_model):
@@ -369,6 +396,11 @@ def test_a_top_m_scan_reports_on_its_heads(unpacked_models):
     held_out = next(r["source"] for r in rendered if r["type"] == "markdown" and "## Held out" in r["source"])
     assert "attribution patching on all the problems chose the heads scanned" in held_out  # B's way into it
     assert "means over all the problems" in held_out
+    n = model.n_layers * model.n_heads
+    verdict_md = next(r["source"] for r in rendered if r["type"] == "markdown" and "causally critical" in r["source"])
+    assert f"rate over the model's {n} heads, {n - 3} of them not scanned and counted with p = 1" in verdict_md
+    p = report.head_effects["p_value"].to_numpy()
+    np.testing.assert_allclose(report.head_effects["q_value"], bh_by_hand(p, n), rtol=1e-12)
 
 
 def test_attribution_estimates_sit_on_the_thought_rows_only():
