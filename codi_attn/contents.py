@@ -181,16 +181,17 @@ def join_thoughts(plan: ThoughtPlan, parts: Sequence[ThoughtPart], problems: Seq
 
 
 def decodable(row: pd.Series) -> bool:
-    """A probe cell reads the target: its accuracy interval lies above the control task, the permuted labels
-    and the majority class."""
-    return bool(row["ci_low"] > max(row["control"], row["permuted"], row["majority"]))
+    """A probe cell reads the target: its accuracy interval on half B of the problems lies above the control task,
+    the permuted labels and the majority class on half B."""
+    return bool(row["ci_low_b"] > max(row["control_b"], row["permuted_b"], row["majority_b"]))
 
 
 def best_probes(probes: pd.DataFrame) -> pd.DataFrame:
-    """Per target, the cell (position, layer) with the highest selectivity (a maximum over cells: optimistic)."""
+    """Per target, the cell (position, layer) with the highest selectivity on half A of the problems, judged on
+    half B (codi_attn.probes: a cell chosen on the problems it is judged on leans optimistic)."""
     if probes.empty:
         return probes
-    best = probes.sort_values("selectivity", ascending=False, kind="stable").groupby("target", sort=False).head(1)
+    best = probes.sort_values("selectivity_a", ascending=False, kind="stable").groupby("target", sort=False).head(1)
     order = {t: i for i, t in enumerate(dict.fromkeys(probes["target"]))}
     return best.assign(decodable=[decodable(r) for _, r in best.iterrows()]).sort_values(
         "target", key=lambda c: c.map(order)).reset_index(drop=True)
@@ -212,21 +213,22 @@ def findings(report: ThoughtReport) -> list[str]:
         if not len(rows):
             continue
         found = rows[rows["decodable"]]
+        how = f"the best of {cells} cells each, chosen on half A of the problems, measured on half B"
         if len(found):
-            parts = "; ".join(f"{r.target} at {r.position} layer {r.layer}: {100 * r.accuracy:.0f}% "
-                              f"[{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}] vs control {100 * r.control:.0f}%"
+            parts = "; ".join(f"{r.target} at {r.position} layer {r.layer}: {100 * r.accuracy_b:.0f}% "
+                              f"[{100 * r.ci_low_b:.0f}, {100 * r.ci_high_b:.0f}] vs control {100 * r.control_b:.0f}%"
                               for r in found.itertuples())
             at_bot = int((found["position"] == "BOT").sum())
             out.append(f"Linear probes read the {label} above control for {len(found)} of {len(rows)} targets "
-                       f"(best of {cells} cells each): {parts}."
+                       f"({how}): {parts}."
                        + (f" For {at_bot} of them the best cell is BOT, before any thought: read from the question "
                           "text." if at_bot else ""))
         else:
-            top = rows.sort_values("selectivity", ascending=False).iloc[0]
+            top = rows.sort_values("selectivity_a", ascending=False, kind="stable").iloc[0]
             out.append(f"Linear probes find the {label} nowhere above control: at best {top.target} at "
-                       f"{top.position} layer {top.layer}, {100 * top.accuracy:.0f}% [{100 * top.ci_low:.0f}, "
-                       f"{100 * top.ci_high:.0f}] vs control {100 * top.control:.0f}% and majority "
-                       f"{100 * top.majority:.0f}% (best of {cells} cells).")
+                       f"{top.position} layer {top.layer}, {100 * top.accuracy_b:.0f}% [{100 * top.ci_low_b:.0f}, "
+                       f"{100 * top.ci_high_b:.0f}] vs control {100 * top.control_b:.0f}% and majority "
+                       f"{100 * top.majority_b:.0f}% ({how}).")
     lens = report.lens[report.lens["n"] >= MIN_PROBLEMS] if len(report.lens) else report.lens
     if len(lens):
         top = lens.sort_values("top1", ascending=False).iloc[0]

@@ -14,7 +14,7 @@ from codi_attn import contents as C
 from codi_attn import contents_run as CR
 from codi_attn.conventions import N_THOUGHTS
 from codi_attn.patching import MIN_PATCHED
-from codi_attn.probes import MIN_PROBLEMS, POSITIONS
+from codi_attn.probes import MIN_PROBLEMS, POSITIONS, run_probes
 
 
 def _problems(dataset: str, split: str, n: int) -> list[dict]:
@@ -125,21 +125,44 @@ def test_card_tables_mean_patching_against_the_same_problems(demo_report):
     assert "leave out the problems whose counterfactual equals their gold" in text
 
 
-def test_decodable_needs_the_interval_above_every_control():
-    row = pd.Series({"ci_low": 0.5, "control": 0.3, "permuted": 0.2, "majority": 0.4})
+def test_decodable_needs_the_interval_on_half_b_above_every_control():
+    row = pd.Series({"ci_low_b": 0.5, "control_b": 0.3, "permuted_b": 0.2, "majority_b": 0.4,
+                     "ci_low": 0.1, "control": 0.9, "permuted": 0.9, "majority": 0.9})  # all problems: not what counts
     assert C.decodable(row)
-    for control in ("control", "permuted", "majority"):
-        assert not C.decodable(row.copy().set_axis(row.index).where(row.index != control, 0.5))
+    for control in ("control_b", "permuted_b", "majority_b"):
+        assert not C.decodable(row.where(row.index != control, 0.5))
 
 
-def test_best_probe_is_the_most_selective_cell():
+def test_best_probe_is_chosen_on_half_a_and_judged_on_half_b():
+    """The cell with the highest selectivity on A, not on all problems; decodable from B's numbers."""
     probes = pd.DataFrame({"target": ["step 1"] * 3 + ["answer"] * 2, "position": ["BOT", "z1", "z2", "z1", "z2"],
-                           "layer": [0, 1, 0, 0, 1], "selectivity": [0.1, 0.3, 0.2, -0.1, 0.0],
-                           "ci_low": [0.2, 0.6, 0.4, 0.1, 0.2], "control": [0.1] * 5, "permuted": [0.1] * 5,
-                           "majority": [0.3] * 5})
+                           "layer": [0, 1, 0, 0, 1], "selectivity": [0.9, 0.3, 0.2, -0.1, 0.5],
+                           "selectivity_a": [0.1, 0.3, 0.2, -0.1, 0.0],
+                           "ci_low_b": [0.9, 0.6, 0.4, 0.9, 0.2], "control_b": [0.1] * 5, "permuted_b": [0.1] * 5,
+                           "majority_b": [0.3] * 5})
     best = C.best_probes(probes)
     assert list(best["target"]) == ["step 1", "answer"]
     assert list(best["position"]) == ["z1", "z2"] and list(best["decodable"]) == [True, False]
+
+
+def test_probe_findings_on_noise_are_at_chance():
+    """Residuals of pure noise, four balanced operations: the best cells, chosen on half A and judged on half B, are
+    at chance on B on average and seldom called decodable; the most selective cells on all problems (chosen
+    and judged on the same problems) are well above it, the selection bias the halves remove."""
+    rng = np.random.default_rng(7)
+    chosen, pooled, calls = [], [], 0
+    for rep in range(8):
+        ops = rng.choice(list("+-*/"), (100, 2))
+        solutions = [f"<<2{a}3=1>> <<1{b}4=2>>\n#### 2" for a, b in ops]
+        questions = [f"Tom has {rng.integers(1, 1000)} apples." for _ in range(100)]
+        resid = rng.standard_normal((100, len(POSITIONS), 8, 16)).astype(np.float32)
+        probes = run_probes(resid, solutions, questions, n_boot=200, seed=rep)
+        best = C.best_probes(probes[probes["target"].str.startswith("op")])
+        chosen += list(best["accuracy_b"] - best["control_b"])
+        calls += int(best["decodable"].sum())
+        pooled += list(probes.groupby("target")["selectivity"].max())
+    assert len(chosen) == 16 and calls <= 2  # 2 here; about 1 target in 40 over 48 more
+    assert abs(np.mean(chosen)) < 0.05 and np.mean(pooled) > 0.08, (np.mean(chosen), np.mean(pooled))
 
 
 def test_small_sample_says_which_parts_it_cannot_show(gpt2_model, gsm8k_train):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from codi_attn.contents import best_probes
 from codi_attn.probes import POSITIONS, control_labels, cross_validated, run_probes, targets
 
 
@@ -30,6 +31,9 @@ def test_probes_recover_a_planted_feature_and_controls_stay_at_chance():
     assert (df.loc["step 1"]["permuted"] < 0.45).all() and hit["control"] < 0.6
     assert set(df.index.get_level_values("target")) == {"step 1", "answer"}  # op 1 is always +: one class, skipped
     assert (df["n"] == 120).all()
+    best = best_probes(df.reset_index()).set_index("target").loc["step 1"]  # chosen on half A, judged on half B
+    assert (best["position"], best["layer"], best["n_b"]) == ("z3", 1, 60) and best["decodable"]
+    assert best["accuracy_b"] > 0.8 and best["ci_low_b"] > max(best["control_b"], best["majority_b"])
 
 
 def test_stacked_fit_equals_ridge_classifier_per_target():
