@@ -85,7 +85,7 @@ def _record(model: CODIModel, problems: Sequence[dict], heads: Sequence[Head], n
     return Recording([w.astype(np.float16) for w in every.weights], by_kind, by_step,
                      attended_summary(chosen.weights, tokens)[0] if chosen else None, examples,
                      run_probes(resid.resid, solutions, questions, n_boot=n_boot, seed=seed),
-                     lens_table(model, resid.resid, solutions),
+                     lens_table(model, resid.resid, solutions, seed=seed),
                      correctness(gen.prediction, [p["answer"] for p in problems]))
 
 

@@ -51,6 +51,18 @@ def test_demo_report_has_every_part(demo_report):
     assert pickle.loads(pickle.dumps(report)).findings == report.findings
 
 
+def test_the_recording_passes_the_seed_to_probes_and_lens(demo_report, monkeypatch):
+    """--seed reaches the probes' resamples and the lens's permuted floor (the lens drew with seed 0 whatever the
+    run's seed was)."""
+    model, problems, _ = demo_report
+    seeds = {}
+    for name in ("run_probes", "lens_table"):
+        monkeypatch.setattr(CR, name, lambda *a, _name=name, **k: seeds.setdefault(_name, k["seed"]))
+    CR._record(model, problems, (), n_boot=10, seed=7, batch_size=8, max_new_tokens=4, checkpoints=None,
+               progress=None)
+    assert seeds == {"run_probes": 7, "lens_table": 7}
+
+
 def test_findings_say_what_the_tables_say(demo_report):
     _, _, report = demo_report
     k = report.attended_by_kind
