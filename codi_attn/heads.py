@@ -323,7 +323,11 @@ def head_metrics(attention: np.ndarray, mass: np.ndarray | None) -> pd.DataFrame
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    """Spearman's rho over the pairs where both are known (nan with fewer than 3, or a constant side)."""
+    known = ~(np.isnan(x) | np.isnan(y))
+    if known.sum() < 3:
+        return math.nan
+    rx, ry = pd.Series(x[known]).rank().to_numpy(), pd.Series(y[known]).rank().to_numpy()
     if np.std(rx) == 0 or np.std(ry) == 0:
         return math.nan
     return float(np.corrcoef(rx, ry)[0, 1])
@@ -333,7 +337,8 @@ def metric_correlations(scan: HeadScan, attention: np.ndarray, mass: np.ndarray 
                         positions: str = "thoughts", n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
     """Spearman correlation over heads of each attention metric with the causal effect (the accuracy drop and the
     logit-difference drop when the head is ablated), with a 95 % interval from resampling the problems (effects
-    and metrics recomputed on each resample)."""
+    and metrics recomputed on each resample). A head none of whose problems was compared at the answer step has no
+    logit-difference drop: that correlation is over the other heads (n_heads says how many)."""
     sel = [c for c in range(len(scan)) if scan.kinds[c] == kind and scan.positions[c] == positions]
     order = np.lexsort(([scan.heads[c][1] for c in sel], [scan.heads[c][0] for c in sel]))
     sel = [sel[i] for i in order]  # layer, head order, as head_metrics
@@ -363,8 +368,9 @@ def metric_correlations(scan: HeadScan, attention: np.ndarray, mass: np.ndarray 
         values = np.array(values, float)
         values = values[~np.isnan(values)]
         lo, hi = (np.percentile(values, [q, 100 - q]) if len(values) else (math.nan, math.nan))
-        out.append({"metric": m, "effect": e, "spearman": _spearman(point[m].to_numpy()[rows], full[e]),
-                    "ci_low": float(lo), "ci_high": float(hi), "n_heads": len(sel)})
+        x = point[m].to_numpy()[rows]
+        out.append({"metric": m, "effect": e, "spearman": _spearman(x, full[e]), "ci_low": float(lo),
+                    "ci_high": float(hi), "n_heads": int((~(np.isnan(x) | np.isnan(full[e]))).sum())})
     return pd.DataFrame(out)
 
 

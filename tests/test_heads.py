@@ -309,6 +309,16 @@ def test_correlations_find_a_planted_relation():
         expected = spearmanr(metrics[m], 1 - correct[some].mean(1)).statistic
         assert corr.loc[(m, "accuracy drop"), "spearman"] == pytest.approx(expected), m
         assert corr.loc[(m, "accuracy drop"), "n_heads"] == 4
+    unseen = dataclasses.replace(scan, logit_diff=np.where(np.arange(6)[:, None] == 2, np.nan, logit_diff))
+    corr = H.metric_correlations(unseen, attention, None, n_boot=30).set_index(["metric", "effect"])
+    seen = [0, 1, 3, 4, 5]  # head 2 compared on no problem: the logit-diff correlations are over the other five
+    metrics = H.head_metrics(attention, None)
+    for m in H.METRICS:
+        expected = spearmanr(metrics[m].to_numpy()[seen], -logit_diff[seen].mean(1)).statistic
+        assert corr.loc[(m, "logit-diff drop"), "spearman"] == pytest.approx(expected, nan_ok=True), m
+        assert corr.loc[(m, "logit-diff drop"), "n_heads"] == 5 and corr.loc[(m, "accuracy drop"), "n_heads"] == 6
+    assert corr.loc[("composite", "logit-diff drop"), "spearman"] == pytest.approx(1.0)
+    assert not corr[["ci_low", "ci_high"]].isna().any().any()
     report = H.causal_report(part, attention, None, None, None, n_boot=20, seed=3)
     assert len(report.correlations) == 2 * len(H.METRICS) and len(report.head_effects) == 4
     pd.testing.assert_frame_equal(report.correlations, H.metric_correlations(part, attention, None, n_boot=20,
