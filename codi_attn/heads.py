@@ -127,7 +127,10 @@ def fdr_over(p_values: np.ndarray, n_hypotheses: int) -> np.ndarray:
 
 
 def _nan_interval(values: np.ndarray, boot: np.ndarray) -> tuple[float, float]:
-    """Bootstrap interval of the nan-mean (resamples with no value left give nan and are dropped)."""
+    """Bootstrap interval of the nan-mean (resamples with no value left give nan and are dropped; nan with fewer
+    than 2 values)."""
+    if (~np.isnan(values)).sum() < 2:
+        return math.nan, math.nan
     with np.errstate(invalid="ignore"):
         means = np.array([np.nanmean(values[b]) if (~np.isnan(values[b])).any() else np.nan for b in boot])
     means = means[~np.isnan(means)]

@@ -156,8 +156,9 @@ def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def bootstrap_interval(values: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
-    """95 % percentile interval of the mean of per-problem `values` [N] over resamples idx [n_boot, N]."""
-    if not len(idx):
+    """95 % percentile interval of the mean of per-problem `values` [N] over resamples idx [n_boot, N]; nan without
+    resamples or with fewer than 2 problems (every resample of one problem is that problem: no interval)."""
+    if not len(idx) or idx.shape[1] < 2:
         return math.nan, math.nan
     q = 100 * (1 - CI_LEVEL) / 2
     lo, hi = np.percentile(values[idx].mean(1), [q, 100 - q])
@@ -165,7 +166,7 @@ def bootstrap_interval(values: np.ndarray, idx: np.ndarray) -> tuple[float, floa
 
 
 def drawn_interval(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
-    """bootstrap_interval of the mean of `values` [N] over n_boot resamples drawn from `rng` (nan, nan for N = 0)."""
+    """bootstrap_interval of the mean of `values` [N] over n_boot resamples drawn from `rng` (nan, nan for N < 2)."""
     if not len(values):
         return math.nan, math.nan
     return bootstrap_interval(values, rng.integers(0, len(values), (n_boot, len(values))))

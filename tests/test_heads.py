@@ -399,7 +399,10 @@ def test_a_top_m_scan_reports_on_its_heads(unpacked_models):
     _, report = causal(model, problems, scan, ex, "mean", "thoughts", n_random=3, n_boot=20, batch_size=2,
                        max_new_tokens=3)
     assert sorted(zip(report.head_effects["layer"], report.head_effects["head"])) == sorted(heads)
-    assert (report.correlations["n_heads"] == 3).all() and len(report.correlations) == 2 * len(H.METRICS)
+    corr = report.correlations
+    compared = int((~np.isnan(scan.logit_diff)).any(1).sum())  # heads with a logit-difference drop
+    assert (corr.loc[corr["effect"] == "accuracy drop", "n_heads"] == 3).all() and len(corr) == 2 * len(H.METRICS)
+    assert (corr.loc[corr["effect"] == "logit-diff drop", "n_heads"] == compared).all()
     assert set(report.held_out.summary["selection"]) == {"causal", "composite"}
     rendered = [c.render() for c in heads_card(report, head_scores(ex.attention))]
     assert any(r["type"] == "image" for r in rendered)

@@ -93,7 +93,21 @@ def test_plan_draws_distinct_controls_and_says_where_they_come_from():
     assert plan.settings["controls_matched"] and not plan.notes
 
 
-@pytest.mark.parametrize("values", [np.r_[np.ones(3), np.zeros(97)], np.ones(10), np.zeros(10), np.ones(1),
+def test_one_problem_has_no_interval():
+    """Every resample of one problem is that problem: a zero-width interval would look certain, so none is given,
+    here and in a head scan's effects (delta and logit difference); the sign test's p-value stays (0.5)."""
+    assert np.isnan(bootstrap_interval(np.array([-1.0]), resample_indices(1, 100, seed=0))).all()
+    from codi_attn.heads import HeadScan
+
+    scan = HeadScan([(0, 0)], ["mean"], ["thoughts"], np.array([True]), np.array([1.0]), np.array([2.0]),
+                    np.array([[False]]), np.array([[3.0]]), np.array([[0.5]], np.float32), np.array([[-1.0]],
+                                                                                                  np.float32))
+    row = scan.effects(n_boot=100).iloc[0]
+    assert row["delta_accuracy"] == -1.0 and row["p_value"] == 0.5 and not row["critical"]
+    assert np.isnan(row[["delta_ci_low", "delta_ci_high", "logit_diff_ci_low", "logit_diff_ci_high"]].astype(float)).all()
+
+
+@pytest.mark.parametrize("values", [np.r_[np.ones(3), np.zeros(97)], np.ones(10), np.zeros(10), np.ones(2),
                                     np.random.default_rng(1).integers(0, 2, 50).astype(float),
                                     np.random.default_rng(2).integers(-1, 2, 40).astype(float)])
 def test_intervals_contain_the_point_estimate(values):
