@@ -55,7 +55,9 @@ def _summary_md(df: pd.DataFrame) -> str:
              _resampling_md(df),
              f"**Real differences** (95% interval of {na} - {nb} excludes 0): {len(real)} of {len(df)} "
              f"quantities ({len(real) - len(main)} of them in depth profiles or head counts, which "
-             "differ with the number of heads; compare fractions)."]
+             "differ with the number of heads; compare fractions). Each interval is 95% on its own: runs that did "
+             f"not differ at all would show about {0.05 * df['real'].notna().sum():.1f} such differences by "
+             "chance."]
     lines += [f"- {r['quantity']} ({r['group']}): {with_ci(r['diff'], r['diff_lo'], r['diff_hi'])}"
               for _, r in main.iterrows()]
     if df["real"].isna().all():

@@ -70,6 +70,7 @@ def test_compare_card_from_reports_and_frame(report):
     shown = differences_frame(df)
     assert list(shown.columns[3:6]) == ["x", "y", "x - y"] and len(shown) == len(df)
     assert "each run resampled independently" in text
+    assert f"would show about {0.05 * df['real'].notna().sum():.1f} such differences by chance" in text
     ids = [f"p{i}" for i in range(10)]
     a, b = (M.analyze(random_attention(n=10, seed=s), n_boot=10, problem_ids=ids) for s in (1, 2))
     assert "paired by problem" in _texts(compare_card((a, b), ("a", "b"), M.compare_reports(a, b)))
