@@ -39,11 +39,11 @@ def differences_frame(df: pd.DataFrame) -> pd.DataFrame:
 def _resampling_md(df: pd.DataFrame) -> str:
     """How the differences' intervals were resampled (compare_reports)."""
     if df.attrs.get("paired"):
-        return ("**Intervals of the differences:** paired by problem (both runs extracted the same problems, "
-                "resampled alike: each draw is the difference on one resample of the problems).")
+        return ("**Intervals of the differences:** paired by problem (both runs extracted the same problems of one "
+                "sample, resampled alike: each draw is the difference on one resample of the problems).")
     return ("**Intervals of the differences:** each run resampled independently (the runs did not extract the same "
-            "problems in the same order with the same --seed and --n_boot), which is wider than a paired "
-            "resample would be on shared problems.")
+            "problems of one sample, in the same order, with the same --seed and --n_boot), which is wider than a "
+            "paired resample would be on shared problems.")
 
 
 def _summary_md(df: pd.DataFrame) -> str:

@@ -57,8 +57,8 @@ of M's entries (basis), averaged over the causal entries of rows 1..5 and over h
 Critical heads: composite > CRITICAL_COMPOSITE (0.7, the design's threshold).
 Success criteria: see CRITERIA; each is shown with its measured value, the value causal-uniform
 attention would give, and pass/fail. Model comparisons resample the problems of two runs of the same
-problems together (paired: the difference's interval comes from the per-problem differences), runs of different
-problems independently, and call a difference real when its interval excludes 0.
+problems (one sample, same seed and n_boot: `paired`) together, so the difference's interval comes from the
+per-problem differences, other runs independently, and call a difference real when its interval excludes 0.
 """
 from __future__ import annotations
 
@@ -376,6 +376,7 @@ class MetricsReport:
     basis_agreement: pd.DataFrame  # per score: Spearman rho raw vs renorm, top-k overlap
     warnings: list[str] = field(default_factory=list)
     problem_ids: tuple[str, ...] = ()  # [N] the problem of each attention row (empty: not given)
+    fingerprint: str = ""  # the dataset fingerprint of the sample the ids are positions in (codi_attn.data)
 
     @property
     def n_heads(self) -> int:
@@ -571,11 +572,13 @@ def _mass_profile(a: np.ndarray, mass: np.ndarray | None) -> pd.DataFrame:
 
 
 def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = DEFAULT_BASIS,
-            n_boot: int = 200, seed: int = 0, name: str = "", problem_ids: Sequence[str] = ()) -> MetricsReport:
+            n_boot: int = 200, seed: int = 0, name: str = "", problem_ids: Sequence[str] = (),
+            fingerprint: str = "") -> MetricsReport:
     """All metrics of one model's attention [N, L, H, 6, 6] (mass [N, L, H, 6, 4] optional):
     scores on both bases, rankings on `basis`, causal-uniform baselines, hub lifts, bootstrap
     intervals over problems (n_boot resamples, seeded), types, criteria and warnings. problem_ids [N] (optional)
-    names each row's problem, which lets compare_reports pair two runs of the same problems."""
+    names each row's problem and `fingerprint` the sample they are drawn from, which lets compare_reports pair
+    two runs of the same problems (ids such as test_17 are positions in a dataset: the fingerprint tells whose)."""
     a = _checked(attention)
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
@@ -611,16 +614,19 @@ def analyze(attention: np.ndarray, mass: np.ndarray | None = None, basis: str = 
         rankings={f"heads_ranked_by_{s}": _by_composite(ranked, s) for s in ("flow", "hub", "skip", "composite")},
         baseline=baseline, position_lift=position_lift, stability=stability, mean_std=mean_std, types=types,
         criteria=criteria, model_stats=model_stats, draws=draws, mass_profile=_mass_profile(a, mass),
-        basis_agreement=_basis_agreement(scores), warnings=warnings, problem_ids=tuple(map(str, problem_ids)))
+        basis_agreement=_basis_agreement(scores), warnings=warnings, problem_ids=tuple(map(str, problem_ids)),
+        fingerprint=fingerprint)
 
 
 # ---------------------------------------------------------------- comparison
 
 
 def paired(a: MetricsReport, b: MetricsReport) -> bool:
-    """Whether two reports' bootstrap draws are paired by problem: the same problems in the same order (problem_ids),
-    resampled with the same weights (the same seed and n_boot), so draw k of both reweights each problem alike."""
-    return bool(a.problem_ids) and a.problem_ids == b.problem_ids and (a.seed, a.n_boot) == (b.seed, b.n_boot)
+    """Whether two reports' bootstrap draws are paired by problem: the same problems (problem_ids of one sample
+    fingerprint) in the same order, resampled with the same weights (the same seed and n_boot), so draw k of both
+    reweights each problem alike."""
+    return (bool(a.problem_ids) and (a.problem_ids, a.fingerprint) == (b.problem_ids, b.fingerprint)
+            and (a.seed, a.n_boot) == (b.seed, b.n_boot))
 
 
 def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] = ("a", "b")) -> pd.DataFrame:

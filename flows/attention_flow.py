@@ -452,7 +452,7 @@ class AttentionFlow(FlowSpec):
 
         self.metrics_report = analyze(self.attention_raw.astype(np.float32), self.attention_mass.astype(np.float32),
                                       n_boot=self.n_boot, seed=self.seed, name=self.model,
-                                      problem_ids=self.problem_ids)
+                                      problem_ids=self.problem_ids, fingerprint=self.dataset_fingerprint)
         self.ranked_heads = self.metrics_report.ranked_heads
         self.rankings = self.metrics_report.rankings
         self.criteria = self.metrics_report.criteria

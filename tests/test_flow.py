@@ -380,7 +380,7 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert (d.causal_report, d.head_effects, d.thought_report, d.validation_result, d.validation) == (None,) * 5
     diff = d.comparison[clean.pathspec]
     assert {"value_llama", "value_gpt2", "diff"} <= set(diff.columns)
-    assert d.metrics_report.problem_ids == tuple(d.problem_ids)
+    assert d.metrics_report.problem_ids == tuple(d.problem_ids) and d.metrics_report.fingerprint == d.dataset_fingerprint
     assert not diff.attrs["paired"]  # one problem fewer here: the two runs are resampled independently
     card = card_data(result.run["compare"].task)
     assert "Model comparison: llama vs gpt2" in card and "same sample" not in card

@@ -326,13 +326,14 @@ def test_compare_identical_runs_shows_no_difference():
 def test_compare_pairs_runs_of_the_same_problems():
     """Two runs of the same problems: the difference's interval is the bootstrap of the per-problem difference,
     computed here from the weights numpy draws for the seed (row entropy: a per-problem mean); tighter than the
-    independent one when the runs' problems vary alike. Another order of the problems, seed or n_boot: independent."""
+    independent one when the runs' problems vary alike. Another order of the problems, seed, n_boot or sample (the
+    same ids in another dataset): independent."""
     x = random_attention(n=40, seed=3)
     rng = np.random.default_rng(9)
     y = x * rng.uniform(0.9, 1.1, x.shape)  # same problems, a little changed: the two runs covary by problem
     y = y / y.sum(-1, keepdims=True) * x.sum(-1, keepdims=True)
     ids = [f"p{i}" for i in range(40)]
-    a, b = M.analyze(x, n_boot=300, seed=5, problem_ids=ids), M.analyze(y, n_boot=300, seed=5, problem_ids=ids)
+    a, b = (M.analyze(v, n_boot=300, seed=5, problem_ids=ids, fingerprint="f00d") for v in (x, y))
     df = M.compare_reports(a, b)
     assert M.paired(a, b) and df.attrs["paired"]
     w = np.random.default_rng(5).multinomial(40, np.full(40, 1 / 40), size=300) / 40
@@ -345,8 +346,8 @@ def test_compare_pairs_runs_of_the_same_problems():
     assert not apart.attrs["paired"]
     wide = apart.set_index(["quantity", "group"]).loc[("row entropy", "all")]
     assert (row["diff_hi"] - row["diff_lo"]) < 0.5 * (wide["diff_hi"] - wide["diff_lo"])
-    for other in (M.analyze(y, n_boot=300, seed=5, problem_ids=ids[::-1]), M.analyze(y, n_boot=300, seed=6,
-                  problem_ids=ids), M.analyze(y, n_boot=200, seed=5, problem_ids=ids)):
+    for changed in (dict(problem_ids=ids[::-1]), dict(seed=6), dict(n_boot=200), dict(fingerprint="beef")):
+        other = M.analyze(y, **{**dict(n_boot=300, seed=5, problem_ids=ids, fingerprint="f00d"), **changed})
         assert not M.paired(a, other) and not M.compare_reports(a, other).attrs["paired"]
     same = M.compare_reports(a, a)  # a run against itself, paired: no difference in any draw
     assert np.allclose(same["diff_lo"], 0) and np.allclose(same["diff_hi"], 0) and not same["real"].any()
