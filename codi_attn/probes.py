@@ -133,7 +133,8 @@ def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[
     together (`cross_validated`)."""
     from sklearn.model_selection import KFold
 
-    rng, halves = np.random.default_rng(seed), np.random.default_rng([seed, 1])  # halves: the split and half B's draws
+    # one generator per use, so that the control labels and the halves do not move with n_boot or the layers
+    relabel, split, draws = (np.random.default_rng(s) for s in (seed, [seed, 1], [seed, 2]))
     feature = surface_feature(questions)
     groups: dict[bytes, list[tuple[str, np.ndarray]]] = {}
     for name, labels in targets(solutions, max_steps).items():
@@ -147,9 +148,9 @@ def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[
         n = int(have.sum())
         sets = []
         for _, y in members:
-            sets += [y, rng.permutation(y), control_labels(y, feature[have], rng)]
+            sets += [y, relabel.permutation(y), control_labels(y, feature[have], relabel)]
         half_b = np.zeros(n, bool)
-        half_b[halves.permutation(n)[: n // 2]] = True
+        half_b[split.permutation(n)[: n // 2]] = True
         parts = {"": np.arange(n), "_a": np.flatnonzero(~half_b), "_b": np.flatnonzero(half_b)}
         folds = {part: list(KFold(min(N_FOLDS, len(idx)), shuffle=True, random_state=seed).split(idx))
                  for part, idx in parts.items()}
@@ -162,8 +163,8 @@ def run_probes(resid: np.ndarray, solutions: Sequence[str], questions: Sequence[
                     ok, perm, ctrl = correct[""][3 * j: 3 * j + 3]
                     ok_a, _, ctrl_a = correct["_a"][3 * j: 3 * j + 3]
                     ok_b, perm_b, ctrl_b = correct["_b"][3 * j: 3 * j + 3]
-                    lo, hi = drawn_interval(ok.astype(float), n_boot, rng)
-                    lo_b, hi_b = drawn_interval(ok_b.astype(float), n_boot, halves)
+                    lo, hi = drawn_interval(ok.astype(float), n_boot, draws)
+                    lo_b, hi_b = drawn_interval(ok_b.astype(float), n_boot, draws)
                     rows.append({"target": name, "position": position, "layer": layer, "n": n,
                                  "classes": len(np.unique(y)), "accuracy": float(ok.mean()), "ci_low": lo,
                                  "ci_high": hi, "permuted": float(perm.mean()), "control": float(ctrl.mean()),

@@ -3,6 +3,7 @@ is the per-target RidgeClassifier; the targets read the solution."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from codi_attn.contents import best_probes
 from codi_attn.probes import POSITIONS, control_labels, cross_validated, run_probes, targets
@@ -34,6 +35,18 @@ def test_probes_recover_a_planted_feature_and_controls_stay_at_chance():
     best = best_probes(df.reset_index()).set_index("target").loc["step 1"]  # chosen on half A, judged on half B
     assert (best["position"], best["layer"], best["n_b"]) == ("z3", 1, 60) and best["decodable"]
     assert best["accuracy_b"] > 0.8 and best["ci_low_b"] > max(best["control_b"], best["majority_b"])
+
+
+def test_the_halves_do_not_move_with_n_boot_or_the_layers():
+    """Two groups of targets (step 2 only where a solution has two steps): every group's halves, and so the scores on
+    A and B, are the same whatever --n_boot and however many layers come before."""
+    resid, solutions, questions = planted(n=80)
+    solutions = [s.replace("\n", f"\n<<{k % 3}+1={k % 3 + 1}>>\n") if k % 2 else s for k, s in enumerate(solutions)]
+    df = run_probes(resid, solutions, questions, n_boot=100)
+    assert set(df.loc[df["target"] == "step 2", "n"]) == {40} and set(df.loc[df["target"] == "step 1", "n"]) == {80}
+    other = run_probes(resid[:, :, :2], solutions, questions, n_boot=30)
+    same = ["target", "position", "layer", "n_b", "selectivity_a", "accuracy_b", "control_b", "permuted_b"]
+    pd.testing.assert_frame_equal(other[same], df[df["layer"] < 2][same].reset_index(drop=True))
 
 
 def test_stacked_fit_equals_ridge_classifier_per_target():
