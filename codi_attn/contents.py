@@ -191,6 +191,10 @@ def best_probes(probes: pd.DataFrame) -> pd.DataFrame:
     half B (codi_attn.probes: a cell chosen on the problems it is judged on leans optimistic)."""
     if probes.empty:
         return probes
+    if "selectivity_a" not in probes:
+        raise ValueError("these probes come from a run made before a target's best cell was chosen on half A and "
+                         "judged on half B (commit ad866dc): the report's `findings` are what it found then; rerun "
+                         "the thought analysis for the halves")
     best = probes.sort_values("selectivity_a", ascending=False, kind="stable").groupby("target", sort=False).head(1)
     order = {t: i for i, t in enumerate(dict.fromkeys(probes["target"]))}
     return best.assign(decodable=[decodable(r) for _, r in best.iterrows()]).sort_values(

@@ -155,6 +155,8 @@ def test_best_probe_is_chosen_on_half_a_and_judged_on_half_b():
     best = C.best_probes(probes)
     assert list(best["target"]) == ["step 1", "answer"]
     assert list(best["position"]) == ["z1", "z2"] and list(best["decodable"]) == [True, False]
+    with pytest.raises(ValueError, match="made before a target's best cell was chosen on half A"):
+        C.best_probes(probes.drop(columns="selectivity_a"))  # a report pickled by an older version
 
 
 def test_probe_findings_on_noise_are_at_chance():
