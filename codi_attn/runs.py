@@ -6,7 +6,15 @@ OWN_SETTINGS = ("model", "ckpt", "base", "compare_with", "n_problems", "n_record
 
 
 def _shown(value) -> str:
-    return "all" if value is None else str(value)
+    """A setting as its parameter is written: None (the whole split) is all, lists are comma separated, the parsed
+    --head_scan is all or top:M."""
+    if value is None:
+        return "all"
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2 and value[0] in ("all", "top") and (value[1] is None or isinstance(value[1], int)):
+            return value[0] if value[1] is None else f"top:{value[1]}"
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def setting_differences(here: dict, there: dict, keys=None) -> list[str]:
@@ -14,7 +22,7 @@ def setting_differences(here: dict, there: dict, keys=None) -> list[str]:
     keys = keys or [k for k in {**here, **there} if k not in OWN_SETTINGS]
     flags = {**{k: f"--{k}" for k in keys}, **SAMPLE_SETTINGS}
     return [f"{flags[k]} {_shown(here.get(k))} here, {_shown(there.get(k))} there" for k in keys
-            if here.get(k) != there.get(k)]
+            if _shown(here.get(k)) != _shown(there.get(k))]
 
 
 def sample_difference(run, fingerprint: str, settings: dict) -> str | None:

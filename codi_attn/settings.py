@@ -58,9 +58,12 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
         elif p["ablation"] == "resample" and p["ablation_positions"] != "thoughts":
             errors.append("--ablation resample is defined at the thought positions only: use "
                           "--ablation_positions thoughts (or --ablation mean / zero for all positions)")
+    kinds = tuple(k.strip() for k in p["head_kinds"].split(",") if k.strip())
+    where = tuple(w.strip() for w in p["head_positions"].split(",") if w.strip())
+    # parsed with --heads false too, so that two runs' settings compare alike (codi_attn.runs.setting_differences)
+    out["head_kinds"], out["head_positions"] = kinds, where
+    out["head_scan"] = parse_head_scan(p["head_scan"], errors if p["heads"] else [])
     if p["heads"]:
-        kinds = tuple(k.strip() for k in p["head_kinds"].split(",") if k.strip())
-        where = tuple(w.strip() for w in p["head_positions"].split(",") if w.strip())
         if not kinds or any(k not in ABLATIONS for k in kinds) or len(set(kinds)) < len(kinds):
             errors.append(f"--head_kinds must list distinct kinds among {', '.join(ABLATIONS)}, got "
                           f"{p['head_kinds']!r}")
@@ -75,8 +78,6 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
                           "verdict, the critical heads and the held-out test take the first kind at the first "
                           "positions, and resample is not run at all positions: list thoughts first in "
                           "--head_positions, or a mean / zero kind first in --head_kinds")
-        out["head_kinds"], out["head_positions"] = kinds, where
-        out["head_scan"] = parse_head_scan(p["head_scan"], errors)
         if p["head_group_size"] <= 0 or p["head_random_sets"] <= 0:
             errors.append(f"--head_group_size and --head_random_sets must be positive, got {p['head_group_size']} "
                           f"and {p['head_random_sets']}")

@@ -119,6 +119,14 @@ def test_held_out_k_and_scanned_combinations_that_work(tiny_gpt2, params):
                                         head_positions="thoughts,all"))
     assert ok["head_scan"] == ("top", 2) and ok["head_kinds"] == ("resample", "mean")
     assert settings.check_settings(params(base=base, ckpt=ckpt, head_scan="top:1", heads=False))["heads"] is False
+    on, off = (settings.check_settings(params(base=base, ckpt=ckpt, heads=h)) for h in (True, False))
+    from codi_attn.runs import setting_differences  # parsed alike with --heads false: one real difference
+    assert setting_differences(on, off) == ["--heads True here, False there"]
+    scan = settings.check_settings(params(base=base, ckpt=ckpt, head_scan="top:3", head_kinds="mean,zero"))
+    assert setting_differences(scan, on) == ["--head_kinds mean,zero here, mean,zero,resample there",
+                                             "--head_scan top:3 here, all there"]  # as the parameters are written
+    older = {**off, "head_kinds": "mean,zero,resample", "head_positions": "thoughts", "head_scan": "all"}
+    assert setting_differences(on, older) == ["--heads True here, False there"]  # a run that kept them unparsed
     llama = '{"model_type": "llama", "num_hidden_layers": 16, "num_attention_heads": 32}'
     assert settings.head_scan_error(("top", 9), llama).startswith("--head_scan top:9 scans fewer heads than the "
                                                                   "held-out test selects among them: k = 10")
