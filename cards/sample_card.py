@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from metaflow.cards import Markdown, Table
 
+from codi_attn.runs import as_written
+
 DEMO_BANNER = ("DEMO MODEL: this run uses the small offline demo CODI model shipped with codi-attn, "
                "not a released CODI checkpoint. Its attention says nothing about GPT-2 or LLaMA CODI; "
                "run with --model gpt2 or --model llama (and --ckpt/--base for local copies) for those.")
@@ -22,7 +24,7 @@ def start_card(settings: dict, demo: bool, warnings: list[str] = ()) -> list:
     shown = {**settings}
     n, n_records = shown.pop("n", None), shown.pop("n_records", None)
     shown["n_problems"] = f"{n or n_records} of {n_records} in the split"
-    parts.append(Table([[k, str(v) if v != "" else "(none)"] for k, v in shown.items()],
+    parts.append(Table([[k, as_written(v) if v != "" else "(none)"] for k, v in shown.items()],
                        headers=["parameter", "value"]))
     return parts
 

@@ -5,7 +5,7 @@ SAMPLE_SETTINGS = {"dataset": "--dataset", "split": "--split", "n": "--n_problem
 OWN_SETTINGS = ("model", "ckpt", "base", "compare_with", "n_problems", "n_records")  # differ by design, or shown
 
 
-def _shown(value) -> str:
+def as_written(value) -> str:
     """A setting as its parameter is written: None (the whole split) is all, lists are comma separated, the parsed
     --head_scan is all or top:M."""
     if value is None:
@@ -21,8 +21,8 @@ def setting_differences(here: dict, there: dict, keys=None) -> list[str]:
     """'--name A here, B there' for each setting (of `keys`, default all but the model's own) that differs."""
     keys = keys or [k for k in {**here, **there} if k not in OWN_SETTINGS]
     flags = {**{k: f"--{k}" for k in keys}, **SAMPLE_SETTINGS}
-    return [f"{flags[k]} {_shown(here.get(k))} here, {_shown(there.get(k))} there" for k in keys
-            if _shown(here.get(k)) != _shown(there.get(k))]
+    return [f"{flags[k]} {as_written(here.get(k))} here, {as_written(there.get(k))} there" for k in keys
+            if as_written(here.get(k)) != as_written(there.get(k))]
 
 
 def sample_difference(run, fingerprint: str, settings: dict) -> str | None:
