@@ -24,7 +24,7 @@ def start_card(settings: dict, demo: bool, warnings: list[str] = ()) -> list:
     shown = {**settings}
     n, n_records = shown.pop("n", None), shown.pop("n_records", None)
     shown["n_problems"] = f"{n or n_records} of {n_records} in the split"
-    parts.append(Table([[k, as_written(v) if v != "" else "(none)"] for k, v in shown.items()],
+    parts.append(Table([[k, as_written(k, v) if v != "" else "(none)"] for k, v in shown.items()],
                        headers=["parameter", "value"]))
     return parts
 

@@ -417,8 +417,7 @@ def causal_report(scan: HeadScan, attention: np.ndarray, mass: np.ndarray | None
             both = effects[(effects["kind"] == k) & (effects["positions"] == "thoughts")].dropna(
                 subset=["estimate", "logit_diff_change"])
             agreement.append({"kind": k, "n_heads": len(both),
-                              "spearman": _spearman(both["estimate"].to_numpy(), both["logit_diff_change"].to_numpy())
-                              if len(both) > 2 else math.nan})
+                              "spearman": _spearman(both["estimate"].to_numpy(), both["logit_diff_change"].to_numpy())})
     else:
         effects["estimate"] = math.nan
     notes = []

@@ -5,14 +5,14 @@ SAMPLE_SETTINGS = {"dataset": "--dataset", "split": "--split", "n": "--n_problem
 OWN_SETTINGS = ("model", "ckpt", "base", "compare_with", "n_problems", "n_records")  # differ by design, or shown
 
 
-def as_written(value) -> str:
-    """A setting as its parameter is written: None (the whole split) is all, lists are comma separated, the parsed
-    --head_scan is all or top:M."""
+def as_written(key: str, value) -> str:
+    """Setting `key` as its parameter is written: None (the whole split) is all, lists are comma separated, the
+    parsed --head_scan (codi_attn.settings.parse_head_scan) is all or top:M."""
     if value is None:
         return "all"
+    if key == "head_scan" and isinstance(value, (tuple, list)):
+        return "all" if value[0] == "all" else f"top:{value[1]}"
     if isinstance(value, (tuple, list)):
-        if len(value) == 2 and value[0] in ("all", "top") and (value[1] is None or isinstance(value[1], int)):
-            return value[0] if value[1] is None else f"top:{value[1]}"
         return ",".join(map(str, value))
     return str(value)
 
@@ -21,8 +21,8 @@ def setting_differences(here: dict, there: dict, keys=None) -> list[str]:
     """'--name A here, B there' for each setting (of `keys`, default all but the model's own) that differs."""
     keys = keys or [k for k in {**here, **there} if k not in OWN_SETTINGS]
     flags = {**{k: f"--{k}" for k in keys}, **SAMPLE_SETTINGS}
-    return [f"{flags[k]} {as_written(here.get(k))} here, {as_written(there.get(k))} there" for k in keys
-            if as_written(here.get(k)) != as_written(there.get(k))]
+    return [f"{flags[k]} {as_written(k, here.get(k))} here, {as_written(k, there.get(k))} there" for k in keys
+            if as_written(k, here.get(k)) != as_written(k, there.get(k))]
 
 
 def sample_difference(run, fingerprint: str, settings: dict) -> str | None:
