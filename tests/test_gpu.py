@@ -54,3 +54,20 @@ def test_cuda_hooks_and_shared_prefill_bit_for_bit(family_dirs):
     first, second = runner.run_conditions(QUESTIONS, [[plain], [AblateHeads(model, ()), noop]])
     np.testing.assert_array_equal(first.tokens, second.tokens)
     np.testing.assert_array_equal(plain.hidden, noop.hidden)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_padded_prefill_rows_stay_finite(family_dirs, dtype, monkeypatch):
+    """All questions in one left-padded prefill forward, so the pad positions' queries see no key at all: CUDA's
+    sdpa kernels must not turn those rows into NaN keys and values that later real queries read (at weight 0,
+    0 x NaN is still NaN). Batched equals one at a time, where nothing is padded."""
+    import codi_attn.runner as runner
+
+    family, (base, ckpt) = family_dirs
+    monkeypatch.setattr(runner, "prefill_groups", lambda lengths: [list(range(len(lengths)))])
+    model = load_codi(family, base=str(base), ckpt=str(ckpt), device="cuda", dtype=dtype)
+    batched = extract(model, QUESTIONS, batch_size=len(QUESTIONS), max_new_tokens=4)
+    assert np.isfinite(batched.attention).all() and np.isfinite(batched.mass).all()
+    for k, question in enumerate(QUESTIONS):
+        single = extract(model, [question], max_new_tokens=4)
+        np.testing.assert_allclose(batched.attention[k], single.attention[0], atol=1e-4 if dtype == "float32" else 3e-2)
