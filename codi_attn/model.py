@@ -129,11 +129,12 @@ def resolve_sources(model: str, ckpt: str | None = None, base: str | None = None
     return base, ckpt
 
 
-def _hub_hint(what: str, source: str, flag: str, err: Exception) -> CODILoadError:
-    return CODILoadError(
-        f"could not load the {what} {source!r} from the Hugging Face hub ({type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}). Without network access, download it elsewhere and "
-        f"pass a local directory instead: {flag} /path/to/dir")
+def hub_hint(what: str, source: str, flag: str, why: Exception | str) -> CODILoadError:
+    """The error for a hub id that cannot be loaded, `why` an exception or words, saying what to pass instead."""
+    if isinstance(why, Exception):
+        why = f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else ''}"
+    return CODILoadError(f"could not load the {what} {source!r} from the Hugging Face hub ({why}). Without network "
+                         f"access, download it elsewhere and pass a local directory instead: {flag} /path/to/dir")
 
 
 def _load_config_and_tokenizer(base: str):
@@ -145,7 +146,7 @@ def _load_config_and_tokenizer(base: str):
     except (OSError, ValueError) as err:
         if is_local(base):
             raise CODILoadError(f"base model directory {base} has no readable config/tokenizer: {err}") from err
-        raise _hub_hint("base model", base, "--base", err) from err
+        raise hub_hint("base model", base, "--base", err) from err
     return config, tokenizer
 
 
@@ -228,9 +229,9 @@ def _checkpoint_file(ckpt: str, download: bool = True) -> Path | None:
         except EntryNotFoundError as e:  # the repo answered: it has no such file
             err = e
         except Exception as e:  # unknown repo, gated, hub down: all mean "pass a local dir"
-            raise _hub_hint("checkpoint", ckpt, "--ckpt", e) from e
+            raise hub_hint("checkpoint", ckpt, "--ckpt", e) from e
     if offline is not None:
-        raise _hub_hint("checkpoint", ckpt, "--ckpt", offline) from offline
+        raise hub_hint("checkpoint", ckpt, "--ckpt", offline) from offline
     raise CODILoadError(f"hub repo {ckpt} holds none of {', '.join(CKPT_FILES)}") from err
 
 

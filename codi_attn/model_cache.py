@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from codi_attn.datastore import DatastoreFiles
-from codi_attn.model import CODILoadError, CODIModel, _checkpoint_file, _hub_hint, is_local, load_codi
+from codi_attn.model import CODILoadError, CODIModel, _checkpoint_file, hub_hint, is_local, load_codi
 
 BASE_FILES = ("*.json", "*.txt", "*.model")  # config and tokenizer: the weights come from the checkpoint
 
@@ -29,7 +29,7 @@ def download(source: str, what: str) -> list[Path]:
     try:
         folder = Path(snapshot_download(source, allow_patterns=list(BASE_FILES)))
     except Exception as e:  # offline, unknown repo, gated: all mean "pass a local dir"
-        raise _hub_hint("base model", source, "--base", e) from e
+        raise hub_hint("base model", source, "--base", e) from e
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 

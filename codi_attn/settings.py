@@ -26,10 +26,12 @@ def resolve_dataset(dataset: str, model: str, ckpt: str, base: str) -> str:
 
 def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     """Validate every parameter cheaply (nothing is loaded but the dataset records and the base's config.json;
-    model files are only looked for, in the local hub cache for hub ids) and return the settings the run uses, plus n (None = whole split) and n_records. Every problem found is
-    reported at once, one line each naming the parameter, in a SettingsError."""
-    from codi_attn.model import (CONFIG_FILE, check_checkpoint, check_device, locate_sources, resolve_device_dtype,
-                                 resolve_sources)
+    model files are only looked for, in the local hub cache for hub ids, and the hub is asked once whether it
+    answers where an input needs it) and return the settings the run uses, plus n (None = whole split) and
+    n_records. Every problem found is reported at once, one line each naming the parameter, in a SettingsError."""
+    from codi_attn.hub import hub_unreachable, offline_mode
+    from codi_attn.model import (CONFIG_FILE, check_checkpoint, check_device, hub_hint, locate_sources,
+                                 resolve_device_dtype, resolve_sources)
 
     dataset = resolve_dataset(p["dataset"], p["model"], p["ckpt"], p["base"])
     split = p["split"] if p["split"] != "auto" else ("test" if dataset == DEMO_DATASET else "train")
@@ -108,6 +110,10 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
             if found and found["base"] and found["ckpt"]:  # keys and shapes from the file's header
                 check("--model/--ckpt/--base", lambda: check_checkpoint(
                     p["model"], found["base"][CONFIG_FILE].parent, next(iter(found["ckpt"].values()))))
+            for what, flag, source in (("base model", "--base", sources[0]), ("checkpoint", "--ckpt", sources[1])):
+                why = found and found[flag[2:]] is None and hub_unreachable()  # a hub id the local cache lacks
+                if why:
+                    errors.append(f"{flag}: {hub_hint(what, source, flag, f'not in the local cache, and {why}')}")
             if found and found["base"] and p["heads"]:
                 error = head_scan_error(out["head_scan"], found["base"][CONFIG_FILE].read_text(encoding="utf-8"))
                 errors += [error] if error else []
@@ -117,7 +123,13 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     if split not in SPLITS:
         errors.append(f"--split must be auto or one of {', '.join(SPLITS)}, got {p['split']!r}")
     else:
-        records = check("--dataset", lambda: load_records(out["dataset"], split))
+        why = out["dataset"] == HUB_NAME and not offline_mode() and hub_unreachable()  # offline mode: the cache
+        if why:
+            errors.append(f"--dataset: the GSM8K {split} split cannot be downloaded ({why}): pass a local copy of "
+                          f"OpenAI's grade-school-math {split}.jsonl, --dataset /path/to/gsm8k/{split}.jsonl (or, "
+                          "with gsm8k in your local Hugging Face cache, set HF_HUB_OFFLINE=1)")
+        else:
+            records = check("--dataset", lambda: load_records(out["dataset"], split))
     if records is not None:
         before = len(errors)
         out["n"] = check("--n_problems", lambda: resolve_n(p["n_problems"], len(records)))

@@ -260,3 +260,67 @@ def test_dataset_auto():
     assert settings.resolve_dataset("auto", "demo", "/my/ckpt", "") == "gsm8k"
     assert settings.resolve_dataset("auto", "llama", "", "") == "gsm8k"
     assert settings.resolve_dataset("x.jsonl", "demo", "", "") == "x.jsonl"
+
+
+@pytest.fixture
+def closed_port():
+    """A 127.0.0.1 port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_probe_tells_an_answering_hub_from_a_silent_one(closed_port, monkeypatch):
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from codi_attn.hub import hub_unreachable
+
+    hub_unreachable.cache_clear()
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501 to HEAD
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert hub_unreachable(f"http://127.0.0.1:{server.server_port}") is None  # any status: it answers
+    finally:
+        server.shutdown()
+        server.server_close()
+    why = hub_unreachable(f"http://127.0.0.1:{closed_port}")
+    assert why.startswith(f"http://127.0.0.1:{closed_port} does not answer: ConnectError")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_unreachable.cache_clear()
+    assert hub_unreachable(f"http://127.0.0.1:{closed_port}") == "HF_HUB_OFFLINE is set"
+    hub_unreachable.cache_clear()
+
+
+def test_offline_start_names_every_hub_input_at_once_without_downloading(closed_port, tmp_path, monkeypatch):
+    """--model gpt2 with the hub silent and nothing cached: base, checkpoint and dataset each get their line, and
+    nothing is attempted that would wait out the hub libraries' retries."""
+    import datasets
+    from huggingface_hub import constants
+
+    from codi_attn.hub import hub_unreachable
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the dataset was downloaded"))
+    hub_unreachable.cache_clear()
+    try:
+        with pytest.raises(settings.SettingsError) as err:
+            settings.check_settings(_settings("gsm8k"))
+    finally:
+        hub_unreachable.cache_clear()
+    lines = str(err.value).splitlines()
+    silent = f"http://127.0.0.1:{closed_port} does not answer: ConnectError"
+    assert lines[0].startswith("--base: could not load the base model 'openai-community/gpt2' from the Hugging "
+                               f"Face hub (not in the local cache, and {silent}")
+    assert lines[0].endswith("pass a local directory instead: --base /path/to/dir")
+    assert lines[1].startswith("--ckpt: could not load the checkpoint 'zen-E/CODI-gpt2'")
+    assert lines[1].endswith("--ckpt /path/to/dir")
+    assert lines[2].startswith(f"--dataset: the GSM8K train split cannot be downloaded ({silent}")
+    assert lines[2].endswith("--dataset /path/to/gsm8k/train.jsonl (or, with gsm8k in your local Hugging Face "
+                             "cache, set HF_HUB_OFFLINE=1)")
+    assert len(lines) == 3
