@@ -51,11 +51,12 @@ def aggregate_card(model_info: dict, n_sampled: int, stats: dict, accuracy: floa
             ["... on the first token / rest of question / BOT",
              f"{100 * mass['sink']:.1f}% / {100 * mass['question']:.1f}% / {100 * mass['bot']:.1f}%"],
             ["mean self-attention (diagonal)", f"{stats['self_attention']:.4f}"],
-            ["incoming attention over causal-uniform (z1 / z2 / z3 / z4)",
+            ["incoming attention over causal-uniform, raw weights (z1 / z2 / z3 / z4)",
              " / ".join(f"{x:.2f}x" for x in stats["incoming_lift"][:4])],
         ], headers=["", ""]),
-        Markdown("Raw weights (fractions of each thought query's whole row), all heads together. Hubs per "
-                 "head, with intervals, are on the metrics card."),
+        Markdown("Raw weights (fractions of each thought query's whole row), all heads together, without "
+                 "intervals. The metrics card's lifts, per head and with intervals, are on its own basis (rows "
+                 "renormalised over the thoughts by default), so they differ from these."),
     ]
     if n:
         parts += [image(mean_matrix_figure(attention_avg)), image(incoming_figure(stats)),

@@ -5,6 +5,8 @@ import numpy as np
 import pandas as pd
 from metaflow.cards import Image, Markdown, Table
 
+from codi_attn.settings import few_problems_note
+
 
 def cell(v, digits: int = 3) -> str:
     """One table cell as text: floats rounded, missing as a dash, booleans as yes/no."""
@@ -33,6 +35,13 @@ def image(fig) -> Image:
 def with_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
     """'v [lo, hi]', or just v without an interval."""
     return cell(v, digits) if pd.isna(lo) else f"{cell(v, digits)} [{cell(lo, digits)}, {cell(hi, digits)}]"
+
+
+def few_problems(n_problems: int) -> list[str]:
+    """[the warning] where a card's verdicts rest on too few problems (codi_attn.settings.few_problems_note), else
+    []: a verdict's first bullet, or one of a card's warnings."""
+    note = few_problems_note(n_problems)
+    return [note] if note else []
 
 
 def warnings_md(warnings: list[str], who: str = "") -> list:

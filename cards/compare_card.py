@@ -1,4 +1,4 @@
-"""Card of the compare step: two models' hubs, critical heads, concentration, thought-block mass and
+"""Card of the compare step: two models' hubs, high-composite heads, concentration, thought-block mass and
 depth profiles side by side, each difference with its 95% interval and whether it is real."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 from metaflow.cards import Markdown
 
-from cards.common import image, table, warnings_md, with_ci
+from cards.common import few_problems, image, table, warnings_md, with_ci
 from cards.metrics_card import criteria_frame
 from codi_attn.figures import metrics as metric_figures
 from codi_attn.conventions import thought_name
-from codi_attn.metrics import HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports
+from codi_attn.metrics import HIGH_COMPOSITE, HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports
 from codi_attn.presets import PRESETS
 
 
@@ -84,11 +84,12 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
         parts.append(Markdown(" | ".join(f"{n}: {r.shape[0]} problems, {r.shape[1]} x {r.shape[2]} heads"
                                          for n, r in zip((na, nb), reports)) + f" | basis: {reports[0].basis}"))
         for n, r in zip((na, nb), reports):
-            parts += warnings_md(r.warnings, n)
+            parts += warnings_md(few_problems(r.shape[0]) + list(r.warnings), n)
     parts += [Markdown(_summary_md(df)),
               Markdown("## Hub positions"), image(metric_figures.compare_hubs(df)),
-              Markdown("## Critical heads (as fractions: the models have different numbers of heads)"),
-              image(metric_figures.compare_critical(df))]
+              Markdown(f"## High-composite heads (composite > {HIGH_COMPOSITE:g}, as fractions: the models have different "
+                       "numbers of heads)"),
+              image(metric_figures.compare_high_composite(df))]
     if reports:
         parts.append(image(metric_figures.compare_head_maps(*reports, names=(na, nb))))
     parts += [Markdown("## Flow and concentration along normalised depth"),

@@ -6,9 +6,9 @@ import math
 import pandas as pd
 from metaflow.cards import Markdown
 
-from cards.common import cell, image, table
+from cards.common import cell, few_problems, image, table
 from codi_attn.heads import CRITICAL_DROP, FDR, CausalReport
-from codi_attn.metrics import CRITICAL_COMPOSITE as COMPOSITE_CRITICAL
+from codi_attn.metrics import HIGH_COMPOSITE
 
 
 def _points(x: float) -> str:
@@ -51,11 +51,11 @@ def held_out_answer(report: CausalReport) -> str:
 def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
     """The findings in plain words, one sentence per bullet."""
     s = report.settings
-    out = []
+    out = [f"**Warning: {w}.**" for w in few_problems(s["n_problems"])]
     critical = report.critical()
     effects = report.head_effects
     n_scanned = int(((effects["kind"] == s["kind"]) & (effects["positions"] == s["positions"])).sum())
-    composite = ranked_heads[ranked_heads["composite"] > COMPOSITE_CRITICAL]["label"].tolist()
+    composite = ranked_heads[ranked_heads["composite"] > HIGH_COMPOSITE]["label"].tolist()
     names = ", ".join(critical["label"]) or "none"
     n_model = s["n_layers"] * s["n_heads"]
     unscanned = (f", {n_model - n_scanned} of them not scanned and counted with p = 1" if n_scanned < n_model else "")
@@ -63,7 +63,7 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
                f"alone costs at least {100 * CRITICAL_DROP:.0f} points, and the loss survives a "
                f"{100 * FDR:.0f}% false-discovery rate over the model's {n_model} heads{unscanned}: "
                f"exact sign test on the answers it flips, Benjamini-Hochberg): {names}. "
-               f"Composite above {COMPOSITE_CRITICAL}: {', '.join(composite) or 'none'}; in both: "
+               f"Composite above {HIGH_COMPOSITE}: {', '.join(composite) or 'none'}; in both: "
                f"{', '.join(sorted(set(critical['label']) & set(composite))) or 'none'}.")
     corr = report.correlations
     r = composite_correlation(report)
@@ -92,8 +92,8 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
             out.append(f"Selected on half A by {r.selection} ({r.heads}), the top-{held.k} ablated together on half B "
                        f"({len(held.problems_b)} problems) change accuracy by {_points(r.delta_accuracy)} points "
                        f"{_interval(r.delta_ci_low, r.delta_ci_high)}, vs {100 * r.random_mean:+.1f} ± "
-                       f"{100 * r.random_sd:.1f} for {r.distinct} random sets"
-                       f"{' of the same layers' if r.layer_matched else ' from all layers'}: a larger drop than "
+                       f"{100 * r.random_sd:.1f} for {r.distinct} random sets of its other heads"
+                       f"{' in the same layers' if r.layer_matched else ' from all layers'}: a larger drop than "
                        f"{r.percentile:.0f}% of them.")
     for r in report.agreement.itertuples():
         out.append(f"Attribution patching ({r.kind}) ranks the heads' logit-difference effects with Spearman "
@@ -146,7 +146,7 @@ def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
     if report.held_out is not None:
         held = report.held_out
         parts += [Markdown(f"## Held out: selected on half A ({len(held.problems_a)} problems), measured on half B "
-                           f"({len(held.problems_b)})\n\n" + _held_out_selection(report)),
+                           f"({len(held.problems_b)})\n\n" + _held_out_selection(report) + " " + RANDOM_SETS),
                   image(held_out_figure(held)),
                   table(_held_out_table(held))]
     if len(report.agreement):
@@ -154,7 +154,7 @@ def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
     parts += [Markdown(f"## Critical heads side by side\n\nCausal: Δ ≤ -{100 * CRITICAL_DROP:.0f} points and "
                        f"q < {FDR} ({s['kind']} ablation; q: the sign test's p-value adjusted over the heads, "
                        f"Benjamini-Hochberg). Composite: the design's score above "
-                       f"{COMPOSITE_CRITICAL}."),
+                       f"{HIGH_COMPOSITE}."),
               table(_side_by_side(report, ranked_heads))]
     for kind in s["kinds"]:
         parts += [Markdown(f"## Heads by effect: {kind} ablation (most harmful first)"), *_effects_table(report, kind)]
@@ -175,6 +175,12 @@ def _held_out_selection(report: CausalReport) -> str:
                                                  "B does not enter it."))
 
 
+RANDOM_SETS = ("Each selection's random sets are drawn from the heads outside it, so each is compared with the "
+               "model's other heads, and the two selections have different baselines: the causal top-k's random sets "
+               "cannot contain the heads the scan found most harmful, the composite top-k's can. Its percentile says "
+               "whether the selected heads matter more on B than the rest of the model.")
+
+
 def _held_out_table(held) -> pd.DataFrame:
     return pd.DataFrame({
         "selected by": held.summary["selection"], "heads": held.summary["heads"],
@@ -190,7 +196,7 @@ def _held_out_table(held) -> pd.DataFrame:
 
 def _side_by_side(report: CausalReport, ranked_heads: pd.DataFrame) -> pd.DataFrame:
     causal = report.critical()
-    composite = ranked_heads[ranked_heads["composite"] > COMPOSITE_CRITICAL]
+    composite = ranked_heads[ranked_heads["composite"] > HIGH_COMPOSITE]
     n = max(len(causal), len(composite), 1)
     def pad(values) -> list:
         values = list(values)
@@ -199,6 +205,6 @@ def _side_by_side(report: CausalReport, ranked_heads: pd.DataFrame) -> pd.DataFr
     return pd.DataFrame({
         "causal critical": pad(causal["label"]),
         "Δ points": pad(_points(v) for v in causal["delta_accuracy"]),
-        "composite critical": pad(composite["label"]),
+        "composite > 0.7": pad(composite["label"]),
         "composite": pad(f"{v:.3f}" for v in composite["composite"]),
     })

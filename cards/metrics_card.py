@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 from metaflow.cards import Markdown
 
-from cards.common import image, table, warnings_md, with_ci
+from cards.common import few_problems, image, table, warnings_md, with_ci
 from codi_attn.conventions import thought_name
 from codi_attn.figures import metrics as metric_figures
-from codi_attn.metrics import (CRITICAL_COMPOSITE, DIFFUSE_ENTROPY, LIFT_THRESHOLD, MIN_HUB_ROWS,
+from codi_attn.metrics import (BASES, DIFFUSE_ENTROPY, HIGH_COMPOSITE, LIFT_THRESHOLD, MIN_HUB_ROWS,
                                MetricsReport, top_k)
 
-DETAIL_HEADS = 3  # critical heads that get a detail figure
+DETAIL_HEADS = 3  # high-composite heads that get a detail figure
+BASIS_AGREEMENT = 0.5  # composite Spearman rho between the bases below which the card says the ranking depends on it
 
 
 def criteria_frame(criteria: pd.DataFrame) -> pd.DataFrame:
@@ -33,6 +34,19 @@ def _criteria_md(criteria: pd.DataFrame) -> str:
         text += (" Causal-uniform attention would pass " + "; ".join(f"*{c}*" for c in hollow["criterion"])
                  + " as well, so passing it is no evidence of structure (codi-spec trap 7).")
     return text
+
+
+def _basis_md(report: MetricsReport) -> str:
+    """Whether the composite ranking survives a change of basis (raw vs renormalised rows), in words."""
+    k = top_k(report.n_heads)
+    row = report.basis_agreement.set_index("score").loc["composite"]
+    rho, same = row["spearman"], round(row[f"top{k}_overlap"] * k)
+    if rho >= BASIS_AGREEMENT:
+        return f"The composite ranking holds across the bases (Spearman rho {rho:+.2f}, {same} of the top {k} the same)."
+    other = next(b for b in BASES if b != report.basis)
+    return (f"**The composite ranking depends on the basis**: its Spearman rho between the raw and the renormalised "
+            f"rows is {rho:+.2f}, and {same} of its top {k} heads are the same on both. The rankings above are on "
+            f"the {report.basis} basis; on the {other} basis other heads lead.")
 
 
 def _hub_md(report: MetricsReport) -> str:
@@ -76,39 +90,40 @@ def definitions_md(report: MetricsReport) -> str:
         "thought-block mass spread evenly over the thoughts it can see. Incoming attention to j counts rows "
         f"i >= j+2; lift = observed / causal-uniform. Types: diffuse if row entropy >= {DIFFUSE_ENTROPY:g} "
         f"of its maximum, else the largest lift of sequential (i -> i-1), self, hub, skip (i - j >= 3) if it "
-        f"reaches {LIFT_THRESHOLD:g}, else mixed. Critical: composite > {CRITICAL_COMPOSITE:g}. "
+        f"reaches {LIFT_THRESHOLD:g}, else mixed. High-composite: composite > {HIGH_COMPOSITE:g} (the design's "
+        "\"critical\"; the causally critical heads are those of the head analysis, join_heads). "
         f"Intervals: 95% percentile bootstrap over problems ({report.n_boot} resamples, seed {report.seed}).")
 
 
 def metrics_card(report: MetricsReport) -> list:
     """Card components for one model's MetricsReport."""
     n, n_layers, n_heads = report.shape
-    crit = report.critical_heads
-    detail = (crit if len(crit) else report.ranked_heads).head(DETAIL_HEADS)
+    high = report.high_composite_heads
+    detail = (high if len(high) else report.ranked_heads).head(DETAIL_HEADS)
     parts = [Markdown(f"# Head metrics{': ' + report.name if report.name else ''}"),
              Markdown(f"{n} problems, {n_layers} layers x {n_heads} heads, rankings on the **{report.basis}** "
                       f"basis, {report.n_boot} bootstrap resamples.")]
-    parts += warnings_md(report.warnings)
+    parts += warnings_md(few_problems(n) + list(report.warnings))
     parts += [Markdown("## Success criteria of the design"), Markdown(_criteria_md(report.criteria)),
               table(criteria_frame(report.criteria)),
               Markdown("## Hubs against the causal-uniform baseline"), Markdown(_hub_md(report)),
               image(metric_figures.hub_analysis(report)),
               table(report.position_lift[["thought", "rows", "observed", "baseline", "lift", "lift_lo", "lift_hi",
                                           "eligible", "is_hub", "hub_heads"]]),
-              Markdown(f"## Critical heads: {len(crit)} of {report.n_heads} ({len(crit) / report.n_heads:.0%}) "
-                       f"with composite > {CRITICAL_COMPOSITE:g}"),
+              Markdown(f"## High-composite heads: {len(high)} of {report.n_heads} ({len(high) / report.n_heads:.0%}) "
+                       f"with composite > {HIGH_COMPOSITE:g}"),
               image(metric_figures.top_heads_overview(report)),
               table(top_heads_frame(report)),
               image(metric_figures.top_heads_heatmaps(report)),
               Markdown("## Per head"), image(metric_figures.layer_head_maps(report)), image(metric_figures.type_map(report)),
-              Markdown(f"## {'Critical' if len(crit) else 'Top'} heads in detail")]
+              Markdown(f"## {'High-composite' if len(high) else 'Top'} heads in detail")]
     parts += [image(metric_figures.head_detail(report, label)) for label in detail["label"]]
     parts += [Markdown("## Baselines, stability, model-level quantities"),
               Markdown(f"Mean std across problems: **{report.mean_std:.3f}**. Every metric beside its "
                        "causal-uniform value (mean over heads):"),
               table(report.baseline),
               Markdown("Rank agreement of the two bases (Spearman rho, overlap of the top heads):"),
-              table(report.basis_agreement),
+              table(report.basis_agreement), Markdown(_basis_md(report)),
               Markdown("Mean share of each thought query's whole row, by destination:"),
               table(report.mass_profile),
               table(report.model_stats),

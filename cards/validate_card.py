@@ -6,7 +6,7 @@ import math
 import pandas as pd
 from metaflow.cards import Markdown, Table
 
-from cards.common import image
+from cards.common import few_problems, image
 
 from codi_attn.validate import LENS_TOP_N, ValidationResult, controls_origin
 
@@ -34,7 +34,7 @@ def verdict(result: ValidationResult) -> list[str]:
     singles = result.group("top-k single")
     blocks = result.group("blocking")
     k = s["k"]
-    out = []
+    out = [f"**Warning: {w}.**" for w in few_problems(s["n_problems"])]
     if result.noop_identical:
         out.append("The no-op control (same code path, nothing ablated or blocked) reproduced the baseline "
                    "bit for bit.")
@@ -47,9 +47,10 @@ def verdict(result: ValidationResult) -> list[str]:
     r_delta, r_kl = 100 * rand["delta_accuracy"], rand["kl_answer_token"]
     n_sets = rand["heads"].nunique()
     distinct = f", only {n_sets} distinct head set{'s' * (n_sets > 1)}" if n_sets < len(rand) else ""
-    out.append(f"Ablating the top-{k} heads ({s['ablation']} ablation) changed accuracy by {_delta(top)} from "
+    out.append(f"Ablating the top-{k} heads by composite score ({s['ablation']} ablation) changed accuracy by "
+               f"{_delta(top)} from "
                f"{100 * base['accuracy']:.1f}%, vs {r_delta.mean():+.1f} ± {r_delta.std(ddof=0):.1f} points for "
-               f"{k} random heads {controls_origin(s)}"
+               f"{k} random heads {controls_origin(s)}, none of them a top-{k} head"
                f" (mean ± sd over {len(rand)} draws{distinct}, range "
                f"{r_delta.min():+.1f} to {r_delta.max():+.1f}).")
     below = int((rand["delta_accuracy"] > top["delta_accuracy"]).sum())
@@ -128,7 +129,9 @@ def validate_card(result: ValidationResult) -> list:
                  "baseline's answer number starts (its first token with a digit, or a bare minus sign), averaged "
                  "over the problems whose condition run generated the same tokens up to there (KL compared on)."),
         Markdown("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(result))),
-        Markdown(f"## Top-{s['k']} heads vs random controls"),
+        Markdown(f"## The composite's top-{s['k']} heads vs random controls\n\nThe heads ranked by the "
+                 "attention metrics (the metrics card's composite), not the causally critical heads of the head "
+                 "analysis (join_heads card), which ablating each head measures directly."),
         image(ablation_figure(result)),
         image(single_heads_figure(result)),
         Markdown("## Blocking and swapping thoughts"),

@@ -54,7 +54,8 @@ every head's scores and every model-level quantity; for each head the fraction o
 it is in the top k by composite (k = TOP_K capped at half the heads). mean_std: std across problems
 of M's entries (basis), averaged over the causal entries of rows 1..5 and over heads.
 
-Critical heads: composite > CRITICAL_COMPOSITE (0.7, the design's threshold).
+High-composite heads: composite > HIGH_COMPOSITE (0.7, the design's threshold, which it called "critical"; in
+this tool "critical" means causally critical, codi_attn.heads).
 Success criteria: see CRITERIA; each is shown with its measured value, the value causal-uniform
 attention would give, and pass/fail. Model comparisons resample the problems of two runs of the same
 problems (one sample, same seed and n_boot: `paired`) together, so the difference's interval comes from the
@@ -76,7 +77,8 @@ WEIGHTS = {"flow": 0.4, "hub": 0.4, "skip": 0.2}
 LIFT_THRESHOLD = 2.0
 MIN_HUB_ROWS = 3
 DIFFUSE_ENTROPY = 0.9
-CRITICAL_COMPOSITE = 0.7
+HIGH_COMPOSITE = 0.7
+RENAMED = {"critical heads": "high-composite heads", "critical fraction": "high-composite fraction"}  # older runs' names
 STRONG_ENTRY = 0.4
 TOP_K = 10
 BOTTOM_K = 50
@@ -383,9 +385,9 @@ class MetricsReport:
         return self.shape[1] * self.shape[2]
 
     @property
-    def critical_heads(self) -> pd.DataFrame:
-        """Heads with composite > CRITICAL_COMPOSITE, best first."""
-        return self.ranked_heads[self.ranked_heads["composite"] > CRITICAL_COMPOSITE]
+    def high_composite_heads(self) -> pd.DataFrame:
+        """Heads with composite > HIGH_COMPOSITE, best first."""
+        return self.ranked_heads[self.ranked_heads["composite"] > HIGH_COMPOSITE]
 
     @property
     def hubs(self) -> list[int]:
@@ -514,15 +516,15 @@ def _measured(m: np.ndarray, ranked: pd.DataFrame, mean_std: float) -> dict[str,
 def _model_stats(a: np.ndarray, mass: np.ndarray | None, m: np.ndarray, mb: np.ndarray, w: np.ndarray,
                  entropy: np.ndarray, lift: tuple[np.ndarray, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
     """Model-level quantities (section, quantity, group, value, lo, hi) and their draws [B, K]: hub lifts,
-    critical heads, row entropy, thought-block mass (and the mass split), normalised-depth profiles.
+    high-composite heads, row entropy, thought-block mass (and the mass split), normalised-depth profiles.
     Head-level ones are recomputed on each resampled mean mb; per-problem ones are resampled with w."""
     n_layers = a.shape[1]
     stats: list[tuple[str, str, str, float, np.ndarray]] = []
     for j in np.flatnonzero(_INCOMING_ROWS > 0):
         stats.append(("hubs", "incoming lift", thought_name(j + 1), float(lift[0][j]), lift[1][:, j]))
-    crit, crit_b = _design(m)["composite"] > CRITICAL_COMPOSITE, _design(mb)["composite"] > CRITICAL_COMPOSITE
-    stats.append(("critical heads", "count", "all", float(crit.sum()), crit_b.sum((1, 2)).astype(float)))
-    stats.append(("critical heads", "fraction", "all", float(crit.mean()), crit_b.mean((1, 2))))
+    high, high_b = _design(m)["composite"] > HIGH_COMPOSITE, _design(mb)["composite"] > HIGH_COMPOSITE
+    stats.append(("high-composite heads", "count", "all", float(high.sum()), high_b.sum((1, 2)).astype(float)))
+    stats.append(("high-composite heads", "fraction", "all", float(high.mean()), high_b.mean((1, 2))))
     row_mass = a.sum(-1).mean(-1)  # [N, L, H]
     per_problem = {("concentration", "row entropy", "all"): entropy.mean((1, 2)),
                    ("mass", "thought-block mass", "all"): row_mass.mean((1, 2))}
@@ -537,14 +539,14 @@ def _model_stats(a: np.ndarray, mass: np.ndarray | None, m: np.ndarray, mb: np.n
         per_problem[("depth profile", "thought-block mass", label)] = row_mass[:, sel].mean((1, 2))
         for q, fn in (("flow", flow_score), ("seq", seq_share), ("skip", skip_score)):
             stats.append(("depth profile", q, label, float(fn(m[sel]).mean()), fn(mb[:, sel]).mean((1, 2))))
-        stats.append(("depth profile", "critical fraction", label, float(crit[sel].mean()),
-                      crit_b[:, sel].mean((1, 2))))
+        stats.append(("depth profile", "high-composite fraction", label, float(high[sel].mean()),
+                      high_b[:, sel].mean((1, 2))))
     for key, v in per_problem.items():
         stats.append((*key, float(v.mean()), w.astype(np.float64) @ v))
     df = pd.DataFrame([s[:4] for s in stats], columns=["section", "quantity", "group", "value"])
     draws = np.stack([s[4] for s in stats], axis=1)
     df["lo"], df["hi"] = _interval(draws)
-    order = {"hubs": 0, "critical heads": 1, "concentration": 2, "mass": 3, "depth profile": 4}
+    order = {"hubs": 0, "high-composite heads": 1, "concentration": 2, "mass": 3, "depth profile": 4}
     idx = df.sort_values(["section", "quantity", "group"], kind="stable",
                          key=lambda s: s.map(order) if s.name == "section" else s).index
     return df.loc[idx].reset_index(drop=True), draws[:, idx]
@@ -640,10 +642,10 @@ def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] =
         raise ValueError(f"compare reports on one basis, got {a.basis!r} and {b.basis!r}")
     na, nb = names
     key = ["section", "quantity", "group"]
-    left = a.model_stats.assign(_ia=np.arange(len(a.model_stats)))
-    right = b.model_stats.assign(_ib=np.arange(len(b.model_stats)))
+    left, right = (r.model_stats.replace({"section": RENAMED, "quantity": RENAMED}) for r in (a, b))
+    left, right = left.assign(_ia=np.arange(len(left))), right.assign(_ib=np.arange(len(right)))
     df = left.merge(right, on=key, how="outer", suffixes=(f"_{na}", f"_{nb}"), sort=False)
-    order = {s: i for i, s in enumerate(dict.fromkeys(list(a.model_stats["section"]) + list(b.model_stats["section"])))}
+    order = {s: i for i, s in enumerate(dict.fromkeys(list(left["section"]) + list(right["section"])))}
     df = df.sort_values(key, key=lambda s: s.map(order) if s.name == "section" else s, kind="stable")
     df["diff"] = df[f"value_{na}"] - df[f"value_{nb}"]
     by_problem = paired(a, b)

@@ -1,6 +1,7 @@
 """Run settings of AttentionFlow: every parameter checked cheaply, before any shard runs."""
 from __future__ import annotations
 
+import math
 import os
 
 from codi_attn.conventions import ABLATIONS, POSITIONS
@@ -11,6 +12,7 @@ from codi_attn.runs import named_runs, sample_difference
 
 DEMO_DATASET = "synthetic"
 MAX_NUM_SPLITS = 100  # Metaflow's default --max-num-splits: a foreach wider than this stops the run
+FEW_PROBLEMS = 20  # below this many problems the start card and every verdict carry `few_problems_note`
 
 
 class SettingsError(ValueError):
@@ -188,6 +190,17 @@ def parse_head_scan(spec: str, errors: list[str]) -> tuple[str, int | None]:
         return ("top", int(m))
     errors.append(f"--head_scan must be all or top:M with M a positive number of heads, got {spec!r}")
     return ("all", None)
+
+
+def few_problems_note(n_problems: int) -> str | None:
+    """A warning for a run, and each verdict, on fewer than FEW_PROBLEMS problems (None from there on): its
+    bootstrap intervals over problems are too coarse to decide anything."""
+    if n_problems >= FEW_PROBLEMS:
+        return None
+    return (f"only {n_problems} problem{'s' * (n_problems != 1)}: a bootstrap over them has "
+            f"{math.comb(2 * n_problems - 1, n_problems):,} distinct resamples, too few for its 95% intervals to "
+            "mean what they say, so the verdicts built on them describe these problems, not the model; sample "
+            f"{FEW_PROBLEMS} or more (--n_problems, default 100) before reading them as findings")
 
 
 def shard_note(n_problems: int, shard_size: int) -> str | None:

@@ -280,7 +280,7 @@ class AttentionFlow(FlowSpec):
         input files (provenance)."""
         from cards.sample_card import DEMO_BANNER, start_card
         from codi_attn.provenance import ProvenanceError, run_provenance
-        from codi_attn.settings import check_settings, shard_note
+        from codi_attn.settings import check_settings, few_problems_note, shard_note
 
         try:
             self.settings = check_settings(self._params(), current.flow_name)
@@ -293,8 +293,9 @@ class AttentionFlow(FlowSpec):
         self.demo = self.model == "demo" and not (self.ckpt or self.base)
         if self.demo:
             print("\n" + "=" * 100 + f"\n{DEMO_BANNER}\n" + "=" * 100 + "\n")
-        note = shard_note(self.settings["n"] or self.settings["n_records"], self.shard_size)
-        if note:
+        n = self.settings["n"] or self.settings["n_records"]
+        notes = [note for note in (shard_note(n, self.shard_size), few_problems_note(n)) if note]
+        for note in notes:
             print(f"WARNING: {note}")
         current.run.add_tag(f"model:{self.model}")
         from codi_attn.datastore import task_files
@@ -318,7 +319,7 @@ class AttentionFlow(FlowSpec):
             error = head_scan_error(self.settings["head_scan"], config.decode("utf-8"))
             if error:
                 raise InvalidRun(error)
-        current.card.extend(start_card(self.settings, self.demo, [note] if note else []))
+        current.card.extend(start_card(self.settings, self.demo, notes))
         self.next(self.sample)
 
     @card(type="blank")

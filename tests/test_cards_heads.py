@@ -7,14 +7,14 @@ from cards.heads_card import verdict
 from codi_attn.heads import CausalReport
 
 
-def _report(spearman: dict[str, tuple[float, float, float]]) -> CausalReport:
+def _report(spearman: dict[str, tuple[float, float, float]], n_problems: int = 100) -> CausalReport:
     """A report with no critical head whose correlations are `spearman`: metric -> (rho, low, high)."""
     effects = pd.DataFrame([{"label": "L0H0", "layer": 0, "head": 0, "delta_accuracy": 0.0, "logit_diff_change": 0.0,
                              "critical": False, "kind": "mean", "positions": "thoughts"}])
     rows = [{"metric": m, "effect": e, "spearman": rho, "ci_low": lo, "ci_high": hi, "n_heads": 16}
             for m, (rho, lo, hi) in spearman.items() for e in ("accuracy drop", "logit-diff drop")]
     return CausalReport(effects, pd.DataFrame(), pd.DataFrame(rows), None,
-                        {"kind": "mean", "positions": "thoughts", "n_layers": 4, "n_heads": 4})
+                        {"kind": "mean", "positions": "thoughts", "n_layers": 4, "n_heads": 4, "n_problems": n_problems})
 
 
 RANKED = pd.DataFrame({"label": ["L0H0"], "composite": [0.5]})
@@ -40,3 +40,12 @@ def test_verdict_says_no_metric_predicts_only_when_every_interval_includes_0():
     assert line == ("None of the 2 attention metrics has a Spearman with the accuracy drop whose interval excludes 0 "
                     "(the highest: skip +0.10 [-0.18, +0.29]): no attention metric here predicts which heads matter.")
     assert "0 of 16 heads are causally critical" in lines[0] and "false-discovery rate" in lines[0]
+
+
+def test_a_verdict_on_too_few_problems_opens_with_a_warning():
+    """3 problems give 10 distinct bootstrap resamples: the verdict says so first; 20 problems (FEW_PROBLEMS)
+    carry no warning."""
+    few = verdict(_report({"composite": (0.08, -0.04, 0.20)}, n_problems=3), RANKED)
+    assert few[0].startswith("**Warning: only 3 problems: a bootstrap over them has 10 distinct resamples, too few")
+    assert few[1:] == verdict(_report({"composite": (0.08, -0.04, 0.20)}, n_problems=20), RANKED)
+    assert not any("Warning" in line for line in few[1:])

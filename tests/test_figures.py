@@ -57,6 +57,6 @@ def test_comparison_figures(reports):
     df = M.compare_reports(a, b, ("gpt2", "llama"))
     _check(P.compare_hubs(df), "z1")
     _check(P.compare_profiles(df), "normalised layer depth", "flow")
-    _check(P.compare_critical(df), "all heads")
+    _check(P.compare_high_composite(df), "all heads")
     _check(P.compare_head_maps(a, b, ("gpt2", "llama")), "normalised layer depth")
     assert "gpt2" in P.compare_head_maps(a, b, ("gpt2", "llama")).axes[0].get_title()

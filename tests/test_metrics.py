@@ -225,7 +225,7 @@ def test_report_pickles():
     r = M.analyze(random_attention(), n_boot=10, name="x")
     r2 = pickle.loads(pickle.dumps(r))
     pd.testing.assert_frame_equal(r.ranked_heads, r2.ranked_heads)
-    assert r2.name == "x" and r2.critical_heads.equals(r.critical_heads)
+    assert r2.name == "x" and r2.high_composite_heads.equals(r.high_composite_heads)
 
 
 def test_mass_parts_match_the_extractor():
@@ -309,7 +309,7 @@ def test_compare_different_shapes():
     assert row["diff"] > 0 and row["diff_lo"] > 0 and row["real"]
     ent = df.set_index(["quantity", "group"]).loc[("row entropy", "all")]
     assert ent["diff"] < 0 and ent["real"]
-    assert {"critical heads", "concentration", "mass", "depth profile", "hubs"} <= set(df["section"])
+    assert {"high-composite heads", "concentration", "mass", "depth profile", "hubs"} <= set(df["section"])
     assert set(df.loc[df["section"] == "depth profile", "group"]) == {"0-25%", "25-50%", "50-75%", "75-100%"}
 
 

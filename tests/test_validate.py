@@ -209,7 +209,9 @@ def test_run_validation_end_to_end_gpt2_mean_thoughts(gpt2_model):
 
     from cards.validate_card import validate_card, verdict
 
-    assert any("bit for bit" in line for line in verdict(result))
+    lines = verdict(result)
+    assert lines[0].startswith("**Warning: only 3 problems: a bootstrap over them has 10 distinct resamples")
+    assert "bit for bit" in lines[1] and any("Ablating the top-2 heads by composite score" in line for line in lines)
     rendered = [c.render() for c in validate_card(result)]
     images = [r for r in rendered if r["type"] == "image"]
     assert len(images) == 3 and all(r["src"] and r["src"].startswith("data:image/png") for r in images)
@@ -273,7 +275,7 @@ def test_verdict_says_when_random_draws_repeat(gpt2_model):
     for matched, where in ((True, "from the same layers"), (False, "from all layers")):
         result.settings["controls_matched"] = matched
         assert f"random heads {where}" in control_line()
-        assert f"random heads {where}" in ablation_figure(result)._suptitle.get_text()
+        assert f"random other heads {where}" in ablation_figure(result)._suptitle.get_text()
 
 
 def test_card_reads_a_kl_that_no_problem_could_give(gpt2_model):

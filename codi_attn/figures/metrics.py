@@ -17,7 +17,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from codi_attn.metrics import (BANDS, CRITICAL_COMPOSITE, LIFT_THRESHOLD, N_THOUGHTS,  # noqa: E402
+from codi_attn.metrics import (BANDS, HIGH_COMPOSITE, LIFT_THRESHOLD, N_THOUGHTS,  # noqa: E402
                                WEIGHTS, MetricsReport, baseline_of, top_k)
 from codi_attn.conventions import thought_name  # noqa: E402
 
@@ -211,7 +211,7 @@ def top_heads_overview(report: MetricsReport, k: int = 10) -> Figure:
     ax.errorbar(top["composite"], y, xerr=np.abs(np.vstack([top["composite"] - top["composite_lo"],
                                                              top["composite_hi"] - top["composite"]])),
                 fmt="none", ecolor="black", capsize=3, label="95% CI")
-    ax.axvline(CRITICAL_COMPOSITE, color="black", ls=":", lw=1, label=f"critical > {CRITICAL_COMPOSITE:g}")
+    ax.axvline(HIGH_COMPOSITE, color="black", ls=":", lw=1, label=f"high-composite > {HIGH_COMPOSITE:g}")
     u = report.baseline.set_index("metric").loc["composite", "baseline"]
     ax.axvline(u, color="#7f7f7f", ls="--", lw=1, label=f"causal-uniform head {u:.2f}")
     retention = [c for c in df.columns if c.endswith("_retention")][0]
@@ -331,23 +331,23 @@ def compare_profiles(df: pd.DataFrame, quantities: tuple[str, ...] = ("flow", "s
     return fig
 
 
-def compare_critical(df: pd.DataFrame) -> Figure:
-    """Critical heads (composite > threshold) per normalised-depth bin and overall, as fractions."""
+def compare_high_composite(df: pd.DataFrame) -> Figure:
+    """High-composite heads (composite > HIGH_COMPOSITE) per normalised-depth bin and overall, as fractions."""
     names = _names(df)
     fig = _figure(10, 4.0)
     ax, bx = fig.subplots(1, 2, width_ratios=[2.2, 1])
-    rows = _series(df, "critical fraction", "depth profile")
+    rows = _series(df, "high-composite fraction", "depth profile")
     _paired_bars(ax, rows, names, list(rows["group"]))
     ax.set_xlabel("normalised layer depth")
     ax.set_ylabel("fraction of heads")
     ax.set_title("per depth bin", fontsize=10)
     ax.legend(fontsize=9)
-    overall = _series(df, "fraction", "critical heads").assign(group="all heads")
+    overall = _series(df, "fraction", "high-composite heads").assign(group="all heads")
     _paired_bars(bx, overall, names, ["all heads"])
-    counts = _series(df, "count", "critical heads")
+    counts = _series(df, "count", "high-composite heads")
     bx.set_title("overall: " + ", ".join(f"{n} {int(counts[f'value_{n}'].iloc[0])}" for n in names)
                  + " heads", fontsize=10)
-    fig.suptitle(f"critical heads (composite > {CRITICAL_COMPOSITE:g}): {names[0]} vs {names[1]}"
+    fig.suptitle(f"high-composite heads (composite > {HIGH_COMPOSITE:g}): {names[0]} vs {names[1]}"
                  " (95% CI; * difference excludes 0)", fontsize=12)
     return fig
 
@@ -363,12 +363,12 @@ def compare_head_maps(a: MetricsReport, b: MetricsReport, names: tuple[str, str]
         _, n_layers, n_heads = r.shape
         im = ax.imshow(_grid(r.ranked_heads, metric, n_layers, n_heads), cmap="viridis", vmin=vmin, vmax=vmax,
                        aspect="auto", interpolation="nearest", extent=(-0.5, n_heads - 0.5, 1, 0))
-        crit = r.critical_heads
-        ax.scatter(crit["head"], crit["depth"], s=40, facecolors="none", edgecolors="white", linewidths=1.3)
+        high = r.high_composite_heads
+        ax.scatter(high["head"], high["depth"], s=40, facecolors="none", edgecolors="white", linewidths=1.3)
         ax.set_xlabel("head")
         ax.set_ylabel("normalised layer depth")
-        ax.set_title(f"{name}: {n_layers} layers x {n_heads} heads, {len(crit)} critical "
-                     f"({len(crit) / r.n_heads:.0%})", fontsize=10)
+        ax.set_title(f"{name}: {n_layers} layers x {n_heads} heads, {len(high)} high-composite "
+                     f"({len(high) / r.n_heads:.0%})", fontsize=10)
     fig.colorbar(im, ax=list(axes), shrink=0.9, label=metric)
-    fig.suptitle(f"{metric} per head (white rings: critical, > {CRITICAL_COMPOSITE:g})", fontsize=12)
+    fig.suptitle(f"{metric} per head (white rings: high-composite, > {HIGH_COMPOSITE:g})", fontsize=12)
     return fig

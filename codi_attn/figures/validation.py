@@ -64,13 +64,13 @@ def condition_figure(result: ValidationResult, groups: tuple[str, ...], title: s
 def ablation_figure(result: ValidationResult) -> Figure:
     """Top-k heads ablated together vs the random controls (and the no-op control)."""
     return condition_figure(result, ("no-op", "top-k", "random control"),
-                            f"Ablating the top-{result.settings['k']} heads vs {result.settings['k']} random heads "
+                            f"Ablating the composite's top-{result.settings['k']} heads vs {result.settings['k']} random other heads "
                             + controls_origin(result.settings))
 
 
 def single_heads_figure(result: ValidationResult) -> Figure:
     """Each top-k head ablated alone."""
-    return condition_figure(result, ("top-k single",), "Each top head ablated alone")
+    return condition_figure(result, ("top-k single",), "Each of the composite's top heads ablated alone")
 
 
 def blocking_figure(result: ValidationResult) -> Figure:
