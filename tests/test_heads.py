@@ -213,6 +213,23 @@ def test_held_out_selects_on_a_and_measures_on_b(gpt2_model):
     assert (held.summary["n_random"] == 5).all()
 
 
+def test_held_out_composite_selection_reads_half_a_only():
+    """The composite top-k is chosen on half A's attention: half B's, which ranks the heads the other way round
+    (and moves the ranking over all problems), does not move it."""
+    from codi_attn.metrics import head_scores
+
+    scan, attention = _planted_scan()
+    a, b = H.split_halves(len(attention), seed=0)
+    attention[b] = _planted_scan(seed=1)[1][b][:, ::-1, ::-1]  # B: the heads in reverse order
+    def top(att: np.ndarray) -> list[tuple[int, int]]:
+        return [(r.layer, r.head) for r in head_scores(att).sort_values("composite", ascending=False,
+                                                                          kind="stable").head(2).itertuples()]
+
+    assert top(attention[a]) != top(attention), "half B must move the all-problem ranking for the test to bite"
+    plan = H.plan_held_out(scan, attention, k=2, n_random=3, seed=0)
+    assert dict((name, list(heads)) for name, _, heads, _ in plan.sets)["composite top-k"] == top(attention[a])
+
+
 def test_held_out_measures_every_set_on_half_b_alone(demo):
     """Each held-out set's numbers are those of half B's problems with the set's heads' rows of the output
     projection's weight zeroed (zero ablation at all positions: no hook at all), against a plain run on B; the
@@ -273,26 +290,53 @@ def test_held_out_groups_joined_in_any_order_equal_one_process(gpt2_model):
         H.join_held_out(plan, [parts[0], parts[1], foreign, parts[3]], GOLDS)
 
 
-def test_correlations_find_a_planted_relation():
-    """Heads whose ablation costs more have a higher composite by construction: Spearman 1 on both effects."""
+def _planted_scan(gap: float = 0.8, n: int = 40, layers: int = 2, n_heads: int = 3, seed: int = 0):
+    """Attention [n, L, H, 6, 6] whose heads attend more to the previous thought the later they are (`gap` between
+    the first and the last, per-problem noise 0.03), and a scan whose heads cost more the higher their composite."""
     from codi_attn.metrics import head_scores
 
-    rng = np.random.default_rng(0)
-    n, layers, n_heads = 40, 2, 3
+    rng = np.random.default_rng(seed)
     attention = np.zeros((n, layers, n_heads, 6, 6), np.float32)
     for l in range(layers):
         for h in range(n_heads):
-            strength = 0.1 + 0.8 * (l * n_heads + h) / (layers * n_heads)  # later heads: more to the previous one
-            m = np.tril(np.full((6, 6), (1 - strength) / 6))
-            m[np.arange(1, 6), np.arange(5)] += strength
-            attention[:, l, h] = m * rng.uniform(0.95, 1.05, (n, 1, 1))
+            strength = 0.1 + gap * (l * n_heads + h) / (layers * n_heads)  # later heads: more to the previous one
+            for i, s in enumerate(strength + rng.normal(0, 0.03, n)):  # each problem's own strength
+                m = np.tril(np.full((6, 6), (1 - s) / 6))
+                m[np.arange(1, 6), np.arange(5)] += s
+                attention[i, l, h] = m
     order = head_scores(attention).sort_values(["layer", "head"])["composite"].rank().to_numpy()
     heads = [(l, h) for l in range(layers) for h in range(n_heads)]
-    base = np.ones(n, bool)
     correct = np.array([rng.random(n) > 0.1 * r for r in order])  # higher composite, more answers lost
-    logit_diff = np.array([np.full(n, -0.1 * r) for r in order], np.float32)
-    scan = H.HeadScan(heads, ["mean"] * 6, ["thoughts"] * 6, base, np.zeros(n), np.zeros(n), correct,
-                      np.zeros((6, n)), np.zeros((6, n), np.float32), logit_diff)
+    logit_diff = np.array([rng.normal(-0.1 * r, 0.01, n) for r in order], np.float32)
+    scan = H.HeadScan(heads, ["mean"] * len(heads), ["thoughts"] * len(heads), np.ones(n, bool), np.zeros(n),
+                      np.zeros(n), correct, np.zeros((len(heads), n)), np.zeros((len(heads), n), np.float32),
+                      logit_diff)
+    return scan, attention
+
+
+def test_correlation_intervals_resample_metrics_and_effects_together():
+    """Each resample recomputes both the heads' attention metrics and their effects on the same problems: the
+    interval equals a by-hand loop doing so (scipy's Spearman), not one with the metrics held at their point (heads
+    close enough that resamples reorder them)."""
+    from scipy.stats import spearmanr
+
+    scan, attention = _planted_scan(gap=0.05)
+    n = len(attention)
+    corr = H.metric_correlations(scan, attention, None, n_boot=40, seed=5).set_index(["metric", "effect"])
+    rng, draws = np.random.default_rng(5), []
+    for _ in range(40):
+        idx = rng.integers(0, n, n)
+        flow = H.head_metrics(attention[idx], None)["flow"].to_numpy()
+        drop = -np.nanmean(scan.logit_diff[:, idx] - scan.base_logit_diff[idx], axis=1)
+        draws.append(spearmanr(flow, drop).statistic)
+    np.testing.assert_allclose(corr.loc[("flow", "logit-diff drop"), ["ci_low", "ci_high"]].astype(float),
+                               np.percentile(draws, [2.5, 97.5]), atol=1e-12)
+
+
+def test_correlations_find_a_planted_relation():
+    """Heads whose ablation costs more have a higher composite by construction: Spearman 1 on both effects."""
+    scan, attention = _planted_scan()
+    n, heads, base, correct, logit_diff = len(attention), scan.heads, scan.base_correct, scan.correct, scan.logit_diff
     corr = H.metric_correlations(scan, attention, None, n_boot=30).set_index(["metric", "effect"])
     assert corr.loc[("composite", "logit-diff drop"), "spearman"] == pytest.approx(1.0)
     assert corr.loc[("composite", "accuracy drop"), "spearman"] > 0.8

@@ -8,9 +8,9 @@ import torch
 
 from codi_attn.conventions import N_THOUGHTS
 from codi_attn.extract import extract
-from codi_attn.hooks import (AnswerLogits, BlockThoughts, FeedThoughts, RecordThoughts, solution_steps,
+from codi_attn.hooks import (AnswerLogits, AnswerShift, BlockThoughts, FeedThoughts, RecordThoughts, solution_steps,
                              swap_partners)
-from codi_attn.runner import Runner, number_tokens
+from codi_attn.runner import Hook, Runner, number_tokens
 from reference import QUESTIONS, full_sequence_reference
 
 
@@ -154,3 +154,77 @@ def test_swap_partners_pair_the_demo_tasks_problems_of_one_length():
     for i, j in enumerate(partner):
         assert j != i and solution_steps(records[i]["answer"]) == solution_steps(records[j]["answer"])
         assert len(records[i]["question"].split()) == len(records[j]["question"].split())
+
+
+class _Nudge(Hook):
+    """Adds a fixed vector to the logits of decode step 1 (EOT stays at -inf)."""
+
+    points = ("decode.1.logits",)
+
+    def __init__(self, delta: np.ndarray):
+        self.delta = torch.as_tensor(delta, dtype=torch.float32)
+
+    def __call__(self, value, point, batch):
+        return value + self.delta
+
+
+class _SwapFirstToken(Hook):
+    """Replaces decode token 0 of the given problems by another ordinary token (100, or 101 where it was 100)."""
+
+    points = ("decode.0.token",)
+
+    def __init__(self, problems):
+        self.problems = set(problems)
+
+    def __call__(self, value, point, batch):
+        hit = torch.as_tensor([int(r) in self.problems for r in batch.rows])
+        return torch.where(hit, torch.where(value == 100, 101, 100), value)
+
+
+def _shift_baseline(model):
+    """The baseline's tokens, its logits at decode step 1, and its top-2 tokens there (answer, runner-up)."""
+    base = AnswerLogits(len(QUESTIONS), steps=np.full(len(QUESTIONS), 1))
+    gen = Runner(model, batch_size=2, max_new_tokens=3).run(QUESTIONS, [base])
+    assert (base.step == 1).all()  # every question decodes a step 1
+    top2 = np.argsort(-base.logits, axis=1)[:, :2]
+    return gen.tokens, base, top2[:, 0], top2[:, 1]
+
+
+def test_answer_shift_kl_is_kl_of_baseline_from_condition(gpt2_model):
+    """kl = sum p_base (log p_base - log p_cond) over the tokens the baseline can emit (EOT excluded), from the
+    baseline's and the condition's recorded logits at the answer step; logit_diff = the condition's logit of the
+    answer minus the runner-up's there."""
+    tokens, base, answer, runner_up = _shift_baseline(gpt2_model)
+    delta = np.random.default_rng(0).normal(size=base.logits.shape[1]) * 2.0
+    cond = AnswerLogits(len(QUESTIONS), steps=base.step)
+    shift = AnswerShift(base.logits, base.step, tokens, answer, runner_up)
+    Runner(gpt2_model, batch_size=2, max_new_tokens=3).run(QUESTIONS, [_Nudge(delta), cond, shift])
+    eot = gpt2_model.eot_id
+    for k in range(len(QUESTIONS)):
+        p_logits, q_logits = np.delete(base.logits[k], eot).astype(float), np.delete(cond.logits[k], eot).astype(float)
+        log_p = p_logits - np.log(np.exp(p_logits - p_logits.max()).sum()) - p_logits.max()
+        log_q = q_logits - np.log(np.exp(q_logits - q_logits.max()).sum()) - q_logits.max()
+        expected = float(np.sum(np.exp(log_p) * (log_p - log_q)))
+        reverse = float(np.sum(np.exp(log_q) * (log_q - log_p)))
+        assert abs(expected - reverse) > 1e-3  # the nudge tells the two directions apart
+        assert shift.kl[k] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert shift.logit_diff[k] == pytest.approx(cond.logits[k, answer[k]] - cond.logits[k, runner_up[k]],
+                                                    abs=1e-4)
+
+
+def test_answer_shift_compares_only_where_the_context_is_the_baselines(gpt2_model):
+    """A condition that changes decode token 0 of problems 0 and 2 leaves their kl and logit_diff nan (another
+    context at the answer step); the other problems, and every problem of a condition that keeps the baseline's
+    tokens, get values (kl 0 and the baseline's own logit difference where nothing is changed)."""
+    tokens, base, answer, runner_up = _shift_baseline(gpt2_model)
+    runner = Runner(gpt2_model, batch_size=2, max_new_tokens=3)
+    changed = AnswerShift(base.logits, base.step, tokens, answer, runner_up)
+    gen = runner.run(QUESTIONS, [_SwapFirstToken([0, 2]), changed])
+    assert (gen.tokens[[0, 2], 0] != tokens[[0, 2], 0]).all()
+    assert np.isnan(changed.kl[[0, 2]]).all() and np.isnan(changed.logit_diff[[0, 2]]).all()
+    assert np.isfinite(changed.kl[[1, 3]]).all() and np.isfinite(changed.logit_diff[[1, 3]]).all()
+    same = AnswerShift(base.logits, base.step, tokens, answer, runner_up)
+    runner.run(QUESTIONS, [_SwapFirstToken([]), same])
+    np.testing.assert_allclose(same.kl, 0.0, atol=1e-9)
+    rows = np.arange(len(QUESTIONS))
+    np.testing.assert_allclose(same.logit_diff, base.logits[rows, answer] - base.logits[rows, runner_up], atol=1e-5)

@@ -74,6 +74,32 @@ def test_design_scores_known_answers(kind):
         assert s["hub_position"] == pos
 
 
+def test_composite_min_max_over_all_heads_of_the_model():
+    """composite = 0.4 flow + 0.4 minmax(hub) + 0.2 minmax(skip), scaled over every head of the model, not per layer."""
+    kinds = [["hub0", "uniform"], ["sequential", "self"]]  # layer 0 and layer 1 span different hub and skip ranges
+    a = np.broadcast_to(np.array([[template(k) for k in row] for row in kinds]) * 0.1, (5, 2, 2, 6, 6)).copy()
+    flow, hub, _, skip = (np.array([[KNOWN[k][q] for k in row] for row in kinds]) for q in range(4))
+    mm = lambda x: (x - x.min()) / (x.max() - x.min())
+    want = 0.4 * flow + 0.4 * mm(hub) + 0.2 * mm(skip)
+    s = M.head_scores(a).set_index("label")["composite"]
+    for l in range(2):
+        for h in range(2):
+            assert s[M.head_label(l, h)] == pytest.approx(want[l, h], abs=1e-6)
+
+
+def test_row_shares_leave_out_row_z1():
+    """self_share and max_entry read rows z2..z6 only: row z1 is [1, 0, ...] on renorm whatever the head does."""
+    assert M.self_share(template("sequential")) == 0.0
+    assert M.self_share(template("self")) == 1.0
+    assert M.self_share(template("uniform")) == pytest.approx(np.mean([1 / k for k in range(2, 7)]), rel=1e-12)
+    assert M.max_entry(template("uniform")) == pytest.approx(0.5)  # row z2: [1/2, 1/2]
+    assert M.max_entry(0.5 * template("uniform") + 0.5 * template("sequential")) == pytest.approx(0.75)
+    r = M.analyze(patterned(["sequential"] * 2, noise=0.0), n_boot=0)
+    assert (r.types["self"] == 0).all()
+    b = r.baseline.set_index("metric")
+    assert b.loc["self", "observed"] == 0 and b.loc["self", "baseline"] == pytest.approx(np.mean([1 / k for k in range(2, 7)]))
+
+
 @pytest.mark.parametrize("kind, expected", [("sequential", "sequential"), ("uniform", "diffuse"),
                                             ("hub0", "hub"), ("hub1", "hub"), ("skip", "long-range"), ("self", "self")])
 def test_functional_types(kind, expected):
@@ -115,6 +141,44 @@ def test_hub_claimed_only_above_lift_threshold(share, hub):
     assert z1["lift"] == pytest.approx((1 - share) + share / z1["baseline"], rel=1e-6)
     assert bool(z1["is_hub"]) == hub
     assert r.hubs == ([0] if hub else [])
+
+
+@pytest.mark.parametrize("spread, hub", [(0.4, False), (0.02, True)])
+def test_hub_claimed_on_the_lower_end_of_the_lift_interval(spread, hub):
+    """A hub is claimed when the lower end of the bootstrap interval of z1's lift reaches 2, not its point lift:
+    problems alternate hub0 shares 0.4 -/+ spread, so the point lift is 2.28 on both sides, the interval is not."""
+    n, n_boot, seed = 10, 200, 0
+    s = np.where(np.arange(n) % 2, 0.4 + spread, 0.4 - spread)
+    t = (1 - s)[:, None, None] * template("uniform") + s[:, None, None] * template("hub0")  # [n, 6, 6]
+    a = np.broadcast_to((0.1 * t)[:, None, None], (n, 2, 2, 6, 6)).copy()
+    r = M.analyze(a, n_boot=n_boot, seed=seed)
+    b = np.mean([1 / 3, 1 / 4, 1 / 5, 1 / 6])  # z1's causal-uniform incoming (rows z3..z6)
+    per_problem = (1 - s) + s / b  # each problem's lift of z1, the same in every head
+    w = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot) / n
+    lo = np.percentile(w @ per_problem, 2.5)
+    z1 = r.position_lift.iloc[0]
+    assert z1["lift"] == pytest.approx(per_problem.mean(), rel=1e-6) and z1["lift"] > M.LIFT_THRESHOLD
+    assert z1["lift_lo"] == pytest.approx(lo, rel=1e-5)
+    assert (lo >= M.LIFT_THRESHOLD) == hub
+    assert bool(z1["is_hub"]) == hub and r.hubs == ([0] if hub else [])
+
+
+def test_raw_lift_interval_resamples_the_baseline():
+    """Raw basis: each bootstrap draw's lift divides the resampled incoming attention by the causal-uniform
+    incoming of the same resampled row masses (both follow the thought-block mass)."""
+    n, n_boot, seed = 20, 100, 2
+    a = random_attention(n=n, layers=2, heads=3, seed=4).astype(np.float32).astype(np.float64)
+    r = M.analyze(a, basis="raw", n_boot=n_boot, seed=seed)
+    w = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot) / n
+    mb = np.einsum("bn,nlhij->blhij", w, a)
+    mass = mb.sum(-1)  # [B, L, H, 6] resampled row masses
+    rows = [np.arange(j + 2, 6) for j in range(4)]  # incoming to z1..z4: rows i >= j + 2
+    obs = np.stack([mb[..., rows[j], j].mean(-1) for j in range(4)], -1).mean((1, 2))
+    base = np.stack([(mass[..., rows[j]] / (rows[j] + 1)).mean(-1) for j in range(4)], -1).mean((1, 2))
+    lo, hi = np.percentile(obs / base, [2.5, 97.5], axis=0)
+    p = r.position_lift.iloc[:4]
+    np.testing.assert_allclose(p["lift_lo"], lo, rtol=1e-5)
+    np.testing.assert_allclose(p["lift_hi"], hi, rtol=1e-5)
 
 
 def test_sequential_attention_lifts_no_position():
@@ -168,6 +232,20 @@ def test_trap1_signature_is_flagged():
     assert any("codi-spec trap 1" in w for w in r.warnings)
     assert np.allclose(r.ranked_heads["flow"], 1.0)
     assert not any("trap 1" in w for w in M.input_warnings(good))
+
+
+@pytest.mark.parametrize("zeroed, phrase", [("diagonal", "the diagonal (self-attention) is zero"),
+                                            ("row0", "row 0 (z1's query) is empty")])
+def test_trap1_either_signature_alone_is_flagged(zeroed, phrase):
+    """The trap-1 warning fires on an empty row z1 alone or a zero diagonal (rows z2..z6) alone, naming which."""
+    a = random_attention()
+    if zeroed == "diagonal":
+        a[..., np.arange(1, 6), np.arange(1, 6)] = 0
+    else:
+        a[..., 0, :] = 0
+    trap = [w for w in M.input_warnings(a) if "codi-spec trap 1" in w]
+    other = {"diagonal": "row 0 (z1's query) is empty", "row0": "the diagonal (self-attention) is zero"}[zeroed]
+    assert len(trap) == 1 and phrase in trap[0] and other not in trap[0]
 
 
 @pytest.mark.parametrize("edit, phrase", [
@@ -274,6 +352,17 @@ def test_strong_heads_measured(strong, passed):
     assert c.loc["strong_heads", "baseline"] == pytest.approx(strong / 20)  # 0.9 / 2 > 0.4 in row z2
 
 
+def test_strong_heads_ignore_row_z1():
+    """Raw basis: row z1 puts 0.9 on z1 but rows z2..z6 only 0.1 spread evenly, so no head is strong (nor in the
+    causal-uniform baseline, which has the same row masses)."""
+    a = patterned(["uniform"] * 4, layers=1, noise=0.0, mass=0.1)
+    a[..., 0, 0] = 0.9
+    r = M.analyze(a, basis="raw", n_boot=0)
+    c = r.criteria.set_index("key")
+    assert c.loc["strong_heads", "measured"] == 0 and c.loc["strong_heads", "baseline"] == 0
+    assert r.baseline.set_index("metric").loc["max entry (z2..z6)", "observed"] == pytest.approx(0.05)
+
+
 @pytest.mark.parametrize("flip, passed", [(0.0, True), (1.0, False)])
 def test_mean_std_measured(flip, passed):
     """Problems alternate between the sequential and the self pattern: std up to 0.5 per entry."""
@@ -281,6 +370,23 @@ def test_mean_std_measured(flip, passed):
     a[::2] = (1 - flip) * a[::2] + flip * patterned(["self"] * 4, n=20, noise=0.0)
     c = M.analyze(a, n_boot=0).criteria.set_index("key")
     assert c.loc["mean_std", "passed"] == passed
+
+
+def test_mean_std_by_hand():
+    """mean_std: std across problems of each renorm entry, averaged over the 20 causal entries of rows z2..z6 per
+    head, then over heads (row z1 is constant on renorm and left out)."""
+    a = random_attention(n=12, layers=2, heads=3, seed=7).astype(np.float32).astype(np.float64)
+    r = M.analyze(a, n_boot=0)
+    sd = (a / a.sum(-1, keepdims=True)).std(0)  # [L, H, 6, 6]
+    entries = [(i, j) for i in range(1, 6) for j in range(i + 1)]
+    per_head = np.mean([sd[..., i, j] for i, j in entries], axis=0)  # [L, H]
+    assert len(entries) == 20
+    assert r.mean_std == pytest.approx(per_head.mean(), rel=1e-5)
+    st = r.stability.set_index("label")["mean_std"]
+    for l in range(2):
+        for h in range(3):
+            assert st[M.head_label(l, h)] == pytest.approx(per_head[l, h], rel=1e-5)
+    assert r.criteria.set_index("key").loc["mean_std", "measured"] == pytest.approx(per_head.mean(), rel=1e-5)
 
 
 @pytest.mark.parametrize("kinds, n_types", [(["sequential"] * 4, 1), (["sequential", "self", "skip", "hub0"], 2)])

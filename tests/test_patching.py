@@ -196,3 +196,71 @@ def test_mean_table_compares_with_the_same_problems_unpatched():
     assert different.n == 12 and different.accuracy == different.baseline_accuracy == pytest.approx(7 / 12)
     assert different.change == different.change_low == different.change_high == 0.0
     assert different.counterfactual == pytest.approx(5 / 12) and different.ci_high > different.ci_low
+
+
+def _pair_baseline() -> P.PairBaseline:
+    """Six hand-made pairs: pair 4 does not count (both runs' answer tokens equal, say) and has extreme logit
+    differences and the clean answer, so that counting it would move every figure."""
+    return P.PairBaseline(corrupted=[f"q{i}" for i in range(6)],
+                          valid=np.array([True, True, True, True, False, True]),
+                          ld_clean=np.array([4.0, 6.0, 2.0, 5.0, 100.0, 3.0]),
+                          ld_corrupted=np.array([-2.0, 0.0, -1.0, 1.0, -50.0, -3.0]),
+                          clean_prediction=np.array([10.0, 20.0, 30.0, 40.0, 50.0, 60.0]))
+
+
+def test_pair_table_counts_only_valid_pairs_with_a_logit_difference():
+    """recovery and n read the pairs that count and have a patched LD (not the invalid pair, not the nan one);
+    answers_clean is the share over the pairs that count (the nan-LD pair included, the invalid one not)."""
+    base = _pair_baseline()
+    ld = np.array([1.0, 3.0, np.nan, 2.0, 90.0, 0.0])  # pair 2: no LD in this condition
+    prediction = np.array([10.0, 21.0, 30.0, np.nan, 50.0, 61.0])  # clean answer at pairs 0, 2 (and invalid 4)
+    row = P.pair_table([("z1", "0")], [(ld, prediction)], base, n_boot=50).iloc[0]
+    # pairs 0, 1, 3, 5: mean LD 6/4, mean corrupted -4/4, mean clean 18/4
+    assert row.n == 4
+    assert row.recovery == pytest.approx((6 / 4 + 1) / (18 / 4 + 1))  # 5/11
+    assert row.ci_low <= row.recovery <= row.ci_high
+    assert row.answers_clean == pytest.approx(2 / 5)  # of pairs 0, 1, 2, 3, 5
+
+
+def test_pair_table_bootstrap_recomputes_the_span_per_resample():
+    """Each bootstrap draw normalises by its own resample's clean - corrupted span: a condition at the clean LD
+    on every pair recovers exactly 1 in every draw ([1, 1]); the intervals are those of a by-hand bootstrap
+    with the same draws (one default_rng(seed), rng.integers(0, n, n) per draw, rows in table order)."""
+    base = _pair_baseline()
+    partial = np.array([1.0, 3.0, np.nan, 2.0, 90.0, 0.0])
+    full = base.ld_clean.copy()
+    prediction = base.clean_prediction.copy()
+    n_boot, seed = 80, 3
+    table = P.pair_table([("z1", "0"), ("z2", "0")], [(partial, prediction), (full, prediction)], base,
+                         n_boot=n_boot, seed=seed)
+    assert table.iloc[1].recovery == pytest.approx(1.0)
+    assert table.iloc[1].ci_low == pytest.approx(1.0) and table.iloc[1].ci_high == pytest.approx(1.0)
+    rng = np.random.default_rng(seed)
+    for row, ld in zip(table.itertuples(), (partial, full)):
+        use = base.valid & ~np.isnan(ld)
+        x, c, k = ld[use], base.ld_clean[use], base.ld_corrupted[use]
+        draws = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, len(x), len(x))
+            draws.append((x[idx].mean() - k[idx].mean()) / (c[idx].mean() - k[idx].mean()))
+        lo, hi = np.percentile(draws, [2.5, 97.5])
+        assert (row.ci_low, row.ci_high) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_a_pair_whose_answer_tokens_are_equal_does_not_count(demo):
+    """A pair counts only where the clean and the corrupted run give different answer tokens: a 'pair' whose
+    corrupted question is the clean one (both runs alike, both with an answer token) does not count, and its
+    logit differences are 0; the genuine pairs count exactly where their answer tokens differ."""
+    model, problems = demo
+    pairs = PR.make_pairs(model, problems, synthetic=True)[:6]
+    clean = problems[pairs[0].index]
+    itself = P.Pair(pairs[0].index, clean["question"], clean["solution"], float(clean["answer"]), (0.0, 0.0))
+    runs = PR.pair_runs(model, problems, [*pairs, itself], batch_size=8, max_new_tokens=8)
+    assert runs.corrupted_step[-1] >= 0  # the run has an answer token: only the equal tokens rule it out
+    assert runs.answer_clean[-1] == runs.answer_corrupted[-1]
+    assert not runs.baseline.valid[-1]
+    assert runs.baseline.ld_clean[-1] == runs.baseline.ld_corrupted[-1] == 0.0
+    genuine = runs.baseline.valid[:-1]
+    assert genuine.any()
+    np.testing.assert_array_equal(genuine, runs.answer_clean[:-1] != runs.answer_corrupted[:-1])
+    assert runs.baseline.facts()["valid"] == genuine.sum()

@@ -87,3 +87,20 @@ def test_targets_read_the_solution():
                 max_steps=2)
     assert list(t["step 1"]) == [5.0, 3.0, None] and list(t["step 2"]) == [10.0, 21.0, None]
     assert list(t["answer"]) == [10.0, 21.0, 1200.0] and list(t["op 2"]) == ["*", "*", None]
+
+
+def test_majority_b_is_the_majority_share_of_half_b():
+    """majority_b is the most frequent label's share among half B's problems (the first n // 2 of
+    default_rng([seed, 1]).permutation(n)), not among all problems: labels skewed so the two differ."""
+    n, seed = 40, 0
+    half_b = np.zeros(n, bool)
+    half_b[np.random.default_rng([seed, 1]).permutation(n)[: n // 2]] = True
+    values = np.full(n, 1)
+    values[np.flatnonzero(half_b)[:12]] = 2  # half B: 12 twos, 8 ones (0.6); all: 28 ones of 40 (0.7)
+    rng = np.random.default_rng(5)
+    resid = rng.normal(size=(n, len(POSITIONS), 1, 4)).astype(np.float32)
+    solutions = [f"<<{v}+0={v}>>\n#### {v}" for v in values]
+    questions = [f"Tom has {rng.integers(1, 30)} apples." for _ in range(n)]
+    df = run_probes(resid, solutions, questions, n_boot=10, seed=seed)
+    assert set(df["target"]) == {"step 1", "answer"} and (df["n_b"] == n // 2).all()
+    assert np.allclose(df["majority"], 28 / 40) and np.allclose(df["majority_b"], 12 / 20)

@@ -115,6 +115,18 @@ def test_intervals_contain_the_point_estimate(values):
     assert lo <= values.mean() <= hi
 
 
+def test_interval_is_of_the_mean_by_an_independent_bootstrap():
+    """The interval is the 2.5/97.5 percentiles of the resampled means (a loop over resamples, here), and its width
+    shrinks as the normal approximation says (2 x 1.96 x sqrt(p (1 - p) / N) for 0/1 values), not the spread of
+    single problems."""
+    values = np.r_[np.ones(30), np.zeros(70)]
+    idx = resample_indices(len(values), 2000, seed=3)
+    means = np.array([sum(values[i] for i in row) / len(row) for row in idx])
+    lo, hi = bootstrap_interval(values, idx)
+    np.testing.assert_allclose((lo, hi), np.percentile(means, [2.5, 97.5]), rtol=0, atol=1e-12)
+    assert abs((hi - lo) - 2 * 1.96 * np.sqrt(0.3 * 0.7 / 100)) < 0.02
+
+
 def test_token_kl():
     base = np.log([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
     other = np.log([[0.25, 0.25, 0.5], [0.1, 0.2, 0.7]])
