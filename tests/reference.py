@@ -20,6 +20,9 @@ QUESTIONS = [
     "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
 ]
 
+PADDED_GROUP = ["Natalia sold 48 clips in April. How many clips?", "Natalia sold 48 clips in May. How many clips?",
+                "Natalia sold 48 clips in April. How many?"]  # lengths close enough for one left-padded prefill group
+
 
 def full_sequence_reference(model, question: str, thoughts: np.ndarray, blocked: Sequence[int] = ()):
     """6x6 block and mass split from ONE eager forward over [question, BOT, z1..z6] (no cache, no batching), with

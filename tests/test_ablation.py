@@ -11,7 +11,7 @@ from codi_attn.conventions import N_THOUGHTS
 from codi_attn.extract import extract
 from codi_attn.hooks import RecordThoughts
 from codi_attn.runner import Runner, head_dim, layer_module, tokenize_questions
-from reference import zeroed_heads
+from reference import PADDED_GROUP, zeroed_heads
 
 QUESTIONS = ["Natalia sold 48 clips in April. How many clips?", "Weng earns $12 an hour.",
              "A robe takes 2 bolts of blue fiber and half that much white fiber."]
@@ -94,9 +94,15 @@ def test_positions_thoughts_spare_the_question_all_does_not(gpt2_model):
     assert not np.allclose(everywhere.z[:, 0], base.z[:, 0])
 
 
-def test_all_position_means_cover_exactly_the_positions_inference_runs(gpt2_model):
+@pytest.mark.parametrize("questions", [QUESTIONS, PADDED_GROUP], ids=["lengths apart", "one padded group"])
+def test_all_position_means_cover_exactly_the_positions_inference_runs(gpt2_model, questions):
     """Pooled means over a batch (padding and tokens after a problem's stop excluded) equal the mean over one
     full-sequence forward per problem of [question, BOT, z1..z6, EOT, the generated tokens fed back]."""
+    from codi_attn.runner import prefill_groups
+
+    if questions is PADDED_GROUP:
+        lengths = [len(t) for t in tokenize_questions(gpt2_model, questions)]
+        assert len(set(lengths)) > 1 and len(prefill_groups(lengths)) == 1, "the padded group must be exercised"
     budget = 4
     stop = gpt2_model.tokenizer(" clips", add_special_tokens=False)["input_ids"][0]
 
@@ -111,7 +117,7 @@ def test_all_position_means_cover_exactly_the_positions_inference_runs(gpt2_mode
     old_stop = gpt2_model.stop_ids
     gpt2_model.stop_ids = (stop,)
     try:
-        gen = Runner(gpt2_model, 3, budget).run(QUESTIONS, [means, record, ("decode.*.logits", stop_early)])
+        gen = Runner(gpt2_model, 3, budget).run(questions, [means, record, ("decode.*.logits", stop_early)])
     finally:
         gpt2_model.stop_ids = old_stop
     assert gen.tokens[0, 1] == stop and (gen.tokens[0, 2:] == -1).all()
@@ -120,7 +126,7 @@ def test_all_position_means_cover_exactly_the_positions_inference_runs(gpt2_mode
             for _ in proj]
     count = 0
     embed = gpt2_model.lm.get_input_embeddings()
-    for k, question in enumerate(QUESTIONS):
+    for k, question in enumerate(questions):
         ids = tokenize_questions(gpt2_model, [question])[0]
         generated = [t for t in gen.tokens[k].tolist() if t >= 0]
         fed_tokens = generated[:-1]  # the last chosen token is never fed back (stop or end of budget)

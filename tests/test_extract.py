@@ -11,7 +11,7 @@ from codi_attn.conventions import MASS_PARTS, N_THOUGHTS
 from codi_attn.extract import CaptureAttention, extract
 from codi_attn.hooks import RecordThoughts
 from codi_attn.runner import Runner, prefill_groups, tokenize_questions
-from reference import QUESTIONS, full_sequence_reference
+from reference import PADDED_GROUP, QUESTIONS, full_sequence_reference
 from steering import forced_answer
 
 def extract_with_thoughts(model, questions, **kwargs):
@@ -66,15 +66,19 @@ def test_llama_has_bos_sink_and_32_style_query_heads(llama_model):
     assert not np.allclose(ex.attention[0, :, 0], ex.attention[0, :, 1])
 
 
-@pytest.mark.parametrize("batch_size", [2, 4])
-def test_batch_equals_batch_of_one(any_model, batch_size):
-    """Trap 8: left padding with masks and positions gives every problem its batch-of-one result."""
-    lengths = [len(t) for t in tokenize_questions(any_model, QUESTIONS)]
-    assert len(set(lengths)) == len(QUESTIONS), "questions must have uneven lengths"
-    if batch_size == len(QUESTIONS):
+@pytest.mark.parametrize("questions, batch_size", [(QUESTIONS, 2), (QUESTIONS, 4), (PADDED_GROUP, 3)],
+                         ids=["pairs", "groups joined", "one padded group"])
+def test_batch_equals_batch_of_one(any_model, questions, batch_size):
+    """Trap 8: left padding with masks and positions gives every problem its batch-of-one result: in the thought
+    and decode steps, across prefill groups whose caches are joined, and inside one left-padded prefill forward."""
+    lengths = [len(t) for t in tokenize_questions(any_model, questions)]
+    assert len(set(lengths)) > 1, "questions must have uneven lengths"
+    if batch_size == 4:
         assert len(prefill_groups(lengths)) > 1, "the grouped prefill (caches joined) must be exercised"
-    batched = extract(any_model, QUESTIONS, batch_size=batch_size, max_new_tokens=6)
-    for k, question in enumerate(QUESTIONS):
+    if questions is PADDED_GROUP:
+        assert len(prefill_groups(lengths)) == 1, "the padded prefill forward must be exercised"
+    batched = extract(any_model, questions, batch_size=batch_size, max_new_tokens=6)
+    for k, question in enumerate(questions):
         single = extract(any_model, [question], max_new_tokens=6)
         np.testing.assert_allclose(batched.attention[k], single.attention[0], atol=1e-4)
         np.testing.assert_allclose(batched.mass[k], single.mass[0], atol=1e-4)
