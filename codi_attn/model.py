@@ -77,8 +77,14 @@ class CODIModel:
 
 
 def check_device(name: str) -> torch.device:
-    """The torch device `name`; ValueError when it is a CUDA device this machine does not have."""
-    dev = torch.device(name)
+    """The torch device `name`; ValueError when it is not cpu, cuda or cuda:N, or a CUDA device this machine does
+    not have."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:

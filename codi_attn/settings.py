@@ -54,14 +54,14 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
                           f"{p['validate_random']}")
         if p["validate_group_size"] <= 0:
             errors.append(f"--validate_group_size must be a positive integer, got {p['validate_group_size']}")
-        if p["ablation"] not in ABLATIONS:
-            errors.append(f"--ablation must be one of {', '.join(ABLATIONS)}, got {p['ablation']!r}")
-        if p["ablation_positions"] not in POSITIONS:
-            errors.append(f"--ablation_positions must be one of {', '.join(POSITIONS)}, got "
-                          f"{p['ablation_positions']!r}")
-        elif p["ablation"] == "resample" and p["ablation_positions"] != "thoughts":
-            errors.append("--ablation resample is defined at the thought positions only: use "
-                          "--ablation_positions thoughts (or --ablation mean / zero for all positions)")
+    # checked with --validate false too: stored in the settings, and compared between runs
+    if p["ablation"] not in ABLATIONS:
+        errors.append(f"--ablation must be one of {', '.join(ABLATIONS)}, got {p['ablation']!r}")
+    if p["ablation_positions"] not in POSITIONS:
+        errors.append(f"--ablation_positions must be one of {', '.join(POSITIONS)}, got {p['ablation_positions']!r}")
+    elif p["ablation"] == "resample" and p["ablation_positions"] != "thoughts":
+        errors.append("--ablation resample is defined at the thought positions only: use --ablation_positions "
+                      "thoughts (or --ablation mean / zero for all positions)")
     kinds = tuple(k.strip() for k in p["head_kinds"].split(",") if k.strip())
     where = tuple(w.strip() for w in p["head_positions"].split(",") if w.strip())
     # parsed with --heads false too, so that two runs' settings compare alike (codi_attn.runs.setting_differences)
@@ -163,7 +163,8 @@ def absolute(source: str) -> str:
 
 def head_scan_error(head_scan: tuple[str, int | None], config_text: str) -> str | None:
     """Why --head_scan top:M cannot work on the model of this config.json text (None when it can): the held-out
-    test selects its k top heads (codi_attn.heads.default_k) among the scanned ones, so M must be k or more."""
+    test selects its k top heads (codi_attn.heads.default_k) among the scanned ones, so M must be k or more, and
+    the model has no more than its own heads to scan."""
     import json
 
     from codi_attn.heads import MAX_K, default_k
@@ -174,6 +175,9 @@ def head_scan_error(head_scan: tuple[str, int | None], config_text: str) -> str 
     if head_scan[0] != "top" or not n_layers or not n_heads:
         return None
     k = default_k(n_layers, n_heads)
+    if head_scan[1] > n_layers * n_heads:
+        return (f"--head_scan top:{head_scan[1]} asks for more heads than the model has ({n_layers} x {n_heads} = "
+                f"{n_layers * n_heads}): give top:M with M from {k} to {n_layers * n_heads}, or all")
     if head_scan[1] >= k:
         return None
     return (f"--head_scan top:{head_scan[1]} scans fewer heads than the held-out test selects among them: k = {k} "

@@ -167,9 +167,10 @@ class AttentionFlow(FlowSpec):
                                     "card's verdict, the critical heads and the held-out test use).")
     head_scan = Parameter("head_scan", default="all", type=str,
                           help="Which heads the exact scan ablates: all, or top:M (the M heads the attribution "
-                               "estimate ranks most harmful, for models with many heads on a small machine; M at "
-                               "least the held-out test's k, a quarter of the heads and at most 10; the "
-                               "false-discovery rate stays over all heads, the unscanned with p = 1).")
+                               "estimate ranks most harmful, for models with many heads on a small machine; M "
+                               "from k to the model's number of heads, where k, the held-out test's set size, is a "
+                               "quarter of the heads capped at 10; the false-discovery rate stays over all heads, "
+                               "the unscanned with p = 1).")
     head_group_size = Parameter("head_group_size", default=32, type=int,
                                 help="Heads per scan_heads task, and head sets per test_held_out task (a failed group "
                                      "is rerun alone by resume; a multiple of the conditions stacked per forward, "

@@ -53,7 +53,8 @@ def _jsonl(tmp_path, name, lines):
     ({"model": "bert"}, r"--model: unknown preset 'bert'"),
     ({"ckpt": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
     ({"dtype": "int8"}, r"--dtype: unknown dtype 'int8'"),
-    ({"device": "gpu:x"}, r"--device: "),
+    ({"device": "gpu:x"}, r"^--device: unknown device 'gpu:x'; choose auto, cpu, cuda or cuda:N$"),
+    ({"device": "tpu"}, r"^--device: unknown device 'tpu'; choose auto, cpu, cuda or cuda:N$"),
     ({"n_boot": 0, "heads": False}, r"^--n_boot 0 gives no intervals, and the verdicts of --validate, "
                                     r"--thought_analysis \(critical heads"),
     ({"split": "dev"}, r"^--split must be auto or one of train, test, got 'dev'$"),
@@ -67,6 +68,9 @@ def _jsonl(tmp_path, name, lines):
     ({"validate_group_size": 0}, r"--validate_group_size must be a positive integer, got 0"),
     ({"thought_group_size": 0}, r"--thought_group_size must be a positive integer, got 0"),
     ({"ablation": "noise"}, r"--ablation must be one of mean, zero, resample, got 'noise'"),
+    ({"ablation": "noise", "validate": False}, r"^--ablation must be one of mean, zero, resample, got 'noise'$"),
+    ({"head_scan": "top:9"}, r"^--head_scan top:9 asks for more heads than the model has \(2 x 4 = 8\): give top:M "
+                             r"with M from 2 to 8, or all$"),
     ({"ablation_positions": "bot"}, r"--ablation_positions must be one of thoughts, all"),
     ({"ablation": "resample", "ablation_positions": "all"}, r"--ablation resample is defined at the thought"),
     ({"head_kinds": "resample,mean", "head_positions": "all,thoughts"},
