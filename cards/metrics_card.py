@@ -12,7 +12,6 @@ from codi_attn.figures import metrics as metric_figures
 from codi_attn.metrics import (BASES, DIFFUSE_ENTROPY, HIGH_COMPOSITE, LIFT_THRESHOLD, MIN_HUB_ROWS,
                                MetricsReport, top_k)
 
-DETAIL_HEADS = 3  # high-composite heads that get a detail figure
 BASIS_AGREEMENT = 0.5  # composite Spearman rho between the bases below which the card says the ranking depends on it
 
 
@@ -99,7 +98,6 @@ def metrics_card(report: MetricsReport) -> list:
     """Card components for one model's MetricsReport."""
     n, n_layers, n_heads = report.shape
     high = report.high_composite_heads
-    detail = (high if len(high) else report.ranked_heads).head(DETAIL_HEADS)
     parts = [Markdown(f"# Head metrics{': ' + report.name if report.name else ''}"),
              Markdown(f"{n} problems, {n_layers} layers x {n_heads} heads, rankings on the **{report.basis}** "
                       f"basis, {report.n_boot} bootstrap resamples.")]
@@ -117,7 +115,7 @@ def metrics_card(report: MetricsReport) -> list:
               image(metric_figures.top_heads_heatmaps(report)),
               Markdown("## Per head"), image(metric_figures.layer_head_maps(report)), image(metric_figures.type_map(report)),
               Markdown(f"## {'High-composite' if len(high) else 'Top'} heads in detail")]
-    parts += [image(metric_figures.head_detail(report, label)) for label in detail["label"]]
+    parts += [image(metric_figures.head_detail(report, label)) for label in report.detail_heads()]
     parts += [Markdown("## Baselines, stability, model-level quantities"),
               Markdown(f"Mean std across problems: **{report.mean_std:.3f}**. Every metric beside its "
                        "causal-uniform value (mean over heads):"),

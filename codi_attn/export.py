@@ -237,7 +237,15 @@ def figure_writers(d, fig_dir: Path) -> dict[Path, Callable[[Path], None]]:
         "top_heads_heatmaps": metric_figures.top_heads_heatmaps(report),
         "layer_head_maps": metric_figures.layer_head_maps(report),
         "type_map": metric_figures.type_map(report),
+        **{f"head_detail_{label}": metric_figures.head_detail(report, label) for label in report.detail_heads()},
     }
+    validation = getattr(d, "validation_result", None) if "validation_result" in d else None
+    if validation is not None:
+        from codi_attn.figures import validation as validation_figures
+
+        figs |= {"validation_top_heads": validation_figures.ablation_figure(validation),
+                 "validation_single_heads": validation_figures.single_heads_figure(validation),
+                 "validation_blocking": validation_figures.blocking_figure(validation)}
     causal = getattr(d, "causal_report", None) if "causal_report" in d else None
     if causal is not None:
         from codi_attn.figures import heads as head_figures

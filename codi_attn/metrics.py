@@ -389,6 +389,12 @@ class MetricsReport:
         """Heads with composite > HIGH_COMPOSITE, best first."""
         return self.ranked_heads[self.ranked_heads["composite"] > HIGH_COMPOSITE]
 
+    def detail_heads(self, n: int = 3) -> list[str]:
+        """The labels of the heads shown in detail (metrics card, export): the first n high-composite heads, or
+        the first n by composite where none is."""
+        high = self.high_composite_heads
+        return (high if len(high) else self.ranked_heads).head(n)["label"].tolist()
+
     @property
     def hubs(self) -> list[int]:
         """Claimed hub positions (0-based)."""

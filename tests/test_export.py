@@ -65,9 +65,11 @@ def test_export_files_equal_artifacts(clean_run, tmp_path):
     for key in ("thought_lens", "thought_mean_patching", "thought_attended_by_kind", "thought_attended_by_step"):
         assert len(pd.read_csv(res / f"{key}.csv")) == len(getattr(report, key.removeprefix("thought_")))
     pngs = sorted(figs.glob("*.png"))
-    assert len(pngs) == 17 and all(p.read_bytes()[:8] == PNG for p in pngs)
+    details = [f"head_detail_{label}.png" for label in d.metrics_report.detail_heads()]
+    assert details and len(pngs) == 17 + len(details) + 3 and all(p.read_bytes()[:8] == PNG for p in pngs)
     assert {"head_effects.png", "composite_vs_effect.png", "held_out_top_heads.png", "thought_probes.png",
-            "thought_patching.png", "thought_attended_tokens.png"} <= {p.name for p in pngs}
+            "thought_patching.png", "thought_attended_tokens.png", "validation_top_heads.png",
+            "validation_single_heads.png", "validation_blocking.png", *details} <= {p.name for p in pngs}
 
 
 def test_cli_export_subprocess(clean_run, tmp_path):
