@@ -107,16 +107,14 @@ def _effects_table(report: CausalReport, kind: str, n: int = 30) -> list:
 
     df = report.head_effects
     df = causal_order(df[(df["kind"] == kind) & (df["positions"] == report.settings["positions"])]).head(n)
-    shown = pd.DataFrame({
-        "head": df["label"], "accuracy": [f"{100 * v:.1f}%" for v in df["accuracy"]],
-        "Δ points": [_points(v) for v in df["delta_accuracy"]],
+    shown = pd.DataFrame({  # the verdict's columns first: a wide table is cut at the right
+        "head": df["label"], "critical": df["critical"], "Δ points": [_points(v) for v in df["delta_accuracy"]],
         "Δ 95% CI": [_interval(lo, hi) for lo, hi in zip(df["delta_ci_low"], df["delta_ci_high"])],
+        "q (FDR)": [cell(v) for v in df.get("q_value", pd.Series(float("nan"), index=df.index))],
+        "accuracy": [f"{100 * v:.1f}%" for v in df["accuracy"]],
         "answers changed": [f"{100 * v:.0f}%" for v in df["answers_changed"]],
-        "KL answer token": [cell(v) for v in df["kl_answer_token"]],
-        "Δ logit diff": [cell(v) for v in df["logit_diff_change"]],
-        "attribution estimate": [cell(v) for v in df["estimate"]],
-        "q (FDR)": [cell(v) for v in df.get("q_value", pd.Series(float("nan"), index=df.index))], "composite": [cell(v) for v in df["composite"]],
-        "critical": df["critical"]})
+        "KL": [cell(v) for v in df["kl_answer_token"]], "Δ logit diff": [cell(v) for v in df["logit_diff_change"]],
+        "attribution": [cell(v) for v in df["estimate"]], "composite": [cell(v) for v in df["composite"]]})
     return [table(shown)]
 
 

@@ -36,13 +36,14 @@ def effect_maps(report: CausalReport) -> Figure:
         grid[df["layer"], df["head"]] = 100 * df["delta_accuracy"]
         image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
         for r in df.itertuples():
+            ink = "white" if abs(100 * r.delta_accuracy) > 0.55 * limit else "black"  # legible on dark cells
             if r.delta_ci_high < 0 or r.delta_ci_low > 0:
-                ax.plot(r.head, r.layer, "o", ms=3, color="black")
+                ax.plot(r.head, r.layer, "o", ms=3, color=ink)
             if r.critical:
-                ax.plot(r.head, r.layer, "o", ms=11, mfc="none", mec="black", mew=1.2)
+                ax.plot(r.head, r.layer, "o", ms=11, mfc="none", mec=ink, mew=1.2)
             if n_heads <= 16:
-                ax.text(r.head, r.layer + 0.32, f"{100 * r.delta_accuracy:+.0f}", ha="center", va="center",
-                        fontsize=7)
+                ax.text(r.head, r.layer + 0.3, f"{100 * r.delta_accuracy:+.0f}", ha="center", va="center",
+                        fontsize=9 if n_heads <= 8 else 7, color=ink)
         ax.set_title(f"{kind} ablation", fontsize=10)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
@@ -120,7 +121,8 @@ def held_out_figure(held: HeldOut) -> Figure:
     ax.axhline(0, color="#cccccc", lw=0.8)
     ax.set_xticks([0.12, 1.12], ["selected by causal effect\n(on half A)", "selected by composite\n(on half A)"])
     ax.set_ylabel("accuracy change on half B (points)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_xlim(-0.5, 1.9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside, never on a point
     ax.set_title(f"top-{held.k} heads ablated together ({held.kind}) on the held-out half: {len(held.problems_b)} "
                  "problems", fontsize=10)
     return fig

@@ -24,7 +24,7 @@ from codi_attn.conventions import thought_name  # noqa: E402
 DPI = 100
 THOUGHTS = [thought_name(j + 1) for j in range(N_THOUGHTS)]
 TYPE_COLORS = {"sequential": "#1f77b4", "self": "#9467bd", "hub": "#d62728", "long-range": "#ff7f0e",
-               "mixed": "#bdbdbd", "diffuse": "#ececec"}
+               "mixed": "#7f7f7f", "diffuse": "#efe3bd"}
 MODEL_COLORS = ("#1b6ca8", "#d1495b")
 UPPER = np.triu(np.ones((N_THOUGHTS, N_THOUGHTS), bool), 1)
 
@@ -162,7 +162,7 @@ def hub_analysis(report: MetricsReport) -> Figure:
     ax.set_title("column sums (the design's hub input):\nbiased to z1 by causality alone", fontsize=10)
     ax.set_xlabel("key thought j")
     ax.set_ylabel("sum over query rows, mean over heads")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     q = p[p["rows"] > 0]
     err = np.abs(np.vstack([q["observed"] - q["observed_lo"], q["observed_hi"] - q["observed"]]))
     bx.bar(q["position"], q["observed"], 0.6, color=MODEL_COLORS[0], yerr=np.nan_to_num(err), capsize=3,
@@ -173,16 +173,16 @@ def hub_analysis(report: MetricsReport) -> Figure:
     bx.set_title("incoming attention from thoughts i >= j+2", fontsize=10)
     bx.set_xlabel("key thought j")
     bx.set_ylabel("mean attention")
-    bx.legend(fontsize=8)
+    bx.set_ylim(0, np.nanmax(q[["observed_hi", "baseline"]].to_numpy(float), initial=0) * 1.3)  # legend room
+    bx.legend(fontsize=8, loc="upper right")
     colors = ["#d62728" if h else (MODEL_COLORS[0] if e else "#c7c7c7") for h, e in zip(q["is_hub"], q["eligible"])]
     err = np.abs(np.vstack([q["lift"] - q["lift_lo"], q["lift_hi"] - q["lift"]]))
     cx.bar(q["position"], q["lift"], 0.6, color=colors, yerr=np.nan_to_num(err), capsize=3)
     cx.axhline(1, color="black", lw=1)
     cx.axhline(LIFT_THRESHOLD, color="#d62728", ls="--", lw=1, label=f"hub threshold {LIFT_THRESHOLD:g}x")
-    for x_, v, hi, share in zip(q["position"], q["lift"], q["lift_hi"], q["hub_heads"]):
-        cx.text(x_, np.nanmax([v, hi]) + 0.05, f"{share:.0%} of heads\nhub here", ha="center", fontsize=8)
     cx.set_ylim(0, max(LIFT_THRESHOLD, np.nanmax(q["lift_hi"].to_numpy(float), initial=0)) * 1.25)
-    cx.set_xticks(q["position"], q["thought"])
+    cx.set_xticks(q["position"], [f"{t}\n{share:.0%} of heads\nhub here" for t, share in zip(q["thought"],
+                                                                                        q["hub_heads"])])
     hubs = ", ".join(thought_name(h + 1) for h in report.hubs) or "none"
     cx.set_title(f"lift = observed / causal-uniform\nhub claimed: {hubs}", fontsize=10)
     cx.set_xlabel("key thought j (grey: too few rows to claim a hub)")

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from codi_attn.contents import ThoughtReport  # noqa: E402
+from codi_attn.contents import ThoughtReport, best_probes  # noqa: E402
 from codi_attn.conventions import THOUGHTS, thought_name  # noqa: E402
 from codi_attn.probes import POSITIONS, TOO_FEW  # noqa: E402
 
@@ -26,10 +26,11 @@ def attended_examples(report: ThoughtReport) -> Figure:
     axes = np.atleast_1d(fig.subplots(max(1, len(examples)), 1, squeeze=False)[:, 0])
     for ax, ex in zip(axes, examples):
         w = np.asarray(ex["weights"], float)
-        ax.imshow(w, aspect="auto", cmap="magma_r", vmin=0)
+        image = ax.imshow(w, aspect="auto", cmap="magma_r", vmin=0)
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01, label="attention")
         labels = [t.strip() + (f"\n[{','.join(map(str, ops))}]" if ops else "")
                   for t, ops in zip(ex["tokens"], ex["operand_of"])]
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8 if len(labels) <= 60 else 6)
         for tick, kind in zip(ax.get_xticklabels(), ex["kinds"]):
             tick.set_color(KIND_COLORS[kind] if kind != "other" else "#333333")
         ax.set_yticks(range(len(THOUGHTS)), [thought_name(k) for k in THOUGHTS], fontsize=8)
@@ -53,7 +54,9 @@ def attended_kinds(report: ThoughtReport) -> Figure:
         left.plot(h["thought"], 100 * h["share_number"], "k^-", ms=5,
                   label=f"numbers, heads {' '.join(report.settings['heads'])[:40]}")
     left.set_ylabel("% of the thought's question attention")
-    left.legend(fontsize=7, loc="lower right")
+    left.set_ylim(0, 125)  # the legend above the stacked bars (100%), never on them
+    left.set_yticks(range(0, 101, 20))
+    left.legend(fontsize=7, loc="upper center", ncols=4, frameon=False)
     left.set_title("by token kind (all layers and heads)", fontsize=9)
     s = report.attended_by_step.pivot(index="thought", columns="step", values="share")
     image = right.imshow(100 * s.to_numpy(), cmap="viridis", aspect="auto")
@@ -67,7 +70,11 @@ def attended_kinds(report: ThoughtReport) -> Figure:
 
 
 def _target_grid(df: pd.DataFrame, value: str, title: str, cmap: str, vmin: float, vmax: float | None,
-                 annotate: str | None = None, empty: str = "") -> Figure:
+                 annotate: str | None = None, empty: str = "", chosen: pd.DataFrame | None = None) -> Figure:
+    """One position x layer panel per target; `chosen` (best_probes) boxes each target's cell chosen on half A:
+    solid where half B calls it decodable, dashed where not."""
+    from matplotlib.patches import Rectangle
+
     if not len(df):
         fig = Figure(figsize=(8, 1.2), dpi=DPI)
         ax = fig.add_subplot()
@@ -95,7 +102,13 @@ def _target_grid(df: pd.DataFrame, value: str, title: str, cmap: str, vmin: floa
             for (i, j), v in np.ndenumerate(note):
                 if not np.isnan(v):
                     ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6)
-        ax.set_title(target, fontsize=9)
+        verdict = ""
+        if chosen is not None and target in set(chosen["target"]):
+            c = chosen[chosen["target"] == target].iloc[0]
+            ax.add_patch(Rectangle((c["layer"] - 0.5, POSITIONS.index(c["position"]) - 0.5), 1, 1, fill=False, lw=1.8,
+                                   ls="-" if c["decodable"] else "--", ec="black"))
+            verdict = ": read on B" if c["decodable"] else ": not read on B"
+        ax.set_title(target + verdict, fontsize=9)
         ax.set_yticks(range(len(POSITIONS)), POSITIONS, fontsize=7)
         ax.set_xticks(range(layers), range(layers), fontsize=7)
         ax.set_xlabel("layer", fontsize=7)
@@ -109,10 +122,12 @@ def _target_grid(df: pd.DataFrame, value: str, title: str, cmap: str, vmin: floa
 
 def probe_maps(report: ThoughtReport) -> Figure:
     """Selectivity (probe accuracy - control-task accuracy) per position and layer, one panel per target; the
-    numbers are the accuracies in %."""
-    return _target_grid(report.probes, "selectivity", "linear probes: accuracy - control task (colour), accuracy % "
-                        "(text), 5-fold cross-validated over problems", "RdBu", -0.5, 0.5, annotate="accuracy",
-                        empty=f"no target: {TOO_FEW}")
+    numbers are the accuracies in %; each target's chosen cell boxed with its half-B verdict."""
+    return _target_grid(report.probes, "selectivity", "linear probes on all problems: accuracy - control task "
+                        "(colour), accuracy % (text), 5-fold cross-validated\nbox: the cell chosen on half A, solid "
+                        "where half B reads the target above every control, dashed where it does not",
+                        "RdBu", -0.5, 0.5, annotate="accuracy", empty=f"no target: {TOO_FEW}",
+                        chosen=best_probes(report.probes) if len(report.probes) else None)
 
 
 def lens_maps(report: ThoughtReport) -> Figure:
