@@ -63,7 +63,7 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
                f"alone costs at least {100 * CRITICAL_DROP:.0f} points, and the loss survives a "
                f"{100 * FDR:.0f}% false-discovery rate over the model's {n_model} heads{unscanned}: "
                f"exact sign test on the answers it flips, Benjamini-Hochberg): {names}. "
-               f"Composite above {HIGH_COMPOSITE}: {', '.join(composite) or 'none'}; in both: "
+               f"High-composite (above {HIGH_COMPOSITE}): {', '.join(composite) or 'none'}; in both: "
                f"{', '.join(sorted(set(critical['label']) & set(composite))) or 'none'}.")
     corr = report.correlations
     r = composite_correlation(report)
@@ -92,8 +92,8 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
             out.append(f"Selected on half A by {r.selection} ({r.heads}), the top-{held.k} ablated together on half B "
                        f"({len(held.problems_b)} problems) change accuracy by {_points(r.delta_accuracy)} points "
                        f"{_interval(r.delta_ci_low, r.delta_ci_high)}, vs {100 * r.random_mean:+.1f} ± "
-                       f"{100 * r.random_sd:.1f} for {r.distinct} random sets of its other heads"
-                       f"{' in the same layers' if r.layer_matched else ' from all layers'}: a larger drop than "
+                       f"{100 * r.random_sd:.1f} for {r.distinct} random sets of the heads outside it"
+                       f"{' in the same layers' if r.layer_matched else ' (from all layers)'}: a larger drop than "
                        f"{r.percentile:.0f}% of them.")
     for r in report.agreement.itertuples():
         out.append(f"Attribution patching ({r.kind}) ranks the heads' logit-difference effects with Spearman "

@@ -181,8 +181,8 @@ def hub_analysis(report: MetricsReport) -> Figure:
     cx.axhline(1, color="black", lw=1)
     cx.axhline(LIFT_THRESHOLD, color="#d62728", ls="--", lw=1, label=f"hub threshold {LIFT_THRESHOLD:g}x")
     cx.set_ylim(0, max(LIFT_THRESHOLD, np.nanmax(q["lift_hi"].to_numpy(float), initial=0)) * 1.25)
-    cx.set_xticks(q["position"], [f"{t}\n{share:.0%} of heads\nhub here" for t, share in zip(q["thought"],
-                                                                                        q["hub_heads"])])
+    cx.set_xticks(q["position"], [f"{t}\n{share:.0%} of\nheads hub" for t, share in zip(q["thought"], q["hub_heads"])],
+                  fontsize=8)
     hubs = ", ".join(thought_name(h + 1) for h in report.hubs) or "none"
     cx.set_title(f"lift = observed / causal-uniform\nhub claimed: {hubs}", fontsize=10)
     cx.set_xlabel("key thought j (grey: too few rows to claim a hub)")
