@@ -87,8 +87,8 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
             parts += warnings_md(few_problems(r.shape[0]) + list(r.warnings), n)
     parts += [Markdown(_summary_md(df)),
               Markdown("## Hub positions"), image(metric_figures.compare_hubs(df)),
-              Markdown(f"## High-composite heads (composite > {HIGH_COMPOSITE:g}, as fractions: the models have different "
-                       "numbers of heads)"),
+              Markdown(f"## High-composite heads (composite > {HIGH_COMPOSITE:g}, as fractions: the models have "
+                       "different numbers of heads)"),
               image(metric_figures.compare_high_composite(df))]
     if reports:
         parts.append(image(metric_figures.compare_head_maps(*reports, names=(na, nb))))

@@ -41,7 +41,8 @@ def _basis_md(report: MetricsReport) -> str:
     row = report.basis_agreement.set_index("score").loc["composite"]
     rho, same = row["spearman"], round(row[f"top{k}_overlap"] * k)
     if rho >= BASIS_AGREEMENT:
-        return f"The composite ranking holds across the bases (Spearman rho {rho:+.2f}, {same} of the top {k} the same)."
+        return (f"The composite ranking holds across the bases (Spearman rho {rho:+.2f}, {same} of the top {k} "
+                "the same).")
     other = next(b for b in BASES if b != report.basis)
     return (f"**The composite ranking depends on the basis**: its Spearman rho between the raw and the renormalised "
             f"rows is {rho:+.2f}, and {same} of its top {k} heads are the same on both. The rankings above are on "

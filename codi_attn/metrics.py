@@ -78,7 +78,8 @@ LIFT_THRESHOLD = 2.0
 MIN_HUB_ROWS = 3
 DIFFUSE_ENTROPY = 0.9
 HIGH_COMPOSITE = 0.7
-RENAMED = {"critical heads": "high-composite heads", "critical fraction": "high-composite fraction"}  # older runs' names
+# stats names before the rename to high-composite: a comparison with an older run maps them
+RENAMED = {"critical heads": "high-composite heads", "critical fraction": "high-composite fraction"}
 STRONG_ENTRY = 0.4
 TOP_K = 10
 BOTTOM_K = 50

@@ -6,8 +6,9 @@ of the problems whose step s has one other value v' (`different`: if thought k c
 to the counterfactual answer: the chain recomputed from v', the gold following the steps that have its value,
 codi_attn.solutions.answer_if). `different` leaves out the problems whose counterfactual equals their gold (step s
 does not feed the answer): an answer that stays correct there would read as moved; `same` leaves out the
-problems whose step-s value no other problem has (no mean to take). Measured on the problems patched: accuracy, the unpatched run's accuracy on the same problems and the change (a paired interval), and the
-share of answers equal to the counterfactual.
+problems whose step-s value no other problem has (no mean to take). Measured on the problems patched:
+accuracy, the unpatched run's accuracy on the same problems and the change (a paired interval), and the share of
+answers equal to the counterfactual.
 
 Pairs. A clean problem and its corrupted twin with one number of the question changed (same token length; the
 gold recomputed: codi_attn.solutions, or the demo task's own chain). The corrupted run is patched with the

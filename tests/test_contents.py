@@ -4,7 +4,7 @@ for a part."""
 from __future__ import annotations
 
 import pickle
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
@@ -266,3 +266,25 @@ def test_a_killed_group_redoes_only_the_batches_left(demo_report, grouped, tmp_p
             assert all(np.array_equal(a, b) for a, b in zip(r.attended, c.attended))
             assert r.probes.equals(c.probes) and r.lens.equals(c.lens) and r.by_step.equals(c.by_step)
             assert np.array_equal(r.baseline_correct, c.baseline_correct)
+
+
+def test_probe_map_boxes_the_chosen_cells_and_draws_an_old_report_without_them(demo_report):
+    """Each target's panel boxes the cell best_probes chose (solid where decodable, dashed where not); probes from
+    before the halves (no selectivity_a) still draw, unboxed, so an older run still exports."""
+    from matplotlib.patches import Rectangle
+
+    from codi_attn.contents import best_probes
+    from codi_attn.figures.thoughts import probe_maps
+    from codi_attn.probes import POSITIONS
+
+    _, _, report = demo_report
+    best = best_probes(report.probes).set_index("target")
+    fig = probe_maps(report)
+    panels = {ax.get_title().split(":")[0]: ax for ax in fig.axes if ax.get_title()}
+    for target, row in best.iterrows():
+        (box,) = [p for p in panels[target].patches if isinstance(p, Rectangle)]
+        assert box.get_xy() == (row["layer"] - 0.5, POSITIONS.index(row["position"]) - 0.5)
+        assert (box.get_linestyle() == "-") == row["decodable"]
+        assert panels[target].get_title().endswith(": read on B" if row["decodable"] else ": not read on B")
+    old = replace(report, probes=report.probes.drop(columns=["selectivity_a"]))
+    assert not any(isinstance(p, Rectangle) for ax in probe_maps(old).axes for p in ax.patches)

@@ -127,7 +127,7 @@ def probe_maps(report: ThoughtReport) -> Figure:
                         "(colour), accuracy % (text), 5-fold cross-validated\nbox: the cell chosen on half A, solid "
                         "where half B reads the target above every control, dashed where it does not",
                         "RdBu", -0.5, 0.5, annotate="accuracy", empty=f"no target: {TOO_FEW}",
-                        chosen=best_probes(report.probes) if len(report.probes) else None)
+                        chosen=best_probes(report.probes) if "selectivity_a" in report.probes else None)  # old: none
 
 
 def lens_maps(report: ThoughtReport) -> Figure:

@@ -63,8 +63,9 @@ def condition_figure(result: ValidationResult, groups: tuple[str, ...], title: s
 
 def ablation_figure(result: ValidationResult) -> Figure:
     """Top-k heads ablated together vs the random controls (and the no-op control)."""
+    k = result.settings["k"]
     return condition_figure(result, ("no-op", "top-k", "random control"),
-                            f"Ablating the composite's top-{result.settings['k']} heads vs {result.settings['k']} random other heads "
+                            f"Ablating the composite's top-{k} heads vs {k} random other heads "
                             + controls_origin(result.settings))
 
 
