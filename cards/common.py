@@ -37,11 +37,16 @@ def with_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
     return cell(v, digits) if pd.isna(lo) else f"{cell(v, digits)} [{cell(lo, digits)}, {cell(hi, digits)}]"
 
 
-def few_problems(n_problems: int) -> list[str]:
+def few_problems(n_problems: int, what: str = "") -> list[str]:
     """[the warning] where a card's verdicts rest on too few problems (codi_attn.settings.few_problems_note), else
-    []: a verdict's first bullet, or one of a card's warnings."""
-    note = few_problems_note(n_problems)
+    []: one of a card's warnings (warnings_md)."""
+    note = few_problems_note(n_problems, what)
     return [note] if note else []
+
+
+def few_problems_bullets(n_problems: int, what: str = "") -> list[str]:
+    """few_problems as a verdict's bold bullets."""
+    return [f"**Warning: {w}.**" for w in few_problems(n_problems, what)]
 
 
 def warnings_md(warnings: list[str], who: str = "") -> list:

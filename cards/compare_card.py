@@ -12,7 +12,8 @@ from cards.common import few_problems, image, table, warnings_md, with_ci
 from cards.metrics_card import criteria_frame
 from codi_attn.figures import metrics as metric_figures
 from codi_attn.conventions import thought_name
-from codi_attn.metrics import HIGH_COMPOSITE, HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports
+from codi_attn.metrics import (HIGH_COMPOSITE, HUB_ELIGIBLE, LIFT_THRESHOLD, MetricsReport, compare_reports,
+                               current_names)
 from codi_attn.presets import PRESETS
 
 
@@ -72,12 +73,12 @@ def compare_card(data: pd.DataFrame | tuple[MetricsReport, MetricsReport],
     compare_reports DataFrame when already computed)."""
     reports = None if isinstance(data, pd.DataFrame) else tuple(data)
     if reports is None:
-        df = data.copy()
+        df = current_names(data)
         if names:
             df.attrs["names"] = tuple(names)
     else:
         names = names or tuple(r.name or k for r, k in zip(reports, ("a", "b")))
-        df = compare_reports(*reports, names=names) if comparison is None else comparison
+        df = compare_reports(*reports, names=names) if comparison is None else current_names(comparison)
     na, nb = df.attrs.get("names", ("a", "b"))
     parts = [Markdown(f"# Model comparison: {na} vs {nb}")]
     if reports:

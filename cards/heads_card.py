@@ -6,9 +6,10 @@ import math
 import pandas as pd
 from metaflow.cards import Markdown
 
-from cards.common import cell, few_problems, image, table
+from cards.common import cell, few_problems_bullets, image, table
 from codi_attn.heads import CRITICAL_DROP, FDR, CausalReport
-from codi_attn.metrics import HIGH_COMPOSITE
+from codi_attn.metrics import HIGH_COMPOSITE, high_composite
+from codi_attn.settings import FEW_PROBLEMS
 
 
 def _points(x: float) -> str:
@@ -51,11 +52,11 @@ def held_out_answer(report: CausalReport) -> str:
 def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
     """The findings in plain words, one sentence per bullet."""
     s = report.settings
-    out = [f"**Warning: {w}.**" for w in few_problems(s["n_problems"])]
+    out = few_problems_bullets(s["n_problems"])
     critical = report.critical()
     effects = report.head_effects
     n_scanned = int(((effects["kind"] == s["kind"]) & (effects["positions"] == s["positions"])).sum())
-    composite = ranked_heads[ranked_heads["composite"] > HIGH_COMPOSITE]["label"].tolist()
+    composite = high_composite(ranked_heads)["label"].tolist()
     names = ", ".join(critical["label"]) or "none"
     n_model = s["n_layers"] * s["n_heads"]
     unscanned = (f", {n_model - n_scanned} of them not scanned and counted with p = 1" if n_scanned < n_model else "")
@@ -88,6 +89,8 @@ def verdict(report: CausalReport, ranked_heads: pd.DataFrame) -> list[str]:
                        f"{b.ci_high:+.2f}]): no attention metric here predicts which heads matter.")
     held = report.held_out
     if held is not None:
+        if s["n_problems"] >= FEW_PROBLEMS:  # the whole sample is enough, its half B may not be
+            out += few_problems_bullets(len(held.problems_b), "half B, the held-out test's")
         for r in held.summary.itertuples():
             out.append(f"Selected on half A by {r.selection} ({r.heads}), the top-{held.k} ablated together on half B "
                        f"({len(held.problems_b)} problems) change accuracy by {_points(r.delta_accuracy)} points "
@@ -149,7 +152,8 @@ def heads_card(report: CausalReport, ranked_heads: pd.DataFrame) -> list:
                   table(_held_out_table(held))]
     if len(report.agreement):
         parts += [Markdown("## Attribution patching against the exact scan"), image(attribution_scatter(report))]
-    parts += [Markdown(f"## Critical heads side by side\n\nCausal: Δ ≤ -{100 * CRITICAL_DROP:.0f} points and "
+    parts += [Markdown("## Causally critical and high-composite heads side by side\n\n"
+                       f"Causal: Δ ≤ -{100 * CRITICAL_DROP:.0f} points and "
                        f"q < {FDR} ({s['kind']} ablation; q: the sign test's p-value adjusted over the heads, "
                        f"Benjamini-Hochberg). Composite: the design's score above "
                        f"{HIGH_COMPOSITE}."),
@@ -173,10 +177,10 @@ def _held_out_selection(report: CausalReport) -> str:
                                                  "B does not enter it."))
 
 
-RANDOM_SETS = ("Each selection's random sets are drawn from the heads outside it, so each is compared with the "
-               "model's other heads, and the two selections have different baselines: the causal top-k's random sets "
-               "cannot contain the heads the scan found most harmful, the composite top-k's can. Its percentile says "
-               "whether the selected heads matter more on B than the rest of the model.")
+RANDOM_SETS = ("Each selection's random sets are k heads drawn from the heads outside it, so the two selections "
+               "have different baselines: the causal top-k's random sets cannot contain the k heads the scan found "
+               "most harmful on A, the composite top-k's can. A selection's percentile is the share of its random "
+               "sets whose drop on B it exceeds.")
 
 
 def _held_out_table(held) -> pd.DataFrame:
@@ -194,7 +198,7 @@ def _held_out_table(held) -> pd.DataFrame:
 
 def _side_by_side(report: CausalReport, ranked_heads: pd.DataFrame) -> pd.DataFrame:
     causal = report.critical()
-    composite = ranked_heads[ranked_heads["composite"] > HIGH_COMPOSITE]
+    composite = high_composite(ranked_heads)
     n = max(len(causal), len(composite), 1)
     def pad(values) -> list:
         values = list(values)
@@ -203,6 +207,6 @@ def _side_by_side(report: CausalReport, ranked_heads: pd.DataFrame) -> pd.DataFr
     return pd.DataFrame({
         "causal critical": pad(causal["label"]),
         "Δ points": pad(_points(v) for v in causal["delta_accuracy"]),
-        "composite > 0.7": pad(composite["label"]),
+        f"composite > {HIGH_COMPOSITE:g}": pad(composite["label"]),
         "composite": pad(f"{v:.3f}" for v in composite["composite"]),
     })

@@ -1,5 +1,5 @@
-"""Card of the metrics step: criteria as measured, hubs against the causal-uniform baseline, critical
-heads with intervals, per-head maps and types, and the trap-1 warning when the input shows it."""
+"""Card of the metrics step: criteria as measured, hubs against the causal-uniform baseline, the
+high-composite heads with intervals, per-head maps and types, and the trap-1 warning when the input shows it."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ from codi_attn.figures import metrics as metric_figures
 from codi_attn.metrics import (BASES, DIFFUSE_ENTROPY, HIGH_COMPOSITE, LIFT_THRESHOLD, MIN_HUB_ROWS,
                                MetricsReport, top_k)
 
-BASIS_AGREEMENT = 0.5  # composite Spearman rho between the bases below which the card says the ranking depends on it
+BASIS_RHO_MIN = 0.5  # composite Spearman rho between the bases below which the card says the ranking depends on it
 
 
 def criteria_frame(criteria: pd.DataFrame) -> pd.DataFrame:
@@ -40,13 +40,16 @@ def _basis_md(report: MetricsReport) -> str:
     k = top_k(report.n_heads)
     row = report.basis_agreement.set_index("score").loc["composite"]
     rho, same = row["spearman"], round(row[f"top{k}_overlap"] * k)
-    if rho >= BASIS_AGREEMENT:
+    if np.isnan(rho):  # a constant composite on a basis: no ranking to compare
+        return "The composite ranking cannot be compared across the bases: it is constant on one of them."
+    if rho >= BASIS_RHO_MIN:
         return (f"The composite ranking holds across the bases (Spearman rho {rho:+.2f}, {same} of the top {k} "
                 "the same).")
     other = next(b for b in BASES if b != report.basis)
     return (f"**The composite ranking depends on the basis**: its Spearman rho between the raw and the renormalised "
             f"rows is {rho:+.2f}, and {same} of its top {k} heads are the same on both. The rankings above are on "
-            f"the {report.basis} basis; on the {other} basis other heads lead.")
+            f"the {report.basis} basis; on the {other} basis "
+            + ("other heads lead." if same < k else "the same top heads lead, the others in another order."))
 
 
 def _hub_md(report: MetricsReport) -> str:

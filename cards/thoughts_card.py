@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 from metaflow.cards import Markdown
 
-from cards.common import few_problems, image, table
+from cards.common import few_problems_bullets, image, table
 from codi_attn.contents import ThoughtReport, best_probes
 
 
@@ -29,7 +29,7 @@ def thoughts_card(report: ThoughtReport) -> list:
                  "BOT is position Q, whose final hidden state gives z1; layer l is the residual stream after block "
                  "l; step s is the s-th `<<...>>` calculation of the gold solution."),
         Markdown("## Findings\n\n" + "\n".join(f"- {line}" for line in [
-            *(f"**Warning: {w}.**" for w in few_problems(s["n_problems"])), *report.findings])
+            *few_problems_bullets(s["n_problems"]), *report.findings])
                  + "".join(f"\n- Note: {n}." for n in report.notes)),
         Markdown("## Attended tokens\n\nEach thought's attention on each question token, averaged over every layer "
                  "and head (the CODI paper's figure)."),

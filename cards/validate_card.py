@@ -6,7 +6,7 @@ import math
 import pandas as pd
 from metaflow.cards import Markdown, Table
 
-from cards.common import few_problems, image
+from cards.common import few_problems_bullets, image
 
 from codi_attn.validate import LENS_TOP_N, ValidationResult, controls_origin
 
@@ -34,7 +34,7 @@ def verdict(result: ValidationResult) -> list[str]:
     singles = result.group("top-k single")
     blocks = result.group("blocking")
     k = s["k"]
-    out = [f"**Warning: {w}.**" for w in few_problems(s["n_problems"])]
+    out = few_problems_bullets(s["n_problems"])
     if result.noop_identical:
         out.append("The no-op control (same code path, nothing ablated or blocked) reproduced the baseline "
                    "bit for bit.")

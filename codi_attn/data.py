@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codi_attn.answers import parse_gold
+from codi_attn.hub import error_line
 
 __all__ = ["Problem", "DatasetError", "load_records", "sample_problems", "dataset_fingerprint",
            "gold_answer", "resolve_n"]
@@ -113,9 +114,9 @@ def _read_hub(split: str) -> list[dict]:
         ds = datasets.load_dataset("gsm8k", "main", split=split)
     except Exception as e:  # offline, no cache, hub down: all end the same way for the user
         raise DatasetError(
-            f"could not load the GSM8K {split} split from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without network, pass a local "
-            f"copy of OpenAI's grade-school-math {split}.jsonl: --dataset /path/to/gsm8k/{split}.jsonl") from e
+            f"could not load the GSM8K {split} split from the Hugging Face hub ({error_line(e)}). Without network, "
+            f"pass a local copy of OpenAI's grade-school-math {split}.jsonl: --dataset /path/to/gsm8k/{split}.jsonl"
+        ) from e
     return [_check_record(dict(rec), f"hub gsm8k/main {split}, row {i}") for i, rec in enumerate(ds)]
 
 

@@ -78,8 +78,19 @@ LIFT_THRESHOLD = 2.0
 MIN_HUB_ROWS = 3
 DIFFUSE_ENTROPY = 0.9
 HIGH_COMPOSITE = 0.7
-# stats names before the rename to high-composite: a comparison with an older run maps them
-RENAMED = {"critical heads": "high-composite heads", "critical fraction": "high-composite fraction"}
+RENAMED = {"critical heads": "high-composite heads", "critical fraction": "high-composite fraction"}  # older runs'
+
+
+def current_names(stats: pd.DataFrame) -> pd.DataFrame:
+    """Model stats (or a comparison of them) with the names older runs used (RENAMED) in today's; attrs kept."""
+    out = stats.replace({"section": RENAMED, "quantity": RENAMED})
+    out.attrs = dict(stats.attrs)
+    return out
+
+
+def high_composite(ranked: pd.DataFrame) -> pd.DataFrame:
+    """The ranked heads with composite > HIGH_COMPOSITE (the design's "critical"), best first."""
+    return ranked[ranked["composite"] > HIGH_COMPOSITE]
 STRONG_ENTRY = 0.4
 TOP_K = 10
 BOTTOM_K = 50
@@ -388,7 +399,7 @@ class MetricsReport:
     @property
     def high_composite_heads(self) -> pd.DataFrame:
         """Heads with composite > HIGH_COMPOSITE, best first."""
-        return self.ranked_heads[self.ranked_heads["composite"] > HIGH_COMPOSITE]
+        return high_composite(self.ranked_heads)
 
     def detail_heads(self, n: int = 3) -> list[str]:
         """The labels of the heads shown in detail (metrics card, export): the first n high-composite heads, or
@@ -649,7 +660,7 @@ def compare_reports(a: MetricsReport, b: MetricsReport, names: tuple[str, str] =
         raise ValueError(f"compare reports on one basis, got {a.basis!r} and {b.basis!r}")
     na, nb = names
     key = ["section", "quantity", "group"]
-    left, right = (r.model_stats.replace({"section": RENAMED, "quantity": RENAMED}) for r in (a, b))
+    left, right = (current_names(r.model_stats) for r in (a, b))
     left, right = left.assign(_ia=np.arange(len(left))), right.assign(_ib=np.arange(len(right)))
     df = left.merge(right, on=key, how="outer", suffixes=(f"_{na}", f"_{nb}"), sort=False)
     order = {s: i for i, s in enumerate(dict.fromkeys(list(left["section"]) + list(right["section"])))}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from codi_attn.hub import error_line
 from codi_attn.prepack import linear_kernel, prepack_decoder
 from codi_attn.provenance import fingerprint_files
 from codi_attn.presets import DEMO_DIR, FAMILIES, PRESETS, get_preset
@@ -84,7 +85,8 @@ def check_device(name: str) -> torch.device:
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
+        raise ValueError(f"device {name!r}: codi-attn runs on the CPU or a CUDA GPU; choose auto, cpu, cuda or "
+                         "cuda:N")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
@@ -138,7 +140,7 @@ def resolve_sources(model: str, ckpt: str | None = None, base: str | None = None
 def hub_hint(what: str, source: str, flag: str, why: Exception | str) -> CODILoadError:
     """The error for a hub id that cannot be loaded, `why` an exception or words, saying what to pass instead."""
     if isinstance(why, Exception):
-        why = f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else ''}"
+        why = error_line(why)
     return CODILoadError(f"could not load the {what} {source!r} from the Hugging Face hub ({why}). Without network "
                          f"access, download it elsewhere and pass a local directory instead: {flag} /path/to/dir")
 

@@ -31,7 +31,7 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     model files are only looked for, in the local hub cache for hub ids, and the hub is asked once whether it
     answers where an input needs it) and return the settings the run uses, plus n (None = whole split) and
     n_records. Every problem found is reported at once, one line each naming the parameter, in a SettingsError."""
-    from codi_attn.hub import hub_unreachable, offline_mode
+    from codi_attn.hub import dataset_cached, datasets_offline, hub_unreachable
     from codi_attn.model import (CONFIG_FILE, check_checkpoint, check_device, hub_hint, locate_sources,
                                  resolve_device_dtype, resolve_sources)
 
@@ -125,11 +125,12 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     if split not in SPLITS:
         errors.append(f"--split must be auto or one of {', '.join(SPLITS)}, got {p['split']!r}")
     else:
-        why = out["dataset"] == HUB_NAME and not offline_mode() and hub_unreachable()  # offline mode: the cache
-        if why:
-            errors.append(f"--dataset: the GSM8K {split} split cannot be downloaded ({why}): pass a local copy of "
-                          f"OpenAI's grade-school-math {split}.jsonl, --dataset /path/to/gsm8k/{split}.jsonl (or, "
-                          "with gsm8k in your local Hugging Face cache, set HF_HUB_OFFLINE=1)")
+        hub = out["dataset"] == HUB_NAME and not datasets_offline()  # offline mode: datasets reads its cache
+        why = hub and hub_unreachable()
+        if why and not dataset_cached(HUB_NAME):  # a cached copy: datasets falls back on it
+            errors.append(f"--dataset: the GSM8K {split} split cannot be downloaded ({why}) and no copy is cached: "
+                          f"pass a local copy of OpenAI's grade-school-math {split}.jsonl, --dataset "
+                          f"/path/to/gsm8k/{split}.jsonl")
         else:
             records = check("--dataset", lambda: load_records(out["dataset"], split))
     if records is not None:
@@ -196,14 +197,17 @@ def parse_head_scan(spec: str, errors: list[str]) -> tuple[str, int | None]:
     return ("all", None)
 
 
-def few_problems_note(n_problems: int) -> str | None:
-    """A warning for a run, and each verdict, on fewer than FEW_PROBLEMS problems (None from there on): its
-    bootstrap intervals over problems are too coarse to decide anything."""
+def few_problems_note(n_problems: int, what: str = "") -> str | None:
+    """A warning for a run, and each verdict, on fewer than FEW_PROBLEMS problems (None from there on; `what`
+    names the part of the run they are, e.g. 'half B'): percentile-bootstrap intervals over so few problems are
+    too narrow, covering the truth less often than they say."""
     if n_problems >= FEW_PROBLEMS:
         return None
-    return (f"only {n_problems} problem{'s' * (n_problems != 1)}: a bootstrap over them has "
-            f"{math.comb(2 * n_problems - 1, n_problems):,} distinct resamples, too few for its 95% intervals to "
-            "mean what they say, so the verdicts built on them describe these problems, not the model; sample "
+    distinct = math.comb(2 * n_problems - 1, n_problems) if n_problems else 0
+    return (f"only {n_problems} problem{'s' * (n_problems != 1)}{' in ' + what if what else ''}: percentile-bootstrap "
+            "95% intervals over so few problems are too narrow (they cover the truth less often than 95%"
+            + (f"; these have only {distinct:,} distinct resample{'s' * (distinct != 1)}" if distinct < 1000 else "")
+            + "), so the verdicts built on them describe these problems, not the model; sample "
             f"{FEW_PROBLEMS} or more (--n_problems, default 100) before reading them as findings")
 
 

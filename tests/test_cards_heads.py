@@ -14,7 +14,8 @@ def _report(spearman: dict[str, tuple[float, float, float]], n_problems: int = 1
     rows = [{"metric": m, "effect": e, "spearman": rho, "ci_low": lo, "ci_high": hi, "n_heads": 16}
             for m, (rho, lo, hi) in spearman.items() for e in ("accuracy drop", "logit-diff drop")]
     return CausalReport(effects, pd.DataFrame(), pd.DataFrame(rows), None,
-                        {"kind": "mean", "positions": "thoughts", "n_layers": 4, "n_heads": 4, "n_problems": n_problems})
+                        {"kind": "mean", "positions": "thoughts", "n_layers": 4, "n_heads": 4,
+                         "n_problems": n_problems})
 
 
 RANKED = pd.DataFrame({"label": ["L0H0"], "composite": [0.5]})
@@ -43,9 +44,44 @@ def test_verdict_says_no_metric_predicts_only_when_every_interval_includes_0():
 
 
 def test_a_verdict_on_too_few_problems_opens_with_a_warning():
-    """3 problems give 10 distinct bootstrap resamples: the verdict says so first; 20 problems (FEW_PROBLEMS)
+    """3 problems: the verdict says first that its intervals are too narrow (10 distinct resamples); 20 (FEW_PROBLEMS)
     carry no warning."""
     few = verdict(_report({"composite": (0.08, -0.04, 0.20)}, n_problems=3), RANKED)
-    assert few[0].startswith("**Warning: only 3 problems: a bootstrap over them has 10 distinct resamples, too few")
+    assert few[0].startswith("**Warning: only 3 problems: percentile-bootstrap 95% intervals over so few problems "
+                             "are too narrow (they cover the truth less often than 95%; these have only 10 distinct "
+                             "resamples)")
     assert few[1:] == verdict(_report({"composite": (0.08, -0.04, 0.20)}, n_problems=20), RANKED)
     assert not any("Warning" in line for line in few[1:])
+
+
+def test_the_held_out_verdict_warns_when_half_b_is_small():
+    """30 problems are enough for the scan's verdict, but the held-out test measures on half B's 15: its line is
+    preceded by a warning naming half B; with 40 problems (20 on B) there is none."""
+    import dataclasses
+
+    import numpy as np
+
+    from codi_attn.heads import HeldOut
+
+    summary = pd.DataFrame([{"selection": "causal", "heads": "L0H0", "delta_accuracy": -0.2, "delta_ci_low": -0.3,
+                             "delta_ci_high": -0.1, "random_mean": -0.05, "random_sd": 0.02, "distinct": 5,
+                             "layer_matched": True, "percentile": 100.0}])
+    def lines(n: int) -> list[str]:
+        held = HeldOut(np.arange(n // 2), np.arange(n // 2, n), 1, "mean", "thoughts", pd.DataFrame(), summary, 5)
+        report = dataclasses.replace(_report({"composite": (0.1, -0.2, 0.3)}, n_problems=n), held_out=held)
+        return verdict(report, RANKED)
+
+    few = lines(30)
+    (warning,) = [line for line in few if "Warning" in line]
+    assert warning.startswith("**Warning: only 15 problems in half B, the held-out test's: percentile-bootstrap")
+    assert few.index(warning) == next(i for i, line in enumerate(few) if line.startswith("Selected on half A")) - 1
+    assert not any("Warning" in line for line in lines(40))
+
+
+def test_few_problems_note_from_none_to_one():
+    from codi_attn.settings import few_problems_note
+
+    assert few_problems_note(20) is None and few_problems_note(100) is None
+    assert few_problems_note(1).startswith("only 1 problem: ") and "only 1 distinct resample)" in few_problems_note(1)
+    assert "distinct" not in few_problems_note(10)  # 92,378 resamples: the coverage is the problem, not their count
+    assert few_problems_note(0).startswith("only 0 problems: ")

@@ -47,6 +47,7 @@ def test_metrics_card_shows_trap1_warning_and_criteria():
     assert len(images) >= 6 and all(i["src"].startswith("data:image/png") for i in images)
     text = _texts(parts)
     assert "**Warning:**" in text and "codi-spec trap 1" in text
+    assert "> **Warning:** only 6 problems: percentile-bootstrap 95% intervals" in text  # before the criteria
     assert "Success criteria" in text and "top composite" in text and "criteria pass" in text
 
 

@@ -442,7 +442,7 @@ def test_default_run_is_the_offline_demo(demo_run):
     d = run.data
     start = card_data(run["start"].task)
     assert "DEMO MODEL" in start and "mean,zero,resample" in start and "('mean'" not in start  # as written
-    assert "only 6 problems: a bootstrap over them has 462 distinct resamples" in start  # too few for verdicts
+    assert "only 6 problems: percentile-bootstrap 95% intervals" in start and "only 462 distinct" in start
     assert "only 6 problems" in card_data(run["validate_heads"].task)
     assert d.demo and d.model == "demo" and d.settings["dataset"] == "synthetic"
     assert len(d.problem_ids) == 6 and d.problem_ids[0].startswith("test_")  # held out from the demo's training

@@ -53,8 +53,9 @@ def _jsonl(tmp_path, name, lines):
     ({"model": "bert"}, r"--model: unknown preset 'bert'"),
     ({"ckpt": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
     ({"dtype": "int8"}, r"--dtype: unknown dtype 'int8'"),
-    ({"device": "gpu:x"}, r"^--device: unknown device 'gpu:x'; choose auto, cpu, cuda or cuda:N$"),
-    ({"device": "tpu"}, r"^--device: unknown device 'tpu'; choose auto, cpu, cuda or cuda:N$"),
+    ({"device": "gpu:x"}, r"^--device: device 'gpu:x': codi-attn runs on the CPU or a CUDA GPU; choose auto, cpu, "
+                          r"cuda or cuda:N$"),  # not a torch device
+    ({"device": "mps"}, r"^--device: device 'mps': codi-attn runs on the CPU or a CUDA GPU"),  # torch's, not ours
     ({"n_boot": 0, "heads": False}, r"^--n_boot 0 gives no intervals, and the verdicts of --validate, "
                                     r"--thought_analysis \(critical heads"),
     ({"split": "dev"}, r"^--split must be auto or one of train, test, got 'dev'$"),
@@ -284,6 +285,7 @@ def test_hub_probe_tells_an_answering_hub_from_a_silent_one(closed_port, monkeyp
 
     from codi_attn.hub import hub_unreachable
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # whatever the shell exports
     hub_unreachable.cache_clear()
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501 to HEAD
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -296,35 +298,46 @@ def test_hub_probe_tells_an_answering_hub_from_a_silent_one(closed_port, monkeyp
     assert why.startswith(f"http://127.0.0.1:{closed_port} does not answer: ConnectError")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_unreachable.cache_clear()
-    assert hub_unreachable(f"http://127.0.0.1:{closed_port}") == "HF_HUB_OFFLINE is set"
+    assert hub_unreachable(f"http://127.0.0.1:{closed_port}").startswith("offline mode is set")
     hub_unreachable.cache_clear()
 
 
 def test_offline_start_names_every_hub_input_at_once_without_downloading(closed_port, tmp_path, monkeypatch):
     """--model gpt2 with the hub silent and nothing cached: base, checkpoint and dataset each get their line, and
-    nothing is attempted that would wait out the hub libraries' retries."""
+    nothing is attempted that would wait out the hub libraries' retries. With a copy of gsm8k in the datasets
+    cache, the dataset is loaded as before (datasets falls back on that copy)."""
     import datasets
+    import datasets.config
     from huggingface_hub import constants
 
     from codi_attn.hub import hub_unreachable
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # whatever the shell exports
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the dataset was downloaded"))
     hub_unreachable.cache_clear()
     try:
         with pytest.raises(settings.SettingsError) as err:
             settings.check_settings(_settings("gsm8k"))
+        lines = str(err.value).splitlines()
+        silent = f"http://127.0.0.1:{closed_port} does not answer: ConnectError"
+        assert lines[0].startswith("--base: could not load the base model 'openai-community/gpt2' from the "
+                                   f"Hugging Face hub (not in the local cache, and {silent}")
+        assert lines[0].endswith("pass a local directory instead: --base /path/to/dir")
+        assert lines[1].startswith("--ckpt: could not load the checkpoint 'zen-E/CODI-gpt2'")
+        assert lines[1].endswith("--ckpt /path/to/dir")
+        assert lines[2].startswith(f"--dataset: the GSM8K train split cannot be downloaded ({silent}")
+        assert lines[2].endswith("and no copy is cached: pass a local copy of OpenAI's grade-school-math "
+                                 "train.jsonl, --dataset /path/to/gsm8k/train.jsonl")
+        assert len(lines) == 3
+        (tmp_path / "datasets" / "gsm8k" / "main").mkdir(parents=True)  # a cached copy: datasets is asked
+        monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(OSError("asked")))
+        with pytest.raises(settings.SettingsError) as err:
+            settings.check_settings(_settings("gsm8k"))
+        assert str(err.value).splitlines()[2].startswith("--dataset: could not load the GSM8K train split from the "
+                                                         "Hugging Face hub (OSError: asked)")
     finally:
         hub_unreachable.cache_clear()
-    lines = str(err.value).splitlines()
-    silent = f"http://127.0.0.1:{closed_port} does not answer: ConnectError"
-    assert lines[0].startswith("--base: could not load the base model 'openai-community/gpt2' from the Hugging "
-                               f"Face hub (not in the local cache, and {silent}")
-    assert lines[0].endswith("pass a local directory instead: --base /path/to/dir")
-    assert lines[1].startswith("--ckpt: could not load the checkpoint 'zen-E/CODI-gpt2'")
-    assert lines[1].endswith("--ckpt /path/to/dir")
-    assert lines[2].startswith(f"--dataset: the GSM8K train split cannot be downloaded ({silent}")
-    assert lines[2].endswith("--dataset /path/to/gsm8k/train.jsonl (or, with gsm8k in your local Hugging Face "
-                             "cache, set HF_HUB_OFFLINE=1)")
-    assert len(lines) == 3

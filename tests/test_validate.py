@@ -222,7 +222,7 @@ def test_run_validation_end_to_end_gpt2_mean_thoughts(gpt2_model):
     from cards.validate_card import validate_card, verdict
 
     lines = verdict(result)
-    assert lines[0].startswith("**Warning: only 3 problems: a bootstrap over them has 10 distinct resamples")
+    assert lines[0].startswith("**Warning: only 3 problems: percentile-bootstrap 95% intervals over so few")
     assert "bit for bit" in lines[1] and any("Ablating the top-2 heads by composite score" in line for line in lines)
     rendered = [c.render() for c in validate_card(result)]
     images = [r for r in rendered if r["type"] == "image"]

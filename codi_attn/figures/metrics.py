@@ -173,7 +173,7 @@ def hub_analysis(report: MetricsReport) -> Figure:
     bx.set_title("incoming attention from thoughts i >= j+2", fontsize=10)
     bx.set_xlabel("key thought j")
     bx.set_ylabel("mean attention")
-    bx.set_ylim(0, np.nanmax(q[["observed_hi", "baseline"]].to_numpy(float), initial=0) * 1.3)  # legend room
+    bx.set_ylim(0, np.nanmax(q[["observed", "observed_hi", "baseline"]].to_numpy(float), initial=0) * 1.3)  # legend
     bx.legend(fontsize=8, loc="upper right")
     colors = ["#d62728" if h else (MODEL_COLORS[0] if e else "#c7c7c7") for h, e in zip(q["is_hub"], q["eligible"])]
     err = np.abs(np.vstack([q["lift"] - q["lift_lo"], q["lift_hi"] - q["lift"]]))
