@@ -79,18 +79,6 @@ MIN_HUB_ROWS = 3
 DIFFUSE_ENTROPY = 0.9
 HIGH_COMPOSITE = 0.7
 RENAMED = {"critical heads": "high-composite heads", "critical fraction": "high-composite fraction"}  # older runs'
-
-
-def current_names(stats: pd.DataFrame) -> pd.DataFrame:
-    """Model stats (or a comparison of them) with the names older runs used (RENAMED) in today's; attrs kept."""
-    out = stats.replace({"section": RENAMED, "quantity": RENAMED})
-    out.attrs = dict(stats.attrs)
-    return out
-
-
-def high_composite(ranked: pd.DataFrame) -> pd.DataFrame:
-    """The ranked heads with composite > HIGH_COMPOSITE (the design's "critical"), best first."""
-    return ranked[ranked["composite"] > HIGH_COMPOSITE]
 STRONG_ENTRY = 0.4
 TOP_K = 10
 BOTTOM_K = 50
@@ -122,6 +110,18 @@ CRITERIA = (
 def top_k(n_heads: int) -> int:
     """How many heads count as 'top': TOP_K, capped at half the heads (at least 1)."""
     return min(TOP_K, max(1, n_heads // 2))
+
+
+def current_names(stats: pd.DataFrame) -> pd.DataFrame:
+    """Model stats (or a comparison of them) with the names older runs used (RENAMED) in today's; attrs kept."""
+    out = stats.replace({"section": RENAMED, "quantity": RENAMED})
+    out.attrs = dict(stats.attrs)
+    return out
+
+
+def high_composite(ranked: pd.DataFrame) -> pd.DataFrame:
+    """The ranked heads with composite > HIGH_COMPOSITE (the design's "critical"), best first."""
+    return ranked[ranked["composite"] > HIGH_COMPOSITE]
 
 
 def layer_band(layer: int, n_layers: int) -> str:

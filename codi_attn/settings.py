@@ -112,10 +112,11 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
             if found and found["base"] and found["ckpt"]:  # keys and shapes from the file's header
                 check("--model/--ckpt/--base", lambda: check_checkpoint(
                     p["model"], found["base"][CONFIG_FILE].parent, next(iter(found["ckpt"].values()))))
-            for what, flag, source in (("base model", "--base", sources[0]), ("checkpoint", "--ckpt", sources[1])):
-                why = found and found[flag[2:]] is None and hub_unreachable()  # a hub id the local cache lacks
+            for key, what, source in (("base", "base model", sources[0]), ("ckpt", "checkpoint", sources[1])):
+                why = found and found[key] is None and hub_unreachable()  # a hub id the local cache lacks
                 if why:
-                    errors.append(f"{flag}: {hub_hint(what, source, flag, f'not in the local cache, and {why}')}")
+                    error = hub_hint(what, source, f"--{key}", f"not in the local cache, and {why}")
+                    errors.append(f"--{key}: {error}")
             if found and found["base"] and p["heads"]:
                 error = head_scan_error(out["head_scan"], found["base"][CONFIG_FILE].read_text(encoding="utf-8"))
                 errors += [error] if error else []
@@ -125,8 +126,7 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
     if split not in SPLITS:
         errors.append(f"--split must be auto or one of {', '.join(SPLITS)}, got {p['split']!r}")
     else:
-        hub = out["dataset"] == HUB_NAME and not datasets_offline()  # offline mode: datasets reads its cache
-        why = hub and hub_unreachable()
+        why = out["dataset"] == HUB_NAME and not datasets_offline() and hub_unreachable()  # offline: the cache
         if why and not dataset_cached(HUB_NAME):  # a cached copy: datasets falls back on it
             errors.append(f"--dataset: the GSM8K {split} split cannot be downloaded ({why}) and no copy is cached: "
                           f"pass a local copy of OpenAI's grade-school-math {split}.jsonl, --dataset "
