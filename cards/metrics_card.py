@@ -78,7 +78,8 @@ def top_heads_frame(report: MetricsReport, k: int | None = None) -> pd.DataFrame
         "hub": [with_ci(*r) for r in top[["hub", "hub_lo", "hub_hi"]].to_numpy()],
         "hub position": [thought_name(int(j) + 1) for j in top["hub_position"]],
         "skip": [with_ci(*r) for r in top[["skip", "skip_lo", "skip_hi"]].to_numpy()],
-        "hub lift (at)": [f"{v:.2f} ({thought_name(int(j) + 1)})" for v, j in zip(top["hub_lift"], top["hub_lift_position"])],
+        "hub lift (at)": [f"{v:.2f} ({thought_name(int(j) + 1)})"
+                          for v, j in zip(top["hub_lift"], top["hub_lift_position"])],
         retention.replace("_", " "): top[retention],
     })
 
@@ -117,7 +118,8 @@ def metrics_card(report: MetricsReport) -> list:
               image(metric_figures.top_heads_overview(report)),
               table(top_heads_frame(report)),
               image(metric_figures.top_heads_heatmaps(report)),
-              Markdown("## Per head"), image(metric_figures.layer_head_maps(report)), image(metric_figures.type_map(report)),
+              Markdown("## Per head"), image(metric_figures.layer_head_maps(report)),
+              image(metric_figures.type_map(report)),
               Markdown(f"## {'High-composite' if len(high) else 'Top'} heads in detail")]
     parts += [image(metric_figures.head_detail(report, label)) for label in report.detail_heads()]
     parts += [Markdown("## Baselines, stability, model-level quantities"),

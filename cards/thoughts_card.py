@@ -52,7 +52,8 @@ def thoughts_card(report: ThoughtReport) -> list:
             "selectivity on A": [_points(v) for v in best["selectivity_a"]],
             "accuracy on B": [f"{_pct(a)} [{_pct(lo)}, {_pct(hi)}]" for a, lo, hi in
                               zip(best["accuracy_b"], best["ci_low_b"], best["ci_high_b"])],
-            "control on B": [_pct(v) for v in best["control_b"]], "permuted on B": [_pct(v) for v in best["permuted_b"]],
+            "control on B": [_pct(v) for v in best["control_b"]],
+            "permuted on B": [_pct(v) for v in best["permuted_b"]],
             "majority on B": [_pct(v) for v in best["majority_b"]], "classes": best["classes"],
             "n (B)": [f"{n} ({b})" for n, b in zip(best["n"], best["n_b"])], "decodable": best["decodable"]})
         parts.append(table(shown))

@@ -111,7 +111,8 @@ class HeadScan:
             })
         df = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
         n_model = self.settings.get("n_layers", 0) * self.settings.get("n_heads", 0)
-        df["q_value"] = df.groupby(["kind", "positions"])["p_value"].transform(lambda p: fdr_over(p.to_numpy(), n_model))
+        df["q_value"] = df.groupby(["kind", "positions"])["p_value"].transform(
+            lambda p: fdr_over(p.to_numpy(), n_model))
         df["critical"] = (df["q_value"] < FDR) & (df["delta_accuracy"] <= -CRITICAL_DROP)
         return df
 

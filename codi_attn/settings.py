@@ -76,7 +76,8 @@ def check_settings(p: dict, flow_name: str = "AttentionFlow") -> dict:
                           f"{p['head_positions']!r}")
         if kinds == ("resample",) and "thoughts" not in where:
             errors.append("--head_kinds resample is defined at the thought positions only, and --head_positions "
-                          f"{p['head_positions']!r} leaves the scan nothing to run: add thoughts, or a mean / zero kind")
+                          f"{p['head_positions']!r} leaves the scan nothing to run: add thoughts, or a mean / "
+                          "zero kind")
         elif kinds[:1] == ("resample",) and where[:1] == ("all",):
             errors.append(f"--head_kinds {p['head_kinds']!r} with --head_positions {p['head_positions']!r}: the "
                           "verdict, the critical heads and the held-out test take the first kind at the first "

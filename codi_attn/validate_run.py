@@ -89,7 +89,8 @@ def measure(cond: Condition, ex: Outcome, base: Outcome, idx: np.ndarray) -> dic
     compared = ~np.isnan(kl)
     return {
         "condition": cond.name, "group": cond.group,
-        "heads": " ".join(head_label(*h) for h in cond.heads), "blocked": " ".join(thought_name(j) for j in cond.blocked),
+        "heads": " ".join(head_label(*h) for h in cond.heads),
+        "blocked": " ".join(thought_name(j) for j in cond.blocked),
         "accuracy": float(correct.mean()), "ci_low": lo, "ci_high": hi,
         "delta_accuracy": float(delta.mean()), "delta_ci_low": delta_lo, "delta_ci_high": delta_hi,
         "answers_changed": float(answers_changed(base.prediction, ex.prediction).mean()),

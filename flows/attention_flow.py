@@ -122,7 +122,8 @@ class AttentionFlow(FlowSpec):
     batch_size = Parameter("batch_size", default=16, type=int, help="Problems per forward batch.")
     max_new_tokens = Parameter("max_new_tokens", default=256, type=int,
                                help="Greedy decoding budget per answer (the official evaluation uses 256).")
-    device = Parameter("device", default="auto", type=str, help="Torch device: auto (cuda if present), cpu, cuda, cuda:1.")
+    device = Parameter("device", default="auto", type=str,
+                       help="Torch device: auto (cuda if present), cpu, cuda, cuda:1.")
     dtype = Parameter("dtype", default="auto", type=str,
                       help="Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
     max_failed_fraction = Parameter("max_failed_fraction", default=0.1, type=float,
@@ -403,8 +404,8 @@ class AttentionFlow(FlowSpec):
                                               "dataset_fingerprint", "shards"])
         shards = sorted(inputs, key=lambda inp: inp.shard_index)
         try:  # every shard read the files the run started with (or, for a hub id start could not find, the same)
-            self.provenance = pin_files(shards[0].provenance, [(f"shard {s.shard_index + 1}", s.model_info["source"]["files"])
-                                                               for s in shards])
+            shard_files = [(f"shard {s.shard_index + 1}", s.model_info["source"]["files"]) for s in shards]
+            self.provenance = pin_files(shards[0].provenance, shard_files)
         except ProvenanceError as e:
             raise CannotContinue(str(e)) from None
         self.model_info = shards[0].model_info

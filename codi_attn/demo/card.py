@@ -42,8 +42,8 @@ def write_card(out: Path, m: dict) -> None:
     swap_line = ""
     if t.get("swap") is not None:
         drop = t["prj"] - t["swap"]
-        swap_line = (f"Feeding each problem the six thoughts that another problem with as many operations computed costs "
-                     f"{100 * drop:.1f} points: the thoughts carry "
+        swap_line = ("Feeding each problem the six thoughts that another problem with as many operations computed "
+                     f"costs {100 * drop:.1f} points: the thoughts carry "
                      + ("little problem-specific information; the answer comes mostly from reading the question "
                         "again while decoding." if drop < 0.05 else "problem-specific information."))
     thoughts_section = ""

@@ -78,4 +78,5 @@ def blocking_figure(result: ValidationResult) -> Figure:
     """Each thought blocked (later queries give its key zero weight), all six, and the latent swap."""
     return condition_figure(result, ("blocking", "latent swap"),
                             "Blocking thoughts (a blocked thought's key gets zero weight from every later query)\n"
-                            "and swapping them (each problem fed the six thoughts of another problem with as many solution steps)")
+                            "and swapping them (each problem fed the six thoughts of another problem with as many "
+                            "solution steps)")
