@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights the library loads by default (for before/after comparisons)")
     p.add_argument("--skip-reference", action="store_true",
                    help="skip (a) and the check (speedup is then null): for whole-split memory/throughput runs")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, run (c) once more under torch.profiler and report where its time "
+                        "goes: prefill, thought steps, decode steps, LM head and the rest, each split into linear "
+                        "layers, attention (with the cache writes) and other, with GFLOP/s and GB/s where they apply "
+                        "(the profiled run is slower than the timed ones; compare shares, not seconds)")
     return p
 
 
@@ -351,8 +356,10 @@ def flop_terms(model) -> dict:
                  for t in (*layer.parameters(), *layer.buffers()) if t.dim() == 2)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // model.n_heads
     prj = sum(p.numel() for p in model.prj.parameters() if p.dim() == 2)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or model.n_heads
     return {"linear_params": linear, "layers": model.n_layers, "d_q": model.n_heads * head_dim,
-            "d": cfg.hidden_size, "vocab_rows": model.lm.get_output_embeddings().weight.shape[0], "prj_params": prj}
+            "d_kv": kv_heads * head_dim, "d": cfg.hidden_size,
+            "vocab_rows": model.lm.get_output_embeddings().weight.shape[0], "prj_params": prj}
 
 
 def problem_flops(terms: dict, prompt: int, generated: int) -> float:
@@ -460,6 +467,131 @@ def project_extract(model, questions: list[str], batch_size: int, max_new_tokens
         del ex
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros((0,)))
     return {"attention": cat(kept_attention), "mass": cat(kept_mass), "n": checked}
+
+
+# ------------------------------------------------------------------------------------------- profile
+PHASES = ("prefill", "thoughts", "decode", "lm head", "rest")  # rest: all else (capture, prj's glue, argmax, ...)
+PARTS = ("linear", "attention", "other")
+LINEAR_OPS = frozenset({"mkldnn::_linear_pointwise", "aten::linear", "aten::addmm"})  # prepacked, Linear, Conv1D
+RANGE = "codi::"
+
+
+@contextlib.contextmanager
+def profiler_ranges(model):
+    """Label the runner's work for torch.profiler: codi::<phase> around each prefill, thought and decode forward
+    (the thoughts' prj included) and the LM head, codi::attention around every layer's attention module."""
+    from torch.profiler import record_function
+
+    from codi_attn.runner import PaddedBatch, layer_module
+
+    prefill, forward, opened, handles = PaddedBatch.prefill, PaddedBatch.forward, [], []
+
+    def labelled_prefill(self, *args, **kwargs):
+        with record_function(RANGE + "prefill"):
+            return prefill(self, *args, **kwargs)
+
+    def labelled_forward(self, embeds, phase):
+        with record_function(RANGE + ("thoughts" if phase.startswith("thought") else "decode")):
+            return forward(self, embeds, phase)
+
+    modules = [(model.lm.get_output_embeddings(), "lm head"), (model.prj, "thoughts"),
+               *((layer_module(model, "attn", layer), "attention") for layer in range(model.n_layers))]
+    for module, name in modules:
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, name=name: opened.append(record_function(RANGE + name).__enter__())))
+        handles.append(module.register_forward_hook(lambda m, args, out: opened.pop().__exit__(None, None, None)))
+    PaddedBatch.prefill, PaddedBatch.forward = labelled_prefill, labelled_forward
+    try:
+        yield
+    finally:
+        PaddedBatch.prefill, PaddedBatch.forward = prefill, forward
+        for handle in handles:
+            handle.remove()
+
+
+def classify(event) -> tuple[str, str]:
+    """(phase, part) of one profiler event: its nearest enclosing codi:: phase (rest outside them); linear if it
+    is or runs inside a linear kernel, attention if inside an attention module, other otherwise."""
+    chain = []
+    while event is not None:
+        chain.append(event.name)
+        event = event.cpu_parent
+    phase = next((name[len(RANGE):] for name in chain if name[len(RANGE):] in PHASES), "rest")
+    part = ("linear" if LINEAR_OPS.intersection(chain) else
+            "attention" if RANGE + "attention" in chain else "other")
+    return phase, part
+
+
+def phase_work(terms: dict, prompt: Sequence[int], generated: Sequence[int], batches: int,
+               bytes_per_value: int) -> dict[tuple[str, str], dict[str, float]]:
+    """Useful GFLOP per (phase, part), the terms of problem_flops split by phase, and for the one-position steps the
+    GB they must read: the decoder's linear weights once per forward of a batch (each batch taken to decode as far as
+    the longest row), each row's visible keys and values once per step (d_kv = key/value heads x head dim). The
+    GFLOP sum to problem_flops over the problems (G >= 1: the EOT forward is decode step 1)."""
+    p, layers, d_q, d_kv = terms["linear_params"], terms["layers"], terms["d_q"], terms["d_kv"]
+    work: dict[tuple[str, str], dict[str, float]] = {}
+
+    def add(phase: str, part: str, flops: float, gb: float = 0.0) -> None:
+        entry = work.setdefault((phase, part), {"gflop": 0.0, "gb": 0.0})
+        entry["gflop"] += flops / 1e9
+        entry["gb"] += gb / 1e9
+
+    for t, g in zip(prompt, generated):
+        add("prefill", "linear", 2 * p * t)
+        add("prefill", "attention", 4 * layers * d_q * t * (t + 1) / 2)
+        add("thoughts", "linear", 2 * p * N_THOUGHTS + N_THOUGHTS * 2 * terms["prj_params"])
+        for phase, steps in (("thoughts", range(1, N_THOUGHTS + 1)),
+                             ("decode", range(N_THOUGHTS + 1, N_THOUGHTS + g + 1))):
+            keys = sum(t + k for k in steps)
+            add(phase, "attention", 4 * layers * d_q * keys, 2 * layers * d_kv * keys * bytes_per_value)
+        add("decode", "linear", 2 * p * g)
+        add("lm head", "linear", g * 2 * terms["d"] * terms["vocab_rows"])
+    longest = max(generated, default=0)
+    add("thoughts", "linear", 0, batches * N_THOUGHTS * p * bytes_per_value)
+    add("decode", "linear", 0, batches * longest * p * bytes_per_value)
+    return work
+
+
+def profile_project(model, questions: list[str], batch_size: int, max_new_tokens: int, shard_size: int,
+                    work: dict, peak_gflops: float) -> dict:
+    """(c) once more under torch.profiler: seconds, share, GFLOP/s (and % of the peak) and GB/s per phase and part;
+    the parts' seconds sum to the profiled run's (every op's self time counted once)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profiler_ranges(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        with record_function(RANGE + "rest"):
+            project_extract(model, questions, batch_size, max_new_tokens, shard_size)
+        wall = time.perf_counter() - start
+    seconds: dict[tuple[str, str], float] = {}
+    for event in prof.events():
+        key = classify(event)
+        seconds[key] = seconds.get(key, 0.0) + event.self_cpu_time_total / 1e6
+    total = sum(seconds.values())
+    rows = []
+    for phase in PHASES:
+        for part in PARTS:
+            s = seconds.get((phase, part), 0.0)
+            w = work.get((phase, part), {"gflop": 0.0, "gb": 0.0})
+            if not s and not w["gflop"]:
+                continue
+            rate = w["gflop"] / s if s and w["gflop"] else None
+            rows.append({"phase": phase, "part": part, "seconds": round(s, 4), "share": s / total,
+                         "gflop": w["gflop"], "gflops": rate,
+                         "fraction_of_peak": rate / peak_gflops if rate else None,
+                         "gb_per_s": w["gb"] / s if s and w["gb"] else None})
+    return {"wall_s": wall, "events_s": total, "rows": rows}
+
+
+def profile_lines(profile: dict) -> list[str]:
+    """The profile as a table for the summary."""
+    lines = [f"  profile of one more (c) run: {profile['wall_s']:.2f} s under the profiler "
+             "(phase / part: seconds, share, GFLOP/s and % of peak, GB/s)"]
+    for r in profile["rows"]:
+        rate = "" if r["gflops"] is None else f"{r['gflops']:8.1f} GFLOP/s ({r['fraction_of_peak']:.0%})"
+        gb = "" if r["gb_per_s"] is None else f"  {r['gb_per_s']:5.1f} GB/s"
+        lines.append(f"    {r['phase']:<9} {r['part']:<10} {r['seconds']:7.3f} s {r['share']:6.1%}  {rate}{gb}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -640,6 +772,11 @@ def run(args: argparse.Namespace) -> dict:
         "achieved_fraction_of_peak": flops / t_c / 1e9 / peak,
         "whole_train_split_estimate_s": 7473 / (n / t_c),
     })
+    if args.profile:
+        batches = sum(-(-len(questions[s: s + args.shard_size]) // best) for s in range(0, n, args.shard_size))
+        work = phase_work(terms, prompt.tolist(), gen_counts.tolist(), batches, torch.finfo(dtype).bits // 8)
+        result["profile"] = profile_project(model, questions, best, args.max_new_tokens, args.shard_size, work, peak)
+        log(f"profiled (c) run: {result['profile']['wall_s']:.2f} s")
     result["memory"] = memory.phases
     result["peak_rss_mb"] = round(max([Memory.lifetime_peak_mb()] + [p["peak_rss_mb"] for p in memory.phases.values()]),
                                   1)
@@ -677,6 +814,8 @@ def summary(res: dict) -> str:
         f"({f('achieved_fraction_of_peak_cpu_time', '{:.0%}')})",
         f"  load average start/end {res.get('load_avg_start_end')}",
     ]
+    if "profile" in res:
+        lines += profile_lines(res["profile"])
     if "agreement" in res:
         a = res["agreement"]
         lines.append(f"  check (a) vs (c)     {'ok' if a['ok'] else 'MISMATCH'}: max |diff| attention "

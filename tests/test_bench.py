@@ -80,12 +80,51 @@ def test_reference_mismatch_is_caught(bench, tmp_path, monkeypatch, args):
     assert res["agreement"]["ok"] is False and "project_problems_per_s" not in res
 
 
+def test_profile_accounts_for_the_run_and_splits_its_work(bench, tmp_path, args):
+    """--profile: every op's self time counted once (the rows sum to the profiled ops and fit in the run's wall
+    time), every phase of the runner found, and the GFLOP per phase summing to the FLOP count of the whole run."""
+    out = tmp_path / "profile.json"
+    assert bench.main(args(out, "--skip-reference", "--profile")) == 0
+    res = json.loads(out.read_text())
+    prof, n = res["profile"], res["n_problems"]
+    rows = {(r["phase"], r["part"]): r for r in prof["rows"]}
+    assert sum(r["seconds"] for r in prof["rows"]) == pytest.approx(prof["events_s"], abs=1e-3)
+    assert 0.5 * prof["wall_s"] < prof["events_s"] <= prof["wall_s"] * 1.001
+    for key in (("prefill", "linear"), ("prefill", "attention"), ("thoughts", "linear"), ("thoughts", "attention"),
+                ("decode", "linear"), ("decode", "attention"), ("lm head", "linear")):
+        assert rows[key]["seconds"] > 0 and rows[key]["gflop"] > 0, key
+    assert sum(r["gflop"] for r in prof["rows"]) == pytest.approx(res["flops_per_problem_mean"] * n / 1e9, rel=1e-3)
+    assert rows[("thoughts", "attention")]["gb_per_s"] > 0 and rows[("prefill", "linear")]["gb_per_s"] is None
+
+
+def test_profile_classifies_ops_by_their_ranges(bench):
+    """An op's phase is its nearest codi:: phase range; its part linear inside a linear kernel (the LM head's
+    mm under aten::linear), attention inside an attention module (but a projection there is linear), else
+    other."""
+    from types import SimpleNamespace
+
+    def chain(*names):  # outermost first; the event is the last
+        event = None
+        for name in names:
+            event = SimpleNamespace(name=name, cpu_parent=event)
+        return event
+
+    assert bench.classify(chain("codi::rest", "codi::prefill", "codi::attention", "aten::_softmax")) == (
+        "prefill", "attention")
+    assert bench.classify(chain("codi::rest", "codi::thoughts", "codi::attention", "mkldnn::_linear_pointwise")) == (
+        "thoughts", "linear")
+    assert bench.classify(chain("codi::rest", "codi::lm head", "aten::linear", "aten::mm")) == ("lm head", "linear")
+    assert bench.classify(chain("codi::rest", "codi::decode", "aten::native_layer_norm")) == ("decode", "other")
+    assert bench.classify(chain("codi::rest", "aten::argmax")) == ("rest", "other")
+    assert bench.classify(chain("aten::empty")) == ("rest", "other")
+
+
 def test_help_names_every_option(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     text = capsys.readouterr().out
     for option in ("--shape", "--n-problems", "--batch-size", "--max-new-tokens", "--device", "--dtype", "--json",
-                   "--gsm8k", "--reference-problems"):
+                   "--gsm8k", "--reference-problems", "--profile"):
         assert option in text
 
 
