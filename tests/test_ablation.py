@@ -248,3 +248,28 @@ def test_mean_ablation_at_thoughts_equals_an_independent_pre_hook(demo_unpacked,
                 handle.remove()
             assert hooked.text == by_hand.text, f"L{layer}H{head}"
             np.testing.assert_array_equal(hooked.attention, by_hand.attention)
+
+
+def test_heads_outside_the_model_and_mismatched_inputs_are_rejected(gpt2_model):
+    """A negative index would silently ablate a head counted from the end, one past the last an IndexError mid-run;
+    mean tables need 1 or 6 slots (any other count would be read as pooled); resample needs a partner per
+    problem."""
+    m = gpt2_model
+    for head in ((0, -1), (-1, 0), (0, m.n_heads)):
+        with pytest.raises(ValueError, match=r"outside the model's \d+ layers x \d+ heads"):
+            AblateHeads(m, [head])
+    shape = (m.n_layers, m.n_heads, head_dim(m))
+    with pytest.raises(ValueError, match=r"mean ablation needs means \[1 or 6, "):
+        AblateHeads(m, [(0, 0)], "mean", means=np.zeros((3, *shape), np.float32))
+    with pytest.raises(ValueError, match="2 partners for the inputs of 3 problems"):
+        AblateHeads(m, [(0, 0)], "resample", inputs=np.zeros((3, N_THOUGHTS, *shape), np.float32),
+                    partners=[1, 0])
+
+
+def test_head_inputs_of_some_layers_leave_the_others_zero(gpt2_model):
+    """HeadInputs(layers=[1]) records layer 1 as the full recording does, and nothing of the other layers."""
+    every, some = HeadInputs(gpt2_model, len(QUESTIONS)), HeadInputs(gpt2_model, len(QUESTIONS), layers=[1])
+    Runner(gpt2_model, batch_size=2, max_new_tokens=1).run(QUESTIONS, [every, some])
+    np.testing.assert_array_equal(some.inputs[:, :, 1], every.inputs[:, :, 1])
+    others = [layer for layer in range(gpt2_model.n_layers) if layer != 1]
+    assert not some.inputs[:, :, others].any() and every.inputs[:, :, others].any()

@@ -228,3 +228,30 @@ def test_answer_shift_compares_only_where_the_context_is_the_baselines(gpt2_mode
     np.testing.assert_allclose(same.kl, 0.0, atol=1e-9)
     rows = np.arange(len(QUESTIONS))
     np.testing.assert_allclose(same.logit_diff, base.logits[rows, answer] - base.logits[rows, runner_up], atol=1e-5)
+
+
+def test_answer_logits_ignore_what_a_row_computes_after_its_stop(gpt2_model):
+    """A row that has stopped still runs in the batch, but what it 'decodes' afterwards is not its text: problem 0
+    stops at token 0, then every row is steered to a digit at step 1; problem 0 gets no answer token (step -1,
+    nan logits) from the number detection nor from a given step, the others get step 1 with the digit's logits."""
+    stop = gpt2_model.stop_ids[0]
+    word, digit = (gpt2_model.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" clips", "7"))
+    numbers = number_tokens(gpt2_model)
+    assert not numbers[word] and numbers[digit] and not numbers[stop]
+
+    def steer(v, p, b):
+        v = v.clone()
+        if p.step == 0:
+            v[:, word] = 1e9
+            v[[list(b.rows).index(0)] if 0 in b.rows else [], stop] = 2e9
+        else:
+            v[:, digit] = 1e9
+        return v
+
+    found = AnswerLogits(len(QUESTIONS), numbers=numbers)
+    given = AnswerLogits(len(QUESTIONS), steps=np.full(len(QUESTIONS), 1))
+    gen = Runner(gpt2_model, batch_size=4, max_new_tokens=3).run(QUESTIONS, [("decode.*.logits", steer), found, given])
+    assert gen.tokens[0].tolist() == [stop, -1, -1] and (gen.tokens[1:, :2] == [word, digit]).all()
+    for hook in (found, given):
+        assert hook.step.tolist() == [-1, 1, 1, 1]
+        assert np.isnan(hook.logits[0]).all() and (hook.logits[1:].argmax(-1) == digit).all()

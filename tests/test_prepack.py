@@ -118,3 +118,26 @@ def test_copying_or_casting_a_packed_model_says_what_to_do_instead(gpt2_model):
     layer.to("cpu").float()  # no-op moves are fine
     with pytest.raises(RuntimeError, match="cannot be copied, moved or cast"):
         layer.to(torch.bfloat16)
+
+
+class _SaturatingSiLU(nn.Module):
+    """SiLU up to x ~ 1.8, capped at 1.5 beyond: what oneDNN's swish computes only near zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x).clamp(max=1.5)
+
+
+def test_an_activation_that_agrees_with_a_post_op_only_near_zero_is_not_fused():
+    """The numeric check covers the range pre-activations reach (several units), not just around zero."""
+    assert onednn_activation(_SaturatingSiLU()) is None
+    mlp = MLP(_SaturatingSiLU())
+    assert prepack_linear_layers(mlp, ("c_fc", "act")) == (2, 0) and isinstance(mlp.act, _SaturatingSiLU)
+
+
+def test_every_failed_move_of_a_packed_layer_says_what_to_do_instead():
+    """Whatever PyTorch raises for the opaque packed tensor (NotImplementedError for another dtype or the meta
+    device, AssertionError or RuntimeError for a GPU, as the build has one or not), the caller gets the advice."""
+    layer = packed(nn.Linear(8, 4))
+    for move in (lambda: layer.double(), lambda: layer.to("meta"), lambda: layer.cuda()):
+        with pytest.raises(RuntimeError, match="cannot be copied, moved or cast"):
+            move()

@@ -523,3 +523,141 @@ def test_stacked_conditions_equal_one_at_a_time(any_model):
     assert not np.allclose(together[1][1].hidden, together[0][0].hidden)  # the blocking acted on its rows only
     with pytest.raises(ValueError, match="stack"):
         Runner(any_model, stack=0)
+
+
+def test_greedy_steps_feed_every_token_but_the_last():
+    """greedy_steps without per-row limits (the demo model's evaluation calls it so): `budget` tokens take
+    budget - 1 feeds, the EOT id never wins the argmax, a row is -1 after its stop token (kept) and the loop ends
+    when every row has stopped. The logits are a script: step t prefers token t % 3, EOT highest of all."""
+    from codi_attn.runner import greedy_steps
+
+    eot, stop = 4, 2
+
+    def script(t: int) -> torch.Tensor:
+        logits = torch.zeros(2, 5)
+        logits[:, eot] = 10.0
+        logits[0, t % 3] = logits[1, (t + 1) % 2] = 1.0  # row 0: 0 1 2(stop); row 1: 1 0 1 0
+        return logits
+
+    fed = []
+
+    def feed(token, t):
+        fed.append((t, token.tolist()))
+        return script(t)
+
+    out = greedy_steps(script(0), feed, 4, stop_ids=[9], eot_id=eot)
+    assert out.tolist() == [[0, 1, 2, 0], [1, 0, 1, 0]] and [t for t, _ in fed] == [1, 2, 3]
+    fed.clear()
+    out = greedy_steps(script(0), feed, 4, stop_ids=[stop], eot_id=eot)
+    assert out.tolist() == [[0, 1, 2, -1], [1, 0, 1, 0]] and [t for t, _ in fed] == [1, 2, 3]
+    fed.clear()
+    out = greedy_steps(script(2), feed, 4, stop_ids=[stop, 1], eot_id=eot)  # both rows stop at step 0
+    assert out.tolist() == [[2, -1, -1, -1], [1, -1, -1, -1]] and fed == []
+
+
+def test_a_replacement_is_cast_to_the_points_dtype(gpt2_model):
+    """A hook may return another dtype: the next hook and the model get the point's dtype (float32 thoughts,
+    int64 tokens), and the run equals one whose hooks returned that dtype in the first place."""
+    seen = []
+    runner = Runner(gpt2_model, batch_size=2, max_new_tokens=3)
+    plain = runner.run(QUESTIONS[:2])
+    cast = runner.run(QUESTIONS[:2], [("thought.2.z", lambda v, p, b: v.double()),
+                                      ("thought.2.z", lambda v, p, b: seen.append(v.dtype)),
+                                      ("decode.1.token", lambda v, p, b: v.int()),
+                                      ("decode.1.token", lambda v, p, b: seen.append(v.dtype))])
+    assert seen == [torch.float32, torch.int64]
+    np.testing.assert_array_equal(cast.tokens, plain.tokens)
+
+
+def test_a_bot_state_hook_shares_the_prefill_and_stays_in_its_condition(gpt2_model, monkeypatch):
+    """The `prefill` point (the final hidden state at BOT) is read after the prefill: a condition hooking only it
+    shares the batch's prefill, and its replacement reaches neither the shared cache nor the next condition."""
+    calls = []
+    original = PaddedBatch.prefill
+
+    def counting(self, *args):
+        calls.append(len(self))
+        return original(self, *args)
+
+    monkeypatch.setattr(PaddedBatch, "prefill", counting)
+    runner = Runner(gpt2_model, batch_size=2, max_new_tokens=2)
+    plain = runner.run(QUESTIONS)
+    calls.clear()
+    zeroed, after = runner.run_conditions(QUESTIONS, [[("prefill", lambda v, p, b: torch.zeros_like(v))], []])
+    assert calls == [2, 2]  # two batches, one prefill each
+    np.testing.assert_array_equal(after.tokens, plain.tokens)
+    assert not np.array_equal(zeroed.tokens, plain.tokens)
+
+
+def test_batches_hold_problems_sorted_by_length(gpt2_model):
+    """Batches take the problems in order of their prompt length (least padding), batch_size at a time, each
+    problem once."""
+    questions = [QUESTIONS[k] for k in (3, 0, 2, 1)] + ["How many?"]
+    lengths = [len(t) for t in tokenize_questions(gpt2_model, questions)]
+    batches = Runner(gpt2_model, batch_size=2, max_new_tokens=1).batches(questions)
+    rows = [k for batch_rows, _ in batches for k in batch_rows]
+    assert [len(r) for r, _ in batches] == [2, 2, 1] and sorted(rows) == list(range(len(questions)))
+    assert [lengths[k] for k in rows] == sorted(lengths)
+    assert all(ids == [tokenize_questions(gpt2_model, [questions[k]])[0] for k in r] for r, ids in batches)
+
+
+def test_stacked_conditions_keep_their_own_layer_hooks(gpt2_model):
+    """Stacked with conditions that have none, a condition's layer hooks (head ablation at the thoughts' head_in:
+    no prefill hook, so it shares the stacked forward) act on its own rows: each condition's tokens and thoughts
+    equal its run on its own."""
+    from codi_attn.ablation import AblateHeads
+    from codi_attn.hooks import RecordThoughts
+
+    def conditions():
+        return [[RecordThoughts(4)], [AblateHeads(gpt2_model, [(0, 0), (1, 1)], "zero"), RecordThoughts(4)],
+                [RecordThoughts(4)]]
+
+    alone, together = conditions(), conditions()
+    one = Runner(gpt2_model, 4, 3).run_conditions(QUESTIONS, alone)
+    stacked = Runner(gpt2_model, 4, 3, stack=3).run_conditions(QUESTIONS, together)
+    for a, b, ha, hb in zip(one, stacked, alone, together, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(ha[-1].z, hb[-1].z, atol=1e-5)
+    assert not np.allclose(alone[1][-1].z[:, 1:], alone[0][-1].z[:, 1:], atol=1e-3)  # the ablation acts
+
+
+def test_logits_points_are_float32_on_a_bfloat16_model(tiny_gpt2):
+    """decode.{t}.logits are float32 whatever the model's dtype (documented shape and dtype), EOT at -inf."""
+    from codi_attn.model import load_codi
+
+    model = load_codi("gpt2", base=str(tiny_gpt2[0]), ckpt=str(tiny_gpt2[1]), device="cpu", dtype="bfloat16")
+    seen = []
+    Runner(model, batch_size=2, max_new_tokens=2).run(QUESTIONS[:2], [("decode.*.logits",
+                                                                      lambda v, p, b: seen.append(v))])
+    assert len(seen) == 2 and all(v.dtype == torch.float32 for v in seen)
+    assert all(torch.isneginf(v[:, model.eot_id]).all() for v in seen)
+
+
+def test_stack_for_fills_about_the_rows_asked():
+    assert runner_mod.stack_for(16) == runner_mod.CONDITION_ROWS // 16
+    assert runner_mod.stack_for(24, 256) == 10  # 240 rows: the most copies that do not pass 256
+    assert runner_mod.stack_for(300, 256) == 1 and runner_mod.stack_for(8, 0) == 1
+
+
+def test_prefill_groups_join_at_exactly_the_efficiency():
+    """'At least `efficiency`': a group whose real tokens are exactly that share of its padded ones is joined."""
+    assert prefill_groups([2, 4], efficiency=0.75) == [[0, 1]]  # 6 real of 8 padded
+    assert prefill_groups([2, 4], efficiency=0.76) == [[0], [1]]
+
+
+def test_a_replaced_hidden_state_is_what_the_next_thought_projects(gpt2_model):
+    """thought.{k}.hidden replacement: z_{k+1} = prj(the replacement), the thoughts before it untouched."""
+    from codi_attn.hooks import RecordThoughts
+
+    d = gpt2_model.lm.config.hidden_size
+    h = torch.linspace(-1.0, 1.0, d)
+    base, replaced = RecordThoughts(2), RecordThoughts(2)
+    runner = Runner(gpt2_model, batch_size=2, max_new_tokens=1)
+    runner.run(QUESTIONS[:2], [base])
+    runner.run(QUESTIONS[:2], [("thought.2.hidden", lambda v, p, b: h.expand_as(v)), replaced])
+    with torch.no_grad():
+        z3 = gpt2_model.prj(h).numpy()
+    np.testing.assert_allclose(replaced.z[:, 2], np.stack([z3, z3]), atol=1e-6)
+    np.testing.assert_array_equal(replaced.z[:, :2], base.z[:, :2])
+    np.testing.assert_allclose(replaced.hidden[:, 1], np.stack([h.numpy()] * 2), atol=0)
+    assert not np.allclose(base.z[:, 2], z3, atol=1e-3)
