@@ -164,7 +164,9 @@ def sample_problems(records: list[dict], n: int | None, seed: int = 42, split: s
     if n is None or n == 0:
         indices = list(range(len(records)))
     else:
-        if not 0 < n <= len(records):
+        if n < 0:
+            raise DatasetError(f"n_problems must be a positive integer, 0 or None, got {n}")
+        if n > len(records):
             raise DatasetError(f"n_problems={n} is larger than the split, which has {len(records)} problems")
         # random.Random(seed).sample == random.seed(seed); random.sample(...), without
         # touching the global random state

@@ -79,6 +79,14 @@ def test_resolve_n():
         resolve_n(-1, 10)
 
 
+def test_sample_problems_names_a_negative_n_as_such():
+    """A negative n is not 'larger than the split' (library callers reach sample_problems without resolve_n)."""
+    with pytest.raises(DatasetError, match=r"^n_problems must be a positive integer, 0 or None, got -1$"):
+        sample_problems([REC] * 3, -1)
+    with pytest.raises(DatasetError, match="n_problems=4 is larger than the split, which has 3 problems"):
+        sample_problems([REC] * 3, 4)
+
+
 def test_n_larger_than_split():
     with pytest.raises(DatasetError, match="larger than the split"):
         sample_problems([REC, REC], 3)
@@ -178,3 +186,40 @@ def test_synthetic_dataset():
 
     recs = load_records("synthetic", "test")
     assert recs == synthetic_records("test") and all(gold_answer(r["answer"]) for r in recs)
+
+
+def test_a_sample_of_the_whole_split_is_every_record_in_order():
+    """n equal to the split's size is allowed (the bound is inclusive) and, sorted, is every record."""
+    recs = [{**REC, "question": f"Q{i}?"} for i in range(5)]
+    assert [p.id for p in sample_problems(recs, 5, split="test")] == [f"test_{i}" for i in range(5)]
+
+
+def test_a_json_file_that_is_not_a_list_is_refused_naming_it(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(REC))
+    with pytest.raises(DatasetError, match=r"one\.json: a \.json dataset must be a list of records, got dict$"):
+        load_records(str(path), "train")
+
+
+def test_a_bad_json_record_is_named_by_its_index_in_the_list(tmp_path):
+    """Records of a .json list are counted from 0, as the problem ids count them."""
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps([REC, {"answer": "#### 1"}]))
+    with pytest.raises(DatasetError, match=r"small\.json, record 1: record has no 'question' key"):
+        load_records(str(path), "train")
+
+
+def test_the_suffix_may_be_upper_case(tmp_path):
+    path = tmp_path / "TRAIN.JSONL"
+    path.write_text(json.dumps(REC) + "\n")
+    assert load_records(str(path), "train") == [REC]
+
+
+def test_fingerprint_keeps_each_id_apart_from_its_question():
+    """The fingerprint hashes each id and question as separate fields: moving text across the boundary between
+    them is another sample."""
+    a = [Problem("train_1", "2 apples?", "2", "#### 2")]
+    b = [Problem("train_12", " apples?", "2", "#### 2")]
+    assert dataset_fingerprint(a) != dataset_fingerprint(b)
+    import hashlib
+    assert dataset_fingerprint(a) == hashlib.sha256(b"train_1\x002 apples?\x00").hexdigest()
