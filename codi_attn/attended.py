@@ -129,7 +129,3 @@ def attended_summary(weights: Sequence[np.ndarray], tokens: Sequence[QuestionTok
     by_step = pd.DataFrame(steps, columns=["thought", "step", "share"]).groupby(["thought", "step"], sort=False)
     return by_kind, by_step.mean().reset_index()
 
-
-def top_tokens(weights: np.ndarray, tokens: QuestionTokens, n: int = 5) -> list[list[tuple[str, float]]]:
-    """Per thought, the n question tokens with the most attention, with their weight."""
-    return [[(tokens.text[i], float(w[i])) for i in np.argsort(-w)[:n]] for w in weights]
