@@ -60,3 +60,36 @@ def test_summary_shares_add_up():
     np.testing.assert_allclose(by_kind[["share_number", "share_operation", "share_other"]].sum(axis=1), 1.0)
     np.testing.assert_allclose(by_kind["share_number"], (0.5 + 0.0) / 2)
     assert set(by_step["step"]) == {1, 2} and np.allclose(by_step[by_step["step"] == 1]["share"], 0.5)
+
+
+def test_token_kind_reads_a_word_without_its_punctuation():
+    assert [token_kind(t) for t in (" more.", " each,", " left?", " Total:", " sum!", " cost;", " $")] == \
+        ["operation"] * 6 + ["other"]
+
+
+def test_a_literal_equal_to_its_own_steps_result_is_still_an_operand(gpt2_model):
+    """Only an earlier step's result is left out of a step's operands: in <<5*1=5>> the question's 5 is read."""
+    ids = tokenize_questions(gpt2_model, ["Tom has 5 boxes of 1 pen and 2 cups."])[0][:-1]
+    tokens = question_tokens(gpt2_model, ids, "<<5*1=5>>\n<<5+2=7>>\n#### 7")
+    marked = {t.strip(): ops for t, ops in zip(tokens.text, tokens.operand_of) if ops}
+    assert marked == {"5": (1,), "1": (1,), "2": (2,)}
+
+
+def test_summary_per_token_weights_are_raw_means_over_the_problems_with_that_kind():
+    """per_token_<kind>: the mean raw weight of the kind's tokens in a problem (not its share), averaged over the
+    problems that have such a token; share_<kind>: the kind's share of the row, averaged over every problem."""
+    from codi_attn.attended import QuestionTokens
+
+    rows = [np.array([0.2, 0.4, 0.1, 0.3]) * (k + 1) / 6 for k in range(6)]  # thought k: the row scaled
+    weights = [np.stack(rows), np.stack([np.array([0.1, 0.3, 0.6]) * (k + 1) / 6 for k in range(6)])]
+    tokens = [QuestionTokens(["5", "7", "more", "x"], ["number", "number", "operation", "other"], [(), (), (), ()]),
+              QuestionTokens(["9", "x", "y"], ["number", "other", "other"], [(), (), ()])]  # no operation word
+    by_kind, _ = attended_summary(weights, tokens)
+    for k in range(6):
+        scale, row = (k + 1) / 6, by_kind.iloc[k]
+        assert row["thought"] == f"z{k + 1}"
+        np.testing.assert_allclose(row["per_token_number"], scale * (0.3 + 0.1) / 2)
+        np.testing.assert_allclose(row["per_token_operation"], scale * 0.1)  # the first problem only
+        np.testing.assert_allclose(row["per_token_other"], scale * (0.3 + 0.45) / 2)
+        np.testing.assert_allclose(row["share_number"], (0.6 + 0.1) / 2)
+        np.testing.assert_allclose(row["share_operation"], (0.1 + 0.0) / 2)

@@ -274,3 +274,24 @@ def test_attribution_interrupted_redoes_only_the_batches_left(unpacked_models, f
     assert rerun.loaded == first.saved and rerun.saved == ["attribution-1", "attribution-2"]
     pd.testing.assert_frame_equal(estimates, clean[0], check_exact=True)
     assert groups == clean[1]
+
+
+def test_a_tasks_own_checkpoint_comes_before_the_origin_runs(files, capsys):
+    """Where both the task's own run and the origin run saved `name`, an earlier attempt of this task wins; where the
+    own one no longer unpickles, the origin's is read (with the warning) and copied under the own run."""
+    Checkpoints(files, folder(files, "1")).save("batch-0", "origin")
+    Checkpoints(files, folder(files, "1")).save("batch-1", "origin 1")
+    Checkpoints(files, folder(files, "2")).save("batch-0", "own attempt")
+    files.put(files.storage.path_join(folder(files, "2"), "batch-1"), b"no pickle")
+    resumed = Checkpoints(files, folder(files, "2"), [folder(files, "1")])
+    assert resumed.load("batch-0") == "own attempt"
+    assert resumed.load("batch-1") == "origin 1" and resumed.loaded == ["batch-0", "batch-1"]
+    assert "batch-1" in capsys.readouterr().err
+    assert Checkpoints(files, folder(files, "2")).load("batch-1") == "origin 1"
+
+
+def test_fingerprint_does_not_depend_on_the_order_of_a_dicts_keys():
+    """Settings built in another order (a resumed task, another Python) are the same inputs: the same key."""
+    assert fingerprint({"n": 1, "seed": 2}, [1]) == fingerprint({"seed": 2, "n": 1}, [1])
+    assert fingerprint({"n": 1, "seed": 2}) != fingerprint({"n": 2, "seed": 1})
+    assert len(fingerprint({"n": 1})) == 16

@@ -288,3 +288,103 @@ def test_probe_map_boxes_the_chosen_cells_and_draws_an_old_report_without_them(d
         assert panels[target].get_title().endswith(": read on B" if row["decodable"] else ": not read on B")
     old = replace(report, probes=report.probes.drop(columns=["selectivity_a"]))
     assert not any(isinstance(p, Rectangle) for ax in probe_maps(old).axes for p in ax.patches)
+
+
+def _report(**tables) -> C.ThoughtReport:
+    """A report with nothing but the given tables (attended_by_kind, probes, lens, pair_patching), pair_facts and
+    settings."""
+    from codi_attn.patching import MEAN_PATCHING_COLUMNS
+
+    empty = pd.DataFrame()
+    return C.ThoughtReport([], tables.get("attended_by_kind", empty), empty, None, [], tables.get("probes", empty),
+                           tables.get("lens", empty), pd.DataFrame(columns=MEAN_PATCHING_COLUMNS),
+                           tables.get("pair_patching", empty), tables.get("pair_facts", {}), 0.9,
+                           tables.get("settings", {"n_layers": 2}))
+
+
+def test_attention_finding_gives_the_mean_shares_and_the_spread_over_thoughts():
+    kinds = pd.DataFrame({"thought": ["z1", "z2", "z3"], "share_number": [0.5, 0.7, 0.6],
+                          "share_operation": [0.1, 0.2, 0.3], "share_other": [0.4, 0.1, 0.1]})
+    assert C.findings(_report(attended_by_kind=kinds)) == [
+        "The thoughts read the question's numbers: 60% of their question attention goes to number tokens, 20% to "
+        "operation words (thoughts z1..z6 differ by at most 20 points)."]
+
+
+PROBES = pd.DataFrame(
+    [("step 1", "BOT", 0, 0.5, 0.8, 0.6, 0.9), ("step 1", "z1", 0, 0.2, 0.5, 0.1, 0.7),
+     ("step 1", "z1", 1, 0.1, 0.5, 0.1, 0.7), ("step 2", "BOT", 0, 0.0, 0.4, 0.1, 0.6),
+     ("step 2", "z1", 0, 0.4, 0.7, 0.5, 0.85), ("step 2", "z1", 1, 0.3, 0.6, 0.1, 0.8),
+     ("op 1", "BOT", 0, 0.1, 0.3, 0.1, 0.5), ("op 1", "z1", 0, 0.3, 0.2, 0.05, 0.4),
+     ("op 1", "z1", 1, -0.1, 0.9, 0.2, 0.95), ("op 2", "BOT", 0, 0.1, 0.6, 0.1, 0.7),
+     ("op 2", "z1", 0, 0.05, 0.3, 0.1, 0.5), ("op 2", "z1", 1, -0.2, 0.4, 0.1, 0.6)],
+    columns=["target", "position", "layer", "selectivity_a", "accuracy_b", "ci_low_b", "ci_high_b"]).assign(
+    control_b=0.25, permuted_b=0.2, majority_b=0.3)
+
+
+def test_probe_findings_name_each_targets_cell_chosen_on_half_a():
+    """Three cells (position, layer) per target: step 1 and step 2 read at their cell of highest selectivity on A
+    (BOT for step 1: said to be read from the question); the operations nowhere, and of their chosen cells the one
+    most selective on A is reported (op 1's, not op 2's with the better accuracy on B)."""
+    how = "the best of 3 cells each, chosen on half A of the problems, measured on half B"
+    assert C.findings(_report(probes=PROBES)) == [
+        f"Linear probes read the intermediate results above control for 2 of 2 targets ({how}): step 1 at BOT layer "
+        "0: 80% [60, 90] vs control 25%; step 2 at z1 layer 0: 70% [50, 85] vs control 25%. For 1 of them the best "
+        "cell is BOT, before any thought: read from the question text.",
+        f"Linear probes find the operations nowhere above control: at best op 1 at z1 layer 0, 20% [5, 40] vs control "
+        f"25% and majority 30% ({how})."]
+
+
+def test_lens_finding_reads_the_best_cell_of_the_targets_ranked_often_enough():
+    lens = pd.DataFrame([("step 1", "z1", 0, MIN_PROBLEMS, 0.4, 0.1), ("step 1", "z2", 1, MIN_PROBLEMS, 0.6, 0.2),
+                         ("step 2", "z1", 0, MIN_PROBLEMS - 1, 0.9, 0.5)],  # too few problems: left out
+                        columns=["target", "position", "layer", "n", "top1", "permuted_top1"])
+    assert C.findings(_report(lens=lens)) == [
+        f"The lens per layer ranks a target value first among the number tokens at best for 60% of the {MIN_PROBLEMS} "
+        f"problems it ranks (step 1 at z2 layer 1; targets ranked on at least {MIN_PROBLEMS} problems), against 20% "
+        "there with the targets permuted across problems (at best 20% over the 2 cells)."]
+
+
+def test_pair_finding_names_the_best_residual_and_the_best_fed_thought():
+    """The most recovery among the residuals after a block, and among the fed thoughts (layer z); the residual after
+    the last block (n_layers - 1) is called the state the next thought is projected from, another one is not."""
+    pp = pd.DataFrame([("z1", "0", 9, 0.2, 0.0, 0.4), ("z1", "1", 9, 0.7, 0.5, 0.9), ("z2", "0", 9, 0.3, 0.1, 0.5),
+                       ("z1", "z", 9, 0.4, 0.1, 0.6), ("z2", "z", 9, 0.1, -0.2, 0.3)],
+                      columns=["thought", "layer", "n", "recovery", "ci_low", "ci_high"])
+    assert C.findings(_report(pair_patching=pp, pair_facts={"valid": 5})) == [
+        "Clean -> corrupted patching (5 pairs differing in one question number): the most recovery of the answer's "
+        "logit difference comes from z1's residual after block 1 (the state the next thought is projected from), 0.70 "
+        "[0.50, 0.90], and from a fed thought, z1: 0.40 [0.10, 0.60]."]
+    three = C.findings(_report(pair_patching=pp, pair_facts={"valid": 5}, settings={"n_layers": 3}))
+    assert "from z1's residual after block 1, 0.70 [0.50, 0.90], and" in three[0]
+
+
+def test_join_refuses_parts_of_other_models_or_other_pairs(demo_report, grouped):
+    """Groups that ran another model, or clean/corrupted pairs that differ, do not join."""
+    _, problems, _ = demo_report
+    plan, _, parts = grouped
+    other = [replace(p, model={**p.model, "name": "other"}) if i == 1 else p for i, p in enumerate(parts)]
+    with pytest.raises(ValueError, match="^the thought parts ran different models: "):
+        C.join_thoughts(plan, other, problems)
+    pairs = [i for i, p in enumerate(parts) if p.units[0].part == "pair"]
+    assert len(pairs) >= 2
+    base = parts[pairs[1]].pair_baseline
+    moved = [replace(p, pair_baseline=replace(base, ld_clean=base.ld_clean + 1.0)) if i == pairs[1] else p
+             for i, p in enumerate(parts)]
+    with pytest.raises(ValueError, match=r"^the thought parts ran different clean/corrupted pairs"):
+        C.join_thoughts(plan, moved, problems)
+
+
+def test_join_says_so_where_no_pair_counts_and_reads_the_baseline_accuracy(demo_report, grouped):
+    """No pair with answer tokens that differ in both runs: a note says pair patching has nothing to recover; the
+    baseline accuracy is the share of problems the recording run answers correctly."""
+    _, problems, _ = demo_report
+    plan, _, parts = grouped
+    invalid = [replace(p, pair_baseline=replace(p.pair_baseline, valid=np.zeros_like(p.pair_baseline.valid)))
+               if p.pair_baseline is not None else p for p in parts]
+    report = C.join_thoughts(plan, invalid, problems)
+    n = len(parts[-1].pair_baseline.valid)
+    assert report.pair_facts["valid"] == 0 and report.notes == [
+        f"no clean/corrupted pair of the {n} has answer tokens in both runs that differ: pair patching has nothing to "
+        "recover"]
+    correct = parts[0].recording.baseline_correct
+    assert report.baseline_accuracy == correct.sum() / len(problems) and len(correct) == len(problems)

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -199,3 +200,29 @@ def test_json_files_hold_no_nan_or_infinity(tmp_path):
                        "nested": [{"v": np.float32(0.25)}]})
     assert json.loads(path.read_text()) == {"lift": [1.5, None, None, None], "n": 3, "ok": True,
                                             "nested": [{"v": 0.25}]}
+
+
+def test_a_rename_that_fails_puts_every_moved_folder_back(tmp_path, monkeypatch):
+    """_swap_in moves the earlier export aside and the new folders in; when a later rename fails, the folders already
+    moved go back in reverse order: OUT_DIR holds the earlier export as it was, the staging folder the new one."""
+    from codi_attn.export import _swap_in
+
+    out, staging = tmp_path / "out", tmp_path / "out" / ".export-x"
+    for root, text in ((out, "old"), (staging, "new")):
+        for folder in ("results/gpt2", "figures/gpt2"):
+            (root / folder).mkdir(parents=True)
+            (root / folder / "a.txt").write_text(f"{text} {folder}")
+    before = _files(out)
+    rename, calls = os.rename, []
+
+    def failing(src, dst):  # the fourth rename, the new figures into place, fails (once)
+        calls.append((src, dst))
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError):
+        _swap_in(staging, out, [Path("results") / "gpt2", Path("figures") / "gpt2"], [])
+    assert _files(out) == before
+    assert calls[3] == (staging / "figures" / "gpt2", out / "figures" / "gpt2") and len(calls) == 7

@@ -73,3 +73,43 @@ def test_lens_table_shares_and_its_permuted_floor(gpt2_model):
         np.testing.assert_array_equal(got, by_hand)
         if name == "step 2":  # distinct values: another problem's target is a real control
             assert (shuffled[idx] != np.array(labels[name], dtype=object)[idx]).any()
+
+
+def test_lens_ranks_do_not_depend_on_the_batch(gpt2_model):
+    """Problems ranked in batches of 1, 3 or all at once get the same ranks, each its own (distinct targets, one
+    unranked)."""
+    m = gpt2_model
+    resid = RecordResiduals(m, 4)
+    Runner(m, max_new_tokens=1).run(QUESTIONS, [resid])
+    _, values = number_token_values(m)
+    targets = np.array([values[3], values[5], None, values[7]], dtype=object)
+    whole = lens_ranks(m, resid.resid, targets)
+    assert np.isnan(whole[2]).all() and not np.isnan(whole[[0, 1, 3]]).any()
+    for batch in (1, 3):
+        np.testing.assert_array_equal(lens_ranks(m, resid.resid, targets, batch=batch), whole)
+    for n in (0, 1, 3):  # each problem alone: its own residuals and target
+        np.testing.assert_array_equal(lens_ranks(m, resid.resid[n: n + 1], targets[n: n + 1])[0], whole[n])
+
+
+def test_lens_table_shares_count_rank_five_in_the_top_five(monkeypatch):
+    """With scripted ranks (1, 5 and 6 for the three ranked problems, the fourth has no step 1): top1 1/3, top5 2/3
+    (rank 5 is in the top five), median 5, n 3; the permuted floor is the top-1 share of the permuted run's
+    ranks over the same problems."""
+    import codi_attn.lens as lens
+
+    scripted = {6.0: 1.0, 8.0: 5.0, 10.0: 6.0}
+
+    def fake_ranks(model, resid, values, batch=64):
+        per = [scripted.get(float(v), 7.0) if v is not None and not pd.isna(v) else np.nan for v in values]
+        return np.broadcast_to(np.array(per)[:, None, None], resid.shape[:3]).copy()
+
+    monkeypatch.setattr(lens, "lens_ranks", fake_ranks)
+    resid = np.zeros((4, 7, 2, 3), np.float32)
+    solutions = ["<<2*3=6>>\n#### 6", "<<2*4=8>>\n#### 8", "<<2*5=10>>\n#### 10", "#### 5"]
+    table = lens.lens_table(None, resid, solutions).set_index(["target", "position", "layer"])
+    step = table.loc["step 1"]
+    assert len(step) == 14 and (step["n"] == 3).all()
+    np.testing.assert_allclose(step["top1"], 1 / 3)
+    np.testing.assert_allclose(step["top5"], 2 / 3)
+    np.testing.assert_allclose(step["median_rank"], 5.0)
+    np.testing.assert_allclose(step["permuted_top1"], 1 / 3)  # the three targets permuted: one is still rank 1

@@ -145,3 +145,13 @@ def test_a_changed_or_missing_dataset_file_is_named_with_both_hashes(tiny_gpt2, 
     with pytest.raises(ProvenanceError, match=f"dataset file {data} was read when the run started and is not there"):
         check_dataset(prov, "sample")
     check_dataset({**prov, "dataset": {"source": "gsm8k", "where": "hub", "files": None}}, "sample")
+
+
+def test_a_source_found_nowhere_by_the_task_is_not_checked(run_prov):
+    """A role whose files the task could not fingerprint (None in source['files']) has nothing to compare; the
+    other roles are still checked."""
+    now = _loaded(run_prov)
+    check_files(run_prov, {"base": now["base"], "ckpt": None}, "extract 1/2")
+    now["base"]["config.json"]["sha256"] = "a" * 64
+    with pytest.raises(ProvenanceError, match=r"base model file .*config\.json changed since the run started"):
+        check_files(run_prov, {"base": now["base"], "ckpt": None}, "extract 1/2")

@@ -108,3 +108,51 @@ def test_attention_stats_by_hand():
                                rtol=1e-5)
     assert stats["self_attention"] == pytest.approx(np.diagonal(col).mean(), rel=1e-5)
     assert stats["n_problems"] == 5 and np.shape(stats["mass_by_layer"]) == (2, 4)
+
+
+def test_failures_come_back_in_input_order_whenever_they_failed(gpt2_model, monkeypatch):
+    """A problem that raises in its batch (train_1) and an empty question caught before any batch (train_3): the
+    failed list follows the shard's order, not the order the failures were found in."""
+    problems = [{"id": f"train_{k}", "question": q, "answer": "1", "solution": "#### 1"} for k, q in enumerate(
+        ["Tom has 3 apples. How many?", "Ann has 5 pens and buys 2. How many?", "What is 4 plus 4?", " "])]
+    monkeypatch.setenv("CODI_ATTN_FAIL_PROBLEMS", "train_1")
+    out = shards.extract_shard(gpt2_model, problems, batch_size=4, max_new_tokens=2)
+    assert out["ids"] == ["train_0", "train_2"]
+    assert [f["id"] for f in out["failed"]] == ["train_1", "train_3"]
+
+
+def test_merge_shards_gathers_every_array_by_id():
+    """Each extracted problem's attention, mass, prediction and correctness follow its id into sample order
+    (distinct values per problem, shards in another order than the sample)."""
+    values = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+
+    def shard(ids):
+        return {"ids": ids, "attention": np.stack([np.full((1, 1, 6, 6), values[i], np.float16) for i in ids]),
+                "mass": np.stack([np.full((1, 1, 6, 4), -values[i], np.float16) for i in ids]),
+                "texts": [f"text {i}" for i in ids], "predictions": np.array([values[i] * 10 for i in ids]),
+                "correct": np.array([values[i] > 2 for i in ids]), "failed": []}
+
+    merged = shards.merge_shards(["a", "b", "c", "d"], [shard(["d", "b"]), shard(["c", "a"])])
+    assert merged["ids"] == ["a", "b", "c", "d"] and merged["texts"] == ["text a", "text b", "text c", "text d"]
+    np.testing.assert_array_equal(merged["attention"][:, 0, 0, 0, 0], [1, 2, 3, 4])
+    np.testing.assert_array_equal(merged["mass"][:, 0, 0, 5, 3], [-1, -2, -3, -4])
+    np.testing.assert_array_equal(merged["predictions"], [10, 20, 30, 40])
+    np.testing.assert_array_equal(merged["correct"], [False, False, True, True])
+
+
+def test_outcome_line_elides_only_beyond_the_shown_ids():
+    failed = [{"id": f"train_{k}", "error": "x"} for k in range(5)]
+    assert shards.outcome_line("run", 5, np.zeros(0, bool), failed) == (
+        "run: 0 of 5 problems extracted, 5 failed (train_0, train_1, train_2, train_3, train_4); accuracy n/a of the "
+        "extracted")
+
+
+def test_attention_stats_mass_by_layer_is_each_layers_mean_part():
+    """mass_by_layer[l][p]: part p's mean share over problems, heads and thought rows of layer l."""
+    rng = np.random.default_rng(1)
+    m = rng.dirichlet(np.ones(4), (3, 2, 2, 6)).astype(np.float16)
+    a = np.tril(rng.uniform(0, 0.2, (3, 2, 2, 6, 6))).astype(np.float16)
+    stats = shards.attention_stats(a, m, ("sink", "question", "bot", "thoughts"))
+    by_hand = [[float(np.mean([float(m[n, l, h, i, p]) for n in range(3) for h in range(2) for i in range(6)]))
+                for p in range(4)] for l in range(2)]
+    np.testing.assert_allclose(stats["mass_by_layer"], by_hand, rtol=1e-5)

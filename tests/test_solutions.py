@@ -101,3 +101,59 @@ def test_the_gold_follows_the_steps_that_have_its_value():
     cf = change_number(SIDE, SIDE_SOLUTION, 0, 6)
     assert cf is not None and [s.value for s in cf.steps] == [18.0, 23.0, 2.0]
     assert cf.answer == 23.0 and cf.solution.endswith("#### 23")
+
+
+def test_each_operator_is_named_as_the_outermost_operation():
+    """The operation of a step is its expression's outermost operator, for each of + - * / (a bare number: none)."""
+    chain = "<<1+2=3>> <<10-4=6>> <<2*3=6>> <<8/2=4>> <<(9-3)/2=3>> <<7=7>>"
+    assert [s.operation for s in solution_steps(chain)] == ["+", "-", "*", "/", "/", ""]
+
+
+def test_the_gold_cannot_be_told_where_the_steps_with_its_value_disagree():
+    """Two steps have the gold's value; the changed step moves one of them and not the other: no gold (gold_after),
+    and gold_after itself gives the common new value only where they agree."""
+    from codi_attn.solutions import gold_after
+
+    solution = "<<5-3=2>>\n<<2*3=6>>\n<<3+3=6>>\n#### 6"  # step 2 uses step 1's result, step 3 does not
+    assert answer_if("Tom has 3 cats.", solution, 1, 3) is None  # step 2 -> 9, step 3 stays 6
+    steps = solution_steps(solution)
+    assert gold_after(steps, [3.0, 9.0, 6.0], 6.0) is None
+    assert gold_after(steps, [3.0, 9.0, 9.0], 6.0) == 9.0
+    assert gold_after(steps, [3.0, 9.0, 9.0], 5.0) is None  # no step has the gold's value
+
+
+def test_change_number_only_takes_an_index_of_the_question():
+    """index counts the question's numbers from 0: one past the last, or a negative index, is no number (None),
+    not an error and not a number counted from the end."""
+    question, solution = "Tom has 3 apples and 5 pears.", "<<3*2=6>>\n<<6+5=11>>\n#### 11"
+    assert change_number(question, solution, 0, 4).answer == 13.0
+    assert change_number(question, solution, 1, 7).answer == 13.0
+    assert change_number(question, solution, 2, 4) is None
+    assert change_number(question, solution, -1, 7) is None
+
+
+def test_change_number_to_the_same_value_is_no_counterfactual():
+    assert change_number(QUESTION, SOLUTION, 0, 48) is None
+    assert change_number(QUESTION, SOLUTION, 0, 48.0) is None
+
+
+def test_change_number_refuses_a_step_value_that_two_steps_recompute_apart():
+    """Steps 1 and 2 both have the value 6, but once 2 becomes 5 they are 15 and 9: step 3's literal 6 could be
+    either, so there is no counterfactual."""
+    question = "Tom has 2 boxes of 3 pens and 4 more."
+    assert change_number(question, "<<2*3=6>>\n<<4+2=6>>\n<<6+1=7>>\n#### 7", 0, 5) is None
+    cf = change_number(question, "<<2*3=6>>\n<<6+4=10>>\n#### 10", 0, 5)  # one step of value 6: no doubt
+    assert [s.value for s in cf.steps] == [15.0, 19.0] and cf.answer == 19.0
+
+
+def test_a_large_changed_number_is_written_out_in_full():
+    """A number of a million or more is written as digits in the question and the chain (not 1.5e+06)."""
+    cf = change_number("Tom has 3 apples.", "<<3*2=6>>\n#### 6", 0, 1500000)
+    assert cf.question == "Tom has 1500000 apples."
+    assert cf.solution == "<<1500000*2=3000000>>\n#### 3000000" and cf.answer == 3000000.0
+
+
+def test_answer_if_takes_only_a_step_of_the_solution():
+    """step counts from 1: step 0 (or one past the last) is no step, whatever the value."""
+    assert answer_if(QUESTION, SOLUTION, 0, 30) is None
+    assert answer_if(QUESTION, SOLUTION, -1, 30) is None
