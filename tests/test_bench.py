@@ -61,6 +61,10 @@ def test_tiny_benchmark_writes_json_and_checks_reference(bench, tmp_path, monkey
     assert res["speedup"] == pytest.approx(res["project_problems_per_s"] / res["reference_problems_per_s"])
     assert res["capture_overhead"] == pytest.approx(res["project_seconds"] / res["plain_seconds"] - 1)
     assert res["generated_tokens_mean"] == 2  # random weights: the fixed decode budget is what runs
+    if res["linear"].startswith("oneDNN"):  # the yardstick of the library's own kernel, where it runs
+        assert res["packed_peak_gflops"] > 0
+        assert res["achieved_fraction_of_packed_peak"] == pytest.approx(
+            res["achieved_gflops"] / max(res["packed_peak_gflops"], res["peak_gflops"]))
     assert torch.get_num_threads() == threads  # --threads does not leak out of an in-process run
 
 
