@@ -140,7 +140,9 @@ def test_reused_prefill_equals_a_fresh_one_bit_for_bit(gpt2_model):
     assert (together[1].tokens[:, 1:] >= 0).all()  # the random fixture never stops on its own
 
 
-def test_prefill_is_computed_once_per_batch_for_conditions_that_share_it(gpt2_model, monkeypatch):
+@pytest.fixture
+def prefill_calls(monkeypatch) -> list[int]:
+    """The batch size of every PaddedBatch.prefill call made while the test runs."""
     calls = []
     original = PaddedBatch.prefill
 
@@ -149,6 +151,11 @@ def test_prefill_is_computed_once_per_batch_for_conditions_that_share_it(gpt2_mo
         return original(self, *args)
 
     monkeypatch.setattr(PaddedBatch, "prefill", counting)
+    return calls
+
+
+def test_prefill_is_computed_once_per_batch_for_conditions_that_share_it(gpt2_model, prefill_calls):
+    calls = prefill_calls
     runner = Runner(gpt2_model, batch_size=2, max_new_tokens=2)
     runner.run_conditions(QUESTIONS, [[], [Spy("thought.*.z")], [Spy("decode.*.logits")]])
     assert calls == [2, 2]  # two batches, one prefill each
@@ -569,17 +576,10 @@ def test_a_replacement_is_cast_to_the_points_dtype(gpt2_model):
     np.testing.assert_array_equal(cast.tokens, plain.tokens)
 
 
-def test_a_bot_state_hook_shares_the_prefill_and_stays_in_its_condition(gpt2_model, monkeypatch):
+def test_a_bot_state_hook_shares_the_prefill_and_stays_in_its_condition(gpt2_model, prefill_calls):
     """The `prefill` point (the final hidden state at BOT) is read after the prefill: a condition hooking only it
     shares the batch's prefill, and its replacement reaches neither the shared cache nor the next condition."""
-    calls = []
-    original = PaddedBatch.prefill
-
-    def counting(self, *args):
-        calls.append(len(self))
-        return original(self, *args)
-
-    monkeypatch.setattr(PaddedBatch, "prefill", counting)
+    calls = prefill_calls
     runner = Runner(gpt2_model, batch_size=2, max_new_tokens=2)
     plain = runner.run(QUESTIONS)
     calls.clear()
