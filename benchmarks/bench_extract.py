@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the timed runs, run (c) once more under torch.profiler and report where its time "
                         "goes: prefill, thought steps, decode steps, LM head and the rest, each split into linear "
                         "layers, attention (with the cache writes) and other, with GFLOP/s and GB/s where they apply "
-                        "(the profiled run is slower than the timed ones; compare shares, not seconds)")
+                        "(the profiler slows many small ops, on the tiny shape most: compare shares and rates, not seconds)")
     return p
 
 
