@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the timed runs, run (c) once more under torch.profiler and report where its time "
                         "goes: prefill, thought steps, decode steps, LM head and the rest, each split into linear "
                         "layers, attention (with the cache writes) and other, with GFLOP/s and GB/s where they apply "
-                        "(the profiler slows many small ops, on the tiny shape most: compare shares and rates, not seconds)")
+                        "(the profiler slows many small ops, on the tiny shape most: compare shares and rates, not "
+                        "seconds)")
     return p
 
 
@@ -254,6 +255,16 @@ class Memory:
             self.phases[name] = entry if old is None else {k: max(v, old.get(k, 0)) for k, v in entry.items()}
 
 
+def best_time(clock: Clock, fn: Callable[[], object], repeats: int = 5) -> tuple[float, float]:
+    """The shortest wall-clock and the shortest process-CPU seconds of `repeats` timed calls, after a warm-up call."""
+    fn()
+    wall = cpu = math.inf
+    for _ in range(repeats):
+        seconds, _ = clock.time(fn)
+        wall, cpu = min(wall, seconds), min(cpu, clock.cpu_seconds)
+    return wall, cpu
+
+
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, clock: Clock, n: int | None = None,
                        repeats: int = 5) -> tuple[float, float]:
     """Best rate of an n^3 matmul (default n = 2048 on CPU, 8192 on CUDA) in the run's dtype and threads:
@@ -261,28 +272,19 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, clock: Clock, n
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up
-    wall = cpu = math.inf
-    for _ in range(repeats):
-        seconds, _ = clock.time(lambda: torch.matmul(a, b))
-        wall, cpu = min(wall, seconds), min(cpu, clock.cpu_seconds)
+    wall, cpu = best_time(clock, lambda: torch.matmul(a, b), repeats)
     return 2 * n**3 / wall / 1e9, 2 * n**3 / max(cpu, 1e-9) / 1e9
 
 
-def packed_peak_gflops(clock: Clock, n: int | None = None, repeats: int = 5) -> float | None:
-    """Best rate of the same n^3 product (default n = 2048) through oneDNN's prepacked linear kernel, the one the
-    library's CPU float32 decoder runs (codi_attn.prepack); None where it is not available. On the AMD EPYC it beats
-    torch.matmul (MKL) by ~15%, so a fraction of the matmul peak alone flatters a machine whose MKL is slow."""
-    from codi_attn.prepack import can_prepack
-
-    if not can_prepack(torch.device("cpu"), torch.float32):
-        return None
+def packed_peak_gflops(clock: Clock, n: int | None = None, repeats: int = 5) -> float:
+    """Best wall-clock rate of the same n^3 product (default n = 2048) in CPU float32 through oneDNN's prepacked
+    linear kernel, the one the prepacked decoder runs (codi_attn.prepack; call it where `can_prepack`). On the AMD
+    EPYC it beats torch.matmul (MKL) by ~15%, so a fraction of the matmul peak alone flatters a machine whose MKL
+    is slow."""
     n = n or 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    packed = torch.ops.mkldnn._reorder_linear_weight(b)
-    product = (lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
-    product()  # warm-up
-    return 2 * n**3 / min(clock.time(product)[0] for _ in range(repeats)) / 1e9
+    a, packed = torch.randn(n, n), torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, n))
+    wall, _ = best_time(clock, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), repeats)
+    return 2 * n**3 / wall / 1e9
 
 
 def machine_info(device: torch.device) -> dict:
@@ -678,7 +680,10 @@ def run(args: argparse.Namespace) -> dict:
     terms = flop_terms(model)
 
     peak_before, peak_cpu_before = matmul_peak_gflops(device, dtype, clock, args.peak_size)
-    log(f"matmul peak {peak_before:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    packs = can_prepack(device, dtype) and not args.no_prepack  # then also the yardstick of the decoder's own kernel
+    packed_before = packed_peak_gflops(clock, args.peak_size) if packs else None
+    log(f"matmul peak {peak_before:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
+        + (f", oneDNN-packed {packed_before:.1f}" if packs else ""))
 
     # warm-up: first calls pay one-time costs (allocator, kernels, lazy imports)
     warm = questions[: min(2, n)]
@@ -765,8 +770,7 @@ def run(args: argparse.Namespace) -> dict:
 
     peak_after, peak_cpu_after = matmul_peak_gflops(device, dtype, clock, args.peak_size)
     peak, peak_cpu = max(peak_before, peak_after), max(peak_cpu_before, peak_cpu_after)
-    packed = (packed_peak_gflops(clock, args.peak_size) if device.type == "cpu" and dtype == torch.float32
-              and not args.no_prepack else None)
+    packed = max(packed_before, packed_peak_gflops(clock, args.peak_size)) if packs else None
     gen_counts = np.array([len(g) for g in generated])
     flops = sum(problem_flops(terms, int(p), int(g)) for p, g in zip(prompt, gen_counts))
     result.update({
@@ -793,7 +797,7 @@ def run(args: argparse.Namespace) -> dict:
         "whole_train_split_estimate_s": 7473 / (n / t_c),
     })
     if args.profile:
-        batches = sum(-(-len(questions[s: s + args.shard_size]) // best) for s in range(0, n, args.shard_size))
+        batches = sum(-(-min(args.shard_size, n - s) // best) for s in range(0, n, args.shard_size))
         work = phase_work(terms, prompt.tolist(), gen_counts.tolist(), batches, torch.finfo(dtype).bits // 8)
         result["profile"] = profile_project(model, questions, best, args.max_new_tokens, args.shard_size, work, peak)
         log(f"profiled (c) run: {result['profile']['wall_s']:.2f} s")
