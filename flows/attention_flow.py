@@ -245,11 +245,12 @@ class AttentionFlow(FlowSpec):
         return progress
 
     def _checkpoints(self, *inputs):
-        """This task's mid-task checkpoints (codi_attn.checkpoints), keyed by the settings, the sample's problems
-        (ids, questions and golds) and `inputs`."""
+        """This task's mid-task checkpoints (codi_attn.checkpoints), keyed by the settings, the problems it works on
+        (ids, questions and golds: the whole sample up to extraction, the extracted ones from aggregate on, so a
+        resume that extracts a failed problem again recomputes the analyses) and `inputs`."""
         from codi_attn.checkpoints import problem_content, task_checkpoints
 
-        return task_checkpoints(self, self.settings, problem_content(self.problems), *inputs)
+        return task_checkpoints(self, self.settings, problem_content(self._sample()), *inputs)
 
     def _report_checkpoints(self, checkpoints) -> None:
         """Keep and print how many batches this task read back from a checkpoint and how many it computed."""

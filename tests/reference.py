@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from codi_attn.conventions import N_THOUGHTS, Head
-from codi_attn.runner import head_dim, layer_module, tokenize_questions
+from codi_attn.runner import head_dim, layer_module
 
 QUESTIONS = [
     "Natalia sold 48 clips in April. How many clips?",
@@ -24,6 +24,21 @@ PADDED_GROUP = ["Natalia sold 48 clips in April. How many clips?", "Natalia sold
                 "Natalia sold 48 clips in April. How many?"]  # lengths close enough for one left-padded prefill group
 
 
+def spec_tokens(model, question: str) -> list[int]:
+    """codi-spec 3.1 written out: `question.strip().replace("  ", " ")` (one pass), tokenized as the tokenizer does
+    (LLaMA adds BOS), then BOT."""
+    return model.tokenizer(question.strip().replace("  ", " "))["input_ids"] + [model.bot_id]
+
+
+def spec_projection(model, h: torch.Tensor) -> torch.Tensor:
+    """codi-spec's projection written out from its parameters (keys prj.1, prj.3, prj.ln): [B, d] -> [B, d],
+    LayerNorm(W3 GELU(W1 h + b1) + b3) with the exact (erf) GELU and LayerNorm's default eps 1e-5."""
+    p = dict(model.prj.named_parameters())
+    x = torch.nn.functional.linear(h, p["1.weight"], p["1.bias"])
+    x = torch.nn.functional.linear(torch.nn.functional.gelu(x), p["3.weight"], p["3.bias"])
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], p["ln.weight"], p["ln.bias"], eps=1e-5)
+
+
 def full_sequence_reference(model, question: str, thoughts: np.ndarray, blocked: Sequence[int] = ()):
     """6x6 block and mass split from ONE eager forward over [question, BOT, z1..z6] (no cache, no batching), with
     the keys of the `blocked` thoughts (numbered from 1) hidden from every later query.
@@ -31,7 +46,7 @@ def full_sequence_reference(model, question: str, thoughts: np.ndarray, blocked:
     Independent of the runner's cache, padding and row bookkeeping: positions are read straight off
     the codi-spec layout (question 0..Q-1, BOT at Q, z_k at Q+k), whatever is blocked.
     """
-    ids = tokenize_questions(model, [question])[0]
+    ids = spec_tokens(model, question)
     q = len(ids) - 1
     embed = model.lm.get_input_embeddings()
     with torch.no_grad():
@@ -57,11 +72,11 @@ def full_sequence_reference(model, question: str, thoughts: np.ndarray, blocked:
 def latent_loop(model, question: str, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """codi-spec section 3 by full forwards and nothing else: no cache, no padding, no batch. Each step runs the
     whole sequence so far ([question, BOT], then the thoughts, EOT, the decoded tokens, as embeddings) and reads
-    its last position: z_{k+1} = prj(final-norm hidden state), the first token from EOT's logits with EOT
-    excluded, until a stop token (kept) or max_new_tokens. Returns the thoughts z1..z6 [6, d], the hidden state at
+    its last position: z_{k+1} = spec_projection(final-norm hidden state), the first token from EOT's logits with
+    EOT excluded, until a stop token (kept) or max_new_tokens. Returns the thoughts z1..z6 [6, d], the hidden state at
     each thought [6, d] (float32) and the decoded ids."""
     embed = model.lm.get_input_embeddings()
-    seq = embed(torch.tensor([tokenize_questions(model, [question])[0]]))  # [1, Q + 1, d]
+    seq = embed(torch.tensor([spec_tokens(model, question)]))  # [1, Q + 1, d]
 
     def last_hidden(seq: torch.Tensor) -> torch.Tensor:
         return model.lm.base_model(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]
@@ -71,7 +86,7 @@ def latent_loop(model, question: str, max_new_tokens: int) -> tuple[np.ndarray, 
     with torch.no_grad():
         h = last_hidden(seq)
         for _ in range(N_THOUGHTS):
-            z = model.prj(h)
+            z = spec_projection(model, h)
             seq = torch.cat([seq, z[:, None]], dim=1)
             h = last_hidden(seq)
             thoughts.append(z[0])

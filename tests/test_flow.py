@@ -390,6 +390,32 @@ def test_failed_problem_recorded_and_compare_finds_other_model(clean_run, tiny_l
     assert "Settings that differ besides the model: --max_failed_fraction 0.5 here, 0.1 there" in card
 
 
+def test_resume_extracting_a_failed_problem_recomputes_the_head_analysis(clean_run, tiny_gpt2, gsm8k_train,
+                                                                         tmp_path):
+    """One problem fails (recorded, under --max_failed_fraction) and the head analysis runs on the other five; a
+    `resume extract` extracts it again, and the analyses' checkpoints, made on five problems, are not read back for
+    six: attribute_heads recomputes and the mean-ablation effects equal the clean run's on all six."""
+    clean, clean_root, _ = clean_run
+    bad = seed42_ids(N)[1]
+    params = tiny_params(*tiny_gpt2, gsm8k_train, validate=False, thought_analysis=False, head_kinds="mean")
+    first = run_flow(tmp_path, env={"CODI_ATTN_FAIL_PROBLEMS": bad}, **{**params, "max_failed_fraction": 0.5})
+    assert first.status == "successful", first.stderr_text[-3000:]
+    assert first.run.data.problem_ids == [i for i in seed42_ids(N) if i != bad]
+    resumed = run_flow(tmp_path, resume=True, origin_run_id=first.run.id, step_to_rerun="extract")
+    assert resumed.status == "successful", resumed.stdout_text[-3000:] + resumed.stderr_text[-3000:]
+    d = resumed.run.data
+    assert d.failed_problems == [] and resumed.run["attribute_heads"].task.data.checkpoint_batches["loaded"] == 0
+    use_datastore(clean_root)
+    c = clean.data
+    assert d.problem_ids == c.problem_ids
+    np.testing.assert_array_equal(d.attention_raw, c.attention_raw)
+    assert d.ranked_heads.equals(c.ranked_heads)
+    cols = ["layer", "head", "n_problems", "accuracy", "delta_accuracy", "delta_ci_low", "delta_ci_high", "estimate"]
+    mean = c.head_effects[c.head_effects["kind"] == "mean"]
+    assert len(d.head_effects) == len(mean) == 8
+    assert d.head_effects[cols].reset_index(drop=True).equals(mean[cols].reset_index(drop=True))
+
+
 def test_bad_input_fails_in_start(tmp_path, tiny_gpt2, gsm8k_train):
     result = run_flow(tmp_path / "ds", **tiny_params(*tiny_gpt2, gsm8k_train, n_problems="8000"))
     assert result.status == "failed"

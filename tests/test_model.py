@@ -240,6 +240,17 @@ def test_presets_carry_release_facts():
     assert PRESETS["gpt2"].lora_alpha == PRESETS["llama"].lora_alpha == 32
 
 
+def test_stop_ids_are_the_release_stop_tokens(gpt2_model, llama_model):
+    """codi-spec's stop tokens, looked up by name in each tokenizer: GPT-2 stops at <|endoftext|>; LLaMA at the
+    Instruct eos <|eot_id|> and at the base model's <|end_of_text|> as well."""
+    def ids(model, *names):
+        return {model.tokenizer.convert_tokens_to_ids(n) for n in names}
+
+    assert set(gpt2_model.stop_ids) == ids(gpt2_model, "<|endoftext|>")
+    assert set(llama_model.stop_ids) == ids(llama_model, "<|eot_id|>", "<|end_of_text|>")
+    assert len(llama_model.stop_ids) == 2
+
+
 def test_unreachable_hub_id_says_what_to_pass(tmp_path):
     """Offline, a hub id fails with a message naming the id and the local-path override."""
     code = "from codi_attn.model import load_codi; load_codi('llama')"

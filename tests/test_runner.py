@@ -446,6 +446,24 @@ def test_eot_is_never_decoded(gpt2_model):
     assert len(seen) == 3 and all(torch.isinf(v[:, gpt2_model.eot_id]).all() for v in seen)
 
 
+def test_only_eot_is_excluded_from_the_argmax(gpt2_model):
+    """codi-spec 3.4: the decoder excludes EOT alone; pad and BOT, CODI's other extra ids, can be decoded. With EOT
+    raised above everything at every step, then pad after EOT, BOT after pad and the stop token after BOT, the
+    runner decodes pad, BOT, stop."""
+    m = gpt2_model
+    after = {m.eot_id: m.pad_id, m.pad_id: m.bot_id, m.bot_id: m.stop_ids[0]}
+
+    def steer(logits, last_id):
+        logits[m.eot_id] += 1e9
+        if last_id in after:
+            logits[after[last_id]] += 1e4
+
+    with steered(m, steer):
+        run = Runner(m, batch_size=2, max_new_tokens=4).run(QUESTIONS[:2])
+    assert run.tokens[:, :3].tolist() == [[m.pad_id, m.bot_id, m.stop_ids[0]]] * 2
+    assert (run.tokens[:, 3:] == -1).all()
+
+
 def test_rows_near_the_context_end_decode_as_far_as_alone(gpt2_model):
     """Each row decodes as far as its own prompt leaves room for, in a batch with longer or shorter ones: a short
     question beside two that fill the context decodes what it decodes alone, and at the very end the last token
